@@ -1,0 +1,29 @@
+"""User-facing errors: one class per kind of mistake, each printed as a single line by the CLIs."""
+
+
+class GqaError(Exception):
+    """Base class: anything the user can fix. CLIs print `str(error)` on one line and exit 2."""
+
+
+class InvalidGroupsError(GqaError):
+    """The requested number of KV heads does not fit the model."""
+
+
+class UnsupportedModelError(GqaError):
+    """The architecture cannot hold grouped-query attention in transformers."""
+
+
+class CheckpointError(GqaError):
+    """A source checkpoint is missing, corrupt or disagrees with its config."""
+
+
+class OutputExistsError(GqaError):
+    """The output folder exists and --force was not given."""
+
+
+class ConfigError(GqaError):
+    """A recipe or option is unknown, missing or ill-typed."""
+
+
+class DataError(GqaError):
+    """Input data is missing, empty or unusable."""
