@@ -27,3 +27,11 @@ class ConfigError(GqaError):
 
 class DataError(GqaError):
     """Input data is missing, empty or unusable."""
+
+
+class TokenizerMismatchError(GqaError):
+    """Models to be compared do not share one tokenizer, so their scores would not be comparable."""
+
+
+class DiskFullError(GqaError):
+    """There is not enough free space to write the output."""

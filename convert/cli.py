@@ -1,0 +1,84 @@
+"""`gqa-convert`: turn a Hugging Face MHA (or GQA) checkpoint into one with fewer KV heads."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from transformers.utils.hub import convert_file_size_to_int
+
+from gqa_uptrain.cli import run_cli
+from gqa_uptrain.convert.converter import check_output, convert, default_output
+from gqa_uptrain.convert.methods import METHODS
+from gqa_uptrain.convert.plan import build_plan, describe
+from gqa_uptrain.convert.source import resolve_source
+from gqa_uptrain.errors import GqaError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gqa-convert",
+        description="Convert a multi-head-attention (or GQA) Hugging Face checkpoint to grouped-query attention "
+                    "with fewer key/value heads, streaming one tensor at a time. The output is a folder that "
+                    "stock transformers loads as is.",
+        epilog="examples:\n  gqa-convert meta-llama/Llama-2-7b --groups 8\n"
+               "  gqa-convert ./my-model --groups 1 --output ./my-model-mqa\n"
+               "  gqa-convert ./Meta-Llama-3-8B --groups 2 --method first --dry-run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE",
+                   help="a local model folder or a Hugging Face Hub id (HF_TOKEN, the local cache and "
+                        "HF_HUB_OFFLINE are honoured)")
+    p.add_argument("-g", "--groups", type=int, required=True,
+                   help="KV heads of the converted model: 1 gives multi-query attention; must divide the "
+                        "source's KV heads")
+    p.add_argument("-o", "--output", type=Path,
+                   help="output folder (default: ./<name>-gqa<G>, or ./<name>-mqa for --groups 1)")
+    p.add_argument("--method", choices=sorted(METHODS), default="mean",
+                   help="how the KV heads of a group become one: mean (average them, the GQA paper's choice; "
+                        "default), first (keep the group's first head), random (fresh projections drawn from the "
+                        "config's initializer_range)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --method random (default: 0)")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub SOURCE (default: main)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard, e.g. 5GB or 500MB (default: 5GB); a smaller model is "
+                        "written as one model.safetensors")
+    p.add_argument("--context", type=int, default=4096,
+                   help="context length at which --dry-run reports the KV-cache size of one sequence "
+                        "(default: 4096)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (KV heads, KV-cache bytes, parameters, files) and write nothing")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (only once the new one is complete)")
+    return p
+
+
+def _max_shard_bytes(text: str) -> int:
+    try:
+        size = convert_file_size_to_int(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise GqaError(f"--max-shard-size: '{text}' is not a size like 5GB or 500MB")
+    return size
+
+
+def run(args: argparse.Namespace) -> None:
+    max_shard = _max_shard_bytes(args.max_shard_size)
+    source = resolve_source(args.source, args.revision)
+    plan = build_plan(source.folder, args.groups, args.method, args.seed, max_shard)
+    output = args.output or default_output(source.name, args.groups)
+    if args.dry_run:
+        print("\n".join([*describe(plan, args.context), f"output        {output} (not written: --dry-run)"]))
+        return
+    check_output(output, source.folder, args.force)
+    convert(plan, source, output, force=args.force)
+    print(f"gqa-convert: wrote {output} ({plan.layout.kv_heads} -> {plan.layout.groups} KV heads, {plan.method})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    run_cli("gqa-convert", lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Carry out a plan: stream every tensor into a temporary folder beside the target, then rename it in place.
+
+Nothing half-written is ever left under the output name: any failure (bad shard, full disk, Ctrl-C)
+removes the temporary folder, and an existing output is only replaced (with --force) once the new one is
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from gqa_uptrain.convert.card import PROVENANCE, model_card, provenance, read_provenance, sha256_files
+from gqa_uptrain.convert.checkpoint_io import ShardedWriter, is_weight_file, write_tensor
+from gqa_uptrain.convert.methods import PoolContext
+from gqa_uptrain.convert.plan import Plan, Step
+from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
+from gqa_uptrain.convert.source import Source
+from gqa_uptrain.errors import DiskFullError, OutputExistsError
+
+_NOT_COPIED = {"config.json", "README.md", PROVENANCE}
+_SPACE_MARGIN = 64 << 20
+
+
+def check_output(output: Path, source: Path, force: bool) -> None:
+    """Refuse to overwrite without --force, and never write into or over the source."""
+    resolved, source_resolved = output.resolve(), source.resolve()
+    if resolved == source_resolved or source_resolved in resolved.parents:
+        raise OutputExistsError(f"{output}: the output must not be the source folder or inside it")
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output}: already exists (use --force to replace it)")
+
+
+def default_output(name: str, groups: int) -> Path:
+    """./<name>-gqa<G>, or ./<name>-mqa for a single KV head."""
+    return Path(f"{name}-mqa" if groups == 1 else f"{name}-gqa{groups}")
+
+
+def convert(plan: Plan, source: Source, output: Path, force: bool = False, progress: bool = True) -> Path:
+    """Write the converted model to `output` and return it."""
+    check_output(output, source.folder, force)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _check_space(plan, output.parent)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; the finished model folder should not be
+    cancel = threading.Event()
+    hasher = ThreadPoolExecutor(1)  # hashing the source files runs beside the conversion
+    try:
+        hashes = hasher.submit(sha256_files, plan.reader.files, cancel)
+        _write_weights(plan, work, progress)
+        _copy_other_files(source.folder, work)
+        _write_config(plan, work)
+        record = provenance(source.label, source.revision, hashes.result(), plan.method, plan.layout.groups,
+                            plan.layout.kv_heads, plan.layout.query_heads, plan.seed, read_provenance(source.folder))
+        (work / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+        model_card(source.folder, source.label, source.repo_id, record).save(work / "README.md")
+        _move_into_place(work, output)
+    except BaseException:
+        cancel.set()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        hasher.shutdown()
+    return output
+
+
+def _write_weights(plan: Plan, folder: Path, progress: bool) -> None:
+    init_std = getattr(plan.config, "initializer_range", 0.02)
+    with tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing weights",
+              disable=not progress) as bar, ShardedWriter(folder, plan.shards, bar.update) as writer:
+        for step in plan.steps:
+            writer.write(_tensor_source(plan, step, init_std))
+        writer.finish()
+
+
+def _tensor_source(plan: Plan, step: Step, init_std: float):
+    """How the writer gets a step's bytes: a raw copy, or the pooled tensor."""
+    reader = plan.reader
+    if step.change is None:
+        return lambda out, progress: reader.copy_raw(step.output.name, out, progress)
+    context = PoolContext(step.change.role, seeded_generator(plan.seed, step.output.name), init_std)
+    layout = plan.layout
+    tensor = pool_tensor(step.change, [reader.read(name) for name in step.sources], layout.kv_heads,
+                         layout.groups, plan.method, context)
+    return lambda out, progress: write_tensor(out, tensor, progress)
+
+
+def _copy_other_files(source: Path, folder: Path) -> None:
+    """Tokenizer, generation config, chat template, license...: everything but weights and what is rewritten."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if any(part.startswith(".") for part in relative.parts) or path.is_dir():
+            continue
+        if is_weight_file(path) or relative.as_posix() in _NOT_COPIED:
+            continue
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, folder / relative)
+
+
+def _write_config(plan: Plan, folder: Path) -> None:
+    """The source's config.json, key for key, with the new KV head count."""
+    config = {**plan.raw_config, "num_key_value_heads": plan.layout.groups}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _check_space(plan: Plan, parent: Path) -> None:
+    free = shutil.disk_usage(parent).free
+    if free < plan.output_bytes + _SPACE_MARGIN:
+        raise DiskFullError(f"{parent}: not enough free disk space ({free / 2**30:.1f} GiB free, the "
+                              f"converted weights need {plan.output_bytes / 2**30:.1f} GiB)")
+
+
+def _move_into_place(work: Path, output: Path) -> None:
+    """Rename the finished folder to `output`; an existing output is set aside first and deleted last."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{work.name.rsplit('-', 1)[-1]}")
+        output.rename(old)
+    work.rename(output)
+    if old is not None:
+        shutil.rmtree(old)

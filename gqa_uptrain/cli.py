@@ -1,0 +1,28 @@
+"""What every gqa-* command shares: user mistakes end in one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from typing import Callable
+
+from gqa_uptrain.errors import GqaError
+
+
+def run_cli(prog: str, command: Callable[[], None]) -> None:
+    """Run `command`; report a GqaError, a full disk or Ctrl-C as one line instead of a traceback."""
+    try:
+        command()
+    except GqaError as e:
+        _exit(prog, f"error: {e}", 2)
+    except KeyboardInterrupt:
+        _exit(prog, "interrupted; nothing half-written was left behind", 130)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        _exit(prog, f"error: disk full ({e.filename or e}); nothing half-written was left behind", 2)
+
+
+def _exit(prog: str, message: str, code: int) -> None:
+    print(f"{prog}: {message}", file=sys.stderr)
+    sys.exit(code)

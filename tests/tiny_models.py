@@ -1,0 +1,106 @@
+"""Tiny random models of every covered architecture, and an independent way to give a model more KV heads.
+
+`repeat_kv_heads` is the test oracle: it builds an H-KV-head model whose heads are copies, group by group, of a
+G-head model. Such a model computes exactly what the G-head model computes (checked against transformers in
+the tests), so converting it back to G heads with `mean` or `first` must lose nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+# model_type -> what its tiny config needs beyond the shared shape; the README lists these architectures.
+ARCHITECTURES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2": {},  # q/k/v biases
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 32},
+    "qwen3": {},  # per-head-dim q/k norms, shared across heads
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "gemma": {},
+    "gemma2": {},
+    "gemma3_text": {"sliding_window": 8},
+    "phi": {},  # partial rotary, biases
+    "phi3": {},  # fused qkv_proj
+    "olmo": {},
+    "olmo2": {},  # k-norm over the whole projection
+    "stablelm": {"qk_layernorm": True},  # per-head LayerNorm modules
+    "cohere": {"use_qk_norm": True},  # per-head norm weights [heads, head_dim]
+    "starcoder2": {},
+    "granite": {},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "helium": {},
+    "ministral": {},
+}
+
+QUERY_HEADS = 4
+VOCAB = 96
+
+
+def tiny_config(model_type: str, kv_heads: int) -> PretrainedConfig:
+    return AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=QUERY_HEADS, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        **ARCHITECTURES[model_type],
+    )
+
+
+def random_model(model_type: str, kv_heads: int, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised fp32 model, with every norm and bias perturbed so that none is trivial."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, kv_heads), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1 or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def repeat_kv_heads(small: PreTrainedModel, kv_heads: int) -> PreTrainedModel:
+    """`small` with each of its G KV heads copied kv_heads // G times, consecutively."""
+    groups = small.config.num_key_value_heads
+    ratio = kv_heads // groups
+    config = small.config.to_dict()
+    config.pop("model_type")
+    big = AutoModelForCausalLM.from_config(type(small.config)(**{**config, "num_key_value_heads": kv_heads}),
+                                           dtype=torch.float32).eval()
+    small_state = small.state_dict()
+    per_head = {_module_list_pattern(name) for name in big.state_dict() if name not in small_state}
+    state = {}
+    for name, target in big.state_dict().items():
+        if _module_list_pattern(name) in per_head:  # one module per KV head: head i copies head i // ratio
+            index = int(re.search(r"\.(\d+)\.[^.]+$", name)[1])
+            state[name] = small_state[re.sub(r"\.\d+(\.[^.]+)$", rf".{index // ratio}\1", name)]
+        elif small_state[name].shape == target.shape:
+            state[name] = small_state[name]
+        elif name.endswith("qkv_proj.weight"):
+            q, k, v = small_state[name].split([QUERY_HEADS * 16, groups * 16, groups * 16])
+            state[name] = torch.cat([q, _repeat_rows(k, groups, ratio), _repeat_rows(v, groups, ratio)])
+        else:
+            state[name] = _repeat_rows(small_state[name], groups, ratio)
+    big.load_state_dict(state)
+    return big
+
+
+def _module_list_pattern(name: str) -> str:
+    return re.sub(r"\.\d+(\.[^.]+)$", r".N\1", name)
+
+
+def _repeat_rows(tensor: torch.Tensor, groups: int, ratio: int) -> torch.Tensor:
+    heads = tensor.reshape(groups, tensor.shape[0] // groups, *tensor.shape[1:])
+    return heads.repeat_interleave(ratio, dim=0).reshape(-1, *tensor.shape[1:])
+
+
+def logits(model_or_path: PreTrainedModel | Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = model_or_path
+    if isinstance(model_or_path, Path):
+        model = AutoModelForCausalLM.from_pretrained(model_or_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
