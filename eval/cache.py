@@ -1,0 +1,91 @@
+"""Results cached by what produced them: the model's content and every setting that can change a score.
+
+A key is the SHA-256 of (model fingerprint, what was measured, settings). The base model is thus evaluated
+once for any number of candidates, and a rerun with the same models and settings costs nothing. Entries are
+written atomically, one per model and task, as they finish, so an interrupted run resumes where it stopped.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import try_to_load_from_cache
+
+# Files that decide a model's outputs; docs, model cards and provenance notes do not.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".jinja")
+IGNORED_FILES = {"gqa_provenance.json"}
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "gqa_uptrain" / "eval"
+
+
+def digest(value: Any) -> str:
+    """A stable hash of JSON-able settings."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class ResultCache:
+    """JSON results on disk under `root`; `enabled=False` makes every lookup miss and every store a no-op."""
+
+    def __init__(self, root: Path, enabled: bool = True) -> None:
+        self.root = Path(root)
+        self.enabled = enabled
+        self._file_hashes_path = self.root / "file_hashes.json"
+        self._file_hashes: dict[str, str] | None = None
+
+    def _entry(self, key: str) -> Path:
+        return self.root / "results" / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> Any | None:
+        path = self._entry(key)
+        if not self.enabled or not path.is_file():
+            return None
+        return json.loads(path.read_text())
+
+    def put(self, key: str, value: Any) -> None:
+        if self.enabled:
+            _write_json_atomically(self._entry(key), value)
+
+    def file_hash(self, path: Path) -> str:
+        """SHA-256 of a file's bytes, remembered by (path, size, mtime) so a large checkpoint is read once."""
+        stat = path.stat()
+        memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if self._file_hashes is None:
+            known = self._file_hashes_path.is_file() and self.enabled
+            self._file_hashes = json.loads(self._file_hashes_path.read_text()) if known else {}
+        if memo_key not in self._file_hashes:
+            with open(path, "rb") as f:
+                self._file_hashes[memo_key] = hashlib.file_digest(f, "sha256").hexdigest()
+            if self.enabled:
+                _write_json_atomically(self._file_hashes_path, self._file_hashes)
+        return self._file_hashes[memo_key]
+
+    def model_fingerprint(self, ref: str) -> str:
+        """Content hash of a local model folder; for a Hub id, the commit it resolved to (which pins content)."""
+        folder = Path(ref)
+        if folder.is_dir():
+            files = sorted(
+                p for p in folder.iterdir()
+                if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES and p.name not in IGNORED_FILES
+            )
+            return digest([(p.name, self.file_hash(p)) for p in files])
+        config = try_to_load_from_cache(ref, "config.json")
+        if not isinstance(config, str):  # not cached: open_model() has read it, so this is an unusual layout
+            return digest(["hub", ref])
+        return digest(["hub", ref, Path(config).parent.name])  # snapshots/<commit>/config.json
+
+
+def result_key(fingerprint: str, measure: str, settings: dict) -> str:
+    """Key of one measurement (an lm-eval task, a perplexity run) of one model under given settings."""
+    return digest({"model": fingerprint, "measure": measure, "settings": settings})

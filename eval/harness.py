@@ -1,0 +1,57 @@
+"""lm-evaluation-harness, run on an already-loaded model with settings that are identical for every model.
+
+lm-eval's defaults drift between versions, so every setting that can change a score is passed explicitly
+and recorded (it is part of the cache key and of the report).
+"""
+
+from dataclasses import asdict, dataclass
+
+import lm_eval
+import torch
+from lm_eval.models.huggingface import HFLM
+from transformers import PreTrainedTokenizerBase
+
+from gqa_uptrain.errors import DataError
+
+from .local_tasks import TaskSelection
+
+
+@dataclass(frozen=True)
+class HarnessSettings:
+    num_fewshot: int
+    batch_size: int
+    limit: int | float | None
+    seed: int
+    dtype: str
+    add_bos_token: bool  # decided once, from the base tokenizer; see the BOS pitfall in docs
+    bootstrap_iters: int
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "lm_eval": lm_eval.__version__}
+
+
+def check_task_loads(selection: TaskSelection, name: str) -> None:
+    """Build the task (which reads or downloads its data) so a missing dataset fails before any model runs."""
+    try:
+        selection.manager.load([name])
+    except Exception as error:  # noqa: BLE001 - datasets raises many kinds; all mean the data is unusable
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"task '{name}': its data does not load ({reason}); offline, use a local task (see gqa-eval --help)"
+        ) from error
+
+
+def evaluate_task(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str, selection: TaskSelection,
+    settings: HarnessSettings,
+) -> dict:
+    """One lm-eval task (or group) on one model; returns lm-eval's per-task results and metric directions."""
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
+              add_bos_token=settings.add_bos_token)
+    seed = settings.seed
+    output = lm_eval.simple_evaluate(
+        model=lm, tasks=[name], task_manager=selection.manager, num_fewshot=settings.num_fewshot,
+        limit=settings.limit, bootstrap_iters=settings.bootstrap_iters, log_samples=False,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+    )
+    return {key: output[key] for key in ("results", "higher_is_better", "n-samples", "versions", "group_subtasks")}

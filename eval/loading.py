@@ -1,0 +1,93 @@
+"""Load the models and tokenizers to compare, turning every way that can fail into one error naming the model."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from gqa_uptrain.errors import CheckpointError, TokenizerMismatchError
+
+PROVENANCE_FILE = "gqa_provenance.json"
+# A probe that exercises whitespace, digits, punctuation, case and non-ASCII: tokenizers that agree on it
+# and on their vocabularies and special tokens tokenize evaluation text the same way.
+PROBE = "Hello  world!\n\tIt's 2026: naïve café, 3.14159 and 東京.  "
+
+
+@dataclass
+class ModelSpec:
+    """A model named on the command line, with what can be read without loading its weights."""
+
+    ref: str  # a local folder or a Hugging Face Hub id, as the user wrote it
+    label: str  # a short unique name for tables and plots
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    provenance: dict | None  # gqa_provenance.json written by gqa-convert, when present
+
+    @property
+    def local_dir(self) -> Path | None:
+        path = Path(self.ref)
+        return path if path.is_dir() else None
+
+
+def _why(error: Exception) -> str:
+    """The first line of an exception's message, to keep the user-facing error on one line."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def open_model(ref: str, label: str) -> ModelSpec:
+    """Read a model's config and tokenizer (cheap), so bad input is found before any long evaluation."""
+    path = Path(ref)
+    if path.exists() and not (path / "config.json").is_file():
+        raise CheckpointError(f"model {ref}: no config.json in {path}")
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except Exception as error:  # noqa: BLE001 - any failure here means this model cannot be loaded
+        raise CheckpointError(f"model {ref} does not load: {_why(error)}") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"model {ref}: its tokenizer does not load: {_why(error)}") from error
+    provenance_file = path / PROVENANCE_FILE
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else None
+    return ModelSpec(ref=ref, label=label, config=config, tokenizer=tokenizer, provenance=provenance)
+
+
+def load_weights(spec: ModelSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The model in eval mode on `device`; the same dtype is used for the base and every candidate."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=dtype)
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"model {spec.ref} does not load: {_why(error)}") from error
+    return model.to(device).eval()
+
+
+def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> tuple:
+    """What decides how text becomes ids: vocabulary, special tokens, and the encoding of a probe text."""
+    return (
+        tuple(sorted(tokenizer.get_vocab().items())),
+        (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id),
+        tuple(tokenizer(PROBE)["input_ids"]),
+    )
+
+
+def check_same_tokenizer(base: ModelSpec, candidates: list[ModelSpec]) -> None:
+    """Refuse to compare models whose tokenizers differ: their log-likelihoods would measure different things."""
+    reference = tokenizer_signature(base.tokenizer)
+    for candidate in candidates:
+        signature = tokenizer_signature(candidate.tokenizer)
+        if signature == reference:
+            continue
+        part = ("vocabulary", "special tokens", "tokenization of a probe text")
+        differs = next(name for name, a, b in zip(part, reference, signature) if a != b)
+        raise TokenizerMismatchError(
+            f"candidate {candidate.ref} has a different tokenizer from base {base.ref} ({differs} differs)"
+        )
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts a BOS token in front of plain text by default."""
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id

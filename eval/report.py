@@ -1,0 +1,300 @@
+"""The comparison report: per task and metric, base vs candidate, the delta and whether it is beyond noise.
+
+The standard error of a delta is sqrt(se_base^2 + se_candidate^2), from lm-eval's own standard errors (the
+two evaluations are independent samples of model behaviour on the same items, so this is conservative). A
+delta is marked when it exceeds two standard errors. The average row averages one headline metric per task
+(acc_norm, else acc, else the first score in [0, 1]), as papers' average columns do.
+
+Written as report.json (everything), report.csv (one row per candidate, task and metric), report.md, and two
+plots: deltas.png (headline deltas with 2-SE whiskers) and quality_vs_kv_cache.png.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HEADLINE_ORDER = ("acc_norm", "acc", "exact_match", "f1", "mcc")
+AVERAGE = "average"
+CSV_FIELDS = ("candidate", "task", "metric", "base", "base_stderr", "candidate_value", "candidate_stderr", "delta",
+              "delta_stderr", "significant", "higher_is_better")
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def metric_values(model: dict) -> dict[tuple[str, str], dict]:
+    """(task, metric) -> value, stderr, higher_is_better, from lm-eval results and the perplexity run."""
+    values = {}
+    for output in model.get("tasks", {}).values():
+        for task, metrics in output["results"].items():
+            directions = output["higher_is_better"].get(task, {})
+            for key, value in metrics.items():
+                metric, _, filter_name = key.partition(",")
+                if not filter_name or metric.endswith("_stderr") or _number(value) is None:
+                    continue
+                name = metric if filter_name == "none" else f"{metric},{filter_name}"
+                values[(task, name)] = {
+                    "value": float(value),
+                    "stderr": _number(metrics.get(f"{metric}_stderr,{filter_name}")),
+                    "higher_is_better": directions.get(metric),
+                }
+    if model.get("perplexity"):
+        values[("perplexity", "token_perplexity")] = {
+            "value": model["perplexity"]["token_perplexity"], "stderr": None, "higher_is_better": False,
+        }
+    return values
+
+
+def _row(task: str, metric: str, base: dict, candidate: dict) -> dict:
+    delta = candidate["value"] - base["value"]
+    both = base["stderr"] is not None and candidate["stderr"] is not None
+    stderr = math.sqrt(base["stderr"] ** 2 + candidate["stderr"] ** 2) if both else None
+    return {
+        "task": task, "metric": metric, "base": base["value"], "base_stderr": base["stderr"],
+        "candidate_value": candidate["value"], "candidate_stderr": candidate["stderr"], "delta": delta,
+        "delta_stderr": stderr, "significant": bool(stderr) and abs(delta) > 2 * stderr,
+        "higher_is_better": base["higher_is_better"],
+    }
+
+
+def headline_metric(metrics: list[str], values: dict[str, dict]) -> str | None:
+    """The metric that stands for a task in averages and plots."""
+    for name in HEADLINE_ORDER:
+        if name in metrics:
+            return name
+    bounded = [m for m in metrics if values[m]["higher_is_better"] and 0 <= values[m]["value"] <= 1]
+    return bounded[0] if bounded else None
+
+
+def headline_values(model: dict) -> dict[str, dict]:
+    """task -> its headline metric's value entry (tasks without a bounded score are left out)."""
+    by_task: dict[str, dict[str, dict]] = {}
+    for (task, metric), entry in metric_values(model).items():
+        by_task.setdefault(task, {})[metric] = entry
+    chosen = {}
+    for task, entries in by_task.items():
+        metric = headline_metric(list(entries), entries)
+        if metric is not None:
+            chosen[task] = {**entries[metric], "metric": metric}
+    return chosen
+
+
+def average_score(model: dict) -> float | None:
+    scores = [entry["value"] for entry in headline_values(model).values()]
+    return sum(scores) / len(scores) if scores else None
+
+
+def compare(base: dict, candidate: dict) -> list[dict]:
+    """Rows for every (task, metric) both models have, then the average row over headline metrics."""
+    base_values, candidate_values = metric_values(base), metric_values(candidate)
+    rows = [_row(task, metric, base_values[(task, metric)], entry)
+            for (task, metric), entry in candidate_values.items() if (task, metric) in base_values]
+    base_head, candidate_head = headline_values(base), headline_values(candidate)
+    tasks = [task for task in base_head if task in candidate_head]
+    if tasks:
+        def mean(head: dict) -> dict:
+            errors = [head[t]["stderr"] for t in tasks]
+            stderr = math.sqrt(sum(e**2 for e in errors)) / len(tasks) if None not in errors else None
+            return {"value": sum(head[t]["value"] for t in tasks) / len(tasks), "stderr": stderr,
+                    "higher_is_better": True}
+
+        label = "+".join(sorted({base_head[t]["metric"] for t in tasks}))
+        rows.append(_row(AVERAGE, label, mean(base_head), mean(candidate_head)))
+    return rows
+
+
+def build_report(settings: dict, base: dict, candidates: list[dict]) -> dict:
+    """Everything in one JSON-able dict: settings, each model (with KV-cache size), and the comparisons."""
+    return {
+        "settings": settings,
+        "base": base,
+        "candidates": candidates,
+        "comparisons": {c["label"]: compare(base, c) for c in candidates if not c.get("error")},
+    }
+
+
+# ----------------------------------------------------------------------------------------------- text tables
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """One candidate against the base; `*` marks a delta beyond two standard errors."""
+    body = [[r["task"], r["metric"], r["base"], r["candidate_value"], f"{r['delta']:+.4f}" + (" *" if r["significant"] else ""),
+             r["delta_stderr"]] for r in rows]
+    return markdown_table(["task", "metric", "base", "candidate", "delta", "stderr(delta)"], body)
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return ""
+    return f"{n:.0f} B" if n < 2**10 else f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
+
+
+def models_table(report: dict) -> str:
+    """KV-cache size per token next to the average score and perplexity, one row per model."""
+    base = report["base"]
+    base_kv = base.get("kv_cache_bytes_per_token")
+    rows = []
+    for model in [base, *report["candidates"]]:
+        kv = model.get("kv_cache_bytes_per_token")
+        ppl = (model.get("perplexity") or {}).get("token_perplexity")
+        rows.append([
+            model["label"], model.get("num_key_value_heads"), _bytes(kv),
+            f"{kv / base_kv:.3f}" if kv and base_kv else "", _bytes(model.get("measured_kv_cache_bytes_per_token")),
+            average_score(model), ppl, model.get("error") or "ok",
+        ])
+    header = ["model", "KV heads", "KV cache / token", "vs base", "measured / token", "avg score", "perplexity",
+              "status"]
+    return markdown_table(header, rows)
+
+
+def speed_table(report: dict) -> str | None:
+    """Decode throughput per (batch, context), with each candidate's speedup over the base."""
+    base_speed = {(s["batch"], s["context"]): s for s in report["base"].get("speed") or []}
+    rows = []
+    for model in [report["base"], *report["candidates"]]:
+        for case in model.get("speed") or []:
+            reference = base_speed.get((case["batch"], case["context"]))
+            speedup = case["tokens_per_s"] / reference["tokens_per_s"] if reference else None
+            floor = case.get("floor_tokens_per_s")
+            rows.append([model["label"], case["batch"], case["context"], case["tokens_per_s"], floor,
+                         case["tokens_per_s"] / floor if floor else None, speedup])
+    if not rows:
+        return None
+    header = ["model", "batch", "context", "tokens/s", "floor tokens/s", "of floor", "speedup vs base"]
+    return markdown_table(header, rows)
+
+
+def markdown(report: dict, images: list[str]) -> str:
+    settings = report["settings"]
+    parts = ["# gqa-eval report", "",
+             f"Base: `{report['base']['ref']}`. Settings: "
+             + ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, (dict, list))) + ".",
+             f"Tasks: {', '.join(settings.get('tasks') or []) or 'none'}.", "",
+             "## Models", "", models_table(report), ""]
+    for label, rows in report["comparisons"].items():
+        parts += [f"## {label} vs base", "", comparison_table(rows), ""]
+    parts.append("`*`: |delta| > 2 standard errors of the delta (sqrt of the sum of both squared stderrs).")
+    table = speed_table(report)
+    if table:
+        parts += ["", "## Decode speed", "", table]
+    parts += [""] + [f"![{name}]({name})" for name in images]
+    return "\n".join(parts) + "\n"
+
+
+def csv_text(report: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for label, rows in report["comparisons"].items():
+        for row in rows:
+            writer.writerow({"candidate": label, **row})
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------- plots
+
+
+def headline_rows(report: dict) -> dict[str, list[dict]]:
+    """Per candidate, the rows a plot shows: each task's headline metric, then the average."""
+    headline = {task: entry["metric"] for task, entry in headline_values(report["base"]).items()}
+    return {label: [r for r in rows if r["task"] == AVERAGE or headline.get(r["task"]) == r["metric"]]
+            for label, rows in report["comparisons"].items()}
+
+
+def plot_deltas(report: dict, path: Path) -> bool:
+    """Grouped bars: each task's headline delta (and the average) per candidate, whiskers at 2 SE."""
+    series = {label: rows for label, rows in headline_rows(report).items() if rows}
+    if not series:
+        return False
+    ticks = {r["task"]: f"{r['task']}\n({r['metric']})" for rows in series.values() for r in rows}
+    tasks = list(ticks)
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 0.3 * len(tasks) * len(series)), 4))
+    for i, (label, rows) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * width
+        xs = [tasks.index(r["task"]) + offset for r in rows]
+        whiskers = [2 * r["delta_stderr"] if r["delta_stderr"] else 0.0 for r in rows]
+        ax.bar(xs, [r["delta"] for r in rows], width, yerr=whiskers, capsize=3, label=label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(tasks)), [ticks[t] for t in tasks], fontsize=8)
+    ax.set_ylabel("candidate - base")
+    ax.set_title("Quality delta vs base (whiskers: 2 standard errors)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_quality_vs_kv(report: dict, path: Path) -> bool:
+    """Average headline score (perplexity when no task ran) against KV-cache bytes per token, one point a model."""
+    models = [m for m in [report["base"], *report["candidates"]]
+              if not m.get("error") and m.get("kv_cache_bytes_per_token")]
+    use_score = bool(models) and all(average_score(m) is not None for m in models)
+    points = [(m, average_score(m) if use_score else (m.get("perplexity") or {}).get("token_perplexity"))
+              for m in models]
+    points = [(m, y) for m, y in points if y is not None]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, y in points:
+        x = model["kv_cache_bytes_per_token"]
+        ax.scatter(x, y, marker="s" if model["role"] == "base" else "o", s=40)
+        ax.annotate(model["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    xs = sorted({m["kv_cache_bytes_per_token"] for m, _ in points})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [_bytes(x) for x in xs], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("KV cache per token")
+    ax.set_ylabel("average score" if use_score else "token perplexity")
+    ax.set_title("Quality vs KV-cache size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, output_dir: Path) -> list[Path]:
+    """All report files, each replaced atomically, so a report on disk is always whole."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for name, plot in (("deltas.png", plot_deltas), ("quality_vs_kv_cache.png", plot_quality_vs_kv)):
+        tmp = output_dir / f".{name}.tmp.png"
+        if plot(report, tmp):
+            os.replace(tmp, output_dir / name)
+            images.append(name)
+    _write_atomically(output_dir / "report.json", json.dumps(report, indent=1, default=str))
+    _write_atomically(output_dir / "report.csv", csv_text(report))
+    _write_atomically(output_dir / "report.md", markdown(report, images))
+    return [output_dir / n for n in ("report.json", "report.csv", "report.md", *images)]

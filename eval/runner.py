@@ -1,0 +1,265 @@
+"""The evaluation run: check all input first, then each model in turn, the report rewritten after each one.
+
+Everything cheap that can be wrong (a model that does not load its config or tokenizer, tokenizers that differ,
+an unknown task, empty perplexity text) fails before the first model is evaluated. After that, a failing
+candidate is recorded in the report with its error and the others go on; results already computed stay in the
+cache and in the report.
+"""
+
+import gc
+import hashlib
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gqa_uptrain.errors import ConfigError, GqaError
+
+from . import report as report_io
+from .cache import ResultCache, result_key
+from .harness import HarnessSettings, check_task_loads, evaluate_task
+from .kv_cache import kv_cache_bytes_per_token
+from .loading import ModelSpec, adds_bos, check_same_tokenizer, load_weights, open_model
+from .local_tasks import TaskSelection, resolve_tasks
+from .perplexity import load_documents, perplexity, tokenize_documents
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EvalOptions:
+    """Every setting of a gqa-eval run (the CLI flags, one to one)."""
+
+    base: str
+    models: list[str]
+    output: Path
+    tasks: str | None = None
+    include_paths: list[Path] = field(default_factory=list)
+    num_fewshot: int = 0
+    batch_size: int = 8
+    limit: int | float | None = None
+    seed: int = 1234
+    dtype: str = "auto"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    add_bos_token: bool | None = None
+    bootstrap_iters: int = 100_000
+    perplexity: str | None = None
+    perplexity_column: str = "text"
+    perplexity_split: str = "test"
+    perplexity_window: int | None = None
+    perplexity_stride: int | None = None
+    perplexity_max_tokens: int | None = None
+    speed: bool = False
+    speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    speed_contexts: list[int] = field(default_factory=lambda: [512, 2048])
+    cache_dir: Path | None = None
+    use_cache: bool = True
+
+
+def log(message: str) -> None:
+    print(f"gqa-eval: {message}", file=sys.stderr, flush=True)
+
+
+def unique_labels(refs: list[str]) -> list[str]:
+    """Short names for tables: the folder or Hub name, numbered where two would read the same."""
+    names = [Path(ref.rstrip("/")).name or ref for ref in refs]
+    return [f"{name}#{names[:i].count(name) + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def resolve_dtype(name: str, base: ModelSpec) -> torch.dtype:
+    """`auto` is the base checkpoint's own dtype; whatever it is, every model is evaluated in it."""
+    if name == "auto":
+        stored = getattr(base.config, "dtype", None)
+        stored = str(stored).removeprefix("torch.") if stored is not None else "float32"
+        return DTYPES.get(stored, torch.float32)
+    return DTYPES[name]
+
+
+@dataclass
+class Plan:
+    """What every model is measured on, fixed before the first model runs."""
+
+    options: EvalOptions
+    cache: ResultCache
+    dtype: torch.dtype
+    harness: HarnessSettings | None
+    tasks: TaskSelection | None
+    perplexity_ids: list[list[int]] | None
+    perplexity_settings: dict | None
+    checked_tasks: set[str] = field(default_factory=set)
+
+    def settings(self) -> dict:
+        """The settings shown in the report."""
+        out = {"tasks": self.tasks.names if self.tasks else [], "device": self.options.device}
+        if self.harness:
+            out |= self.harness.as_dict()
+        else:
+            out["dtype"] = str(self.dtype).removeprefix("torch.")
+        if self.perplexity_settings:
+            out["perplexity"] = self.perplexity_settings
+        if self.options.speed:
+            out["speed"] = {"batch_sizes": self.options.speed_batch_sizes, "contexts": self.options.speed_contexts}
+        return out
+
+
+def perplexity_plan(options: EvalOptions, base: ModelSpec, dtype: torch.dtype) -> tuple[list[list[int]], dict]:
+    """Tokenize the held-out text once (base tokenizer; the candidates' are checked identical)."""
+    documents = load_documents(options.perplexity, options.perplexity_column, options.perplexity_split)
+    ids = tokenize_documents(documents, base.tokenizer, options.perplexity_max_tokens)
+    window = options.perplexity_window or min(getattr(base.config, "max_position_embeddings", 2048) or 2048, 4096)
+    stride = options.perplexity_stride or window // 2
+    if not 0 < stride <= window:
+        raise ConfigError(f"--perplexity-stride {stride} must be between 1 and the window ({window})")
+    text_hash = hashlib.sha256(repr(ids).encode()).hexdigest()
+    settings = {"source": options.perplexity, "window": window, "stride": stride, "tokens": sum(map(len, ids)),
+                "documents": len(ids), "dtype": str(dtype).removeprefix("torch."), "batch_size": options.batch_size,
+                "ids_sha256": text_hash}
+    return ids, settings
+
+
+def make_plan(options: EvalOptions, base: ModelSpec, staging_dir: Path) -> Plan:
+    if not options.tasks and not options.perplexity and not options.speed:
+        raise ConfigError("nothing to measure: give --tasks, --perplexity and/or --speed")
+    cache = ResultCache(options.cache_dir, enabled=options.use_cache)
+    dtype = resolve_dtype(options.dtype, base)
+    harness = tasks = None
+    if options.tasks:
+        tasks = resolve_tasks(options.tasks, options.include_paths, staging_dir, cache.file_hash)
+        add_bos = adds_bos(base.tokenizer) if options.add_bos_token is None else options.add_bos_token
+        harness = HarnessSettings(num_fewshot=options.num_fewshot, batch_size=options.batch_size,
+                                  limit=options.limit, seed=options.seed, dtype=str(dtype).removeprefix("torch."),
+                                  add_bos_token=add_bos, bootstrap_iters=options.bootstrap_iters)
+    ids, ppl_settings = perplexity_plan(options, base, dtype) if options.perplexity else (None, None)
+    return Plan(options, cache, dtype, harness, tasks, ids, ppl_settings)
+
+
+def describe(spec: ModelSpec, role: str, plan: Plan) -> dict:
+    """The model's entry in the report before any measurement: identity, heads and KV-cache size."""
+    config = spec.config.get_text_config(decoder=True)
+    return {
+        "label": spec.label, "ref": spec.ref, "role": role,
+        "num_attention_heads": getattr(config, "num_attention_heads", None),
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(spec.config, plan.dtype),
+        "provenance": spec.provenance, "tasks": {}, "perplexity": None, "speed": None, "error": None,
+    }
+
+
+class LazyModel:
+    """Loads the weights on first use only, so a model whose every result is cached is never loaded."""
+
+    def __init__(self, spec: ModelSpec, plan: Plan) -> None:
+        self.spec, self.plan, self._model = spec, plan, None
+
+    def get(self) -> torch.nn.Module:
+        if self._model is None:
+            log(f"[{self.spec.label}] loading {self.spec.ref} ({str(self.plan.dtype).removeprefix('torch.')}, "
+                f"{self.plan.options.device})")
+            self._model = load_weights(self.spec, self.plan.dtype, self.plan.options.device)
+        return self._model
+
+    def release(self) -> None:
+        self._model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def measure_tasks(record: dict, model: LazyModel, fingerprint: str, plan: Plan) -> None:
+    for name in plan.tasks.names:
+        key = result_key(fingerprint, f"lm-eval:{name}",
+                         {**plan.harness.as_dict(), "task": plan.tasks.fingerprints[name]})
+        cached = plan.cache.get(key)
+        if cached is None:
+            if name not in plan.checked_tasks:
+                check_task_loads(plan.tasks, name)
+                plan.checked_tasks.add(name)
+            log(f"[{model.spec.label}] lm-eval task {name}")
+            cached = evaluate_task(model.get(), model.spec.tokenizer, name, plan.tasks, plan.harness)
+            plan.cache.put(key, cached)
+        else:
+            log(f"[{model.spec.label}] lm-eval task {name}: cached")
+        record["tasks"][name] = cached
+
+
+def measure_perplexity(record: dict, model: LazyModel, fingerprint: str, plan: Plan) -> None:
+    key = result_key(fingerprint, "perplexity", plan.perplexity_settings)
+    result = plan.cache.get(key)
+    if result is None:
+        log(f"[{model.spec.label}] perplexity on {plan.options.perplexity}")
+        settings = plan.perplexity_settings
+        result = perplexity(model.get(), plan.perplexity_ids, settings["window"], settings["stride"],
+                            plan.options.batch_size)
+        plan.cache.put(key, result)
+    else:
+        log(f"[{model.spec.label}] perplexity: cached")
+    record["perplexity"] = result
+
+
+def measure_speed(record: dict, model: LazyModel, plan: Plan) -> None:
+    """KV cache measured from a real generate() and decode throughput; timings are never cached."""
+    from .kv_cache import measured_kv_cache_bytes_per_token
+    from .speed import measure_decode
+
+    log(f"[{model.spec.label}] decode speed")
+    record["measured_kv_cache_bytes_per_token"] = measured_kv_cache_bytes_per_token(model.get(), model.spec.tokenizer)
+    record["speed"] = measure_decode(model.get(), plan.options.speed_batch_sizes, plan.options.speed_contexts)
+
+
+def evaluate_model(spec: ModelSpec, role: str, plan: Plan) -> dict:
+    """Every requested measurement of one model, from the cache where possible."""
+    record = describe(spec, role, plan)
+    record["fingerprint"] = plan.cache.model_fingerprint(spec.ref)
+    model = LazyModel(spec, plan)
+    try:
+        if plan.tasks:
+            measure_tasks(record, model, record["fingerprint"], plan)
+        if plan.perplexity_ids:
+            measure_perplexity(record, model, record["fingerprint"], plan)
+        if plan.options.speed:
+            measure_speed(record, model, plan)
+    finally:
+        model.release()
+    return record
+
+
+def failed_record(spec: ModelSpec, plan: Plan, error: BaseException) -> dict:
+    record = describe(spec, "candidate", plan)
+    record["error"] = str(error) if isinstance(error, GqaError) else f"{type(error).__name__}: {error}"
+    return record
+
+
+def publish(plan: Plan, base: dict, candidates: list[dict]) -> dict:
+    """Rewrite the whole report from the results so far (each file replaced atomically)."""
+    report = report_io.build_report(plan.settings(), base, candidates)
+    report_io.write_report(report, plan.options.output)
+    log(f"report written to {plan.options.output}")
+    return report
+
+
+def run(options: EvalOptions) -> list[str]:
+    """Evaluate base and candidates, write the report; returns the candidates' errors (empty: all went well)."""
+    labels = unique_labels([options.base, *options.models])
+    base = open_model(options.base, labels[0])
+    candidates = [open_model(ref, label) for ref, label in zip(options.models, labels[1:])]
+    check_same_tokenizer(base, candidates)
+    with tempfile.TemporaryDirectory(prefix="gqa-eval-tasks-") as staging:
+        plan = make_plan(options, base, Path(staging))
+        base_record = evaluate_model(base, "base", plan)
+        records: list[dict] = []
+        errors: list[str] = []
+        report = publish(plan, base_record, records)
+        for spec in candidates:
+            try:
+                records.append(evaluate_model(spec, "candidate", plan))
+            except Exception as error:  # noqa: BLE001 - one failing candidate must not cost the others
+                if not isinstance(error, GqaError):
+                    traceback.print_exc()
+                records.append(failed_record(spec, plan, error))
+                errors.append(f"candidate {spec.ref}: {records[-1]['error']}")
+            report = publish(plan, base_record, records)
+    print(report_io.markdown(report, images=[]))
+    return errors
