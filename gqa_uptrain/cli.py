@@ -16,11 +16,12 @@ def run_cli(prog: str, command: Callable[[], None]) -> None:
     except GqaError as e:
         _exit(prog, f"error: {e}", 2)
     except KeyboardInterrupt:
-        _exit(prog, "interrupted; nothing half-written was left behind", 130)
+        _exit(prog, "interrupted", 130)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        _exit(prog, f"error: disk full ({e.filename or e}); nothing half-written was left behind", 2)
+        where = f" while writing {e.filename}" if e.filename else ""
+        _exit(prog, f"error: disk full{where}", 2)
 
 
 def _exit(prog: str, message: str, code: int) -> None:
