@@ -1,0 +1,172 @@
+"""Decode speed of a Llama-2-7B-shaped model, multi-head (32 KV heads) vs grouped-query (8 KV heads).
+
+Random bf16 weights are built directly on the GPU (nothing is downloaded: speed does not depend on the values). For
+each case (batch x prompt length) and each model it measures, in one process: stock `generate()`, engine-style decode
+(static cache, packed-GQA attention, CUDA graph; eager kernels and torch.compile), the memory-bound floor from the
+measured copy bandwidth, and the attention kernel alone against its own floor. It prints a table with the GQA/MHA
+speedups as ratios of figures from this run, and writes everything as JSON.
+
+    python scripts/bench_decode.py --output bench_decode.json
+    python scripts/bench_decode.py --layers 4 --cases 2x512 --engines graph   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gqa_uptrain.eval.speed import measure_bandwidth, measure_decode, packed_gqa_sdpa
+
+ENGINES = {"graph": False, "compile": True}  # engine name -> torch.compile the step (both run in a CUDA graph)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["8x4096", "32x2048"],
+                        help="BATCHxPROMPT pairs to measure (default: 8x4096 32x2048)")
+    parser.add_argument("--kv-heads", nargs="+", type=int, default=[32, 8],
+                        help="KV-head counts; the first is the base the others are compared with (default: 32 8)")
+    parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=["graph", "compile"],
+                        help="engine-style variants: 'graph' (eager kernels in a CUDA graph), 'compile' "
+                             "(torch.compile, then a CUDA graph); default: both")
+    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per case (default: 64)")
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (default: 32, as Llama-2-7B)")
+    parser.add_argument("--dtype", default="bfloat16", help="weight and cache dtype (default: bfloat16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to measure on (default: cuda when there is one)")
+    parser.add_argument("--time-limit", type=float, default=480.0,
+                        help="seconds after which no new measurement starts; what is done is kept (default: 480)")
+    parser.add_argument("--output", type=Path, help="write every figure to this JSON file")
+    return parser.parse_args(argv)
+
+
+def llama2_7b_shaped(kv_heads: int, layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+    """Llama-2-7B's shape (hidden 4096, 32 heads of 128, MLP 11008, vocab 32000) with random weights on `device`."""
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=kv_heads, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def attention_kernel_us(batch: int, context: int, kv_heads: int, dtype: torch.dtype, device: str) -> float:
+    """Median microseconds of one decode-step call of `packed_gqa_sdpa` (32 query heads of 128, boolean mask)."""
+    query = torch.randn(batch, 32, 1, 128, dtype=dtype, device=device)
+    key, value = (torch.randn(batch, kv_heads, context, 128, dtype=dtype, device=device) for _ in range(2))
+    mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
+    for _ in range(3):
+        packed_gqa_sdpa(None, query, key, value, mask)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        packed_gqa_sdpa(None, query, key, value, mask)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def print_table(rows: list[dict], base_kv: int) -> None:
+    """One line per case, engine and model; speedups are over the base model measured in this run."""
+    engine = {(r["case"], r["engine_name"], r["kv_heads"]): r["tokens_per_s"] for r in rows}
+    generate = {(r["case"], r["kv_heads"]): r["generate_tokens_per_s"] for r in rows if r["generate_tokens_per_s"]}
+    floor = {(r["case"], r["kv_heads"]): r["floor_tokens_per_s"] for r in rows}
+    nan = float("nan")
+    print(f"\n{'case':>9} {'engine':>8} {'kv':>3} {'tok/s':>7} {'floor':>7} {'of floor':>8} {'generate':>8} "
+          f"{'of floor':>8} {'speedup':>8} {'generate':>8} {'floor':>7}")
+    for row in rows:
+        case, kv = row["case"], row["kv_heads"]
+        gen = generate.get((case, kv), nan)
+        speedup = row["tokens_per_s"] / engine.get((case, row["engine_name"], base_kv), nan)
+        print(f"{case:>9} {row['engine_name']:>8} {kv:>3} {row['tokens_per_s']:>7.0f} {floor[case, kv]:>7.0f} "
+              f"{row['fraction_of_floor']:>8.1%} {gen:>8.0f} {gen / floor[case, kv]:>8.1%} {speedup:>7.2f}x "
+              f"{gen / generate.get((case, base_kv), nan):>7.2f}x {floor[case, kv] / floor.get((case, base_kv), nan):>6.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.monotonic()
+    dtype = getattr(torch, args.dtype)
+    cases = [tuple(int(n) for n in case.lower().split("x")) for case in args.cases]
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "bandwidth_bytes_per_s": measure_bandwidth(args.device),
+        "attention_kernel": [],
+        "decode": [],
+    }
+    bandwidth = report["bandwidth_bytes_per_s"]
+    print(f"{device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+
+    def save() -> None:
+        if args.output:
+            args.output.write_text(json.dumps(report, indent=2) + "\n")
+
+    if args.device.startswith("cuda"):
+        itemsize = dtype.itemsize
+        for (batch, context), kv_heads in ((c, k) for c in cases for k in args.kv_heads):
+            us = attention_kernel_us(batch, context, kv_heads, dtype, args.device)
+            floor_us = 2 * batch * kv_heads * context * 128 * itemsize / bandwidth * 1e6
+            report["attention_kernel"].append({"batch": batch, "context": context, "kv_heads": kv_heads,
+                                               "microseconds": us, "floor_microseconds": floor_us})
+            print(f"attention alone, batch {batch}, cache {context}, {kv_heads} KV heads: {us:.1f} us "
+                  f"(floor {floor_us:.1f} us, {floor_us / us:.0%})", flush=True)
+        save()
+
+    for engine in args.engines:
+        for kv_heads in args.kv_heads:
+            if time.monotonic() - started > args.time_limit:
+                print(f"time limit reached: skipping {engine} with {kv_heads} KV heads", flush=True)
+                continue
+            model = llama2_7b_shaped(kv_heads, args.layers, dtype, args.device)
+            for batch, context in cases:
+                if time.monotonic() - started > args.time_limit:
+                    print(f"time limit reached: skipping {engine} {batch}x{context}", flush=True)
+                    continue
+                tic = time.monotonic()
+                try:
+                    (row,) = measure_decode(
+                        model, [batch], [context], args.new_tokens, bandwidth=bandwidth,
+                        compile=ENGINES[engine], stock_generate=engine == args.engines[0], progress=False,
+                    )
+                except Exception as error:  # keep the other cases' figures; say what failed
+                    print(f"FAILED {engine} {kv_heads} KV heads {batch}x{context}: {error!r}", flush=True)
+                    continue
+                row.update(case=f"{batch}x{context}", engine_name=engine, kv_heads=kv_heads,
+                           wall_seconds=time.monotonic() - tic)
+                report["decode"].append(row)
+                save()
+                generate = row["generate_tokens_per_s"]
+                print(f"{engine:>8} {kv_heads:>2} KV heads {batch}x{context}: {row['tokens_per_s']:.0f} tok/s "
+                      f"({row['fraction_of_floor']:.0%} of floor {row['floor_tokens_per_s']:.0f})"
+                      + (f"; generate {generate:.0f} tok/s" if generate else "")
+                      + f"  [{row['wall_seconds']:.0f} s]", flush=True)
+            del model
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    print_table(report["decode"], args.kv_heads[0])
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Engine-style decode computes what stock generate() computes; the floor is the byte count over the bandwidth.
+
+No test here is timed: speed is measured by scripts/bench_decode.py. On a machine with a GPU the engine tests also
+run there, through the CUDA graph (and torch.compile).
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from gqa_uptrain.errors import ConfigError, UnsupportedModelError
+from gqa_uptrain.eval.kv_cache import kv_cache_bytes
+from gqa_uptrain.eval.speed import (
+    StaticDecoder,
+    decode_floor_seconds,
+    engine_generate,
+    measure_bandwidth,
+    measure_decode,
+    packed_gqa_attention,
+    packed_gqa_sdpa,
+    weight_bytes_per_step,
+)
+from tiny_models import ARCHITECTURES, VOCAB, random_model
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (device, cuda_graph, compile): CPU runs the step itself; a GPU replays it from a CUDA graph, compiled or not.
+ENGINES = [("cpu", False, False)] + ([("cuda", True, False), ("cuda", True, True)] if torch.cuda.is_available() else [])
+
+
+def tiny_llama(kv_heads: int, tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(kv_heads)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                         tie_word_embeddings=tie, pad_token_id=0, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def prompt(batch: int = 3, length: int = 11) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(batch * length))
+
+
+def stock_greedy(model, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Stock greedy decoding, past any end-of-sequence token as the engine decodes."""
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+@pytest.mark.parametrize("device,cuda_graph,compile", ENGINES)
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
+def test_engine_decode_gives_the_greedy_tokens_of_generate(kv_heads, device, cuda_graph, compile):
+    model = tiny_llama(kv_heads).to(device)
+    input_ids = prompt().to(device)
+    expected = stock_greedy(model, input_ids, 8)
+    got = engine_generate(model, input_ids, 8, cuda_graph=cuda_graph, compile=compile)
+    assert torch.equal(got, expected)
+    assert model.config._attn_implementation == "sdpa"  # the model's own attention is back
+
+
+@pytest.mark.parametrize("model_type", [t for t in ARCHITECTURES if t != "gemma2"])
+def test_engine_decode_runs_every_covered_architecture(model_type):
+    model = random_model(model_type, kv_heads=2)
+    input_ids = prompt(2, 12)
+    assert torch.equal(engine_generate(model, input_ids, 5), stock_greedy(model, input_ids, 5))
+
+
+def test_soft_capped_attention_is_refused_in_one_line():
+    model = random_model("gemma2", kv_heads=2)
+    with pytest.raises(UnsupportedModelError, match="needs SDPA attention"):
+        engine_generate(model, prompt(2, 12), 4)
+    assert model.config._attn_implementation != "packed_gqa_sdpa"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])
+@pytest.mark.parametrize("per_head_mask", [False, True])
+def test_packed_attention_equals_attention_over_repeated_heads(device, kv_heads, per_head_mask):
+    """One query token against a padded cache: the packed call equals SDPA over K/V repeated to every query head."""
+    generator = torch.Generator().manual_seed(kv_heads)
+    batch, heads, length, dim = 2, 8, 37, 16
+    query = torch.randn(batch, heads, 1, dim, generator=generator).to(device)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator).to(device) for _ in range(2))
+    mask = torch.rand(batch, heads if per_head_mask else 1, 1, length, generator=generator).to(device) > 0.3
+    groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=0.3
+    ).transpose(1, 2)
+    got, _ = packed_gqa_sdpa(None, query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(got, expected)
+
+
+def test_prefill_logits_match_a_plain_forward():
+    """The engine's prefill (static cache, enable_gqa) gives the logits of the stock model without a cache."""
+    model, input_ids = tiny_llama(2), prompt()
+    with torch.no_grad():
+        expected = model(input_ids).logits[:, -1]
+        with packed_gqa_attention(model):
+            decoder = StaticDecoder(model, input_ids, 4)
+    assert torch.equal(decoder.tokens[:, input_ids.shape[1]], expected.argmax(-1))
+
+
+def test_attention_is_restored_after_an_error():
+    model = tiny_llama(2)
+    with pytest.raises(RuntimeError), packed_gqa_attention(model):
+        assert model.config._attn_implementation == "packed_gqa_sdpa"
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_static_cache_refuses_tokens_past_its_size():
+    model = tiny_llama(2)
+    with packed_gqa_attention(model):
+        decoder = StaticDecoder(model, prompt(), 3)
+        decoder.warm_up(1)
+        decoder.step()
+        with pytest.raises(ConfigError, match="holds 3 new tokens"):
+            decoder.step()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_weight_bytes_leave_out_an_untied_input_embedding(tie):
+    model = tiny_llama(2, tie=tie)
+    everything = sum(p.numel() * 4 for p in model.parameters())
+    embedding = VOCAB * 64 * 4
+    assert weight_bytes_per_step(model) == (everything if tie else everything - embedding)
+
+
+def test_decode_figures_follow_from_the_measured_times_and_the_byte_count():
+    model = tiny_llama(2)
+    rows = measure_decode(model, [1, 2], [16], new_tokens=4, bandwidth=1e9, progress=False)
+    assert [(r["batch"], r["context"]) for r in rows] == [(1, 16), (2, 16)]
+    for row in rows:
+        step_bytes = weight_bytes_per_step(model) + kv_cache_bytes(model.config, 18, row["batch"])
+        assert row["floor_tokens_per_s"] == pytest.approx(row["batch"] * 1e9 / step_bytes)
+        assert row["fraction_of_floor"] == pytest.approx(row["tokens_per_s"] / row["floor_tokens_per_s"])
+        assert row["generate_fraction_of_floor"] == pytest.approx(
+            row["generate_tokens_per_s"] / row["floor_tokens_per_s"])
+        assert row["tokens_per_s"] > 0 and row["generate_tokens_per_s"] > 0
+        assert row["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, fp32
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_floor_shrinks_with_the_kv_heads_by_the_cache_bytes_alone():
+    mha, gqa = tiny_llama(4), tiny_llama(1)
+    context, batch = 100, 4
+    saved_cache = kv_cache_bytes(mha.config, context, batch) - kv_cache_bytes(gqa.config, context, batch)
+    saved_weights = weight_bytes_per_step(mha) - weight_bytes_per_step(gqa)  # the smaller k_proj and v_proj
+    gap = decode_floor_seconds(mha, batch, context, 1.0) - decode_floor_seconds(gqa, batch, context, 1.0)
+    assert gap == saved_cache + saved_weights
+    assert saved_cache == batch * context * 2 * 2 * 3 * 16 * 4
+
+
+@pytest.mark.parametrize("sizes", [([0], [16], 4), ([1], [], 4), ([1], [16], 1), ([1.5], [16], 4)])
+def test_bad_sizes_are_refused(sizes):
+    batches, contexts, new_tokens = sizes
+    with pytest.raises(ConfigError):
+        measure_decode(tiny_llama(2), batches, contexts, new_tokens, bandwidth=1e9, progress=False)
+
+
+def test_bandwidth_counts_bytes_read_and_written():
+    assert 1e8 < measure_bandwidth("cpu", nbytes=1 << 24, repeats=3) < 1e13
