@@ -1,0 +1,92 @@
+"""Data: documents packed into full sequences with EOS between them, seeded order, exact resume position."""
+
+import json
+
+import datasets
+import pytest
+import torch
+from accelerate import Accelerator
+
+from gqa_uptrain.errors import DataError
+from gqa_uptrain.train.data import Batches, build_datasets, train_loader
+from gqa_uptrain.train.recipe import DataSpec
+
+DOCS = [f"Document number {i} says something about {'many ' * (i % 7)}things." for i in range(60)]
+
+
+def spec(path, **extra) -> DataSpec:
+    return DataSpec(train={"path": str(path)}, holdout_docs=10, seq_len=16, **extra)
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": doc, "id": i}) + "\n" for i, doc in enumerate(DOCS)))
+    return path
+
+
+def test_documents_are_packed_with_eos_and_without_padding(jsonl, gpt2_tokenizer):
+    train, val = build_datasets(spec(jsonl), gpt2_tokenizer, seed=0)
+    eos = gpt2_tokenizer.eos_token_id
+    stream = [t for doc in DOCS[10:] for t in gpt2_tokenizer(doc)["input_ids"] + [eos]]
+    rows = [row["input_ids"].tolist() for row in train]
+    assert all(len(row) == 16 for row in rows)
+    assert sum(rows, []) == stream[: len(rows) * 16]  # one map batch: only the tail is dropped
+    assert len(stream) - len(rows) * 16 < 16
+    held_out = [t for doc in DOCS[:10] for t in gpt2_tokenizer(doc)["input_ids"] + [eos]]
+    assert sum((row["input_ids"].tolist() for row in val), []) == held_out[: len(val) * 16]
+
+
+def test_parquet_text_and_pretokenised_sources(tmp_path, gpt2_tokenizer):
+    datasets.Dataset.from_dict({"text": DOCS}).to_parquet(tmp_path / "docs.parquet")
+    (tmp_path / "docs.txt").write_text("\n\n".join(DOCS))
+    ids = [gpt2_tokenizer(doc)["input_ids"] for doc in DOCS]
+    datasets.Dataset.from_dict({"input_ids": ids}).to_parquet(tmp_path / "ids.parquet")
+    packed = [build_datasets(spec(tmp_path / name), gpt2_tokenizer, 0)[0] for name in ("docs.parquet", "docs.txt", "ids.parquet")]
+    as_lists = [[row["input_ids"].tolist() for row in rows] for rows in packed]
+    assert as_lists[0] == as_lists[1] == as_lists[2] and len(as_lists[0]) > 10
+
+
+def test_streaming_gives_full_rows_in_a_seeded_order(jsonl, gpt2_tokenizer):
+    first = [row["input_ids"].tolist() for row in build_datasets(spec(jsonl, streaming=True, shuffle_buffer=8), gpt2_tokenizer, 1)[0]]
+    again = [row["input_ids"].tolist() for row in build_datasets(spec(jsonl, streaming=True, shuffle_buffer=8), gpt2_tokenizer, 1)[0]]
+    other = [row["input_ids"].tolist() for row in build_datasets(spec(jsonl, streaming=True, shuffle_buffer=8), gpt2_tokenizer, 2)[0]]
+    assert first == again != other
+    assert all(len(row) == 16 for row in first)
+
+
+def test_empty_dataset_is_refused(tmp_path, gpt2_tokenizer):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError):
+        build_datasets(spec(tmp_path / "empty.jsonl"), gpt2_tokenizer, 0)
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": "hi"}) + "\n" for _ in range(12)))
+    with pytest.raises(DataError, match="not one full sequence"):
+        build_datasets(spec(tmp_path / "short.jsonl"), gpt2_tokenizer, 0)
+
+
+def test_missing_files_and_columns_are_refused(tmp_path, jsonl, gpt2_tokenizer):
+    with pytest.raises(DataError, match="matches no file"):
+        build_datasets(spec(tmp_path / "nope*.jsonl"), gpt2_tokenizer, 0)
+    with pytest.raises(DataError, match="no 'body' column"):
+        build_datasets(DataSpec(train={"path": str(jsonl), "text_field": "body"}, seq_len=16, holdout_docs=1), gpt2_tokenizer, 0)
+
+
+def test_batches_resume_exactly_where_they_stopped(jsonl, gpt2_tokenizer, fresh_accelerate):
+    accelerator = Accelerator(cpu=True)
+    train, _ = build_datasets(spec(jsonl), gpt2_tokenizer, 0)
+
+    def loader():
+        from accelerate.utils import DataLoaderConfiguration
+
+        accelerator.dataloader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=3)
+        return accelerator.prepare(train_loader(train, 2))
+
+    uninterrupted = Batches(accelerator, loader())
+    expected = [next(uninterrupted)["input_ids"] for _ in range(40)]  # several epochs
+    assert uninterrupted.epoch >= 2
+    first = Batches(accelerator, loader())
+    seen = [next(first)["input_ids"] for _ in range(23)]
+    resumed = Batches(accelerator, loader(), **first.state())
+    seen += [next(resumed)["input_ids"] for _ in range(17)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, seen))
+    assert not torch.equal(expected[0], next(Batches(accelerator, loader(), epoch=1))["input_ids"])

@@ -1,0 +1,98 @@
+"""Recipes are validated before anything starts: every shipped recipe loads, and each mistake names key and file."""
+
+from pathlib import Path
+
+import pytest
+
+from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.train.recipe import Recipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_the_paper_recipes_and_the_template_are_shipped():
+    names = {path.name for path in RECIPES}
+    assert {"llama-2-7b-gqa8.yaml", "llama-2-7b-mqa.yaml", "template.yaml", "tiny-cpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.name.startswith("llama-2-7b")], ids=lambda p: p.name)
+def test_paper_recipes_spend_five_percent_of_llama2_pretraining(path):
+    recipe = load_recipe(path)
+    assert recipe.budget.fraction == pytest.approx(0.05)
+    assert recipe.budget.pretrain_tokens == pytest.approx(2.0e12)
+    assert (REPO / "recipes" / "accelerate" / "fsdp.yaml").is_file()
+    assert "recipes/accelerate/fsdp.yaml" in path.read_text()
+    assert recipe.batch.global_batch % (recipe.batch.micro_batch * 8) == 0  # fits 8 GPUs
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_are_accelerate_configs(path):
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    assert config["compute_environment"] == "LOCAL_MACHINE"
+    assert config["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text((REPO / "recipes" / "tiny-cpu.yaml").read_text() + text)
+    return path
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path):
+    path = write(tmp_path, "\n")
+    with pytest.raises(ConfigError, match=rf"{path}: train.learning_rate: unknown key"):
+        load_recipe(path, ["train.learning_rate=0.1"])
+
+
+def test_missing_key_is_named(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    text = (REPO / "recipes" / "tiny-cpu.yaml").read_text().replace("  seq_len: 64\n", "")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"data.seq_len: missing required key"):
+        load_recipe(path)
+
+
+def test_ill_typed_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"batch.micro_batch: .*integer.*'four'"):
+        load_recipe(write(tmp_path, ""), ["batch.micro_batch=four"])
+
+
+def test_overrides_are_typed_like_yaml(tmp_path):
+    recipe = load_recipe(write(tmp_path, ""), ["train.lr=1e-5", "budget.steps=7", "teacher.path=orig"])
+    assert recipe.train.lr == 1e-5 and recipe.budget.steps == 7 and recipe.teacher.path == "orig"
+
+
+def test_pyyaml_exponent_quirk_still_gives_a_float(tmp_path):
+    """YAML 1.1 reads `2e12` as a string; the recipe still takes it as a number."""
+    recipe = load_recipe(write(tmp_path, ""), ["budget.steps=null", "budget.tokens=2e12"])
+    assert recipe.budget.tokens == 2e12
+
+
+def test_budget_needs_exactly_one_form(tmp_path):
+    with pytest.raises(ConfigError, match="budget: .*exactly one of"):
+        load_recipe(write(tmp_path, ""), ["budget.tokens=1000"])
+    with pytest.raises(ConfigError, match="needs `pretrain_tokens`"):
+        load_recipe(write(tmp_path, ""), ["budget.steps=null", "budget.fraction=0.05"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_recipe(write(tmp_path, ""), ["train.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_a_recipe_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_recipe(path)

@@ -1,0 +1,75 @@
+"""The tiny model learns, the result is a loadable HF folder with provenance, and a finished run is not redone."""
+
+import json
+import shutil
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from gqa_uptrain.train.loop import run
+from gqa_uptrain.train.recipe import load_recipe
+
+from .conftest import TINY_RECIPE, overrides
+
+
+def records(output):
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_learns_and_exports(tmp_path, tiny_llama_gqa2, shakespeare, fresh_accelerate):
+    model = tmp_path / "converted"
+    shutil.copytree(tiny_llama_gqa2, model)
+    (model / "gqa_provenance.json").write_text(json.dumps({"source_model": "tiny-mha", "num_key_value_heads": 2}))
+    output = tmp_path / "run"
+    recipe = load_recipe(TINY_RECIPE, overrides(model, shakespeare, output, "budget.steps=24", "log.trackers=[tensorboard]"))
+
+    target = run(recipe)
+
+    history = records(output)
+    losses = [r["loss"] for r in history if "loss" in r]
+    val = [r["val_loss"] for r in history if "val_loss" in r]
+    assert losses[-1] < losses[0] - 2.0, losses  # from ~10.8 (uniform over 50k tokens) well down
+    assert val[-1] < val[0] - 1.0, val
+    assert all("grad_norm" in r and "tokens_per_s" in r and "lr" in r for r in history if "loss" in r)
+    assert history[-1]["tokens"] == 24 * 4 * 32
+
+    trained = AutoModelForCausalLM.from_pretrained(target)
+    assert trained.config.num_key_value_heads == 2
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_gqa2)
+    assert not torch.equal(trained.model.layers[0].self_attn.k_proj.weight, original.model.layers[0].self_attn.k_proj.weight)
+    assert (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file()
+    provenance = json.loads((target / "gqa_provenance.json").read_text())
+    assert provenance["source_model"] == "tiny-mha"  # carried forward from the converter
+    assert provenance["uptraining"]["tokens"] == 24 * 4 * 32 and provenance["uptraining"]["steps"] == 24
+    assert provenance["uptraining"]["final_val_loss"] == val[-1]
+    assert (output / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((output / "logs").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000020", "step-00000024"]
+
+    # The same command again finds the finished run and changes nothing.
+    before = (target / "model.safetensors").stat().st_mtime_ns
+    assert run(recipe) == target
+    assert (target / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_distillation_from_the_original_model(tmp_path, tiny_llama, tiny_llama_gqa2, shakespeare, fresh_accelerate):
+    output = tmp_path / "distilled"
+    recipe = load_recipe(
+        TINY_RECIPE,
+        overrides(tiny_llama_gqa2, shakespeare, output, "budget.steps=10", f"teacher.path={tiny_llama}",
+                  "teacher.weight=1.0", "teacher.temperature=2.0", "log.every=2"),
+    )
+    run(recipe)
+    kd = [r["kd_loss"] for r in records(output) if "kd_loss" in r]
+    assert len(kd) == 5 and kd[-1] < kd[0] * 0.7, kd  # the student moves toward the teacher's distributions
+    provenance = json.loads((output / "model" / "gqa_provenance.json").read_text())
+    assert provenance["uptraining"]["teacher"] == str(tiny_llama)
+
+
+def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    from gqa_uptrain.train.distill import distillation_loss, mix
+
+    logits = torch.randn(2, 5, 11)
+    assert distillation_loss(logits, logits, 2.0).item() < 1e-6
+    assert distillation_loss(logits, torch.randn(2, 5, 11), 2.0).item() > 0.1
+    assert mix(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == 2.5

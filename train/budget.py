@@ -1,0 +1,121 @@
+"""The budget in the GQA paper's terms: a fraction of pretraining, turned into optimizer steps and FLOPs.
+
+FLOPs per trained token follow the usual estimate (Kaplan et al. 2020; PaLM appendix B): 6 x the parameters that
+take part in a matrix product (every nn.Linear, the LM head included, the embedding lookup excluded) plus
+12 x layers x attention width x sequence length for the attention scores and values, forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from gqa_uptrain.errors import ConfigError
+
+from .recipe import BatchSpec, BudgetSpec
+
+
+def matmul_params(config: PretrainedConfig) -> int:
+    """Parameters of every nn.Linear of the model `config` describes, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+
+
+def flops_per_token(config: PretrainedConfig, seq_len: int, linear_params: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token at `seq_len`."""
+    linear_params = matmul_params(config) if linear_params is None else linear_params
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_width = config.num_attention_heads * head_dim
+    return 6.0 * linear_params + 12.0 * config.num_hidden_layers * attention_width * seq_len
+
+
+def mha_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The multi-head model a GQA checkpoint was converted from: as many KV heads as query heads."""
+    original = config.__class__.from_dict(config.to_dict())
+    original.num_key_value_heads = config.num_attention_heads
+    return original
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long the run is and what it costs, fixed before the first step."""
+
+    steps: int
+    grad_accum: int
+    tokens_per_step: int
+    flops_per_token: float
+    pretrain_tokens: float | None
+    pretrain_flops_per_token: float  # of the original (pretrained) model
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def flops(self) -> float:
+        return self.tokens * self.flops_per_token
+
+    def fraction_of_pretraining_tokens(self, tokens: int | None = None) -> float | None:
+        if self.pretrain_tokens is None:
+            return None
+        return (self.tokens if tokens is None else tokens) / self.pretrain_tokens
+
+    def fraction_of_pretraining_compute(self, tokens: int | None = None) -> float | None:
+        if self.pretrain_tokens is None:
+            return None
+        spent = (self.tokens if tokens is None else tokens) * self.flops_per_token
+        return spent / (self.pretrain_tokens * self.pretrain_flops_per_token)
+
+    def describe(self) -> str:
+        lines = [
+            f"optimizer steps      {self.steps:,} (gradient accumulation {self.grad_accum})",
+            f"tokens per step      {self.tokens_per_step:,}",
+            f"tokens               {self.tokens:,}",
+            f"FLOPs                {self.flops:.3e} ({self.flops_per_token:.3e} per token)",
+        ]
+        if self.pretrain_tokens is not None:
+            lines.append(
+                f"of pretraining       {self.fraction_of_pretraining_tokens():.4%} of its tokens, "
+                f"{self.fraction_of_pretraining_compute():.4%} of its compute ({self.pretrain_tokens:.3e} tokens)"
+            )
+        return "\n".join(lines)
+
+
+def plan_budget(
+    budget: BudgetSpec,
+    batch: BatchSpec,
+    seq_len: int,
+    world_size: int,
+    config: PretrainedConfig,
+    original_config: PretrainedConfig,
+) -> Plan:
+    """Steps from the budget; ConfigError if the batch does not divide over the processes or it is under a step."""
+    per_pass = batch.micro_batch * world_size
+    if batch.global_batch % per_pass:
+        raise ConfigError(
+            f"batch.global_batch={batch.global_batch} is not a multiple of batch.micro_batch={batch.micro_batch} "
+            f"x {world_size} process(es)"
+        )
+    tokens_per_step = batch.global_batch * seq_len
+    if budget.steps is not None:
+        steps = budget.steps
+    else:
+        tokens = budget.tokens if budget.tokens is not None else budget.fraction * budget.pretrain_tokens
+        steps = math.floor(tokens / tokens_per_step)
+        if steps < 1:
+            raise ConfigError(
+                f"budget of {tokens:,.0f} tokens is smaller than one optimizer step "
+                f"({tokens_per_step:,} tokens = batch.global_batch x data.seq_len)"
+            )
+    return Plan(
+        steps=steps,
+        grad_accum=batch.global_batch // per_pass,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_token(config, seq_len),
+        pretrain_tokens=budget.pretrain_tokens,
+        pretrain_flops_per_token=flops_per_token(original_config, seq_len),
+    )

@@ -1,0 +1,71 @@
+"""Checkpoints: accelerate's full training state plus our position, written atomically, newest K kept.
+
+A checkpoint is `checkpoints/step-XXXXXXXX/`: what `Accelerator.save_state` writes (model, optimizer, scheduler,
+RNG states of every process) and `trainer_state.json` (step, tokens, data position). It is written under a
+temporary name and renamed when complete, so a crash during a save leaves the previous checkpoints intact and
+a half-written one is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from gqa_uptrain.errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+_PREFIX = "step-"
+_TEMP_PREFIX = ".incomplete-"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"{_PREFIX}{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(_PREFIX)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write the full training state for `state["step"]`, atomically; then drop all but the newest `keep`."""
+    final = checkpoint_dir(root, state["step"])
+    temp = root / f"{_TEMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temp, ignore_errors=True)  # left by a crash during an earlier save
+        temp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if final.exists():  # the same step written by a run that died before pruning
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote into the prepared objects; return the trainer state."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        accelerator.load_state(str(path))
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"cannot resume from {path}: {error}") from None
+    return state

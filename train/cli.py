@@ -1,0 +1,56 @@
+"""`gqa-uptrain RECIPE [key=value ...]`: uptrain a converted checkpoint as a recipe says."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gqa_uptrain.errors import GqaError
+
+EPILOG = """\
+examples:
+  gqa-uptrain recipes/llama-2-7b-gqa8.yaml
+  gqa-uptrain recipes/llama-2-7b-gqa8.yaml train.lr=1e-5 budget.fraction=0.02
+  accelerate launch --config_file recipes/accelerate/fsdp.yaml -m gqa_uptrain.train recipes/llama-2-7b-gqa8.yaml
+
+Running the same command again resumes from the newest checkpoint in output_dir; a finished run does nothing.
+recipes/template.yaml documents every key.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gqa-uptrain",
+        description="Uptrain a grouped-query-attention checkpoint (GQA paper recipe: a few percent of the original "
+        "pretraining), optionally distilling from the original model. Works under `accelerate launch` unchanged.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", help="recipe YAML file (see recipes/template.yaml)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="override recipe keys by dotted name, values in YAML syntax (e.g. train.lr=1e-5 teacher=null)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="validate the recipe, the models' configs and the budget, print the plan (steps, tokens, FLOPs, "
+        "fraction of pretraining) and stop before loading data or weights",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .loop import run  # heavy imports after --help
+        from .recipe import load_recipe
+
+        run(load_recipe(args.recipe, args.overrides), dry_run=args.dry_run)
+    except GqaError as error:
+        print(f"gqa-uptrain: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

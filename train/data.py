@@ -1,0 +1,162 @@
+"""Training data through `datasets`: load, tokenise, pack into full sequences, batch with a resumable position.
+
+Documents are tokenised with the model's tokenizer, joined with EOS between them and cut into rows of exactly
+`seq_len` tokens (no padding; the tail of each map batch of 1,000 documents that does not fill a row is
+dropped, as in transformers' run_clm). Rows that already hold `input_ids` are packed without tokenising.
+Map-style data is shuffled by the seedable sampler (order = f(seed, epoch)); streaming data is shuffled by
+documents in a buffer seeded the same way. The position is (epoch, batches taken in that epoch): resuming
+skips exactly those batches, so a resumed run sees the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from itertools import chain
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from gqa_uptrain.errors import DataError
+
+from .recipe import DataSpec, SourceSpec
+
+Rows = datasets.Dataset | datasets.IterableDataset
+
+_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_COMPRESSION = {".gz", ".xz", ".bz2", ".zst", ".zip"}
+_PACK_BATCH = 1000
+
+
+def _builder(file: str) -> str:
+    suffixes = [s for s in Path(file).suffixes if s not in _COMPRESSION]
+    if not suffixes or suffixes[-1] not in _BUILDERS:
+        raise DataError(f"{file}: unsupported data file type (use {', '.join(sorted(_BUILDERS))}, optionally compressed)")
+    return _BUILDERS[suffixes[-1]]
+
+
+def _local_files(pattern: str) -> list[str]:
+    path = Path(pattern)
+    files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f"data path {pattern} matches no file")
+    return files
+
+
+def load_source(source: SourceSpec, streaming: bool) -> Rows:
+    """The raw documents of one source, as a Dataset (or IterableDataset when streaming)."""
+    if source.dataset is not None:
+        try:
+            return datasets.load_dataset(source.dataset, source.name, split=source.split, streaming=streaming)
+        except Exception as error:  # the Hub, a missing config or split: all user-fixable, all one line
+            raise DataError(f"dataset {source.dataset!r} ({source.name}, {source.split}): {error}") from None
+    files = _local_files(source.path)
+    builders = {_builder(file) for file in files}
+    if len(builders) > 1:
+        raise DataError(f"data path {source.path} mixes file types ({', '.join(sorted(builders))})")
+    builder = builders.pop()
+    kwargs = {"sample_by": source.sample_by} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
+    except StopIteration:  # what the json builder raises on empty files
+        raise DataError(f"data path {source.path} holds no rows") from None
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
+        raise DataError(f"data path {source.path}: {error.__cause__ or error}") from None
+
+
+def _columns(rows: Rows) -> list[str]:
+    if rows.column_names is not None:
+        return list(rows.column_names)
+    first = next(iter(rows), None)
+    return list(first) if first is not None else []
+
+
+def pack(rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int, num_proc: int | None) -> Rows:
+    """Rows of exactly `seq_len` token ids: documents joined with EOS, cut without padding."""
+    columns = _columns(rows)
+    pretokenized = "input_ids" in columns
+    if not pretokenized and source.text_field not in columns:
+        where = source.path or source.dataset
+        raise DataError(f"{where}: no {source.text_field!r} column (columns: {', '.join(columns) or 'none'})")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to put between documents")
+
+    def pack_batch(batch: dict) -> dict:
+        ids = batch["input_ids"] if pretokenized else tokenizer(batch[source.text_field], verbose=False)["input_ids"]
+        stream = list(chain.from_iterable(doc if doc[-1:] == [eos] else doc + [eos] for doc in ids if doc))
+        return {"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
+
+    kwargs = {} if isinstance(rows, datasets.IterableDataset) else {"num_proc": num_proc, "desc": "Tokenising and packing"}
+    return rows.map(pack_batch, batched=True, batch_size=_PACK_BATCH, remove_columns=columns, **kwargs)
+
+
+def _require_rows(rows: Rows, what: str, where: str | None, seq_len: int) -> None:
+    empty = len(rows) == 0 if isinstance(rows, datasets.Dataset) else next(iter(rows), None) is None
+    if empty:
+        raise DataError(f"{what} data {where} holds not one full sequence of data.seq_len={seq_len} tokens")
+
+
+def build_datasets(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[Rows, Rows]:
+    """Packed (train, validation) rows; DataError if either is empty."""
+    train_docs = load_source(spec.train, spec.streaming)
+    if spec.validation is not None:
+        val_docs = load_source(spec.validation, spec.streaming)
+    else:
+        val_docs, train_docs = train_docs.take(spec.holdout_docs), train_docs.skip(spec.holdout_docs)
+    if spec.streaming:
+        train_docs = train_docs.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
+    train = pack(train_docs, tokenizer, spec.train, spec.seq_len, spec.num_proc)
+    val = pack(val_docs, tokenizer, spec.validation or spec.train, spec.seq_len, spec.num_proc)
+    _require_rows(train, "training", spec.train.path or spec.train.dataset, spec.seq_len)
+    _require_rows(val, "validation", (spec.validation or spec.train).path or (spec.validation or spec.train).dataset, spec.seq_len)
+    return train.with_format("torch"), val.with_format("torch")
+
+
+def train_loader(rows: Rows, micro_batch: int) -> DataLoader:
+    """Unprepared loader; Accelerator.prepare (with the seedable sampler) shards and seeds it."""
+    shuffle = isinstance(rows, datasets.Dataset)
+    return DataLoader(rows, batch_size=micro_batch, shuffle=shuffle, drop_last=True, pin_memory=torch.cuda.is_available())
+
+
+def val_loader(rows: Rows, micro_batch: int, batches: int, world_size: int) -> DataLoader:
+    """The first `batches` x `world_size` micro-batches of validation rows, the same every evaluation."""
+    count = batches * micro_batch * world_size
+    if isinstance(rows, datasets.Dataset):
+        rows = rows.select(range(min(count, len(rows))))
+    else:
+        rows = rows.take(count)
+    return DataLoader(rows, batch_size=micro_batch, shuffle=False)
+
+
+class Batches:
+    """Endless training batches over epochs, with (epoch, batches) as the position a checkpoint records."""
+
+    def __init__(self, accelerator: Accelerator, loader: DataLoader, epoch: int = 0, batches: int = 0) -> None:
+        self.accelerator, self.loader = accelerator, loader
+        self.epoch, self.batches = epoch, batches
+        self._iterator: Iterator | None = None
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        while True:
+            if self._iterator is None:
+                self.loader.set_epoch(self.epoch)
+                skipped = self.accelerator.skip_first_batches(self.loader, self.batches) if self.batches else self.loader
+                self._iterator = iter(skipped)
+            batch = next(self._iterator, None)
+            if batch is not None:
+                self.batches += 1
+                return batch
+            if self.batches == 0:
+                raise DataError("the training data yields no full micro-batch: use more data or a smaller batch")
+            self.epoch, self.batches, self._iterator = self.epoch + 1, 0, None
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches}

@@ -1,0 +1,61 @@
+"""The final model: a save_pretrained folder (safetensors, config, tokenizer) with its provenance extended.
+
+The converter writes `gqa_provenance.json` beside config.json; it is carried forward with an `uptraining`
+section added (tokens, steps, fraction of the original pretraining, recipe). A model without one gets a fresh
+file. The folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+import gqa_uptrain
+
+PROVENANCE_FILE = "gqa_provenance.json"
+
+
+def source_provenance(model_path: str) -> dict[str, Any]:
+    """The provenance the converted model came with, or a fresh record naming it."""
+    path = Path(model_path) / PROVENANCE_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"source_model": model_path}
+
+
+def export_model(
+    accelerator: Accelerator,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    target: Path,
+    provenance: dict[str, Any],
+    uptraining: dict[str, Any],
+    dtype: torch.dtype | str | None,
+) -> None:
+    """Write the trained model in the checkpoint's own `dtype`, tokenizer and provenance (all processes call this)."""
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on the main process
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+    state_dict = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
+    temp = target.with_name(f".incomplete-{target.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(temp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(temp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(temp)
+        record = dict(provenance)
+        record["uptraining"] = {
+            **uptraining,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "gqa_uptrain_version": gqa_uptrain.__version__,
+        }
+        (temp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(temp, target)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,238 @@
+"""The uptraining run: checks, setup, then the step loop, read top to bottom in `run`.
+
+One optimizer step = `grad_accum` micro-batches (each `micro_batch` x `seq_len` tokens on every process) under
+`accelerator.accumulate`, gradient clipping, AdamW, a scheduler step. Logging, evaluation and checkpoints
+happen at step boundaries, so a resumed run restarts at exactly the step after its checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+    set_seed,
+)
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from gqa_uptrain.errors import ConfigError
+
+from . import checkpoint, data, distill, metrics
+from .budget import Plan, mha_config, plan_budget
+from .export import export_model, source_provenance
+from .optim import build_optimizer, build_schedule
+from .preflight import Models, check_models, check_output_dir, write_snapshot
+from .recipe import Recipe
+
+
+def _precision(recipe: Recipe) -> str:
+    """accelerate's mixed_precision value: bf16 autocast over fp32 master weights on GPUs that support it."""
+    choice = recipe.train.precision
+    if choice == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "no" if choice == "fp32" else choice
+
+
+def _accelerator(recipe: Recipe, plan: Plan) -> Accelerator:
+    output = Path(recipe.output_dir)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=_precision(recipe),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=plan.grad_accum, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True)
+        if recipe.model.compile
+        else None,
+        log_with=recipe.log.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and recipe.teacher is not None:
+        raise ConfigError("distillation (teacher) is not supported under DeepSpeed: use the FSDP accelerate config")
+    return accelerator
+
+
+def _load_model(path: str, recipe: Recipe, dtype: torch.dtype) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+    model.config.use_cache = False
+    return model
+
+
+def _load_teacher(accelerator: Accelerator, recipe: Recipe, models: Models) -> torch.nn.Module | None:
+    """The frozen teacher in eval mode; sharded like the student under FSDP, else simply on the device."""
+    if recipe.teacher is None:
+        return None
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    teacher = _load_model(recipe.teacher.path, recipe, dtype).eval().requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return accelerator.prepare_model(teacher, evaluation_mode=True)
+    return teacher.to(accelerator.device)
+
+
+def _forward(model, teacher, input_ids: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(objective, LM loss, distillation loss or None) for one micro-batch."""
+    out = model(input_ids=input_ids, labels=input_ids)
+    if teacher is None:
+        return out.loss, out.loss, None
+    kd_loss = distill.distillation_loss(out.logits, distill.teacher_logits(teacher, input_ids), recipe.teacher.temperature)
+    return distill.mix(out.loss, kd_loss, recipe.teacher.weight), out.loss, kd_loss
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model, loader) -> float:
+    """Mean LM loss over the fixed validation batches of every process."""
+    model.eval()
+    losses = [model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.float() for batch in loader]
+    model.train()
+    return accelerator.gather(torch.stack(losses)).mean().item()
+
+
+def _check_world_size(state: PartialState) -> None:
+    """Catch `accelerate launch --cpu` style launches that silently start independent single processes."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != expected:
+        raise ConfigError(f"launched {expected} processes but accelerate sees {state.num_processes}: check the launcher")
+
+
+def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
+    """Train as the recipe says (resuming if its output_dir holds a checkpoint); return the exported folder."""
+    # -- everything that can be wrong is checked before any work --------------------------------------
+    models = check_models(recipe)
+    metrics.check_trackers(recipe.log.trackers)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    _check_world_size(state)
+    original = models.teacher_config or mha_config(models.config)
+    plan = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, state.num_processes, models.config, original)
+    state.print(f"gqa-uptrain plan for {recipe.model.path} on {state.num_processes} process(es):\n{plan.describe()}")
+    if dry_run:
+        return None
+    output = Path(recipe.output_dir)
+    status = check_output_dir(recipe)
+    if status == "complete":
+        state.print(f"{output} already holds the finished run ({output / 'model'}): nothing to do")
+        return output / "model"
+
+    set_seed(recipe.seed)
+    accelerator = _accelerator(recipe, plan)
+    with accelerator.main_process_first():
+        train_rows, val_rows = data.build_datasets(recipe.data, models.tokenizer, recipe.seed)
+    if accelerator.is_main_process:
+        write_snapshot(recipe)
+
+    # -- model, teacher, optimizer, schedule, loaders -------------------------------------------------
+    model = _load_model(recipe.model.path, recipe, torch.float32)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    teacher = _load_teacher(accelerator, recipe, models)
+    optimizer = build_optimizer(model, recipe.train)
+    scheduler = build_schedule(optimizer, recipe.train, plan.steps)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(
+        model,
+        optimizer,
+        data.train_loader(train_rows, recipe.batch.micro_batch),
+        data.val_loader(val_rows, recipe.batch.micro_batch, recipe.eval.batches, accelerator.num_processes),
+    )
+    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
+
+    # -- resume -------------------------------------------------------------------------------------------
+    step, tokens, position = 0, 0, {"epoch": 0, "batches": 0}
+    checkpoints = output / "checkpoints"
+    history = metrics.History(output / "metrics.jsonl", accelerator)
+    latest = checkpoint.latest_checkpoint(checkpoints) if status == "resume" else None
+    if latest is not None:
+        saved = checkpoint.load_checkpoint(accelerator, latest)
+        step, tokens, position = saved["step"], saved["tokens"], saved["data"]
+        accelerator.print(f"resumed from {latest} (step {step:,} of {plan.steps:,})")
+    history.truncate(step)
+    batches = data.Batches(accelerator, train_loader, **position)
+    accelerator.init_trackers(recipe.log.project, config=metrics.flat_config(recipe.model_dump(mode="json")))
+
+    # -- the loop -------------------------------------------------------------------------------------
+    throughput = metrics.Throughput(
+        plan.flops_per_token, metrics.peak_tflops(recipe.log.peak_tflops), accelerator.num_processes
+    )
+    clip = recipe.train.grad_clip or float("inf")
+    loss_sum = torch.zeros((), device=accelerator.device)
+    kd_sum = torch.zeros((), device=accelerator.device)
+    micro_batches, grad_norm = 0, None
+    progress = tqdm(total=plan.steps, initial=step, desc="uptraining", unit="step", disable=not accelerator.is_main_process)
+    model.train()
+    while step < plan.steps:
+        for _ in range(plan.grad_accum):
+            input_ids = next(batches)["input_ids"]
+            with accelerator.accumulate(model):
+                objective, lm_loss, kd_loss = _forward(model, teacher, input_ids, recipe)
+                accelerator.backward(objective)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += lm_loss.detach().float()
+            if kd_loss is not None:
+                kd_sum += kd_loss.detach().float()
+            micro_batches += 1
+        scheduler.step()
+        step += 1
+        tokens += plan.tokens_per_step
+        throughput.add(plan.tokens_per_step)
+        progress.update()
+
+        if step % recipe.log.every == 0 or step == plan.steps:
+            record = {
+                "loss": accelerator.reduce(loss_sum, "mean").item() / micro_batches,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": tokens,
+                **throughput.report(),
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if teacher is not None:
+                record["kd_loss"] = accelerator.reduce(kd_sum, "mean").item() / micro_batches
+            if plan.pretrain_tokens is not None:
+                record["fraction_of_pretraining_compute"] = plan.fraction_of_pretraining_compute(tokens)
+            history.log(record, step)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            loss_sum.zero_()
+            kd_sum.zero_()
+            micro_batches = 0
+        if step % recipe.eval.every == 0 or step == plan.steps:
+            val_loss = evaluate(accelerator, model, val_loader)
+            history.log({"val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp()), "tokens": tokens}, step)
+            throughput.restart()
+        if step % recipe.checkpoint.every == 0 or step == plan.steps:
+            state_record = {"step": step, "tokens": tokens, "data": batches.state()}
+            checkpoint.save_checkpoint(accelerator, checkpoints, state_record, recipe.checkpoint.keep)
+            throughput.restart()
+    progress.close()
+
+    # -- the finished model ---------------------------------------------------------------------------
+    records = history.records()
+    last_val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
+    uptraining = {
+        "recipe": recipe.model_dump(mode="json"),
+        "steps": plan.steps,
+        "tokens": plan.tokens,
+        "flops": plan.flops,
+        "pretrain_tokens": plan.pretrain_tokens,
+        "fraction_of_pretraining_tokens": plan.fraction_of_pretraining_tokens(),
+        "fraction_of_pretraining_compute": plan.fraction_of_pretraining_compute(),
+        "teacher": recipe.teacher.path if recipe.teacher else None,
+        "world_size": accelerator.num_processes,
+        "final_val_loss": last_val,
+    }
+    target = output / "model"
+    export_model(
+        accelerator, model, models.tokenizer, target, source_provenance(recipe.model.path), uptraining,
+        dtype=models.config.dtype,
+    )
+    if accelerator.is_main_process:
+        metrics.plot_loss_curve(records, output / "loss_curve.png")
+    accelerator.end_training()
+    accelerator.print(f"uptrained model written to {target}")
+    return target

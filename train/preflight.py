@@ -1,0 +1,103 @@
+"""Checks that run before any work: models, tokenizers, sequence length, teacher, and the output folder.
+
+Each failure is one GqaError line, raised before a weight is loaded or a file is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from gqa_uptrain.errors import CheckpointError, ConfigError
+
+from .export import PROVENANCE_FILE
+from .recipe import Recipe
+
+RECIPE_SNAPSHOT = "recipe.yaml"
+
+
+@dataclass(frozen=True)
+class Models:
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    teacher_config: PretrainedConfig | None
+
+
+def _load_config_and_tokenizer(path: str, role: str) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    try:
+        return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{role} {path}: {' '.join(str(error).split())[:300]}") from None
+
+
+def _check_seq_len(config: PretrainedConfig, seq_len: int, role: str, path: str) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"data.seq_len={seq_len} is above the {role}'s limit of {limit} positions ({path})")
+
+
+def _same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
+
+
+def check_models(recipe: Recipe) -> Models:
+    """Configs and tokenizers of the model and teacher; the weights are not read yet."""
+    config, tokenizer = _load_config_and_tokenizer(recipe.model.path, "model")
+    _check_seq_len(config, recipe.data.seq_len, "model", recipe.model.path)
+    if recipe.teacher is None:
+        return Models(config, tokenizer, None)
+    teacher_config, teacher_tokenizer = _load_config_and_tokenizer(recipe.teacher.path, "teacher")
+    _check_seq_len(teacher_config, recipe.data.seq_len, "teacher", recipe.teacher.path)
+    if not _same_tokenizer(tokenizer, teacher_tokenizer) or teacher_config.vocab_size != config.vocab_size:
+        raise ConfigError(
+            f"teacher {recipe.teacher.path} has a different tokenizer or vocabulary from model {recipe.model.path}: "
+            "distillation compares distributions token by token, so both must share one tokenizer"
+        )
+    return Models(config, tokenizer, teacher_config)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_output_dir(recipe: Recipe) -> str:
+    """'fresh', 'resume' or 'complete'; ConfigError if the folder holds something else or another recipe's run."""
+    output = Path(recipe.output_dir)
+    snapshot = output / RECIPE_SNAPSHOT
+    if not snapshot.is_file():
+        if output.exists() and any(output.iterdir()):
+            raise ConfigError(f"output_dir {output} exists and holds no gqa-uptrain run: choose an empty or new folder")
+        return "fresh"
+    try:
+        previous = Recipe.model_validate(yaml.safe_load(snapshot.read_text()))
+    except Exception:
+        raise ConfigError(f"output_dir {output}: {RECIPE_SNAPSHOT} is unreadable; choose another output_dir") from None
+    old, new = _flatten(previous.identity()), _flatten(recipe.identity())
+    changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    if changed:
+        raise ConfigError(
+            f"output_dir {output} holds a run of a different recipe (differs in {', '.join(changed)}): "
+            "use a new output_dir, or the recipe that run was started with"
+        )
+    return "complete" if (output / "model" / PROVENANCE_FILE).is_file() else "resume"
+
+
+def write_snapshot(recipe: Recipe) -> None:
+    """The resolved recipe beside the run, so a later command can tell whether it continues the same run."""
+    output = Path(recipe.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    snapshot = output / RECIPE_SNAPSHOT
+    if not snapshot.exists():
+        temp = output / f".{RECIPE_SNAPSHOT}.tmp"
+        temp.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        temp.replace(snapshot)

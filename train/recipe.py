@@ -1,0 +1,165 @@
+"""The recipe: one YAML file validated into a typed, frozen config before anything starts.
+
+Unknown, missing or ill-typed keys raise ConfigError naming the dotted key and the file. Dotted command-line
+overrides (`train.lr=1e-5`) are applied to the YAML tree first, so they are validated the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gqa_uptrain.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    path: str  # the converted (GQA) checkpoint: a local folder or a Hub id
+    attn_implementation: Literal["sdpa", "flash_attention_2", "flex_attention", "eager"] = "sdpa"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+class TeacherSpec(_Section):
+    path: str  # usually the original MHA checkpoint
+    weight: float = Field(0.5, ge=0.0, le=1.0)  # loss = (1 - weight) * LM + weight * KL
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class SourceSpec(_Section):
+    path: str | None = None  # local file, folder or glob of .txt / .jsonl / .json / .parquet (.gz/.xz/.zst too)
+    dataset: str | None = None  # a Hub dataset name
+    name: str | None = None  # the Hub dataset's configuration
+    split: str = "train"
+    text_field: str = "text"  # ignored when the rows already hold `input_ids`
+    sample_by: Literal["line", "paragraph", "document"] = "paragraph"  # plain-text files only
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> SourceSpec:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `path` (local files) or `dataset` (a Hub dataset)")
+        return self
+
+
+class DataSpec(_Section):
+    train: SourceSpec
+    validation: SourceSpec | None = None  # None: hold out the first `holdout_docs` documents of train
+    holdout_docs: int = Field(200, ge=1)
+    seq_len: int = Field(gt=1)
+    streaming: bool = False
+    shuffle_buffer: int = Field(10_000, ge=1)  # documents; streaming only
+    num_proc: int | None = Field(None, ge=1)  # tokenisation workers; not streaming
+
+
+class BatchSpec(_Section):
+    micro_batch: int = Field(ge=1)  # sequences per process per forward
+    global_batch: int = Field(ge=1)  # sequences per optimizer step, all processes together
+
+
+class TrainSpec(_Section):
+    lr: float = Field(gt=0.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
+
+
+class BudgetSpec(_Section):
+    fraction: float | None = Field(None, gt=0.0)  # of pretrain_tokens
+    tokens: float | None = Field(None, gt=0.0)
+    steps: int | None = Field(None, ge=1)
+    pretrain_tokens: float | None = Field(None, gt=0.0)  # tokens the original model was pretrained on
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BudgetSpec:
+        if sum(value is not None for value in (self.fraction, self.tokens, self.steps)) != 1:
+            raise ValueError("give exactly one of `fraction`, `tokens` or `steps`")
+        if self.fraction is not None and self.pretrain_tokens is None:
+            raise ValueError("`fraction` needs `pretrain_tokens`")
+        return self
+
+
+class CheckpointSpec(_Section):
+    every: int = Field(1000, ge=1)  # optimizer steps; a checkpoint is also written at the end
+    keep: int = Field(2, ge=1)
+
+
+class EvalSpec(_Section):
+    every: int = Field(500, ge=1)  # optimizer steps; also evaluated at the end
+    batches: int = Field(20, ge=1)  # micro-batches per process
+
+
+class LogSpec(_Section):
+    every: int = Field(10, ge=1)
+    trackers: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
+    project: str = "gqa-uptrain"
+    peak_tflops: float | None = Field(None, gt=0.0)  # per device, for MFU; None: known GPUs only
+
+
+class Recipe(_Section):
+    output_dir: str
+    seed: int = 0
+    model: ModelSpec
+    teacher: TeacherSpec | None = None
+    data: DataSpec
+    batch: BatchSpec
+    train: TrainSpec
+    budget: BudgetSpec
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    eval: EvalSpec = EvalSpec()
+    log: LogSpec = LogSpec()
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the weights: a resumed run must agree on all of it (folder, cadence, logging may change)."""
+        return self.model_dump(mode="json", exclude={"output_dir", "checkpoint", "eval", "log"})
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem is one ConfigError line naming key and file."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
+    for override in overrides:
+        _apply_override(tree, override, path)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: " + "; ".join(_describe(item) for item in error.errors())) from None
+
+
+def _apply_override(tree: dict, override: str, path: Path) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} for {path}: write it as dotted.key=value")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = yaml.safe_load(text)
+
+
+def _describe(item: dict) -> str:
+    key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+    if item["type"] == "missing":
+        return f"{key}: missing required key"
+    if item["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key}: {item['msg']} (got {item.get('input')!r})"
