@@ -31,7 +31,7 @@ def digest(value: Any) -> str:
 def _write_json_atomically(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(value, indent=1, default=str))
     os.replace(tmp, path)
 
 

@@ -43,6 +43,8 @@ def load_documents(source: str, column: str = "text", split: str = "test") -> li
                 rows = datasets.load_dataset(_builder(path), data_files=str(path), split="train")
             elif path.exists():
                 raise DataError(f"perplexity data {source} is not a file")
+            elif path.suffix in (".txt", ".md", ".xz", ".gz") or _builder(path):
+                raise DataError(f"perplexity data {source}: no such file")
             else:
                 name, _, config = source.partition(":")
                 rows = datasets.load_dataset(name, config or None, split=split)

@@ -131,7 +131,7 @@ def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, bool):
         return "yes" if value else ""
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+        return f"{value:.{digits}g}" if abs(value) >= 1e6 else f"{value:.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
     return str(value)
 
 

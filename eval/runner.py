@@ -89,7 +89,6 @@ class Plan:
     tasks: TaskSelection | None
     perplexity_ids: list[list[int]] | None
     perplexity_settings: dict | None
-    checked_tasks: set[str] = field(default_factory=set)
 
     def settings(self) -> dict:
         """The settings shown in the report."""
@@ -168,15 +167,23 @@ class LazyModel:
             torch.cuda.empty_cache()
 
 
+def task_key(plan: Plan, fingerprint: str, name: str) -> str:
+    return result_key(fingerprint, f"lm-eval:{name}", {**plan.harness.as_dict(), "task": plan.tasks.fingerprints[name]})
+
+
+def check_task_data(plan: Plan, specs: list[ModelSpec]) -> None:
+    """Load the data of every task some model still has to run, so a missing dataset fails before the first model."""
+    fingerprints = [plan.cache.model_fingerprint(spec.ref) for spec in specs]
+    for name in plan.tasks.names:
+        if any(plan.cache.get(task_key(plan, fingerprint, name)) is None for fingerprint in fingerprints):
+            check_task_loads(plan.tasks, name)
+
+
 def measure_tasks(record: dict, model: LazyModel, fingerprint: str, plan: Plan) -> None:
     for name in plan.tasks.names:
-        key = result_key(fingerprint, f"lm-eval:{name}",
-                         {**plan.harness.as_dict(), "task": plan.tasks.fingerprints[name]})
+        key = task_key(plan, fingerprint, name)
         cached = plan.cache.get(key)
         if cached is None:
-            if name not in plan.checked_tasks:
-                check_task_loads(plan.tasks, name)
-                plan.checked_tasks.add(name)
             log(f"[{model.spec.label}] lm-eval task {name}")
             cached = evaluate_task(model.get(), model.spec.tokenizer, name, plan.tasks, plan.harness)
             plan.cache.put(key, cached)
@@ -248,6 +255,8 @@ def run(options: EvalOptions) -> list[str]:
     check_same_tokenizer(base, candidates)
     with tempfile.TemporaryDirectory(prefix="gqa-eval-tasks-") as staging:
         plan = make_plan(options, base, Path(staging))
+        if plan.tasks:
+            check_task_data(plan, [base, *candidates])
         base_record = evaluate_model(base, "base", plan)
         records: list[dict] = []
         errors: list[str] = []

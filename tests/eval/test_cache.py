@@ -1,0 +1,57 @@
+"""Fingerprints follow model content, keys follow settings, and a large file is hashed once."""
+
+import shutil
+
+from gqa_uptrain.eval.cache import ResultCache, result_key
+
+
+def test_fingerprint_follows_content_not_location(tiny_llama, tiny_llama_gqa2, tmp_path):
+    cache = ResultCache(tmp_path / "cache")
+    copy = shutil.copytree(tiny_llama, tmp_path / "copy")
+    assert cache.model_fingerprint(str(copy)) == cache.model_fingerprint(str(tiny_llama))
+    assert cache.model_fingerprint(str(tiny_llama_gqa2)) != cache.model_fingerprint(str(tiny_llama))
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert cache.model_fingerprint(str(copy)) != cache.model_fingerprint(str(tiny_llama))
+
+
+def test_notes_beside_the_model_do_not_change_it(tiny_llama, tmp_path):
+    cache = ResultCache(tmp_path / "cache")
+    copy = shutil.copytree(tiny_llama, tmp_path / "copy")
+    (copy / "README.md").write_text("model card")
+    (copy / "gqa_provenance.json").write_text('{"converted_at": "now"}')
+    assert cache.model_fingerprint(str(copy)) == cache.model_fingerprint(str(tiny_llama))
+
+
+def test_file_hash_is_remembered_across_runs(tiny_llama, tmp_path, monkeypatch):
+    ResultCache(tmp_path / "cache").model_fingerprint(str(tiny_llama))
+    import hashlib
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("a file was hashed again")
+
+    monkeypatch.setattr(hashlib, "file_digest", no_hashing)
+    ResultCache(tmp_path / "cache").model_fingerprint(str(tiny_llama))  # a new run: memo read from disk
+
+
+def test_keys_differ_by_model_measure_and_settings():
+    keys = {
+        result_key("a", "lm-eval:piqa", {"limit": None, "seed": 1}),
+        result_key("b", "lm-eval:piqa", {"limit": None, "seed": 1}),
+        result_key("a", "lm-eval:arc_easy", {"limit": None, "seed": 1}),
+        result_key("a", "lm-eval:piqa", {"limit": 10, "seed": 1}),
+    }
+    assert len(keys) == 4
+    assert result_key("a", "m", {"x": 1, "y": 2}) == result_key("a", "m", {"y": 2, "x": 1})
+
+
+def test_store_and_disable(tmp_path):
+    cache = ResultCache(tmp_path)
+    cache.put("ab12", {"acc": 0.5})
+    assert cache.get("ab12") == {"acc": 0.5}
+    off = ResultCache(tmp_path, enabled=False)
+    assert off.get("ab12") is None
+    off.put("cd34", {"acc": 1})
+    assert ResultCache(tmp_path).get("cd34") is None

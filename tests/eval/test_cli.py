@@ -1,0 +1,164 @@
+"""gqa-eval end to end on tiny models, offline: report files, caching, and one clear error per bad input."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from gqa_uptrain.eval import runner
+from gqa_uptrain.eval.cli import main
+
+
+def test_full_run_writes_every_report_file(full_run):
+    assert full_run["code"] == 0
+    output = full_run["output"]
+    for name in ("report.json", "report.csv", "report.md", "deltas.png", "quality_vs_kv_cache.png"):
+        assert (output / name).stat().st_size > 0, name
+    for name in ("deltas.png", "quality_vs_kv_cache.png"):
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_compares_every_task_metric_and_perplexity(full_run):
+    report = full_run["report"]
+    rows = next(iter(report["comparisons"].values()))
+    metrics = {(r["task"], r["metric"]) for r in rows}
+    assert {("gqa_lastword", "acc"), ("gqa_lastword", "perplexity"), ("gqa_nextsentence", "acc"),
+            ("gqa_nextsentence", "acc_norm"), ("perplexity", "token_perplexity")} <= metrics
+    average = next(r for r in rows if r["task"] == "average")
+    headline = [r for r in rows if (r["task"], r["metric"]) in {("gqa_lastword", "acc"), ("gqa_nextsentence", "acc_norm")}]
+    assert average["base"] == pytest.approx(sum(r["base"] for r in headline) / 2)
+    for row in rows:
+        assert row["delta"] == pytest.approx(row["candidate_value"] - row["base"])
+    assert report["settings"]["limit"] == 6 and report["settings"]["num_fewshot"] == 0
+
+
+def test_report_states_kv_cache_size_from_config(full_run):
+    report = full_run["report"]
+    # 2 layers x (K and V) x KV heads x head_dim 16 x 4 bytes (float32, the checkpoints' dtype)
+    assert report["base"]["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
+    assert report["candidates"][0]["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert report["candidates"][0]["num_key_value_heads"] == 2
+    markdown = (full_run["output"] / "report.md").read_text()
+    assert "| 1.0 KiB | 1.000 |" in markdown and "| 512 B | 0.500 |" in markdown
+
+
+def test_csv_has_a_row_per_candidate_task_and_metric(full_run):
+    with open(full_run["output"] / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    report_rows = next(iter(full_run["report"]["comparisons"].values()))
+    assert len(rows) == len(report_rows)
+    assert {r["task"] for r in rows} == {"gqa_lastword", "gqa_nextsentence", "perplexity", "average"}
+
+
+def test_rerun_is_served_from_the_cache(full_run, monkeypatch, capsys):
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a cached result was evaluated again")
+
+    monkeypatch.setattr(runner, "evaluate_task", no_evaluation)
+    monkeypatch.setattr(runner, "perplexity", no_evaluation)
+    monkeypatch.setattr(runner, "load_weights", no_evaluation)
+    assert main(full_run["args"]) == 0
+    again = json.loads((full_run["output"] / "report.json").read_text())
+    assert again["comparisons"] == full_run["report"]["comparisons"]
+
+
+def test_base_is_evaluated_once_for_new_candidates(full_run, eval_args, tiny_llama, tiny_llama_gqa2, tmp_path, monkeypatch):
+    """A second candidate (same weights, another folder) reuses the base's and the first candidate's results."""
+    evaluated = []
+    real = runner.evaluate_task
+
+    def counting(model, tokenizer, name, *args):
+        evaluated.append(name)
+        return real(model, tokenizer, name, *args)
+
+    monkeypatch.setattr(runner, "evaluate_task", counting)
+    copy = shutil.copytree(tiny_llama_gqa2, tmp_path / "another-gqa2")
+    args = eval_args(tiny_llama, [tiny_llama_gqa2, copy], tmp_path / "report", full_run["root"] / "cache",
+                     "--tasks", "gqa_lastword,gqa_nextsentence")
+    assert main(args) == 0
+    assert evaluated == []  # the copy has the same content, hence the same fingerprint
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert len(report["comparisons"]) == 2
+
+
+def test_failed_candidate_keeps_the_others(full_run, eval_args, tiny_llama, tiny_llama_gqa2, tmp_path, capsys):
+    broken = shutil.copytree(tiny_llama_gqa2, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    args = eval_args(tiny_llama, [broken, tiny_llama_gqa2], tmp_path / "report", full_run["root"] / "cache",
+                     "--tasks", "gqa_lastword")
+    assert main(args) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and str(broken) in error_lines[0]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["candidates"][0]["error"] and str(broken) in report["candidates"][0]["error"]
+    assert [label for label in report["comparisons"]] == [report["candidates"][1]["label"]]
+
+
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gqa-eval: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_unknown_task_is_named(eval_args, tiny_llama, tmp_path, capsys):
+    args = eval_args(tiny_llama, [], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword,no_such_task_xyz")
+    assert main(args) == 2
+    assert "unknown task 'no_such_task_xyz'" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_that_does_not_load_is_named(eval_args, tiny_llama, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()
+    assert main(eval_args(tiny_llama, [missing], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")) == 2
+    assert str(missing) in _one_error_line(capsys)
+
+
+def test_different_tokenizer_is_named(eval_args, tiny_llama, tmp_path, capsys):
+    other = shutil.copytree(tiny_llama, tmp_path / "other-tokenizer")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["zzzunseen"] = len(tokenizer["model"]["vocab"])
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert main(eval_args(tiny_llama, [other], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")) == 2
+    line = _one_error_line(capsys)
+    assert str(other) in line and "tokenizer" in line
+
+
+def test_empty_perplexity_file_is_named(eval_args, tiny_llama, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(eval_args(tiny_llama, [], tmp_path / "out", tmp_path / "cache", "--perplexity", str(empty))) == 2
+    line = _one_error_line(capsys)
+    assert str(empty) in line and "empty" in line
+
+
+def test_task_folder_with_real_benchmark_data(eval_args, shared_data, tiny_llama, tiny_llama_gqa2, tmp_path):
+    """A user's own task folder (here ARC-Easy from ../shared, named by absolute path), run by folder path."""
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "arc_easy_local.yaml").write_text(
+        "task: arc_easy_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {shared_data / 'eval' / 'arc_easy.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{query}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    args = eval_args(tiny_llama, [tiny_llama_gqa2], tmp_path / "out", tmp_path / "cache", "--tasks", str(folder))
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["tasks"] == ["arc_easy_local"]
+    rows = next(iter(report["comparisons"].values()))
+    assert {r["metric"] for r in rows if r["task"] == "arc_easy_local"} == {"acc", "acc_norm"}
+    n_samples = report["base"]["tasks"]["arc_easy_local"]["n-samples"]["arc_easy_local"]
+    assert n_samples == {"original": 2376, "effective": 6}
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--base", "--model", "--tasks", "--include-path", "--num-fewshot", "--batch-size", "--limit",
+                 "--seed", "--dtype", "--perplexity", "--perplexity-stride", "--speed", "--output", "--cache-dir"):
+        assert flag in text
+    assert "gqa_lastword" in text and "gqa_nextsentence" in text

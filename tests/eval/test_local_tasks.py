@@ -1,0 +1,60 @@
+"""The shipped offline tasks: well-formed data, staged with absolute paths, resolved without lm-eval's index."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.eval.cache import ResultCache
+from gqa_uptrain.eval.local_tasks import SHIPPED_DIR, resolve_tasks, shipped_task_names, stage_shipped_tasks
+
+
+def rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (SHIPPED_DIR / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_shipped_tasks_are_known():
+    assert shipped_task_names() == ["gqa_lastword", "gqa_nextsentence"]
+
+
+def test_lastword_items_end_in_a_word_seen_earlier():
+    items = rows("gqa_lastword")
+    assert len(items) >= 250
+    for item in items:
+        word = item["continuation"]
+        assert word.isalpha() and word.lower() in item["context"].lower() and not item["context"].endswith(" ")
+
+
+def test_nextsentence_items_have_four_distinct_choices():
+    items = rows("gqa_nextsentence")
+    assert len(items) >= 250
+    for item in items:
+        assert len(set(item["choices"])) == 4 and 0 <= item["gold"] < 4 and item["query"]
+    golds = [item["gold"] for item in items]
+    assert max(golds.count(g) for g in range(4)) < 0.4 * len(items)  # the answer position is not a giveaway
+
+
+def test_staged_yaml_names_data_by_absolute_path(tmp_path):
+    stage_shipped_tasks(tmp_path)
+    for path in tmp_path.glob("*.yaml"):
+        files = yaml.safe_load(path.read_text())["dataset_kwargs"]["data_files"]
+        assert all(Path(f).is_absolute() and Path(f).is_file() for f in files.values())
+
+
+def test_shipped_and_folder_tasks_resolve_offline(tmp_path, monkeypatch):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "my_task.yaml").write_text((SHIPPED_DIR / "gqa_nextsentence.yaml").read_text()
+                                         .replace("task: gqa_nextsentence", "task: my_task"))
+    monkeypatch.chdir(tmp_path)
+    selection = resolve_tasks(f"gqa_lastword, {folder}", [], tmp_path / "stage", ResultCache(tmp_path).file_hash)
+    assert selection.names == ["gqa_lastword", "my_task"]
+    assert "arc_easy" not in selection.manager.task_index  # lm-eval's own index was not needed
+    assert selection.fingerprints["gqa_lastword"] != selection.fingerprints["my_task"]
+
+
+def test_empty_task_list_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="--tasks is empty"):
+        resolve_tasks(" , ", [], tmp_path / "stage", ResultCache(tmp_path).file_hash)

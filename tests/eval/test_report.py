@@ -1,0 +1,94 @@
+"""The comparison arithmetic and the report files, on hand-made lm-eval results."""
+
+import csv
+import math
+
+import pytest
+
+from gqa_uptrain.eval import report
+
+
+def model(label: str, role: str, acc: float, acc_se: float, ppl: float, kv: int, lastword_acc: float = 0.5) -> dict:
+    """A model record as the runner makes it, with lm-eval output for two tasks."""
+    return {
+        "label": label, "ref": f"./{label}", "role": role, "num_key_value_heads": kv // 256,
+        "kv_cache_bytes_per_token": kv, "perplexity": {"token_perplexity": ppl}, "error": None,
+        "tasks": {
+            "mc": {"results": {"mc": {"alias": "mc", "acc,none": acc, "acc_stderr,none": acc_se,
+                                      "acc_norm,none": acc + 0.1, "acc_norm_stderr,none": acc_se}},
+                   "higher_is_better": {"mc": {"acc": True, "acc_norm": True}}},
+            "lastword": {"results": {"lastword": {"acc,none": lastword_acc, "acc_stderr,none": 0.01,
+                                                  "perplexity,none": 20.0, "perplexity_stderr,none": "N/A"}},
+                         "higher_is_better": {"lastword": {"acc": True, "perplexity": False}}},
+        },
+    }
+
+
+@pytest.fixture
+def sample() -> dict:
+    base = model("base", "base", acc=0.60, acc_se=0.03, ppl=10.0, kv=4096)
+    close = model("gqa8", "candidate", acc=0.58, acc_se=0.04, ppl=10.5, kv=1024)
+    far = model("mqa", "candidate", acc=0.40, acc_se=0.03, ppl=14.0, kv=256, lastword_acc=0.3)
+    failed = {**model("broken", "candidate", 0, 0, 0, 1024), "error": "model ./broken does not load: bad header",
+              "tasks": {}, "perplexity": None}
+    return report.build_report({"tasks": ["mc", "lastword"], "limit": None}, base, [close, far, failed])
+
+
+def rows_of(sample: dict, label: str) -> dict:
+    return {(r["task"], r["metric"]): r for r in sample["comparisons"][label]}
+
+
+def test_delta_and_its_standard_error(sample):
+    row = rows_of(sample, "gqa8")[("mc", "acc")]
+    assert row["delta"] == pytest.approx(-0.02)
+    assert row["delta_stderr"] == pytest.approx(math.sqrt(0.03**2 + 0.04**2))  # 0.05
+    assert not row["significant"]  # 0.02 < 2 x 0.05
+    assert rows_of(sample, "mqa")[("mc", "acc")]["significant"]  # 0.2 > 2 x 0.042
+
+
+def test_metric_without_stderr_is_never_marked(sample):
+    row = rows_of(sample, "mqa")[("perplexity", "token_perplexity")]
+    assert row["delta"] == pytest.approx(4.0) and row["delta_stderr"] is None and not row["significant"]
+    assert rows_of(sample, "mqa")[("lastword", "perplexity")]["delta_stderr"] is None
+
+
+def test_average_uses_one_headline_metric_per_task(sample):
+    average = rows_of(sample, "mqa")[("average", "acc+acc_norm")]
+    # mc -> acc_norm (0.7 vs 0.5), lastword -> acc (0.5 vs 0.3)
+    assert average["base"] == pytest.approx((0.7 + 0.5) / 2)
+    assert average["candidate_value"] == pytest.approx((0.5 + 0.3) / 2)
+    assert average["delta_stderr"] == pytest.approx(math.sqrt(0.03**2 + 0.03**2 + 0.01**2 + 0.01**2) / 2)
+
+
+def test_failed_candidate_is_listed_but_not_compared(sample):
+    assert list(sample["comparisons"]) == ["gqa8", "mqa"]
+    table = report.models_table(sample)
+    assert "model ./broken does not load: bad header" in table
+    assert "| gqa8 | 4 | 1.0 KiB | 0.250 |" in table
+
+
+def test_markdown_marks_significant_deltas(sample):
+    text = report.markdown(sample, images=["deltas.png"])
+    mqa_section = text[text.index("## mqa vs base"):]
+    assert "| mc | acc | 0.6000 | 0.4000 | -0.2000 * |" in mqa_section
+    assert "| mc | acc | 0.6000 | 0.5800 | -0.0200 |" in text
+    assert "![deltas.png](deltas.png)" in text
+
+
+def test_written_files(sample, tmp_path):
+    paths = report.write_report(sample, tmp_path / "out")
+    assert sorted(p.name for p in paths) == sorted(
+        ["report.json", "report.csv", "report.md", "deltas.png", "quality_vs_kv_cache.png"])
+    with open(tmp_path / "out" / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["candidate"] for r in rows} == {"gqa8", "mqa"}
+    assert len(rows) == 2 * 6  # mc acc/acc_norm, lastword acc/perplexity, perplexity, average
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary file left behind
+
+
+def test_speed_table_gives_speedup_over_base(sample):
+    sample["base"]["speed"] = [{"batch": 8, "context": 4096, "tokens_per_s": 260.0, "floor_tokens_per_s": 769.0}]
+    sample["candidates"][0]["speed"] = [{"batch": 8, "context": 4096, "tokens_per_s": 373.0,
+                                         "floor_tokens_per_s": 1340.0}]
+    table = report.speed_table(sample)
+    assert "| gqa8 | 8 | 4096 | 373.0 | 1340.0 | 0.2784 | 1.4346 |" in table
