@@ -33,10 +33,11 @@ def flops_per_token(config: PretrainedConfig, seq_len: int, linear_params: int |
     return 6.0 * linear_params + 12.0 * config.num_hidden_layers * attention_width * seq_len
 
 
-def mha_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The multi-head model a GQA checkpoint was converted from: as many KV heads as query heads."""
+def original_config(config: PretrainedConfig, provenance: dict | None = None) -> PretrainedConfig:
+    """The model a GQA checkpoint was converted from: the KV heads gqa-convert recorded, else multi-head."""
+    kv_heads = ((provenance or {}).get("conversion") or {}).get("kv_heads_before") or config.num_attention_heads
     original = config.__class__.from_dict(config.to_dict())
-    original.num_key_value_heads = config.num_attention_heads
+    original.num_key_value_heads = kv_heads
     return original
 
 

@@ -28,7 +28,7 @@ def source_provenance(model_path: str) -> dict[str, Any]:
     path = Path(model_path) / PROVENANCE_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    return {"source_model": model_path}
+    return {"tool": {"name": "gqa-uptrain", "version": gqa_uptrain.__version__}, "source": {"id": model_path}}
 
 
 def export_model(

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from gqa_uptrain.errors import ConfigError
 
 from . import checkpoint, data, distill, metrics
-from .budget import Plan, mha_config, plan_budget
+from .budget import Plan, original_config, plan_budget
 from .export import export_model, source_provenance
 from .optim import build_optimizer, build_schedule
 from .preflight import Models, check_models, check_output_dir, write_snapshot
@@ -107,7 +107,8 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     metrics.check_trackers(recipe.log.trackers)
     state = PartialState(cpu=not torch.cuda.is_available())
     _check_world_size(state)
-    original = models.teacher_config or mha_config(models.config)
+    provenance = source_provenance(recipe.model.path)
+    original = models.teacher_config or original_config(models.config, provenance)
     plan = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, state.num_processes, models.config, original)
     state.print(f"gqa-uptrain plan for {recipe.model.path} on {state.num_processes} process(es):\n{plan.describe()}")
     if dry_run:
@@ -228,7 +229,7 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     }
     target = output / "model"
     export_model(
-        accelerator, model, models.tokenizer, target, source_provenance(recipe.model.path), uptraining,
+        accelerator, model, models.tokenizer, target, provenance, uptraining,
         dtype=models.config.dtype,
     )
     if accelerator.is_main_process:

@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from gqa_uptrain.errors import ConfigError, DataError
+from gqa_uptrain.train.cli import main
 from gqa_uptrain.train.loop import run
 from gqa_uptrain.train.recipe import load_recipe
 
@@ -64,17 +65,24 @@ def test_output_dir_holding_something_else(tmp_path, tiny_llama_gqa2, shakespear
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 
 
-def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_llama_gqa2, shakespeare):
-    result = run_cli(str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "out"), "train.nope=1")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"gqa-uptrain: error: {TINY_RECIPE}: train.nope: unknown key"]
+def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_llama_gqa2, shakespeare, capsys):
+    code = main([str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "out"), "train.nope=1"])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [f"gqa-uptrain: error: {TINY_RECIPE}: train.nope: unknown key"]
 
 
-def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_llama_gqa2, shakespeare):
-    result = run_cli(str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "out"),
-                     "budget.steps=null", "budget.fraction=0.5", "budget.pretrain_tokens=1e5", "--dry-run")
-    assert result.returncode == 0, result.stderr
-    assert "optimizer steps      390 (gradient accumulation 2)" in result.stdout
-    assert "49.9200% of its tokens" in result.stdout  # floor(50,000 / 128) steps
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_llama_gqa2, shakespeare, capsys, fresh_accelerate):
+    code = main([str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "out"),
+                 "budget.steps=null", "budget.fraction=0.5", "budget.pretrain_tokens=1e5", "--dry-run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "optimizer steps      390 (gradient accumulation 2)" in out
+    assert "49.9200% of its tokens" in out  # floor(50,000 / 128) steps
     assert not (tmp_path / "out").exists()
+
+
+def test_module_entry_point_and_help():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("recipe", "key=value", "--dry-run", "accelerate launch"):
+        assert flag in result.stdout

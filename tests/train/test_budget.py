@@ -4,7 +4,7 @@ import pytest
 from transformers import LlamaConfig
 
 from gqa_uptrain.errors import ConfigError
-from gqa_uptrain.train.budget import flops_per_token, matmul_params, mha_config, plan_budget
+from gqa_uptrain.train.budget import flops_per_token, matmul_params, original_config, plan_budget
 from gqa_uptrain.train.optim import lr_multiplier
 from gqa_uptrain.train.recipe import BatchSpec, BudgetSpec, TrainSpec
 
@@ -26,15 +26,17 @@ def test_flops_per_token_is_six_n_plus_attention():
     assert 59_700 * flops_per_token(TINYLLAMA_GQA, 2048) / 794e12 == pytest.approx(0.55, abs=0.005)
 
 
-def test_the_original_mha_model_has_more_kv_parameters():
+def test_the_original_model_has_the_kv_heads_the_converter_recorded():
     extra = 22 * 2 * 2048 * 64 * (32 - 4)  # K and V projections of 28 more heads per layer
-    assert matmul_params(mha_config(TINYLLAMA_GQA)) - matmul_params(TINYLLAMA_GQA) == extra
+    assert matmul_params(original_config(TINYLLAMA_GQA)) - matmul_params(TINYLLAMA_GQA) == extra
+    recorded = {"conversion": {"kv_heads_before": 8, "kv_heads_after": 4}}
+    assert original_config(TINYLLAMA_GQA, recorded).num_key_value_heads == 8
 
 
 def plan(budget: dict, world_size: int = 1, micro: int = 2, global_batch: int = 8, seq_len: int = 1024):
     return plan_budget(
         BudgetSpec(**budget), BatchSpec(micro_batch=micro, global_batch=global_batch), seq_len, world_size,
-        TINYLLAMA_GQA, mha_config(TINYLLAMA_GQA),
+        TINYLLAMA_GQA, original_config(TINYLLAMA_GQA),
     )
 
 
