@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode batch sizes (default 1,8)")
     speed.add_argument("--speed-contexts", type=_int_list, default=[512, 2048], metavar="C1,C2",
                        help="context lengths (tokens in the cache) for decode (default 512,2048)")
+    speed.add_argument("--speed-new-tokens", type=int, default=64,
+                       help="decode steps timed per case (default 64)")
 
     out = parser.add_argument_group("output and cache")
     out.add_argument("--output", type=Path, default=Path("gqa-eval-report"),
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
-    for flag in ("num_fewshot", "batch_size", "bootstrap_iters", "perplexity_window", "perplexity_stride",
+    for flag in ("num_fewshot", "batch_size", "speed_new_tokens", "bootstrap_iters", "perplexity_window", "perplexity_stride",
                  "perplexity_max_tokens"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "num_fewshot" else 1):

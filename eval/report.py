@@ -173,19 +173,28 @@ def models_table(report: dict) -> str:
 
 
 def speed_table(report: dict) -> str | None:
-    """Decode throughput per (batch, context), with each candidate's speedup over the base."""
+    """Decode throughput per (batch, context): engine-style and stock generate(), the memory-bound floor, and
+    each model's speedup over the base in the same case."""
     base_speed = {(s["batch"], s["context"]): s for s in report["base"].get("speed") or []}
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
     rows = []
     for model in [report["base"], *report["candidates"]]:
         for case in model.get("speed") or []:
-            reference = base_speed.get((case["batch"], case["context"]))
-            speedup = case["tokens_per_s"] / reference["tokens_per_s"] if reference else None
-            floor = case.get("floor_tokens_per_s")
-            rows.append([model["label"], case["batch"], case["context"], case["tokens_per_s"], floor,
-                         case["tokens_per_s"] / floor if floor else None, speedup])
+            base = base_speed.get((case["batch"], case["context"]), {})
+            rows.append([
+                model["label"], case["batch"], case["context"], case["tokens_per_s"],
+                case.get("generate_tokens_per_s"), case.get("floor_tokens_per_s"),
+                ratio(case["tokens_per_s"], case.get("floor_tokens_per_s")),
+                ratio(case["tokens_per_s"], base.get("tokens_per_s")),
+                ratio(case.get("generate_tokens_per_s"), base.get("generate_tokens_per_s")),
+            ])
     if not rows:
         return None
-    header = ["model", "batch", "context", "tokens/s", "floor tokens/s", "of floor", "speedup vs base"]
+    header = ["model", "batch", "context", "tokens/s", "generate() tokens/s", "floor tokens/s", "of floor",
+              "speedup", "generate() speedup"]
     return markdown_table(header, rows)
 
 
@@ -196,12 +205,19 @@ def markdown(report: dict, images: list[str]) -> str:
              + ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, (dict, list))) + ".",
              f"Tasks: {', '.join(settings.get('tasks') or []) or 'none'}.", "",
              "## Models", "", models_table(report), ""]
-    for label, rows in report["comparisons"].items():
+    compared = {label: rows for label, rows in report["comparisons"].items() if rows}
+    for label, rows in compared.items():
         parts += [f"## {label} vs base", "", comparison_table(rows), ""]
-    parts.append("`*`: |delta| > 2 standard errors of the delta (sqrt of the sum of both squared stderrs).")
+    if compared:
+        parts.append("`*`: |delta| > 2 standard errors of the delta (sqrt of the sum of both squared stderrs).")
     table = speed_table(report)
     if table:
-        parts += ["", "## Decode speed", "", table]
+        engine = next((c.get("engine") for m in [report["base"], *report["candidates"]] for c in m.get("speed") or []
+                       if c.get("engine")), None)
+        parts += ["", "## Decode speed", "", table, "",
+                  f"tokens/s: {engine or 'engine-style decode'}; generate(): stock transformers generate(); floor: "
+                  "(weight bytes + KV-cache bytes) / measured memory bandwidth per decode step; speedups are "
+                  "against the base in the same case."]
     parts += [""] + [f"![{name}]({name})" for name in images]
     return "\n".join(parts) + "\n"
 

@@ -55,6 +55,7 @@ class EvalOptions:
     speed: bool = False
     speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     speed_contexts: list[int] = field(default_factory=lambda: [512, 2048])
+    speed_new_tokens: int = 64
     cache_dir: Path | None = None
     use_cache: bool = True
 
@@ -89,6 +90,7 @@ class Plan:
     tasks: TaskSelection | None
     perplexity_ids: list[list[int]] | None
     perplexity_settings: dict | None
+    bandwidth: float | None = None  # bytes/s, measured once so every model's floor uses the same figure
 
     def settings(self) -> dict:
         """The settings shown in the report."""
@@ -100,7 +102,8 @@ class Plan:
         if self.perplexity_settings:
             out["perplexity"] = self.perplexity_settings
         if self.options.speed:
-            out["speed"] = {"batch_sizes": self.options.speed_batch_sizes, "contexts": self.options.speed_contexts}
+            out["speed"] = {"batch_sizes": self.options.speed_batch_sizes, "contexts": self.options.speed_contexts,
+                            "new_tokens": self.options.speed_new_tokens}
         return out
 
 
@@ -209,11 +212,16 @@ def measure_perplexity(record: dict, model: LazyModel, fingerprint: str, plan: P
 def measure_speed(record: dict, model: LazyModel, plan: Plan) -> None:
     """KV cache measured from a real generate() and decode throughput; timings are never cached."""
     from .kv_cache import measured_kv_cache_bytes_per_token
-    from .speed import measure_decode
+    from .speed import measure_bandwidth, measure_decode
 
-    log(f"[{model.spec.label}] decode speed")
-    record["measured_kv_cache_bytes_per_token"] = measured_kv_cache_bytes_per_token(model.get(), model.spec.tokenizer)
-    record["speed"] = measure_decode(model.get(), plan.options.speed_batch_sizes, plan.options.speed_contexts)
+    log(f"[{model.spec.label}] KV cache and decode speed")
+    loaded = model.get()
+    record["measured_kv_cache_bytes_per_token"] = measured_kv_cache_bytes_per_token(loaded, model.spec.tokenizer)
+    if plan.bandwidth is None:
+        plan.bandwidth = measure_bandwidth(loaded.device)
+    options = plan.options
+    record["speed"] = measure_decode(loaded, options.speed_batch_sizes, options.speed_contexts,
+                                     options.speed_new_tokens, bandwidth=plan.bandwidth)
 
 
 def evaluate_model(spec: ModelSpec, role: str, plan: Plan) -> dict:

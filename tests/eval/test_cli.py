@@ -162,3 +162,18 @@ def test_help_explains_every_flag(capsys):
                  "--seed", "--dtype", "--perplexity", "--perplexity-stride", "--speed", "--output", "--cache-dir"):
         assert flag in text
     assert "gqa_lastword" in text and "gqa_nextsentence" in text
+
+
+def test_speed_measures_kv_cache_and_decode_for_every_model(eval_args, tiny_llama, tiny_llama_gqa2, tmp_path):
+    args = eval_args(tiny_llama, [tiny_llama_gqa2], tmp_path / "out", tmp_path / "cache", "--speed",
+                     "--speed-batch-sizes", "1,2", "--speed-contexts", "8", "--speed-new-tokens", "2")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for record in (report["base"], *report["candidates"]):
+        assert record["measured_kv_cache_bytes_per_token"] == record["kv_cache_bytes_per_token"]
+        assert [(case["batch"], case["context"]) for case in record["speed"]] == [(1, 8), (2, 8)]
+        assert all(case["tokens_per_s"] > 0 and case["floor_tokens_per_s"] > 0 for case in record["speed"])
+    bandwidths = {case["bandwidth_bytes_per_s"] for r in (report["base"], *report["candidates"]) for case in r["speed"]}
+    assert len(bandwidths) == 1  # every floor from the same measured bandwidth
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Decode speed" in markdown and " vs base\n" not in markdown  # no empty quality comparison

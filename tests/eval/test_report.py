@@ -87,8 +87,10 @@ def test_written_files(sample, tmp_path):
 
 
 def test_speed_table_gives_speedup_over_base(sample):
-    sample["base"]["speed"] = [{"batch": 8, "context": 4096, "tokens_per_s": 260.0, "floor_tokens_per_s": 769.0}]
+    sample["base"]["speed"] = [{"batch": 8, "context": 4096, "tokens_per_s": 260.0, "generate_tokens_per_s": 130.0,
+                                "floor_tokens_per_s": 769.0}]
     sample["candidates"][0]["speed"] = [{"batch": 8, "context": 4096, "tokens_per_s": 373.0,
-                                         "floor_tokens_per_s": 1340.0}]
+                                         "generate_tokens_per_s": 143.0, "floor_tokens_per_s": 1340.0}]
     table = report.speed_table(sample)
-    assert "| gqa8 | 8 | 4096 | 373.0 | 1340.0 | 0.2784 | 1.4346 |" in table
+    assert "| base | 8 | 4096 | 260.0 | 130.0 | 769.0 | 0.3381 | 1.0000 | 1.0000 |" in table
+    assert "| gqa8 | 8 | 4096 | 373.0 | 143.0 | 1340.0 | 0.2784 | 1.4346 | 1.1000 |" in table
