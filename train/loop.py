@@ -17,6 +17,7 @@ from accelerate.utils import (
     GradientAccumulationPlugin,
     ProjectConfiguration,
     TorchDynamoPlugin,
+    compile_regions,
     set_seed,
 )
 from tqdm.auto import tqdm
@@ -71,8 +72,9 @@ def _load_teacher(accelerator: Accelerator, recipe: Recipe, models: Models) -> t
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     teacher = _load_model(recipe.teacher.path, recipe, dtype).eval().requires_grad_(False)
     if accelerator.distributed_type == DistributedType.FSDP:
-        return accelerator.prepare_model(teacher, evaluation_mode=True)
-    return teacher.to(accelerator.device)
+        return accelerator.prepare_model(teacher, evaluation_mode=True)  # compiled too, if the recipe asks
+    teacher = teacher.to(accelerator.device)
+    return compile_regions(teacher) if recipe.model.compile else teacher
 
 
 def _forward(model, teacher, input_ids: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
