@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +26,10 @@ def sha256_files(files: list[Path], cancel: threading.Event) -> dict[str, str]:
     """SHA-256 of each file (run beside the conversion; stops early when `cancel` is set)."""
     digests = {}
     for file in files:
+        cached = _hub_cache_sha256(file)
+        if cached is not None:
+            digests[file.name] = cached
+            continue
         digest = hashlib.sha256()
         with open(file, "rb") as f:
             while chunk := f.read(_HASH_CHUNK):
@@ -33,6 +38,16 @@ def sha256_files(files: list[Path], cancel: threading.Event) -> dict[str, str]:
                 digest.update(chunk)
         digests[file.name] = digest.hexdigest()
     return digests
+
+
+def _hub_cache_sha256(file: Path) -> str | None:
+    """The Hub cache stores each large (LFS) file as blobs/<its sha256>, checked when it was downloaded."""
+    if not file.is_symlink():
+        return None
+    target = file.resolve()
+    if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return target.name
+    return None
 
 
 def provenance(source_label: str, revision: str | None, hashes: dict[str, str], method: str, groups: int,

@@ -8,6 +8,7 @@ complete.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -60,6 +61,7 @@ def convert(plan: Plan, source: Source, output: Path, force: bool = False, progr
                             plan.layout.kv_heads, plan.layout.query_heads, plan.seed, read_provenance(source.folder))
         (work / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
         model_card(source.folder, source.label, source.repo_id, record).save(work / "README.md")
+        _flush_to_disk(work)
         _move_into_place(work, output)
     except BaseException:
         cancel.set()
@@ -114,6 +116,17 @@ def _check_space(plan: Plan, parent: Path) -> None:
     if free < plan.output_bytes + _SPACE_MARGIN:
         raise DiskFullError(f"{parent}: not enough free disk space ({free / 2**30:.1f} GiB free, the "
                               f"converted weights need {plan.output_bytes / 2**30:.1f} GiB)")
+
+
+def _flush_to_disk(folder: Path) -> None:
+    """fsync every file before the rename, so a crash cannot leave a complete-looking but empty output."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _move_into_place(work: Path, output: Path) -> None:

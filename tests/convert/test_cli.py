@@ -231,11 +231,15 @@ def _hub_cache(tmp_path: Path, source: Path) -> tuple[Path, str]:
     repo = tmp_path / "hub" / "models--org--tiny"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
-    snapshot = repo / "snapshots" / revision
+    snapshot, blobs = repo / "snapshots" / revision, repo / "blobs"
     snapshot.mkdir(parents=True)
+    blobs.mkdir()
     for file in source.iterdir():
         if file.is_file():
-            (snapshot / file.name).write_bytes(file.read_bytes())
+            data = file.read_bytes()
+            blob = blobs / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
     return tmp_path / "hub", revision
 
 
@@ -251,6 +255,8 @@ def test_hub_id_resolves_through_the_offline_cache(source, tmp_path):
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "out" / "gqa_provenance.json").read_text())
     assert record["source"]["id"] == "org/tiny" and record["source"]["revision"] == revision
+    digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    assert record["source"]["sha256"] == {"model.safetensors": digest}
     assert "base_model: org/tiny" in (tmp_path / "out" / "README.md").read_text()
     missing = _cli("org/absent", "-g", "2", env=env)
     assert missing.returncode == 2
