@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                      ".xz/.gz) with a text column, or a Hub dataset NAME[:CONFIG]")
     ppl.add_argument("--perplexity-column", default="text", help="text column of a dataset source (default text)")
     ppl.add_argument("--perplexity-split", default="test", help="split of a Hub dataset source (default test)")
+    ppl.add_argument("--perplexity-concat", action="store_true",
+                     help="join a dataset's rows into one text (for a line per row, as in wikitext); "
+                     "otherwise each row is a document with its own start token")
     ppl.add_argument("--perplexity-window", type=int, default=None,
                      help="tokens per window (default: the base's max_position_embeddings, at most 4096)")
     ppl.add_argument("--perplexity-stride", type=int, default=None,

@@ -29,10 +29,12 @@ def _builder(path: Path) -> str | None:
     return DATASET_FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def load_documents(source: str, column: str = "text", split: str = "test") -> list[str]:
+def load_documents(source: str, column: str = "text", split: str = "test", concat: bool = False) -> list[str]:
     """Documents from a plain-text file (one document), a JSON/JSONL/CSV/Parquet file, or a Hub dataset.
 
     A Hub dataset is named `NAME` or `NAME:CONFIG` (e.g. `wikitext:wikitext-2-raw-v1`) and read from `split`.
+    Each row is a document, unless `concat` joins the rows with newlines into one (for datasets that store a
+    text line per row, such as wikitext).
     """
     path = Path(source)
     try:
@@ -59,7 +61,7 @@ def load_documents(source: str, column: str = "text", split: str = "test") -> li
     documents = [d for d in documents if isinstance(d, str) and d.strip()]
     if not documents:
         raise DataError(f"perplexity data {source} is empty")
-    return documents
+    return ["\n".join(documents)] if concat else documents
 
 
 def tokenize_documents(

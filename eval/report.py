@@ -278,6 +278,8 @@ def plot_quality_vs_kv(report: dict, path: Path) -> bool:
     if not points:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
+    line = sorted((m["kv_cache_bytes_per_token"], y) for m, y in points)
+    ax.plot([x for x, _ in line], [y for _, y in line], color="lightgray", zorder=0)
     for model, y in points:
         x = model["kv_cache_bytes_per_token"]
         ax.scatter(x, y, marker="s" if model["role"] == "base" else "o", s=40)

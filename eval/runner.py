@@ -49,6 +49,7 @@ class EvalOptions:
     perplexity: str | None = None
     perplexity_column: str = "text"
     perplexity_split: str = "test"
+    perplexity_concat: bool = False
     perplexity_window: int | None = None
     perplexity_stride: int | None = None
     perplexity_max_tokens: int | None = None
@@ -109,16 +110,17 @@ class Plan:
 
 def perplexity_plan(options: EvalOptions, base: ModelSpec, dtype: torch.dtype) -> tuple[list[list[int]], dict]:
     """Tokenize the held-out text once (base tokenizer; the candidates' are checked identical)."""
-    documents = load_documents(options.perplexity, options.perplexity_column, options.perplexity_split)
+    documents = load_documents(options.perplexity, options.perplexity_column, options.perplexity_split,
+                               options.perplexity_concat)
     ids = tokenize_documents(documents, base.tokenizer, options.perplexity_max_tokens)
     window = options.perplexity_window or min(getattr(base.config, "max_position_embeddings", 2048) or 2048, 4096)
     stride = options.perplexity_stride or window // 2
     if not 0 < stride <= window:
         raise ConfigError(f"--perplexity-stride {stride} must be between 1 and the window ({window})")
     text_hash = hashlib.sha256(repr(ids).encode()).hexdigest()
-    settings = {"source": options.perplexity, "window": window, "stride": stride, "tokens": sum(map(len, ids)),
-                "documents": len(ids), "dtype": str(dtype).removeprefix("torch."), "batch_size": options.batch_size,
-                "ids_sha256": text_hash}
+    settings = {"source": options.perplexity, "concat": options.perplexity_concat, "window": window,
+                "stride": stride, "tokens": sum(map(len, ids)), "documents": len(ids),
+                "dtype": str(dtype).removeprefix("torch."), "batch_size": options.batch_size, "ids_sha256": text_hash}
     return ids, settings
 
 
@@ -196,11 +198,11 @@ def measure_tasks(record: dict, model: LazyModel, fingerprint: str, plan: Plan) 
 
 
 def measure_perplexity(record: dict, model: LazyModel, fingerprint: str, plan: Plan) -> None:
-    key = result_key(fingerprint, "perplexity", plan.perplexity_settings)
+    settings = {k: v for k, v in plan.perplexity_settings.items() if k != "source"}  # the ids hash stands for it
+    key = result_key(fingerprint, "perplexity", settings)
     result = plan.cache.get(key)
     if result is None:
         log(f"[{model.spec.label}] perplexity on {plan.options.perplexity}")
-        settings = plan.perplexity_settings
         result = perplexity(model.get(), plan.perplexity_ids, settings["window"], settings["stride"],
                             plan.options.batch_size)
         plan.cache.put(key, result)

@@ -86,6 +86,7 @@ def test_jsonl_source_reads_the_text_column(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(["one doc", "", "two"])))
     assert load_documents(str(path)) == ["one doc", "two"]
+    assert load_documents(str(path), concat=True) == ["one doc\ntwo"]
     with pytest.raises(DataError, match="no column 'body'"):
         load_documents(str(path), column="body")
 
