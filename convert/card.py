@@ -16,7 +16,11 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
 
+from transformers import AutoConfig
+
 from gqa_uptrain import __version__
+from gqa_uptrain.convert.layout import with_kv_heads
+from gqa_uptrain.eval.kv_cache import kv_cache_bytes_per_token
 
 PROVENANCE = "gqa_provenance.json"
 _HASH_CHUNK = 16 << 20
@@ -50,12 +54,12 @@ def _hub_cache_sha256(file: Path) -> str | None:
     return None
 
 
-def provenance(source_label: str, revision: str | None, hashes: dict[str, str], method: str, groups: int,
-               kv_heads: int, query_heads: int, seed: int, parent: dict | None) -> dict:
+def provenance(source_label: str, revision: str | None, license: str | None, hashes: dict[str, str], method: str,
+               groups: int, kv_heads: int, query_heads: int, seed: int, parent: dict | None) -> dict:
     record = {
         "tool": {"name": "gqa-uptrain", "version": __version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"id": source_label, "revision": revision, "sha256": hashes},
+        "source": {"id": source_label, "revision": revision, "license": license, "sha256": hashes},
         "conversion": {
             "method": method, "groups": groups, "kv_heads_before": kv_heads, "kv_heads_after": groups,
             "query_heads": query_heads, **({"seed": seed} if method == "random" else {}),
@@ -71,30 +75,49 @@ def read_provenance(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def model_card(source_folder: Path, source_label: str, repo_id: str | None, record: dict) -> ModelCard:
-    """A card with `base_model` metadata (the Hub id when known) and the base model's license."""
-    conversion = record["conversion"]
-    groups, heads = conversion["groups"], conversion["kv_heads_before"]
+def base_record(record: dict) -> dict:
+    """The original model's record: the oldest ancestor in a chain of conversions."""
+    while "parent" in record:
+        record = record["parent"]
+    return record
+
+
+def model_card(folder: Path, title: str, extra: list[str] = ()) -> ModelCard:
+    """A card for a finished model folder, from its provenance and config: `base_model` and license metadata.
+
+    `extra` holds more Markdown lines (gqa-publish adds the quality table of a gqa-eval report).
+    """
+    record = json.loads((folder / PROVENANCE).read_text())
+    conversion, uptraining = record["conversion"], record.get("uptraining")
+    base = base_record(record)
+    base_id = base["source"]["id"]
+    config = AutoConfig.from_pretrained(folder)
+    kv_after = kv_cache_bytes_per_token(config)
+    kv_before = kv_cache_bytes_per_token(with_kv_heads(config, base["conversion"]["kv_heads_before"]))
+    groups = conversion["groups"]
     kind = "multi-query attention (MQA)" if groups == 1 else f"grouped-query attention with {groups} KV heads"
-    data = ModelCardData(
-        base_model=repo_id or Path(source_label).name,
-        license=_source_metadata(source_folder).get("license"),
-        library_name="transformers",
-        tags=["gqa", "grouped-query-attention", "gqa-uptrain"],
-    )
-    body = f"""
-# {Path(source_label).name}: {kind}
-
-This checkpoint is {_reference(source_label, repo_id)} converted by gqa-uptrain {record['tool']['version']}
-from {heads} to {groups} key/value heads (`num_key_value_heads = {groups}`) with the `{conversion['method']}`
-method: {_METHOD_TEXT[conversion['method']]} Every other weight is unchanged, and the KV cache is
-{groups}/{heads} of the original's size.
-
-A converted model usually needs uptraining to recover its quality: Ainslie et al. (2023, "GQA: Training
-Generalized Multi-Query Transformer Models from Multi-Head Checkpoints") uptrain for about 5% of the original
-pretraining compute. `gqa_provenance.json` records the hashes of the source files and the conversion.
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    data = ModelCardData(base_model=base_id if _is_hub_id(base_id) else Path(base_id).name, license=base["source"].get("license"), library_name="transformers",
+                         tags=["gqa", "grouped-query-attention", "gqa-uptrain"])
+    lines = [
+        f"# {title}: {kind}", "",
+        f"{_reference(base_id)} converted by gqa-uptrain from {conversion['kv_heads_before']} to {groups} "
+        f"key/value heads (`num_key_value_heads = {groups}`) with the `{conversion['method']}` method: "
+        f"{_METHOD_TEXT[conversion['method']]}",
+        "", "| | |", "| --- | --- |",
+        f"| KV heads | {base['conversion']['kv_heads_before']} -> {groups} |",
+        f"| KV cache per token | {kv_before:,} -> {kv_after:,} bytes ({kv_after / kv_before:.1%}) |",
+    ]
+    if uptraining:
+        lines += [f"| uptraining tokens | {uptraining['tokens']:,} |",
+                  f"| fraction of pretraining tokens | {_percent(uptraining.get('fraction_of_pretraining_tokens'))} |",
+                  f"| fraction of pretraining compute | {_percent(uptraining.get('fraction_of_pretraining_compute'))} |"]
+    else:
+        lines += ["", "Not uptrained yet: a converted model usually needs uptraining to recover its quality. "
+                  "Ainslie et al. (2023, \"GQA: Training Generalized Multi-Query Transformer Models from Multi-Head "
+                  "Checkpoints\") uptrain for about 5% of the original pretraining compute."]
+    lines += [*extra, "", f"`{PROVENANCE}` records the hashes of the source files, the conversion and any "
+              "uptraining."]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 _METHOD_TEXT = {
@@ -104,10 +127,20 @@ _METHOD_TEXT = {
 }
 
 
-def _reference(source_label: str, repo_id: str | None) -> str:
-    return f"[{repo_id}](https://huggingface.co/{repo_id})" if repo_id else f"`{source_label}`"
+def _is_hub_id(source_id: str) -> bool:
+    """Local sources are recorded by absolute path; anything else names a Hub repository."""
+    return not source_id.startswith("/")
 
 
-def _source_metadata(folder: Path) -> dict:
+def _reference(base_id: str) -> str:
+    return f"[{base_id}](https://huggingface.co/{base_id})" if _is_hub_id(base_id) else f"`{base_id}`"
+
+
+def _percent(value: float | None) -> str:
+    return "unknown (no pretraining size given)" if value is None else f"{value:.2%}"
+
+
+def card_license(folder: Path) -> str | None:
+    """The `license` in a folder's model card metadata, if it has a card."""
     card = folder / "README.md"
-    return (metadata_load(card) or {}) if card.is_file() else {}
+    return ((metadata_load(card) or {}) if card.is_file() else {}).get("license")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gqa_uptrain.convert.card import PROVENANCE, model_card, provenance, read_provenance, sha256_files
+from gqa_uptrain.convert.card import PROVENANCE, card_license, model_card, provenance, read_provenance, sha256_files
 from gqa_uptrain.convert.checkpoint_io import ShardedWriter, is_weight_file, write_tensor
 from gqa_uptrain.convert.methods import PoolContext
 from gqa_uptrain.convert.plan import Plan, Step
@@ -57,10 +57,10 @@ def convert(plan: Plan, source: Source, output: Path, force: bool = False, progr
         _write_weights(plan, work, progress)
         _copy_other_files(source.folder, work)
         _write_config(plan, work)
-        record = provenance(source.label, source.revision, hashes.result(), plan.method, plan.layout.groups,
+        record = provenance(source.label, source.revision, card_license(source.folder), hashes.result(), plan.method, plan.layout.groups,
                             plan.layout.kv_heads, plan.layout.query_heads, plan.seed, read_provenance(source.folder))
         (work / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
-        model_card(source.folder, source.label, source.repo_id, record).save(work / "README.md")
+        model_card(work, output.name).save(work / "README.md")
         _flush_to_disk(work)
         _move_into_place(work, output)
     except BaseException:

@@ -32,7 +32,7 @@ class Source:
 
     @property
     def label(self) -> str:
-        return self.repo_id or str(self.folder)
+        return self.repo_id or str(self.folder.resolve())
 
 
 def resolve_source(source: str, revision: str | None = None) -> Source:

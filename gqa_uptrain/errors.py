@@ -35,3 +35,7 @@ class TokenizerMismatchError(GqaError):
 
 class DiskFullError(GqaError):
     """There is not enough free space to write the output."""
+
+
+class PublishError(GqaError):
+    """Nothing to publish, or no way to upload it."""

@@ -61,6 +61,7 @@ def test_output_folder_is_complete_and_faithful(source, tmp_path):
     record = json.loads((out / "gqa_provenance.json").read_text())
     digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
     assert record["source"]["sha256"] == {"model.safetensors": digest}
+    assert record["source"]["id"] == str(source.resolve()) and record["source"]["license"] == "apache-2.0"
     assert record["conversion"] == {"method": "mean", "groups": 2, "kv_heads_before": 4, "kv_heads_after": 2,
                                     "query_heads": 4}
     card = (out / "README.md").read_text()
