@@ -1,15 +1,22 @@
 """gqa-eval: what a conversion cost (lm-eval quality, perplexity) and what it bought (KV cache, decode speed)."""
 
+from __future__ import annotations
+
 import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gqa_uptrain.errors import ConfigError, GqaError
 
 from .cache import default_cache_dir
 from .local_tasks import shipped_task_names
-from .runner import DTYPES, EvalOptions, run
+
+if TYPE_CHECKING:
+    from .runner import EvalOptions
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 EPILOG = """\
 examples:
@@ -60,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--base", required=True, help="the original model: a local folder or a Hugging Face Hub id")
     models.add_argument("--model", dest="models", action="append", default=[], metavar="MODEL",
                         help="a converted (candidate) model to compare with the base; repeat for several")
-    models.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    models.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                         help="weights dtype for every model (auto: the base checkpoint's own dtype)")
     models.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
@@ -128,6 +135,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     values = {k: v for k, v in vars(args).items() if k != "verbose" and v is not None}
     values["cache_dir"] = args.cache_dir or default_cache_dir()
+    from .runner import EvalOptions  # noqa: F811 - torch, transformers and lm-eval load late: not for --help
+
     return EvalOptions(**values)
 
 
@@ -138,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+    from .runner import run
+
     try:
         errors = run(options_from_args(args))
     except GqaError as error:

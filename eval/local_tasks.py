@@ -8,13 +8,16 @@ own ~15,000 task configs takes seconds, so it is only done when a name is not fo
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
-from lm_eval.tasks import TaskManager
 
 from gqa_uptrain.errors import ConfigError
 
 from .cache import digest
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 SHIPPED_DIR = Path(__file__).parent / "tasks"
 
@@ -39,7 +42,7 @@ class TaskSelection:
     """The lm-eval names to run, the TaskManager that knows them, and a fingerprint of each definition."""
 
     names: list[str]
-    manager: TaskManager
+    manager: "TaskManager"
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
@@ -51,14 +54,14 @@ def _local_data_files(config: dict) -> list[Path]:
     return [Path(n) for n in flat if Path(n).is_file()]
 
 
-def _fingerprint(manager: TaskManager, name: str, file_hash) -> str:
+def _fingerprint(manager: "TaskManager", name: str, file_hash) -> str:
     """The task's config as lm-eval indexed it, plus the bytes of any local data file it reads."""
     entry = manager.task_index[name]
     config = entry.cfg or {}
     return digest([name, config, [(str(p), file_hash(p)) for p in _local_data_files(config)]])
 
 
-def _names_defined_in(manager: TaskManager, path: Path) -> list[str]:
+def _names_defined_in(manager: "TaskManager", path: Path) -> list[str]:
     """Tasks (not groups or tags) defined by the YAML file `path`, or by the YAML files inside folder `path`."""
     path = path.resolve()
 
@@ -74,6 +77,8 @@ def _names_defined_in(manager: TaskManager, path: Path) -> list[str]:
 
 def resolve_tasks(spec: str, include_paths: list[Path], staging_dir: Path, file_hash) -> TaskSelection:
     """Resolve a comma-separated `--tasks` value; an unknown item is an error that names it."""
+    from lm_eval.tasks import TaskManager  # seconds to import: kept out of `gqa-eval --help`
+
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
         raise ConfigError("--tasks is empty")

@@ -143,8 +143,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def comparison_table(rows: list[dict]) -> str:
     """One candidate against the base; `*` marks a delta beyond two standard errors."""
-    body = [[r["task"], r["metric"], r["base"], r["candidate_value"], f"{r['delta']:+.4f}" + (" *" if r["significant"] else ""),
-             r["delta_stderr"]] for r in rows]
+    body = [[r["task"], r["metric"], r["base"], r["candidate_value"],
+             f"{r['delta']:+.4f}" + (" *" if r["significant"] else ""), r["delta_stderr"]] for r in rows]
     return markdown_table(["task", "metric", "base", "candidate", "delta", "stderr(delta)"], body)
 
 
@@ -198,13 +198,21 @@ def speed_table(report: dict) -> str | None:
     return markdown_table(header, rows)
 
 
-def markdown(report: dict, images: list[str]) -> str:
+def _settings_lines(report: dict) -> list[str]:
     settings = report["settings"]
-    parts = ["# gqa-eval report", "",
-             f"Base: `{report['base']['ref']}`. Settings: "
-             + ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, (dict, list))) + ".",
-             f"Tasks: {', '.join(settings.get('tasks') or []) or 'none'}.", "",
-             "## Models", "", models_table(report), ""]
+    flat = ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, (dict, list)))
+    lines = [f"Base: `{report['base']['ref']}`. Settings: {flat}.",
+             f"Tasks: {', '.join(settings.get('tasks') or []) or 'none'}."]
+    if settings.get("perplexity"):
+        ppl = settings["perplexity"]
+        lines.append(f"Perplexity: `{ppl['source']}`, {ppl['tokens']} tokens in {ppl['documents']} document(s), "
+                     f"window {ppl['window']}, stride {ppl['stride']}.")
+    return lines
+
+
+def markdown(report: dict, images: list[str]) -> str:
+    """The report as Markdown: settings, the models table, one comparison per candidate, speed, plots."""
+    parts = ["# gqa-eval report", "", *_settings_lines(report), "", "## Models", "", models_table(report), ""]
     compared = {label: rows for label, rows in report["comparisons"].items() if rows}
     for label, rows in compared.items():
         parts += [f"## {label} vs base", "", comparison_table(rows), ""]
@@ -212,12 +220,11 @@ def markdown(report: dict, images: list[str]) -> str:
         parts.append("`*`: |delta| > 2 standard errors of the delta (sqrt of the sum of both squared stderrs).")
     table = speed_table(report)
     if table:
-        engine = next((c.get("engine") for m in [report["base"], *report["candidates"]] for c in m.get("speed") or []
-                       if c.get("engine")), None)
+        cases = [case for m in [report["base"], *report["candidates"]] for case in m.get("speed") or []]
+        engine = next((case["engine"] for case in cases if case.get("engine")), "engine-style decode")
         parts += ["", "## Decode speed", "", table, "",
-                  f"tokens/s: {engine or 'engine-style decode'}; generate(): stock transformers generate(); floor: "
-                  "(weight bytes + KV-cache bytes) / measured memory bandwidth per decode step; speedups are "
-                  "against the base in the same case."]
+                  f"tokens/s: {engine}; generate(): stock transformers generate(); floor: (weight bytes + KV-cache "
+                  "bytes) / measured memory bandwidth, per decode step; speedups against the base, same case."]
     parts += [""] + [f"![{name}]({name})" for name in images]
     return "\n".join(parts) + "\n"
 
