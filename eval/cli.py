@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gqa_uptrain.errors import ConfigError, GqaError
+from gqa_uptrain.cli import run_cli
+from gqa_uptrain.errors import ConfigError, EvaluationError
 
 from .cache import default_cache_dir
 from .local_tasks import shipped_task_names
@@ -135,29 +135,29 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     values = {k: v for k, v in vars(args).items() if k != "verbose" and v is not None}
     values["cache_dir"] = args.cache_dir or default_cache_dir()
-    from .runner import EvalOptions  # noqa: F811 - torch, transformers and lm-eval load late: not for --help
+    from .runner import EvalOptions  # loaded late, like run() in evaluate()
 
     return EvalOptions(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
+def evaluate(args: argparse.Namespace) -> None:
+    from .runner import run  # torch, transformers and lm-eval take seconds to import: not for --help
+
+    errors = run(options_from_args(args))
+    if errors:
+        raise EvaluationError(f"{len(errors)} of {len(args.models)} candidates failed (the report has the others): "
+                              + "; ".join(errors))
+
+
+def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.getLogger("lm_eval").setLevel(logging.INFO if args.verbose else logging.ERROR)
     if not args.verbose:
         import transformers
 
         transformers.logging.set_verbosity_error()
-    from .runner import run
-
-    try:
-        errors = run(options_from_args(args))
-    except GqaError as error:
-        print(f"gqa-eval: error: {error}", file=sys.stderr)
-        return 2
-    for line in errors:
-        print(f"gqa-eval: error: {line}", file=sys.stderr)
-    return 2 if errors else 0
+    run_cli("gqa-eval", lambda: evaluate(args))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -39,3 +39,7 @@ class DiskFullError(GqaError):
 
 class PublishError(GqaError):
     """Nothing to publish, or no way to upload it."""
+
+
+class EvaluationError(GqaError):
+    """A candidate model could not be evaluated; the report holds the others' results."""

@@ -23,6 +23,21 @@ def make_args(base: Path, models: list[Path], output: Path, cache: Path, *extra:
     return args + list(extra)
 
 
+def run_gqa_eval(args: list[str]) -> int:
+    """gqa-eval's exit code (0 when it returns normally)."""
+    try:
+        main(args)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+@pytest.fixture(scope="session")
+def gqa_eval():
+    """run_gqa_eval, for tests."""
+    return run_gqa_eval
+
+
 @pytest.fixture(scope="session")
 def eval_args():
     """make_args, for tests (helpers in a conftest are reached through fixtures)."""
@@ -43,6 +58,6 @@ def full_run(tmp_path_factory, tiny_llama, tiny_llama_gqa2, held_out_text) -> di
     args = make_args(tiny_llama, [tiny_llama_gqa2], root / "report", root / "cache",
                      "--tasks", "gqa_lastword,gqa_nextsentence", "--perplexity", str(held_out_text),
                      "--perplexity-window", "32", "--perplexity-stride", "16")
-    code = main(args)
+    code = run_gqa_eval(args)
     return {"args": args, "code": code, "root": root, "output": root / "report",
             "report": json.loads((root / "report" / "report.json").read_text())}

@@ -51,19 +51,20 @@ def test_csv_has_a_row_per_candidate_task_and_metric(full_run):
     assert {r["task"] for r in rows} == {"gqa_lastword", "gqa_nextsentence", "perplexity", "average"}
 
 
-def test_rerun_is_served_from_the_cache(full_run, monkeypatch, capsys):
+def test_rerun_is_served_from_the_cache(gqa_eval, full_run, monkeypatch, capsys):
     def no_evaluation(*args, **kwargs):
         raise AssertionError("a cached result was evaluated again")
 
     monkeypatch.setattr(runner, "evaluate_task", no_evaluation)
     monkeypatch.setattr(runner, "perplexity", no_evaluation)
     monkeypatch.setattr(runner, "load_weights", no_evaluation)
-    assert main(full_run["args"]) == 0
+    assert gqa_eval(full_run["args"]) == 0
     again = json.loads((full_run["output"] / "report.json").read_text())
     assert again["comparisons"] == full_run["report"]["comparisons"]
 
 
-def test_base_is_evaluated_once_for_new_candidates(full_run, eval_args, tiny_llama, tiny_llama_gqa2, tmp_path, monkeypatch):
+def test_base_is_evaluated_once_for_new_candidates(gqa_eval, full_run, eval_args, tiny_llama, tiny_llama_gqa2,
+        tmp_path, monkeypatch):
     """A second candidate (same weights, another folder) reuses the base's and the first candidate's results."""
     evaluated = []
     real = runner.evaluate_task
@@ -76,18 +77,19 @@ def test_base_is_evaluated_once_for_new_candidates(full_run, eval_args, tiny_lla
     copy = shutil.copytree(tiny_llama_gqa2, tmp_path / "another-gqa2")
     args = eval_args(tiny_llama, [tiny_llama_gqa2, copy], tmp_path / "report", full_run["root"] / "cache",
                      "--tasks", "gqa_lastword,gqa_nextsentence")
-    assert main(args) == 0
+    assert gqa_eval(args) == 0
     assert evaluated == []  # the copy has the same content, hence the same fingerprint
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert len(report["comparisons"]) == 2
 
 
-def test_failed_candidate_keeps_the_others(full_run, eval_args, tiny_llama, tiny_llama_gqa2, tmp_path, capsys):
+def test_failed_candidate_keeps_the_others(gqa_eval, full_run, eval_args, tiny_llama, tiny_llama_gqa2,
+        tmp_path, capsys):
     broken = shutil.copytree(tiny_llama_gqa2, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     args = eval_args(tiny_llama, [broken, tiny_llama_gqa2], tmp_path / "report", full_run["root"] / "cache",
                      "--tasks", "gqa_lastword")
-    assert main(args) == 2
+    assert gqa_eval(args) == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and str(broken) in error_lines[0]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -101,39 +103,40 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-def test_unknown_task_is_named(eval_args, tiny_llama, tmp_path, capsys):
+def test_unknown_task_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys):
     args = eval_args(tiny_llama, [], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword,no_such_task_xyz")
-    assert main(args) == 2
+    assert gqa_eval(args) == 2
     assert "unknown task 'no_such_task_xyz'" in _one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_model_that_does_not_load_is_named(eval_args, tiny_llama, tmp_path, capsys):
+def test_model_that_does_not_load_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     missing.mkdir()
-    assert main(eval_args(tiny_llama, [missing], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")) == 2
+    assert gqa_eval(eval_args(tiny_llama, [missing], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")) == 2
     assert str(missing) in _one_error_line(capsys)
 
 
-def test_different_tokenizer_is_named(eval_args, tiny_llama, tmp_path, capsys):
+def test_different_tokenizer_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys):
     other = shutil.copytree(tiny_llama, tmp_path / "other-tokenizer")
     tokenizer = json.loads((other / "tokenizer.json").read_text())
     tokenizer["model"]["vocab"]["zzzunseen"] = len(tokenizer["model"]["vocab"])
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    assert main(eval_args(tiny_llama, [other], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")) == 2
+    assert gqa_eval(eval_args(tiny_llama, [other], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")) == 2
     line = _one_error_line(capsys)
     assert str(other) in line and "tokenizer" in line
 
 
-def test_empty_perplexity_file_is_named(eval_args, tiny_llama, tmp_path, capsys):
+def test_empty_perplexity_file_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    assert main(eval_args(tiny_llama, [], tmp_path / "out", tmp_path / "cache", "--perplexity", str(empty))) == 2
+    assert gqa_eval(eval_args(tiny_llama, [], tmp_path / "out", tmp_path / "cache", "--perplexity", str(empty))) == 2
     line = _one_error_line(capsys)
     assert str(empty) in line and "empty" in line
 
 
-def test_task_folder_with_real_benchmark_data(eval_args, shared_data, tiny_llama, tiny_llama_gqa2, tmp_path):
+def test_task_folder_with_real_benchmark_data(gqa_eval, eval_args, shared_data, tiny_llama, tiny_llama_gqa2,
+        tmp_path):
     """A user's own task folder (here ARC-Easy from ../shared, named by absolute path), run by folder path."""
     folder = tmp_path / "my_tasks"
     folder.mkdir()
@@ -145,7 +148,7 @@ def test_task_folder_with_real_benchmark_data(eval_args, shared_data, tiny_llama
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
     args = eval_args(tiny_llama, [tiny_llama_gqa2], tmp_path / "out", tmp_path / "cache", "--tasks", str(folder))
-    assert main(args) == 0
+    assert gqa_eval(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["settings"]["tasks"] == ["arc_easy_local"]
     rows = next(iter(report["comparisons"].values()))
@@ -164,10 +167,11 @@ def test_help_explains_every_flag(capsys):
     assert "gqa_lastword" in text and "gqa_nextsentence" in text
 
 
-def test_speed_measures_kv_cache_and_decode_for_every_model(eval_args, tiny_llama, tiny_llama_gqa2, tmp_path):
+def test_speed_measures_kv_cache_and_decode_for_every_model(gqa_eval, eval_args, tiny_llama, tiny_llama_gqa2,
+        tmp_path):
     args = eval_args(tiny_llama, [tiny_llama_gqa2], tmp_path / "out", tmp_path / "cache", "--speed",
                      "--speed-batch-sizes", "1,2", "--speed-contexts", "8", "--speed-new-tokens", "2")
-    assert main(args) == 0
+    assert gqa_eval(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     for record in (report["base"], *report["candidates"]):
         assert record["measured_kv_cache_bytes_per_token"] == record["kv_cache_bytes_per_token"]
