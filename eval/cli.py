@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a converted (candidate) model to compare with the base; repeat for several")
     models.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                         help="weights dtype for every model (auto: the base checkpoint's own dtype)")
-    models.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    models.add_argument("--device", default=None, help="torch device, or auto to spread a model too large for one GPU over all of them "
+                        "(default: cuda when available, else cpu)")
 
     quality = parser.add_argument_group("quality (lm-evaluation-harness)")
     quality.add_argument("--tasks", help="comma-separated task names, task folders or task YAML files")

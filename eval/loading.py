@@ -56,12 +56,15 @@ def open_model(ref: str, label: str) -> ModelSpec:
 
 
 def load_weights(spec: ModelSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """The model in eval mode on `device`; the same dtype is used for the base and every candidate."""
+    """The model in eval mode, loaded straight onto `device` (`auto`: spread over the GPUs by accelerate).
+
+    The same dtype is used for the base and every candidate.
+    """
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=dtype)
-    except Exception as error:  # noqa: BLE001
+        model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=dtype, device_map=device)
+    except Exception as error:  # noqa: BLE001 - any failure here means this model cannot be loaded
         raise CheckpointError(f"model {spec.ref} does not load: {_why(error)}") from error
-    return model.to(device).eval()
+    return model.eval()
 
 
 def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> tuple:
