@@ -23,12 +23,12 @@ import gqa_uptrain
 PROVENANCE_FILE = "gqa_provenance.json"
 
 
-def source_provenance(model_path: str) -> dict[str, Any]:
+def source_provenance(folder: Path) -> dict[str, Any]:
     """The provenance the converted model came with, or a fresh record naming it."""
-    path = Path(model_path) / PROVENANCE_FILE
+    path = folder / PROVENANCE_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    return {"tool": {"name": "gqa-uptrain", "version": gqa_uptrain.__version__}, "source": {"id": model_path}}
+    return {"tool": {"name": "gqa-uptrain", "version": gqa_uptrain.__version__}, "source": {"id": str(folder)}}
 
 
 def export_model(

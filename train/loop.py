@@ -59,7 +59,7 @@ def _accelerator(recipe: Recipe, plan: Plan) -> Accelerator:
     return accelerator
 
 
-def _load_model(path: str, recipe: Recipe, dtype: torch.dtype) -> PreTrainedModel:
+def _load_model(path: Path, recipe: Recipe, dtype: torch.dtype) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
     model.config.use_cache = False
     return model
@@ -70,7 +70,7 @@ def _load_teacher(accelerator: Accelerator, recipe: Recipe, models: Models) -> t
     if recipe.teacher is None:
         return None
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    teacher = _load_model(recipe.teacher.path, recipe, dtype).eval().requires_grad_(False)
+    teacher = _load_model(models.teacher_folder, recipe, dtype).eval().requires_grad_(False)
     if accelerator.distributed_type == DistributedType.FSDP:
         return accelerator.prepare_model(teacher, evaluation_mode=True)  # compiled too, if the recipe asks
     teacher = teacher.to(accelerator.device)
@@ -109,7 +109,7 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     metrics.check_trackers(recipe.log.trackers)
     state = PartialState(cpu=not torch.cuda.is_available())
     _check_world_size(state)
-    provenance = source_provenance(recipe.model.path)
+    provenance = source_provenance(models.folder)
     original = models.teacher_config or original_config(models.config, provenance)
     plan = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, state.num_processes, models.config, original)
     state.print(f"gqa-uptrain plan for {recipe.model.path} on {state.num_processes} process(es):\n{plan.describe()}")
@@ -129,7 +129,7 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
         write_snapshot(recipe)
 
     # -- model, teacher, optimizer, schedule, loaders -------------------------------------------------
-    model = _load_model(recipe.model.path, recipe, torch.float32)
+    model = _load_model(models.folder, recipe, torch.float32)
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = _load_teacher(accelerator, recipe, models)

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from gqa_uptrain.convert.source import resolve_source
 from gqa_uptrain.errors import CheckpointError, ConfigError
 
 from .export import PROVENANCE_FILE
@@ -22,14 +23,17 @@ RECIPE_SNAPSHOT = "recipe.yaml"
 
 @dataclass(frozen=True)
 class Models:
+    folder: Path  # the model's local folder (a Hub id is downloaded, or found in the cache, like gqa-convert does)
     config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
+    teacher_folder: Path | None
     teacher_config: PretrainedConfig | None
 
 
-def _load_config_and_tokenizer(path: str, role: str) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+def _load_config_and_tokenizer(path: str, role: str) -> tuple[Path, PretrainedConfig, PreTrainedTokenizerBase]:
+    folder = resolve_source(path).folder
     try:
-        return AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        return folder, AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{role} {path}: {' '.join(str(error).split())[:300]}") from None
 
@@ -46,18 +50,18 @@ def _same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
 
 def check_models(recipe: Recipe) -> Models:
     """Configs and tokenizers of the model and teacher; the weights are not read yet."""
-    config, tokenizer = _load_config_and_tokenizer(recipe.model.path, "model")
+    folder, config, tokenizer = _load_config_and_tokenizer(recipe.model.path, "model")
     _check_seq_len(config, recipe.data.seq_len, "model", recipe.model.path)
     if recipe.teacher is None:
-        return Models(config, tokenizer, None)
-    teacher_config, teacher_tokenizer = _load_config_and_tokenizer(recipe.teacher.path, "teacher")
+        return Models(folder, config, tokenizer, None, None)
+    teacher_folder, teacher_config, teacher_tokenizer = _load_config_and_tokenizer(recipe.teacher.path, "teacher")
     _check_seq_len(teacher_config, recipe.data.seq_len, "teacher", recipe.teacher.path)
     if not _same_tokenizer(tokenizer, teacher_tokenizer) or teacher_config.vocab_size != config.vocab_size:
         raise ConfigError(
             f"teacher {recipe.teacher.path} has a different tokenizer or vocabulary from model {recipe.model.path}: "
             "distillation compares distributions token by token, so both must share one tokenizer"
         )
-    return Models(config, tokenizer, teacher_config)
+    return Models(folder, config, tokenizer, teacher_folder, teacher_config)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

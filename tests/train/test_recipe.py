@@ -33,12 +33,16 @@ def test_paper_recipes_spend_five_percent_of_llama2_pretraining(path):
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
-def test_accelerate_configs_are_accelerate_configs(path):
-    import yaml
+def test_accelerate_configs_load_through_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
 
-    config = yaml.safe_load(path.read_text())
-    assert config["compute_environment"] == "LOCAL_MACHINE"
-    assert config["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
+    if config.distributed_type.value == "FSDP":  # FSDP2, full shard, one unit per decoder layer
+        assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_reshard_after_forward"] is True
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if config.distributed_type.value == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 3
 
 
 def write(tmp_path: Path, text: str) -> Path:
