@@ -118,7 +118,8 @@ def build_report(settings: dict, base: dict, candidates: list[dict]) -> dict:
         "settings": settings,
         "base": base,
         "candidates": candidates,
-        "comparisons": {c["label"]: compare(base, c) for c in candidates if not c.get("error")},
+        # a failed candidate keeps what it finished before failing; one that finished nothing has no entry
+        "comparisons": {c["label"]: rows for c in candidates if (rows := compare(base, c))},
     }
 
 

@@ -140,16 +140,18 @@ def make_plan(options: EvalOptions, base: ModelSpec, staging_dir: Path) -> Plan:
     return Plan(options, cache, dtype, harness, tasks, ids, ppl_settings)
 
 
-def describe(spec: ModelSpec, role: str, plan: Plan) -> dict:
-    """The model's entry in the report before any measurement: identity, heads and KV-cache size."""
+def new_record(spec: ModelSpec, role: str) -> dict:
+    """The model's entry in the report, filled in as measurements arrive (kept, with its error, on failure)."""
+    return {"label": spec.label, "ref": spec.ref, "role": role, "provenance": spec.provenance, "tasks": {},
+            "perplexity": None, "speed": None, "error": None}
+
+
+def describe(record: dict, spec: ModelSpec, plan: Plan) -> None:
+    """What the config says: heads and KV-cache bytes per token in the evaluation dtype."""
     config = spec.config.get_text_config(decoder=True)
-    return {
-        "label": spec.label, "ref": spec.ref, "role": role,
-        "num_attention_heads": getattr(config, "num_attention_heads", None),
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None),
-        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(spec.config, plan.dtype),
-        "provenance": spec.provenance, "tasks": {}, "perplexity": None, "speed": None, "error": None,
-    }
+    record["num_attention_heads"] = getattr(config, "num_attention_heads", None)
+    record["num_key_value_heads"] = getattr(config, "num_key_value_heads", None)
+    record["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(spec.config, plan.dtype)
 
 
 class LazyModel:
@@ -226,9 +228,9 @@ def measure_speed(record: dict, model: LazyModel, plan: Plan) -> None:
                                      options.speed_new_tokens, bandwidth=plan.bandwidth)
 
 
-def evaluate_model(spec: ModelSpec, role: str, plan: Plan) -> dict:
-    """Every requested measurement of one model, from the cache where possible."""
-    record = describe(spec, role, plan)
+def evaluate_model(record: dict, spec: ModelSpec, plan: Plan) -> None:
+    """Every requested measurement of one model into `record`, from the cache where possible."""
+    describe(record, spec, plan)
     record["fingerprint"] = plan.cache.model_fingerprint(spec.ref)
     model = LazyModel(spec, plan)
     try:
@@ -240,13 +242,6 @@ def evaluate_model(spec: ModelSpec, role: str, plan: Plan) -> dict:
             measure_speed(record, model, plan)
     finally:
         model.release()
-    return record
-
-
-def failed_record(spec: ModelSpec, plan: Plan, error: BaseException) -> dict:
-    record = describe(spec, "candidate", plan)
-    record["error"] = str(error) if isinstance(error, GqaError) else f"{type(error).__name__}: {error}"
-    return record
 
 
 def publish(plan: Plan, base: dict, candidates: list[dict]) -> dict:
@@ -267,18 +262,20 @@ def run(options: EvalOptions) -> list[str]:
         plan = make_plan(options, base, Path(staging))
         if plan.tasks:
             check_task_data(plan, [base, *candidates])
-        base_record = evaluate_model(base, "base", plan)
+        base_record = new_record(base, "base")
+        evaluate_model(base_record, base, plan)
         records: list[dict] = []
         errors: list[str] = []
         report = publish(plan, base_record, records)
         for spec in candidates:
+            records.append(record := new_record(spec, "candidate"))
             try:
-                records.append(evaluate_model(spec, "candidate", plan))
+                evaluate_model(record, spec, plan)
             except Exception as error:  # noqa: BLE001 - one failing candidate must not cost the others
                 if not isinstance(error, GqaError):
                     traceback.print_exc()
-                records.append(failed_record(spec, plan, error))
-                errors.append(f"candidate {spec.ref}: {records[-1]['error']}")
+                record["error"] = str(error) if isinstance(error, GqaError) else f"{type(error).__name__}: {error}"
+                errors.append(f"candidate {spec.ref}: {record['error']}")
             report = publish(plan, base_record, records)
     print(report_io.markdown(report, images=[]))
     return errors

@@ -97,6 +97,28 @@ def test_failed_candidate_keeps_the_others(gqa_eval, full_run, eval_args, tiny_l
     assert [label for label in report["comparisons"]] == [report["candidates"][1]["label"]]
 
 
+def test_candidate_failing_midway_keeps_its_finished_tasks(gqa_eval, eval_args, tiny_llama, tiny_llama_gqa2,
+        tmp_path, monkeypatch, capsys):
+    calls = []
+    real = runner.evaluate_task
+
+    def fails_on_the_fourth(*args):
+        calls.append(args[2])
+        if len(calls) == 4:  # base: both tasks; candidate: the first task, then this
+            raise RuntimeError("CUDA out of memory")
+        return real(*args)
+
+    monkeypatch.setattr(runner, "evaluate_task", fails_on_the_fourth)
+    args = eval_args(tiny_llama, [tiny_llama_gqa2], tmp_path / "out", tmp_path / "cache",
+                     "--tasks", "gqa_lastword,gqa_nextsentence")
+    assert gqa_eval(args) == 2
+    assert "RuntimeError: CUDA out of memory" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["candidates"][0]["error"] == "RuntimeError: CUDA out of memory"
+    rows = next(iter(report["comparisons"].values()))
+    assert {r["task"] for r in rows} == {"gqa_lastword", "average"}
+
+
 def _one_error_line(capsys) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gqa-eval: error:")]
     assert len(lines) == 1
