@@ -29,6 +29,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from gqa_uptrain.errors import ConfigError, UnsupportedModelError
 from gqa_uptrain.eval.kv_cache import kv_cache_bytes, kv_cache_bytes_per_token
 
+try:  # Triton comes with CUDA builds of torch; without it, decode attention stays on SDPA
+    from gqa_uptrain.eval import decode_kernels
+except ImportError:
+    decode_kernels = None
+
 PACKED_GQA_ATTENTION = "packed_gqa_sdpa"
 WARMUP_STEPS = 2  # eager steps before a CUDA graph is captured (cuBLAS workspaces, compilation)
 
@@ -46,9 +51,10 @@ def packed_gqa_sdpa(
     """Scaled dot-product attention that reads each KV head once: K/V are never repeated up to the query heads.
 
     Decoding one token, the G query heads that share a KV head become G query rows of that head,
-    (B, H, 1, D) -> (B, H_kv, G, D): a plain attention over the KV heads that every SDPA kernel runs, with a mask
-    too (`enable_gqa` with a mask falls back to the math kernel on CUDA). Longer queries (prefill) use `enable_gqa`.
-    Query head h uses KV head h // G, as in transformers' `repeat_kv`.
+    (B, H, 1, D) -> (B, H_kv, G, D): a plain attention over the KV heads. On a GPU it runs in the split-KV Triton
+    kernel (`decode_kernels`), elsewhere in SDPA, which takes a mask too (`enable_gqa` with a mask falls back to the
+    math kernel on CUDA). Longer queries (prefill) use SDPA's `enable_gqa`. Query head h uses KV head h // G, as in
+    transformers' `repeat_kv`.
     """
     if kwargs.get("softcap") is not None:
         raise UnsupportedModelError("packed GQA attention does not support attention-logit soft-capping")
@@ -56,9 +62,13 @@ def packed_gqa_sdpa(
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     if q_len == 1:
+        packed = query.reshape(batch, kv_heads, groups, query.shape[-1])
+        if decode_kernels is not None and dropout == 0.0 and decode_kernels.supports(packed, key, value, attention_mask):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out = decode_kernels.split_kv_decode(packed, key, value, attention_mask, scale)
+            return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
         if attention_mask is not None and attention_mask.shape[1] > 1:  # a per-head mask follows its query head
             attention_mask = attention_mask.reshape(batch, kv_heads, groups, -1)
-        packed = query.reshape(batch, kv_heads, groups, query.shape[-1])
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
         return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
     causal = attention_mask is None
@@ -271,6 +281,13 @@ def engine_seconds_per_step(
         return _seconds(run, input_ids.device) / steps
 
 
+def engine_name(device: torch.device, cuda_graph: bool, compile: bool) -> str:
+    """How the engine-style decode ran, for the report."""
+    split_kv = decode_kernels is not None and device.type == "cuda"
+    return ", ".join(["static KV cache", "split-KV Triton decode attention" if split_kv else "packed-GQA SDPA"]
+                     + ["CUDA graph"] * cuda_graph + ["torch.compile"] * compile)
+
+
 def _release(device: torch.device, compiled: bool) -> None:
     """Free the last case's cache and graphs before the next one is allocated."""
     if compiled:
@@ -334,8 +351,7 @@ def measure_decode(
             "floor_tokens_per_s": batch / floor_s,
             "fraction_of_floor": floor_s / engine_s,
             "generate_fraction_of_floor": floor_s / generate_s if generate_s else None,
-            "engine": "static cache, packed GQA SDPA" + (", CUDA graph" if cuda_graph else "")
-            + (", torch.compile" if compile else ""),
+            "engine": engine_name(device, cuda_graph, compile),
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.config, dtype=model.dtype),
             "weight_bytes": weight_bytes_per_step(model),
             "kv_cache_bytes": kv_cache_bytes(model.config, round(context + new_tokens / 2), batch, model.dtype),

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="device to measure on (default: cuda when there is one)")
     parser.add_argument("--time-limit", type=float, default=480.0,
                         help="seconds after which no new measurement starts; what is done is kept (default: 480)")
+    parser.add_argument("--skip-generate", action="store_true", help="do not time stock generate()")
     parser.add_argument("--output", type=Path, help="write every figure to this JSON file")
     return parser.parse_args(argv)
 
@@ -62,23 +64,36 @@ def llama2_7b_shaped(kv_heads: int, layers: int, dtype: torch.dtype, device: str
     return model.eval()
 
 
-def attention_kernel_us(batch: int, context: int, kv_heads: int, dtype: torch.dtype, device: str) -> float:
-    """Median microseconds of one decode-step call of `packed_gqa_sdpa` (32 query heads of 128, boolean mask)."""
+def attention_kernel_us(batch: int, context: int, kv_heads: int, dtype: torch.dtype, device: str) -> dict[str, float]:
+    """Median microseconds of one decode-step attention call (32 query heads of 128), three ways: the engine's
+    (split-KV kernel, boolean mask), packed SDPA with the mask, and SDPA `enable_gqa` without a mask (flash)."""
     query = torch.randn(batch, 32, 1, 128, dtype=dtype, device=device)
     key, value = (torch.randn(batch, kv_heads, context, 128, dtype=dtype, device=device) for _ in range(2))
     mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
-    for _ in range(3):
-        packed_gqa_sdpa(None, query, key, value, mask)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        packed_gqa_sdpa(None, query, key, value, mask)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    packed = query.reshape(batch, kv_heads, 32 // kv_heads, 128)
+    calls = {
+        "engine": lambda: packed_gqa_sdpa(None, query, key, value, mask),
+        "sdpa_packed_masked": lambda: F.scaled_dot_product_attention(packed, key, value, attn_mask=mask),
+        "sdpa_enable_gqa_unmasked": lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True),
+    }
+    times = {}
+    for name, call in calls.items():
+        for _ in range(3):
+            call()
+        graph = torch.cuda.CUDAGraph()  # replayed ten times per timing: launch gaps out of the figure
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                call()
+        samples = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / 10)
+        times[name] = statistics.median(samples)
+    return times
 
 
 def print_table(rows: list[dict], base_kv: int) -> None:
@@ -124,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda"):
         itemsize = dtype.itemsize
         for (batch, context), kv_heads in ((c, k) for c in cases for k in args.kv_heads):
-            us = attention_kernel_us(batch, context, kv_heads, dtype, args.device)
+            times = attention_kernel_us(batch, context, kv_heads, dtype, args.device)
             floor_us = 2 * batch * kv_heads * context * 128 * itemsize / bandwidth * 1e6
             report["attention_kernel"].append({"batch": batch, "context": context, "kv_heads": kv_heads,
-                                               "microseconds": us, "floor_microseconds": floor_us})
-            print(f"attention alone, batch {batch}, cache {context}, {kv_heads} KV heads: {us:.1f} us "
-                  f"(floor {floor_us:.1f} us, {floor_us / us:.0%})", flush=True)
+                                               "microseconds": times, "floor_microseconds": floor_us})
+            print(f"attention alone, batch {batch}, cache {context}, {kv_heads} KV heads (floor {floor_us:.1f} us): "
+                  + ", ".join(f"{name} {us:.1f} us ({floor_us / us:.0%})" for name, us in times.items()), flush=True)
         save()
 
     for engine in args.engines:
@@ -146,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     (row,) = measure_decode(
                         model, [batch], [context], args.new_tokens, bandwidth=bandwidth,
-                        compile=ENGINES[engine], stock_generate=engine == args.engines[0], progress=False,
+                        compile=ENGINES[engine], stock_generate=engine == args.engines[0] and not args.skip_generate,
+                        progress=False,
                     )
                 except Exception as error:  # keep the other cases' figures; say what failed
                     print(f"FAILED {engine} {kv_heads} KV heads {batch}x{context}: {error!r}", flush=True)

@@ -71,22 +71,31 @@ def test_soft_capped_attention_is_refused_in_one_line():
     assert model.config._attn_implementation != "packed_gqa_sdpa"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# (device, dtype): the GPU runs the split-KV Triton kernel, in float32 and bfloat16.
+ATTENTION_CASES = [("cpu", torch.float32)] + (
+    [("cuda", torch.float32), ("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,dtype", ATTENTION_CASES)
 @pytest.mark.parametrize("kv_heads", [8, 2, 1])
 @pytest.mark.parametrize("per_head_mask", [False, True])
-def test_packed_attention_equals_attention_over_repeated_heads(device, kv_heads, per_head_mask):
+@pytest.mark.parametrize("length,dim", [(37, 16), (1500, 80)])  # the long cache is split; 80 is no power of 2
+def test_packed_attention_equals_attention_over_repeated_heads(device, dtype, kv_heads, per_head_mask, length, dim):
     """One query token against a padded cache: the packed call equals SDPA over K/V repeated to every query head."""
     generator = torch.Generator().manual_seed(kv_heads)
-    batch, heads, length, dim = 2, 8, 37, 16
-    query = torch.randn(batch, heads, 1, dim, generator=generator).to(device)
-    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator).to(device) for _ in range(2))
+    batch, heads = 2, 8
+    query = torch.randn(batch, heads, 1, dim, generator=generator).to(device, dtype)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator).to(device, dtype) for _ in range(2))
     mask = torch.rand(batch, heads if per_head_mask else 1, 1, length, generator=generator).to(device) > 0.3
+    mask[..., -length // 3:] = False  # the unwritten tail of a static cache
     groups = heads // kv_heads
     expected = torch.nn.functional.scaled_dot_product_attention(
-        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=0.3
+        *(t.double() for t in (query, repeat_kv(key, groups), repeat_kv(value, groups))), attn_mask=mask, scale=0.3
     ).transpose(1, 2)
     got, _ = packed_gqa_sdpa(None, query, key, value, mask, scaling=0.3)
-    torch.testing.assert_close(got, expected)
+    assert got.dtype == dtype
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got.double(), expected, **tolerance)
 
 
 def test_prefill_logits_match_a_plain_forward():
