@@ -8,13 +8,15 @@ own ~15,000 task configs takes seconds, so it is only done when a name is not fo
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
 from gqa_uptrain.errors import ConfigError
 
 from .cache import digest
+
+FileHash = Callable[[Path], str]
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -54,7 +56,7 @@ def _local_data_files(config: dict) -> list[Path]:
     return [Path(n) for n in flat if Path(n).is_file()]
 
 
-def _fingerprint(manager: "TaskManager", name: str, file_hash) -> str:
+def _fingerprint(manager: "TaskManager", name: str, file_hash: FileHash) -> str:
     """The task's config as lm-eval indexed it, plus the bytes of any local data file it reads."""
     entry = manager.task_index[name]
     config = entry.cfg or {}
@@ -75,7 +77,7 @@ def _names_defined_in(manager: "TaskManager", path: Path) -> list[str]:
     )
 
 
-def resolve_tasks(spec: str, include_paths: list[Path], staging_dir: Path, file_hash) -> TaskSelection:
+def resolve_tasks(spec: str, include_paths: list[Path], staging_dir: Path, file_hash: FileHash) -> TaskSelection:
     """Resolve a comma-separated `--tasks` value; an unknown item is an error that names it."""
     from lm_eval.tasks import TaskManager  # seconds to import: kept out of `gqa-eval --help`
 
