@@ -135,7 +135,6 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         if value is not None and value < (0 if flag == "num_fewshot" else 1):
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     values = {k: v for k, v in vars(args).items() if k != "verbose" and v is not None}
-    values["cache_dir"] = args.cache_dir or default_cache_dir()
     from .runner import EvalOptions  # loaded late, like run() in evaluate()
 
     return EvalOptions(**values)

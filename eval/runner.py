@@ -19,7 +19,7 @@ import torch
 from gqa_uptrain.errors import ConfigError, GqaError
 
 from . import report as report_io
-from .cache import ResultCache, result_key
+from .cache import ResultCache, default_cache_dir, result_key
 from .harness import HarnessSettings, check_task_loads, evaluate_task
 from .kv_cache import kv_cache_bytes_per_token
 from .loading import ModelSpec, adds_bos, check_same_tokenizer, load_weights, open_model
@@ -57,7 +57,7 @@ class EvalOptions:
     speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     speed_contexts: list[int] = field(default_factory=lambda: [512, 2048])
     speed_new_tokens: int = 64
-    cache_dir: Path | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
     use_cache: bool = True
 
 
