@@ -66,9 +66,18 @@ def log(message: str) -> None:
 
 
 def unique_labels(refs: list[str]) -> list[str]:
-    """Short names for tables: the folder or Hub name, numbered where two would read the same."""
-    names = [Path(ref.rstrip("/")).name or ref for ref in refs]
-    return [f"{name}#{names[:i].count(name) + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+    """Short names for tables: the folder or Hub name, with parent folders added only where two would clash."""
+    parts = [Path(ref.rstrip("/")).parts or (ref,) for ref in refs]
+    depth = [1] * len(refs)
+    while True:
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
+    return [f"{label}#{labels[:i].count(label) + 1}" if labels.count(label) > 1 else label
+            for i, label in enumerate(labels)]
 
 
 def resolve_dtype(name: str, base: ModelSpec) -> torch.dtype:
