@@ -68,8 +68,9 @@ def attention_layer_windows(config: PretrainedConfig) -> list[int | None]:
 
 
 def _dtype_bytes(config: PretrainedConfig, dtype: torch.dtype | str | None) -> int:
-    """Bytes per cached element: the given dtype, else the checkpoint's own (`config.dtype`), else float32."""
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    """Bytes per cached element: the given dtype, else (or for "auto") the checkpoint's own, else float32."""
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(resolved, torch.dtype):

@@ -29,12 +29,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from gqa_uptrain.errors import ConfigError, UnsupportedModelError
 from gqa_uptrain.eval.kv_cache import kv_cache_bytes, kv_cache_bytes_per_token
 
-try:  # Triton comes with CUDA builds of torch; without it, decode attention stays on SDPA
+try:  # Triton comes with CUDA builds of torch; without it there is no split-KV kernel
     from gqa_uptrain.eval import decode_kernels
 except ImportError:
     decode_kernels = None
 
 PACKED_GQA_ATTENTION = "packed_gqa_sdpa"
+SPLIT_KV_ATTENTION = "packed_gqa_split_kv"
 WARMUP_STEPS = 2  # eager steps before a CUDA graph is captured (cuBLAS workspaces, compilation)
 
 
@@ -51,10 +52,9 @@ def packed_gqa_sdpa(
     """Scaled dot-product attention that reads each KV head once: K/V are never repeated up to the query heads.
 
     Decoding one token, the G query heads that share a KV head become G query rows of that head,
-    (B, H, 1, D) -> (B, H_kv, G, D): a plain attention over the KV heads. On a GPU it runs in the split-KV Triton
-    kernel (`decode_kernels`), elsewhere in SDPA, which takes a mask too (`enable_gqa` with a mask falls back to the
-    math kernel on CUDA). Longer queries (prefill) use SDPA's `enable_gqa`. Query head h uses KV head h // G, as in
-    transformers' `repeat_kv`.
+    (B, H, 1, D) -> (B, H_kv, G, D): a plain attention over the KV heads that every SDPA kernel runs, with a mask
+    too (`enable_gqa` with a mask falls back to the math kernel on CUDA). Longer queries (prefill) use `enable_gqa`.
+    Query head h uses KV head h // G, as in transformers' `repeat_kv`.
     """
     if kwargs.get("softcap") is not None:
         raise UnsupportedModelError("packed GQA attention does not support attention-logit soft-capping")
@@ -62,13 +62,9 @@ def packed_gqa_sdpa(
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     if q_len == 1:
-        packed = query.reshape(batch, kv_heads, groups, query.shape[-1])
-        if decode_kernels is not None and dropout == 0.0 and decode_kernels.supports(packed, key, value, attention_mask):
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = decode_kernels.split_kv_decode(packed, key, value, attention_mask, scale)
-            return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
         if attention_mask is not None and attention_mask.shape[1] > 1:  # a per-head mask follows its query head
             attention_mask = attention_mask.reshape(batch, kv_heads, groups, -1)
+        packed = query.reshape(batch, kv_heads, groups, query.shape[-1])
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
         return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
     causal = attention_mask is None
@@ -81,20 +77,46 @@ def packed_gqa_sdpa(
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(PACKED_GQA_ATTENTION, packed_gqa_sdpa)
-AttentionMaskInterface.register(PACKED_GQA_ATTENTION, sdpa_mask)  # same boolean masks as stock SDPA
+def packed_gqa_split_kv(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`packed_gqa_sdpa`, with one-token steps on a GPU in the split-KV Triton kernel (`decode_kernels`).
+
+    SDPA kernels give one program per (sequence, KV head); with few KV heads that leaves most of a GPU idle.
+    """
+    batch, heads, q_len, dim = query.shape
+    if q_len == 1 and decode_kernels is not None and dropout == 0.0:
+        packed = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+        if decode_kernels.supports(packed, key, value, attention_mask):
+            scale = scaling if scaling is not None else dim**-0.5
+            out = decode_kernels.split_kv_decode(packed, key, value, attention_mask, scale)
+            return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+    return packed_gqa_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+for _name, _function in ((PACKED_GQA_ATTENTION, packed_gqa_sdpa), (SPLIT_KV_ATTENTION, packed_gqa_split_kv)):
+    AttentionInterface.register(_name, _function)
+    AttentionMaskInterface.register(_name, sdpa_mask)  # the same boolean masks as stock SDPA
 
 
 @contextmanager
-def packed_gqa_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run `model` with `packed_gqa_sdpa` inside the block, and with its own attention again after it."""
+def packed_gqa_attention(model: PreTrainedModel, split_kv: bool = False) -> Iterator[None]:
+    """Run `model` with `packed_gqa_sdpa` (or `packed_gqa_split_kv`) inside the block, its own attention after it."""
     previous = model.config._attn_implementation
+    wanted = SPLIT_KV_ATTENTION if split_kv else PACKED_GQA_ATTENTION
     try:
-        model.set_attn_implementation(PACKED_GQA_ATTENTION)
+        model.set_attn_implementation(wanted)
     except ValueError as error:  # e.g. Gemma-2: soft-capped attention logits, which SDPA cannot compute
         reason = str(error).split(". ")[0]
         raise UnsupportedModelError(f"engine-style decode needs SDPA attention: {reason}") from error
-    if model.config._attn_implementation != PACKED_GQA_ATTENTION:
+    if model.config._attn_implementation != wanted:
         raise UnsupportedModelError(f"{type(model).__name__} cannot switch its attention implementation")
     try:
         yield
@@ -176,10 +198,10 @@ class StaticDecoder:
 
 def engine_generate(
     model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *,
-    cuda_graph: bool | None = None, compile: bool = False,
+    cuda_graph: bool | None = None, compile: bool = False, split_kv: bool = False,
 ) -> torch.Tensor:
     """Greedy continuation of `input_ids` by `StaticDecoder`: prompt plus `new_tokens` tokens, like `generate()`."""
-    with packed_gqa_attention(model):
+    with packed_gqa_attention(model, split_kv):
         decoder = StaticDecoder(model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile)
         decoder.warm_up(min(WARMUP_STEPS, new_tokens - 1))
         while decoder.produced < new_tokens:
@@ -264,10 +286,10 @@ def generate_seconds_per_step(model: PreTrainedModel, input_ids: torch.Tensor, s
 
 def engine_seconds_per_step(
     model: PreTrainedModel, input_ids: torch.Tensor, steps: int, *, cuda_graph: bool | None = None,
-    compile: bool = False,
+    compile: bool = False, split_kv: bool = False,
 ) -> float:
     """Seconds per engine-style decode step, timed over `steps` back-to-back steps after the warm-up."""
-    with packed_gqa_attention(model):
+    with packed_gqa_attention(model, split_kv):
         decoder = StaticDecoder(
             model, input_ids, WARMUP_STEPS + steps + 1, cuda_graph=cuda_graph, compile=compile
         )
@@ -281,11 +303,11 @@ def engine_seconds_per_step(
         return _seconds(run, input_ids.device) / steps
 
 
-def engine_name(device: torch.device, cuda_graph: bool, compile: bool) -> str:
+def engine_name(device: torch.device, cuda_graph: bool, compile: bool, split_kv: bool) -> str:
     """How the engine-style decode ran, for the report."""
-    split_kv = decode_kernels is not None and device.type == "cuda"
-    return ", ".join(["static KV cache", "split-KV Triton decode attention" if split_kv else "packed-GQA SDPA"]
-                     + ["CUDA graph"] * cuda_graph + ["torch.compile"] * compile)
+    kernel = "split-KV Triton decode attention" if split_kv and decode_kernels and device.type == "cuda" else None
+    return ", ".join(["static KV cache", kernel or "packed-GQA SDPA"] + ["CUDA graph"] * cuda_graph
+                     + ["torch.compile"] * compile)
 
 
 def _release(device: torch.device, compiled: bool) -> None:
@@ -314,6 +336,7 @@ def measure_decode(
     bandwidth: float | None = None,
     cuda_graph: bool | None = None,
     compile: bool | None = None,
+    split_kv: bool = False,
     stock_generate: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -321,10 +344,13 @@ def measure_decode(
     """Decode speed of `model` for every (batch, context): engine-style, stock `generate()` and the floor.
 
     Prompts are random token ids (speed does not depend on them). `new_tokens` decode steps are timed per case,
-    and the floor is taken at the mean context of those steps. `cuda_graph` and `compile` default to on for a GPU
-    (compile) / CUDA device (graph) and off elsewhere. Each case returns a dict: `batch`, `context`,
-    `tokens_per_s` (engine-style), `generate_tokens_per_s`, `floor_tokens_per_s`, `fraction_of_floor` (engine over
-    floor), `generate_fraction_of_floor`, and the bytes and bandwidth behind the floor.
+    and the floor is taken at the mean context of those steps. `cuda_graph` and `compile` default to on for a CUDA
+    device and off elsewhere; compiling costs about a minute per case for a 7B model on an H100 and brought the
+    engine from 71-79% to 85-91% of the floor there (docs/benchmarks.md). `split_kv` decodes with the split-KV
+    Triton kernel (`decode_kernels`; not yet measured on a GPU, so off by default). Each case returns a dict:
+    `batch`, `context`, `tokens_per_s` (engine-style), `generate_tokens_per_s`, `floor_tokens_per_s`,
+    `fraction_of_floor` (engine over floor), `generate_fraction_of_floor`, and the bytes and bandwidth behind the
+    floor.
     """
     _check_sizes(batch_sizes, context_lengths, new_tokens)
     device = model.device
@@ -337,7 +363,9 @@ def measure_decode(
     for batch, context in tqdm(cases, desc="decode speed", disable=not progress):
         input_ids = torch.randint(model.config.get_text_config().vocab_size, (batch, context), generator=generator)
         input_ids = input_ids.to(device)
-        engine_s = engine_seconds_per_step(model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile)
+        engine_s = engine_seconds_per_step(
+            model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile, split_kv=split_kv
+        )
         _release(device, compile)
         generate_s = generate_seconds_per_step(model, input_ids, new_tokens) if stock_generate else None
         _release(device, False)
@@ -351,7 +379,7 @@ def measure_decode(
             "floor_tokens_per_s": batch / floor_s,
             "fraction_of_floor": floor_s / engine_s,
             "generate_fraction_of_floor": floor_s / generate_s if generate_s else None,
-            "engine": engine_name(device, cuda_graph, compile),
+            "engine": engine_name(device, cuda_graph, compile, split_kv),
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.config, dtype=model.dtype),
             "weight_bytes": weight_bytes_per_step(model),
             "kv_cache_bytes": kv_cache_bytes(model.config, round(context + new_tokens / 2), batch, model.dtype),

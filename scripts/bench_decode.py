@@ -3,11 +3,12 @@
 Random bf16 weights are built directly on the GPU (nothing is downloaded: speed does not depend on the values). For
 each case (batch x prompt length) and each model it measures, in one process: stock `generate()`, engine-style decode
 (static cache, packed-GQA attention, CUDA graph; eager kernels and torch.compile), the memory-bound floor from the
-measured copy bandwidth, and the attention kernel alone against its own floor. It prints a table with the GQA/MHA
+measured copy bandwidth, and the decode attention alone against its own floor. It prints a table with the GQA/MHA
 speedups as ratios of figures from this run, and writes everything as JSON.
 
     python scripts/bench_decode.py --output bench_decode.json
-    python scripts/bench_decode.py --layers 4 --cases 2x512 --engines graph   # a quick look
+    python scripts/bench_decode.py --split-kv --engines graph --skip-generate   # the split-KV Triton kernel
+    python scripts/bench_decode.py --layers 4 --cases 2x512 --engines graph     # a quick look
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gqa_uptrain.eval.speed import measure_bandwidth, measure_decode, packed_gqa_sdpa
+from gqa_uptrain.eval.speed import measure_bandwidth, measure_decode, packed_gqa_sdpa, packed_gqa_split_kv
 
 ENGINES = {"graph": False, "compile": True}  # engine name -> torch.compile the step (both run in a CUDA graph)
 
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=480.0,
                         help="seconds after which no new measurement starts; what is done is kept (default: 480)")
     parser.add_argument("--skip-generate", action="store_true", help="do not time stock generate()")
+    parser.add_argument("--split-kv", action="store_true",
+                        help="decode attention in the split-KV Triton kernel instead of packed SDPA")
     parser.add_argument("--output", type=Path, help="write every figure to this JSON file")
     return parser.parse_args(argv)
 
@@ -65,15 +68,14 @@ def llama2_7b_shaped(kv_heads: int, layers: int, dtype: torch.dtype, device: str
 
 
 def attention_kernel_us(batch: int, context: int, kv_heads: int, dtype: torch.dtype, device: str) -> dict[str, float]:
-    """Median microseconds of one decode-step attention call (32 query heads of 128), three ways: the engine's
-    (split-KV kernel, boolean mask), packed SDPA with the mask, and SDPA `enable_gqa` without a mask (flash)."""
+    """Median microseconds of one decode-step attention call (32 query heads of 128), three ways: the split-KV
+    kernel and packed SDPA, both with a boolean mask as the engine has, and SDPA `enable_gqa` without a mask."""
     query = torch.randn(batch, 32, 1, 128, dtype=dtype, device=device)
     key, value = (torch.randn(batch, kv_heads, context, 128, dtype=dtype, device=device) for _ in range(2))
     mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
-    packed = query.reshape(batch, kv_heads, 32 // kv_heads, 128)
     calls = {
-        "engine": lambda: packed_gqa_sdpa(None, query, key, value, mask),
-        "sdpa_packed_masked": lambda: F.scaled_dot_product_attention(packed, key, value, attn_mask=mask),
+        "split_kv_masked": lambda: packed_gqa_split_kv(None, query, key, value, mask),
+        "sdpa_packed_masked": lambda: packed_gqa_sdpa(None, query, key, value, mask),
         "sdpa_enable_gqa_unmasked": lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True),
     }
     times = {}
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     (row,) = measure_decode(
                         model, [batch], [context], args.new_tokens, bandwidth=bandwidth,
-                        compile=ENGINES[engine], stock_generate=engine == args.engines[0] and not args.skip_generate,
+                        compile=ENGINES[engine], split_kv=args.split_kv,
+                        stock_generate=engine == args.engines[0] and not args.skip_generate,
                         progress=False,
                     )
                 except Exception as error:  # keep the other cases' figures; say what failed

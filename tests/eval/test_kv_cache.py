@@ -50,6 +50,7 @@ def test_bytes_scale_as_kv_heads_over_query_heads(tiny_models, gpt2_tokenizer):
 def test_the_checkpoint_dtype_is_the_default(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert kv_cache_bytes_per_token(model.config) == 2 * 2 * 4 * 16 * 4
+    assert kv_cache_bytes_per_token(model.config, dtype="auto") == 2 * 2 * 4 * 16 * 4
     assert kv_cache_bytes_per_token(model.config, dtype="bfloat16") == 2 * 2 * 4 * 16 * 2
     with pytest.raises(ConfigError, match="unknown dtype"):
         kv_cache_bytes_per_token(model.config, dtype="bfloat17")

@@ -4,6 +4,11 @@ No test here is timed: speed is measured by scripts/bench_decode.py. On a machin
 run there, through the CUDA graph (and torch.compile).
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,13 +24,17 @@ from gqa_uptrain.eval.speed import (
     measure_decode,
     packed_gqa_attention,
     packed_gqa_sdpa,
+    packed_gqa_split_kv,
     weight_bytes_per_step,
 )
 from tiny_models import ARCHITECTURES, VOCAB, random_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# (device, cuda_graph, compile): CPU runs the step itself; a GPU replays it from a CUDA graph, compiled or not.
-ENGINES = [("cpu", False, False)] + ([("cuda", True, False), ("cuda", True, True)] if torch.cuda.is_available() else [])
+# (device, cuda_graph, compile, split_kv): CPU runs the step itself (split_kv falls back to SDPA there); a GPU
+# replays it from a CUDA graph, compiled or not, with either decode attention.
+ENGINES = [("cpu", False, False, False), ("cpu", False, False, True)] + (
+    [("cuda", True, compile, split_kv) for compile in (False, True) for split_kv in (False, True)]
+    if torch.cuda.is_available() else [])
 
 
 def tiny_llama(kv_heads: int, tie: bool = False) -> LlamaForCausalLM:
@@ -46,13 +55,13 @@ def stock_greedy(model, input_ids: torch.Tensor, new_tokens: int) -> torch.Tenso
                           do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
-@pytest.mark.parametrize("device,cuda_graph,compile", ENGINES)
+@pytest.mark.parametrize("device,cuda_graph,compile,split_kv", ENGINES)
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
-def test_engine_decode_gives_the_greedy_tokens_of_generate(kv_heads, device, cuda_graph, compile):
+def test_engine_decode_gives_the_greedy_tokens_of_generate(kv_heads, device, cuda_graph, compile, split_kv):
     model = tiny_llama(kv_heads).to(device)
     input_ids = prompt().to(device)
     expected = stock_greedy(model, input_ids, 8)
-    got = engine_generate(model, input_ids, 8, cuda_graph=cuda_graph, compile=compile)
+    got = engine_generate(model, input_ids, 8, cuda_graph=cuda_graph, compile=compile, split_kv=split_kv)
     assert torch.equal(got, expected)
     assert model.config._attn_implementation == "sdpa"  # the model's own attention is back
 
@@ -76,11 +85,14 @@ ATTENTION_CASES = [("cpu", torch.float32)] + (
     [("cuda", torch.float32), ("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("attention", [packed_gqa_sdpa, packed_gqa_split_kv], ids=["sdpa", "split_kv"])
 @pytest.mark.parametrize("device,dtype", ATTENTION_CASES)
 @pytest.mark.parametrize("kv_heads", [8, 2, 1])
 @pytest.mark.parametrize("per_head_mask", [False, True])
 @pytest.mark.parametrize("length,dim", [(37, 16), (1500, 80)])  # the long cache is split; 80 is no power of 2
-def test_packed_attention_equals_attention_over_repeated_heads(device, dtype, kv_heads, per_head_mask, length, dim):
+def test_packed_attention_equals_attention_over_repeated_heads(
+    attention, device, dtype, kv_heads, per_head_mask, length, dim
+):
     """One query token against a padded cache: the packed call equals SDPA over K/V repeated to every query head."""
     generator = torch.Generator().manual_seed(kv_heads)
     batch, heads = 2, 8
@@ -92,7 +104,7 @@ def test_packed_attention_equals_attention_over_repeated_heads(device, dtype, kv
     expected = torch.nn.functional.scaled_dot_product_attention(
         *(t.double() for t in (query, repeat_kv(key, groups), repeat_kv(value, groups))), attn_mask=mask, scale=0.3
     ).transpose(1, 2)
-    got, _ = packed_gqa_sdpa(None, query, key, value, mask, scaling=0.3)
+    got, _ = attention(None, query, key, value, mask, scaling=0.3)
     assert got.dtype == dtype
     tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}
     torch.testing.assert_close(got.double(), expected, **tolerance)
@@ -168,3 +180,30 @@ def test_bad_sizes_are_refused(sizes):
 
 def test_bandwidth_counts_bytes_read_and_written():
     assert 1e8 < measure_bandwidth("cpu", nbytes=1 << 24, repeats=3) < 1e13
+
+
+SPLIT_KV_IN_INTERPRETER = """
+import torch
+from gqa_uptrain.eval import decode_kernels
+decode_kernels._multiprocessors = lambda index: 4  # the interpreter has no device to ask
+for kv_heads, groups, length, dim in [(2, 4, 700, 64), (1, 8, 777, 80), (4, 1, 130, 128), (2, 2, 40, 16)]:
+    generator = torch.Generator().manual_seed(length)
+    query = torch.randn(2, kv_heads, groups, dim, generator=generator)
+    key, value = (torch.randn(2, kv_heads, length, dim, generator=generator) for _ in range(2))
+    mask = (torch.rand(2, 1, 1, length, generator=generator) > 0.3).expand(2, 1, 1, length).clone()
+    mask[..., -length // 4:] = False
+    for m in (mask, None):
+        got = decode_kernels.split_kv_decode(query, key, value, m, 0.2)
+        expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=m, scale=0.2)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+print("ok")
+"""
+
+
+def test_split_kv_kernels_in_the_triton_interpreter():
+    """The Triton kernels' arithmetic (splits, online softmax, merge, mask, padded head size) on the CPU."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(SPLIT_KV_IN_INTERPRETER)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
