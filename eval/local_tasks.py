@@ -57,10 +57,13 @@ def _local_data_files(config: dict) -> list[Path]:
 
 
 def _fingerprint(manager: "TaskManager", name: str, file_hash: FileHash) -> str:
-    """The task's config as lm-eval indexed it, plus the bytes of any local data file it reads."""
-    entry = manager.task_index[name]
-    config = entry.cfg or {}
-    return digest([name, config, [(str(p), file_hash(p)) for p in _local_data_files(config)]])
+    """The task's config as lm-eval indexed it, with local data files stood for by their content, not their path
+    (so moving the package or the data keeps cached results)."""
+    config = dict(manager.task_index[name].cfg or {})
+    data_hashes = [file_hash(p) for p in _local_data_files(config)]
+    if data_hashes:
+        config["dataset_kwargs"] = {k: v for k, v in config["dataset_kwargs"].items() if k != "data_files"}
+    return digest([name, config, data_hashes])
 
 
 def _names_defined_in(manager: "TaskManager", path: Path) -> list[str]:

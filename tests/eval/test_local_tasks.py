@@ -58,3 +58,20 @@ def test_shipped_and_folder_tasks_resolve_offline(tmp_path, monkeypatch):
 def test_empty_task_list_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="--tasks is empty"):
         resolve_tasks(" , ", [], tmp_path / "stage", ResultCache(tmp_path).file_hash)
+
+
+def test_task_fingerprint_follows_data_content_not_path(tmp_path):
+    def selection_for(folder: Path, data: str):
+        folder.mkdir()
+        (folder / "data.jsonl").write_text(data)
+        config = (SHIPPED_DIR / "gqa_nextsentence.yaml").read_text().replace("task: gqa_nextsentence", "task: t")
+        (folder / "t.yaml").write_text(config.replace("test: gqa_nextsentence.jsonl", f"test: {folder / 'data.jsonl'}"))
+        stage = tmp_path / f"stage-{folder.name}"
+        return resolve_tasks(str(folder), [], stage, ResultCache(tmp_path / "cache").file_hash)
+
+    row = '{"query": "q", "choices": ["a", "b", "c", "d"], "gold": 0}\n'
+    first_selection = selection_for(tmp_path / "a", row)
+    assert first_selection.names == ["t"]
+    first = first_selection.fingerprints["t"]
+    assert selection_for(tmp_path / "b", row).fingerprints["t"] == first
+    assert selection_for(tmp_path / "c", row.replace('"gold": 0', '"gold": 1')).fingerprints["t"] != first
