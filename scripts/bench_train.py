@@ -156,7 +156,8 @@ def main() -> None:
     results = [run_variant(name, args, student, teacher, corpus, work, peak) for name in variants]
     device = torch.cuda.get_device_name()
     print(f"\n{device}, torch {torch.__version__}, bf16 matmul peak measured {peak:.0f} TFLOP/s")
-    print(f"TinyLlama-1.1B shape, GQA 4 KV heads, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} steps")
+    shape = f"seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} steps"
+    print(f"TinyLlama-1.1B shape, GQA 4 KV heads, {shape}")
     print(f"{'variant':<10}{'tokens/s':>12}{'MFU':>8}{'vs eager':>10}{'peak GiB':>10}{'loss':>8}")
     base = results[0]["tokens_per_s"]
     for r in results:

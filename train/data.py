@@ -35,7 +35,8 @@ _PACK_BATCH = 1000
 def _builder(file: str) -> str:
     suffixes = [s for s in Path(file).suffixes if s not in _COMPRESSION]
     if not suffixes or suffixes[-1] not in _BUILDERS:
-        raise DataError(f"{file}: unsupported data file type (use {', '.join(sorted(_BUILDERS))}, optionally compressed)")
+        known = ", ".join(sorted(_BUILDERS))
+        raise DataError(f"{file}: unsupported data file type (use {known}, optionally compressed)")
     return _BUILDERS[suffixes[-1]]
 
 
@@ -75,7 +76,9 @@ def _columns(rows: Rows) -> list[str]:
     return list(first) if first is not None else []
 
 
-def pack(rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int, num_proc: int | None) -> Rows:
+def pack(
+    rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int, num_proc: int | None
+) -> Rows:
     """Rows of exactly `seq_len` token ids: documents joined with EOS, cut without padding."""
     columns = _columns(rows)
     pretokenized = "input_ids" in columns
@@ -91,13 +94,15 @@ def pack(rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq
         stream = list(chain.from_iterable(doc if doc[-1:] == [eos] else doc + [eos] for doc in ids if doc))
         return {"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
 
-    kwargs = {} if isinstance(rows, datasets.IterableDataset) else {"num_proc": num_proc, "desc": "Tokenising and packing"}
+    streaming = isinstance(rows, datasets.IterableDataset)
+    kwargs = {} if streaming else {"num_proc": num_proc, "desc": "Tokenising and packing"}
     return rows.map(pack_batch, batched=True, batch_size=_PACK_BATCH, remove_columns=columns, **kwargs)
 
 
-def _require_rows(rows: Rows, what: str, where: str | None, seq_len: int) -> None:
+def _require_rows(rows: Rows, what: str, source: SourceSpec, seq_len: int) -> None:
     empty = len(rows) == 0 if isinstance(rows, datasets.Dataset) else next(iter(rows), None) is None
     if empty:
+        where = source.path or source.dataset
         raise DataError(f"{what} data {where} holds not one full sequence of data.seq_len={seq_len} tokens")
 
 
@@ -112,15 +117,16 @@ def build_datasets(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int
         train_docs = train_docs.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
     train = pack(train_docs, tokenizer, spec.train, spec.seq_len, spec.num_proc)
     val = pack(val_docs, tokenizer, spec.validation or spec.train, spec.seq_len, spec.num_proc)
-    _require_rows(train, "training", spec.train.path or spec.train.dataset, spec.seq_len)
-    _require_rows(val, "validation", (spec.validation or spec.train).path or (spec.validation or spec.train).dataset, spec.seq_len)
+    _require_rows(train, "training", spec.train, spec.seq_len)
+    _require_rows(val, "validation", spec.validation or spec.train, spec.seq_len)
     return train.with_format("torch"), val.with_format("torch")
 
 
 def train_loader(rows: Rows, micro_batch: int) -> DataLoader:
     """Unprepared loader; Accelerator.prepare (with the seedable sampler) shards and seeds it."""
     shuffle = isinstance(rows, datasets.Dataset)
-    return DataLoader(rows, batch_size=micro_batch, shuffle=shuffle, drop_last=True, pin_memory=torch.cuda.is_available())
+    pin = torch.cuda.is_available()
+    return DataLoader(rows, batch_size=micro_batch, shuffle=shuffle, drop_last=True, pin_memory=pin)
 
 
 def val_loader(rows: Rows, micro_batch: int, batches: int, world_size: int) -> DataLoader:
@@ -148,8 +154,10 @@ class Batches:
         while True:
             if self._iterator is None:
                 self.loader.set_epoch(self.epoch)
-                skipped = self.accelerator.skip_first_batches(self.loader, self.batches) if self.batches else self.loader
-                self._iterator = iter(skipped)
+                loader = self.loader
+                if self.batches:
+                    loader = self.accelerator.skip_first_batches(self.loader, self.batches)
+                self._iterator = iter(loader)
             batch = next(self._iterator, None)
             if batch is not None:
                 self.batches += 1

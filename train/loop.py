@@ -20,6 +20,7 @@ from accelerate.utils import (
     compile_regions,
     set_seed,
 )
+from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -60,7 +61,8 @@ def _accelerator(recipe: Recipe, plan: Plan) -> Accelerator:
 
 
 def _load_model(path: Path, recipe: Recipe, dtype: torch.dtype) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+    attention = recipe.model.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     model.config.use_cache = False
     return model
 
@@ -77,12 +79,13 @@ def _load_teacher(accelerator: Accelerator, recipe: Recipe, models: Models) -> t
     return compile_regions(teacher) if recipe.model.compile else teacher
 
 
-def _forward(model, teacher, input_ids: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _forward(model, teacher, input_ids: torch.Tensor, recipe: Recipe) -> tuple[Tensor, Tensor, Tensor | None]:
     """(objective, LM loss, distillation loss or None) for one micro-batch."""
     out = model(input_ids=input_ids, labels=input_ids)
     if teacher is None:
         return out.loss, out.loss, None
-    kd_loss = distill.distillation_loss(out.logits, distill.teacher_logits(teacher, input_ids), recipe.teacher.temperature)
+    target = distill.teacher_logits(teacher, input_ids)
+    kd_loss = distill.distillation_loss(out.logits, target, recipe.teacher.temperature)
     return distill.mix(out.loss, kd_loss, recipe.teacher.weight), out.loss, kd_loss
 
 
@@ -99,7 +102,9 @@ def _check_world_size(state: PartialState) -> None:
     """Catch `accelerate launch --cpu` style launches that silently start independent single processes."""
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != expected:
-        raise ConfigError(f"launched {expected} processes but accelerate sees {state.num_processes}: check the launcher")
+        raise ConfigError(
+            f"launched {expected} processes but accelerate sees {state.num_processes}: check the launcher"
+        )
 
 
 def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
@@ -164,7 +169,9 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     loss_sum = torch.zeros((), device=accelerator.device)
     kd_sum = torch.zeros((), device=accelerator.device)
     micro_batches, grad_norm = 0, None
-    progress = tqdm(total=plan.steps, initial=step, desc="uptraining", unit="step", disable=not accelerator.is_main_process)
+    progress = tqdm(
+        total=plan.steps, initial=step, desc="uptraining", unit="step", disable=not accelerator.is_main_process
+    )
     model.train()
     while step < plan.steps:
         for _ in range(plan.grad_accum):

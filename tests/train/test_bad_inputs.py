@@ -71,7 +71,9 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_llama_gqa2, shakespeare,
     assert capsys.readouterr().err.splitlines() == [f"gqa-uptrain: error: {TINY_RECIPE}: train.nope: unknown key"]
 
 
-def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_llama_gqa2, shakespeare, capsys, fresh_accelerate):
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(
+    tmp_path, tiny_llama_gqa2, shakespeare, capsys, fresh_accelerate
+):
     code = main([str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "out"),
                  "budget.steps=null", "budget.fraction=0.5", "budget.pretrain_tokens=1e5", "--dry-run"])
     assert code == 0

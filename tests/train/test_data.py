@@ -42,15 +42,18 @@ def test_parquet_text_and_pretokenised_sources(tmp_path, gpt2_tokenizer):
     (tmp_path / "docs.txt").write_text("\n\n".join(DOCS))
     ids = [gpt2_tokenizer(doc)["input_ids"] for doc in DOCS]
     datasets.Dataset.from_dict({"input_ids": ids}).to_parquet(tmp_path / "ids.parquet")
-    packed = [build_datasets(spec(tmp_path / name), gpt2_tokenizer, 0)[0] for name in ("docs.parquet", "docs.txt", "ids.parquet")]
+    names = ("docs.parquet", "docs.txt", "ids.parquet")
+    packed = [build_datasets(spec(tmp_path / name), gpt2_tokenizer, 0)[0] for name in names]
     as_lists = [[row["input_ids"].tolist() for row in rows] for rows in packed]
     assert as_lists[0] == as_lists[1] == as_lists[2] and len(as_lists[0]) > 10
 
 
 def test_streaming_gives_full_rows_in_a_seeded_order(jsonl, gpt2_tokenizer):
-    first = [row["input_ids"].tolist() for row in build_datasets(spec(jsonl, streaming=True, shuffle_buffer=8), gpt2_tokenizer, 1)[0]]
-    again = [row["input_ids"].tolist() for row in build_datasets(spec(jsonl, streaming=True, shuffle_buffer=8), gpt2_tokenizer, 1)[0]]
-    other = [row["input_ids"].tolist() for row in build_datasets(spec(jsonl, streaming=True, shuffle_buffer=8), gpt2_tokenizer, 2)[0]]
+    def rows(seed):
+        train, _ = build_datasets(spec(jsonl, streaming=True, shuffle_buffer=8), gpt2_tokenizer, seed)
+        return [row["input_ids"].tolist() for row in train]
+
+    first, again, other = rows(1), rows(1), rows(2)
     assert first == again != other
     assert all(len(row) == 16 for row in first)
 
@@ -68,12 +71,14 @@ def test_missing_files_and_columns_are_refused(tmp_path, jsonl, gpt2_tokenizer):
     with pytest.raises(DataError, match="matches no file"):
         build_datasets(spec(tmp_path / "nope*.jsonl"), gpt2_tokenizer, 0)
     with pytest.raises(DataError, match="no 'body' column"):
-        build_datasets(DataSpec(train={"path": str(jsonl), "text_field": "body"}, seq_len=16, holdout_docs=1), gpt2_tokenizer, 0)
+        body = DataSpec(train={"path": str(jsonl), "text_field": "body"}, seq_len=16, holdout_docs=1)
+        build_datasets(body, gpt2_tokenizer, 0)
 
 
-def test_batches_resume_exactly_where_they_stopped(jsonl, gpt2_tokenizer, fresh_accelerate):
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+def test_batches_resume_exactly_where_they_stopped(jsonl, gpt2_tokenizer, fresh_accelerate, streaming):
     accelerator = Accelerator(cpu=True)
-    train, _ = build_datasets(spec(jsonl), gpt2_tokenizer, 0)
+    train, _ = build_datasets(spec(jsonl, streaming=streaming, shuffle_buffer=16), gpt2_tokenizer, 0)
 
     def loader():
         from accelerate.utils import DataLoaderConfiguration

@@ -29,9 +29,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_llama_gqa2, shakespe
 
     # Same sequences per step (the seedable sampler hands rank r every other micro-batch), same mean loss:
     # the weights agree up to the order of floating-point sums.
-    two, one = load_file(tmp_path / "ddp" / "model" / "model.safetensors"), load_file(tmp_path / "single" / "model" / "model.safetensors")
+    two = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
+    one = load_file(tmp_path / "single" / "model" / "model.safetensors")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-4, msg=name)
     start = load_file(tiny_llama_gqa2 / "model.safetensors")
-    assert not torch.equal(two["model.layers.0.self_attn.k_proj.weight"], start["model.layers.0.self_attn.k_proj.weight"])
+    key = "model.layers.0.self_attn.k_proj.weight"
+    assert not torch.equal(two[key], start[key])
     assert '"world_size": 2' in (tmp_path / "ddp" / "model" / "gqa_provenance.json").read_text()

@@ -21,7 +21,8 @@ def test_tiny_model_learns_and_exports(tmp_path, tiny_llama_gqa2, shakespeare, f
     shutil.copytree(tiny_llama_gqa2, model)
     (model / "gqa_provenance.json").write_text(json.dumps({"source_model": "tiny-mha", "num_key_value_heads": 2}))
     output = tmp_path / "run"
-    recipe = load_recipe(TINY_RECIPE, overrides(model, shakespeare, output, "budget.steps=24", "log.trackers=[tensorboard]"))
+    extra = ("budget.steps=24", "log.trackers=[tensorboard]")
+    recipe = load_recipe(TINY_RECIPE, overrides(model, shakespeare, output, *extra))
 
     target = run(recipe)
 
@@ -36,7 +37,8 @@ def test_tiny_model_learns_and_exports(tmp_path, tiny_llama_gqa2, shakespeare, f
     trained = AutoModelForCausalLM.from_pretrained(target)
     assert trained.config.num_key_value_heads == 2
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_gqa2)
-    assert not torch.equal(trained.model.layers[0].self_attn.k_proj.weight, original.model.layers[0].self_attn.k_proj.weight)
+    k_proj = [m.model.layers[0].self_attn.k_proj.weight for m in (trained, original)]
+    assert not torch.equal(*k_proj)
     assert (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file()
     provenance = json.loads((target / "gqa_provenance.json").read_text())
     assert provenance["source_model"] == "tiny-mha"  # carried forward from the converter
