@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a converted (candidate) model to compare with the base; repeat for several")
     models.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                         help="weights dtype for every model (auto: the base checkpoint's own dtype)")
-    models.add_argument("--device", default=None, help="torch device, or auto to spread a model too large for one GPU over all of them "
+    models.add_argument("--device", default=None,
+                        help="torch device, or auto to spread a model too large for one GPU over all of them "
                         "(default: cuda when available, else cpu)")
 
     quality = parser.add_argument_group("quality (lm-evaluation-harness)")
@@ -129,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
-    for flag in ("num_fewshot", "batch_size", "speed_new_tokens", "bootstrap_iters", "perplexity_window", "perplexity_stride",
-                 "perplexity_max_tokens"):
+    for flag in ("num_fewshot", "batch_size", "speed_new_tokens", "bootstrap_iters", "perplexity_window",
+                 "perplexity_stride", "perplexity_max_tokens"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "num_fewshot" else 1):
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")

@@ -132,7 +132,9 @@ def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, bool):
         return "yes" if value else ""
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) >= 1e6 else f"{value:.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+        if abs(value) >= 1e6:
+            return f"{value:.{digits}g}"
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
     return str(value)
 
 

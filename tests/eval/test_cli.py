@@ -3,7 +3,6 @@
 import csv
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from gqa_uptrain.eval import runner
@@ -26,7 +25,8 @@ def test_report_compares_every_task_metric_and_perplexity(full_run):
     assert {("gqa_lastword", "acc"), ("gqa_lastword", "perplexity"), ("gqa_nextsentence", "acc"),
             ("gqa_nextsentence", "acc_norm"), ("perplexity", "token_perplexity")} <= metrics
     average = next(r for r in rows if r["task"] == "average")
-    headline = [r for r in rows if (r["task"], r["metric"]) in {("gqa_lastword", "acc"), ("gqa_nextsentence", "acc_norm")}]
+    headline_metrics = {("gqa_lastword", "acc"), ("gqa_nextsentence", "acc_norm")}
+    headline = [r for r in rows if (r["task"], r["metric"]) in headline_metrics]
     assert average["base"] == pytest.approx(sum(r["base"] for r in headline) / 2)
     for row in rows:
         assert row["delta"] == pytest.approx(row["candidate_value"] - row["base"])
@@ -135,7 +135,8 @@ def test_unknown_task_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys
 def test_model_that_does_not_load_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     missing.mkdir()
-    assert gqa_eval(eval_args(tiny_llama, [missing], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")) == 2
+    args = eval_args(tiny_llama, [missing], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")
+    assert gqa_eval(args) == 2
     assert str(missing) in _one_error_line(capsys)
 
 
@@ -144,7 +145,8 @@ def test_different_tokenizer_is_named(gqa_eval, eval_args, tiny_llama, tmp_path,
     tokenizer = json.loads((other / "tokenizer.json").read_text())
     tokenizer["model"]["vocab"]["zzzunseen"] = len(tokenizer["model"]["vocab"])
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    assert gqa_eval(eval_args(tiny_llama, [other], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")) == 2
+    args = eval_args(tiny_llama, [other], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword")
+    assert gqa_eval(args) == 2
     line = _one_error_line(capsys)
     assert str(other) in line and "tokenizer" in line
 
