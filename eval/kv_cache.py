@@ -90,7 +90,9 @@ def kv_cache_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype | str 
     return 2 * layers * kv_heads * head_dim * _dtype_bytes(_text_config(config), dtype)
 
 
-def kv_cache_bytes(config: PretrainedConfig, context: int, batch: int = 1, dtype: torch.dtype | str | None = None) -> int:
+def kv_cache_bytes(
+    config: PretrainedConfig, context: int, batch: int = 1, dtype: torch.dtype | str | None = None
+) -> int:
     """Bytes of K/V a decode step attends over with `context` tokens per sequence (windowed layers capped)."""
     kv_heads, head_dim = kv_heads_and_head_dim(config)
     per_layer_token = 2 * kv_heads * head_dim * _dtype_bytes(_text_config(config), dtype)

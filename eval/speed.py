@@ -2,9 +2,10 @@
 
 For each (batch, context) three figures, measured in the same process:
 - engine-style decode (`tokens_per_s`): a static, preallocated KV cache; attention that reads each KV head once
-  (`packed_gqa_sdpa`, registered with transformers' `AttentionInterface`, so the stock model classes run unchanged);
-  on a GPU the whole decode step (forward, greedy pick, cache write) captured in a CUDA graph, optionally compiled.
-  This is how a serving engine runs a model, and where the smaller KV cache of GQA shows.
+  (`packed_gqa_sdpa`, or the split-KV Triton kernel of `decode_kernels` with `split_kv=True`, registered with
+  transformers' `AttentionInterface`, so the stock model classes run unchanged); on a GPU the whole decode step
+  (forward, greedy pick, cache write) captured in a CUDA graph, compiled by default. This is how a serving engine
+  runs a model, and where the smaller KV cache of GQA shows.
 - stock `generate()` (`generate_tokens_per_s`): dynamic cache, re-concatenated every step, a host round trip per
   token, and K/V repeated up to the query heads where transformers does so. It hides much of the gain.
 - the memory-bound floor (`floor_tokens_per_s`): each decode step reads every weight and the K/V of the whole context
@@ -65,7 +66,9 @@ def packed_gqa_sdpa(
         if attention_mask is not None and attention_mask.shape[1] > 1:  # a per-head mask follows its query head
             attention_mask = attention_mask.reshape(batch, kv_heads, groups, -1)
         packed = query.reshape(batch, kv_heads, groups, query.shape[-1])
-        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+        out = F.scaled_dot_product_attention(
+            packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+        )
         return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
     causal = attention_mask is None
     if causal and key.shape[2] > q_len:  # prefill into an empty static cache: the slots past the prompt are unwritten
@@ -203,7 +206,8 @@ def engine_generate(
     """Greedy continuation of `input_ids` by `StaticDecoder`: prompt plus `new_tokens` tokens, like `generate()`."""
     with packed_gqa_attention(model, split_kv):
         decoder = StaticDecoder(model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile)
-        decoder.warm_up(min(WARMUP_STEPS, new_tokens - 1))
+        if new_tokens > 1:
+            decoder.warm_up(min(WARMUP_STEPS, new_tokens - 1))
         while decoder.produced < new_tokens:
             decoder.step()
     return decoder.tokens

@@ -112,7 +112,8 @@ def print_table(rows: list[dict], base_kv: int) -> None:
         speedup = row["tokens_per_s"] / engine.get((case, row["engine_name"], base_kv), nan)
         print(f"{case:>9} {row['engine_name']:>8} {kv:>3} {row['tokens_per_s']:>7.0f} {floor[case, kv]:>7.0f} "
               f"{row['fraction_of_floor']:>8.1%} {gen:>8.0f} {gen / floor[case, kv]:>8.1%} {speedup:>7.2f}x "
-              f"{gen / generate.get((case, base_kv), nan):>7.2f}x {floor[case, kv] / floor.get((case, base_kv), nan):>6.2f}x")
+              f"{gen / generate.get((case, base_kv), nan):>7.2f}x "
+              f"{floor[case, kv] / floor.get((case, base_kv), nan):>6.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""KV-cache bytes per token: the config's figure equals what a real generate() leaves in its cache, and scales as G/H."""
+"""KV-cache bytes per token: the config's figure equals what a real generate() leaves in its cache; it scales as G/H."""
 
 import pytest
 import torch
@@ -27,7 +27,8 @@ from tiny_models import random_model
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_llama, tiny_llama_gqa2):
-    return {kv: AutoModelForCausalLM.from_pretrained(path).eval() for kv, path in ((4, tiny_llama), (2, tiny_llama_gqa2))}
+    paths = {4: tiny_llama, 2: tiny_llama_gqa2}
+    return {kv: AutoModelForCausalLM.from_pretrained(path).eval() for kv, path in paths.items()}
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
