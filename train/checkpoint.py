@@ -45,7 +45,8 @@ def save_checkpoint(accelerator: Accelerator, root: Path, state: dict[str, Any],
     final = checkpoint_dir(root, state["step"])
     temp = root / f"{_TEMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
-        shutil.rmtree(temp, ignore_errors=True)  # left by a crash during an earlier save
+        for stale in root.glob(f"{_TEMP_PREFIX}*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale)
         temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temp))
