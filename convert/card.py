@@ -76,8 +76,8 @@ def read_provenance(folder: Path) -> dict | None:
 
 
 def base_record(record: dict) -> dict:
-    """The original model's record: the oldest ancestor in a chain of conversions."""
-    while "parent" in record:
+    """The first conversion in a chain of them: its source is the original model."""
+    while "conversion" in record.get("parent", {}):
         record = record["parent"]
     return record
 

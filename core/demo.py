@@ -1,0 +1,180 @@
+"""`gqa-demo`: the whole pipeline, offline, on a laptop CPU in minutes.
+
+1. corpus:    docstrings of this Python installation's standard library (every Python carries them), split by
+              module into train and held-out text;
+2. tokenizer: a byte-level BPE trained on the train split;
+3. base:      a small multi-head-attention Llama pretrained from scratch with gqa-uptrain's own loop;
+4. convert:   mean-pooled to GQA and MQA with gqa-convert;
+5. uptrain:   each for a slice of the base's pretraining tokens (the GQA paper uses about 5%);
+6. evaluate:  gqa-eval compares every model with the base: held-out perplexity, the shipped lm-eval tasks and the
+              KV-cache size.
+Each stage leaves its result in OUTPUT and is skipped when run again, so an interrupted demo resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from gqa_uptrain.cli import run_cli
+
+VOCAB = 2048
+SEQ_LEN = 128
+HOLDOUT_EVERY = 8  # every 8th standard-library module is held out
+
+
+def stdlib_docstrings() -> dict[str, list[str]]:
+    """Docstrings of the standard library, read with `ast` (nothing is imported), keyed by module file."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    docs = {}
+    for path in tqdm(files, desc="reading docstrings", unit="module"):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                                ast.AsyncFunctionDef)))
+        texts = [doc for node in nodes if (doc := ast.get_docstring(node)) and len(doc) >= 80]
+        if texts:
+            docs[path.relative_to(root).as_posix()] = texts
+    return docs
+
+
+def write_corpus(folder: Path) -> None:
+    """train.jsonl (one docstring a row) and heldout.txt (modules the model never trains on)."""
+    docs = stdlib_docstrings()
+    train, heldout = [], []
+    for i, texts in enumerate(docs.values()):
+        (heldout if i % HOLDOUT_EVERY == 0 else train).extend(texts)
+    random.Random(0).shuffle(train)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in train)
+    (folder / "heldout.txt").write_text("\n\n".join(heldout) + "\n")
+
+
+def train_tokenizer(corpus: Path, folder: Path):
+    """A byte-level BPE tokenizer, saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in open(corpus / "train.jsonl")]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", model_max_length=SEQ_LEN * 8)
+    tokenizer.save_pretrained(folder)
+
+
+def init_base(tokenizer_folder: Path, folder: Path) -> None:
+    """A randomly initialised multi-head-attention Llama (8 query heads, 8 KV heads)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=SEQ_LEN * 8,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def train(model: Path, corpus: Path, output: Path, budget: dict, lr: float, warmup: int) -> Path:
+    """One run of gqa-uptrain's loop (pretraining from scratch and uptraining alike)."""
+    from gqa_uptrain.train.loop import run
+    from gqa_uptrain.train.recipe import Recipe
+
+    recipe = Recipe.model_validate({
+        "output_dir": str(output), "seed": 0,
+        "model": {"path": str(model)},
+        "data": {"train": {"path": str(corpus / "train.jsonl")}, "holdout_docs": 64, "seq_len": SEQ_LEN},
+        "batch": {"micro_batch": 16, "global_batch": 16},
+        "train": {"lr": lr, "warmup_steps": warmup, "weight_decay": 0.0, "precision": "fp32"},
+        "budget": budget,
+        "checkpoint": {"every": 100, "keep": 1},
+        "eval": {"every": 100, "batches": 4},
+        "log": {"every": 25, "trackers": []},
+    })
+    return run(recipe)
+
+
+def record_pretraining(model: Path) -> int:
+    """Rewrite the pretrained model's provenance: its training is the 100% that uptraining fractions refer to."""
+    from gqa_uptrain.convert.card import PROVENANCE
+
+    path = model / PROVENANCE
+    run = json.loads(path.read_text())["uptraining"]
+    record = {"tool": {"name": "gqa-uptrain"}, "source": {"id": "gqa-demo"},
+              "pretraining": {"tokens": run["tokens"], "steps": run["steps"],
+                              "data": "Python standard-library docstrings"}}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return run["tokens"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="gqa-demo", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", "--output", type=Path, default=Path("gqa-demo"),
+                   help="folder for every stage's result (default: ./gqa-demo); a rerun resumes there")
+    p.add_argument("--groups", type=int, nargs="+", default=[2, 1],
+                   help="KV head counts to convert the 8-head base to (default: 2 1)")
+    p.add_argument("--pretrain-steps", type=int, default=300,
+                   help="optimizer steps of pretraining, 2,048 tokens each (default: 300)")
+    p.add_argument("--uptrain-fraction", type=float, default=0.05,
+                   help="uptraining budget as a fraction of the pretraining tokens (default: 0.05, as in the "
+                        "GQA paper)")
+    args = p.parse_args(argv)
+    run_cli("gqa-demo", lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    from gqa_uptrain.convert import convert_checkpoint
+    from gqa_uptrain.eval.runner import EvalOptions
+    from gqa_uptrain.eval.runner import run as evaluate
+
+    out = args.output
+    corpus, tokenizer, init = out / "corpus", out / "tokenizer", out / "base-init"
+    if not (corpus / "heldout.txt").is_file():
+        write_corpus(corpus)
+    if not (tokenizer / "tokenizer.json").is_file():
+        train_tokenizer(corpus, tokenizer)
+    if not (init / "config.json").is_file():
+        init_base(tokenizer, init)
+    base = out / "base" / "model"
+    if not (base / "config.json").is_file():
+        train(init, corpus, out / "base", {"steps": args.pretrain_steps}, lr=3e-3, warmup=30)
+        record_pretraining(base)
+    pretrain_tokens = json.loads((base / "gqa_provenance.json").read_text())["pretraining"]["tokens"]
+    candidates = []
+    for groups in args.groups:
+        name = "mqa" if groups == 1 else f"gqa{groups}"
+        converted = out / name
+        if not (converted / "config.json").is_file():
+            convert_checkpoint(base, groups, converted)
+        uptrained = train(converted, corpus, out / f"{name}-uptrained",
+                          {"fraction": args.uptrain_fraction, "pretrain_tokens": pretrain_tokens}, lr=1e-3, warmup=2)
+        candidates += [converted, uptrained]
+    errors = evaluate(EvalOptions(base=str(base), models=[str(c) for c in candidates], output=out / "report",
+                                  tasks="gqa_lastword,gqa_nextsentence", limit=200, batch_size=16,
+                                  perplexity=str(corpus / "heldout.txt"), perplexity_concat=True))
+    print(f"\ngqa-demo: report in {out / 'report'}; loss curves in {out}/*/loss_curve.png")
+    if errors:
+        raise SystemExit("\n".join(errors))
+
+
+if __name__ == "__main__":
+    main()
