@@ -126,15 +126,16 @@ def build_report(settings: dict, base: dict, candidates: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------- text tables
 
 
-def _fmt(value, digits: int = 4) -> str:
+def _fmt(value, sign: str = "") -> str:
+    """Scores with 4 decimals, hundreds and more with 1, millions and more in exponent form."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else ""
     if isinstance(value, float):
         if abs(value) >= 1e6:
-            return f"{value:.{digits}g}"
-        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+            return f"{value:{sign}.4g}"
+        return f"{value:{sign}.1f}" if abs(value) >= 100 else f"{value:{sign}.4f}"
     return str(value)
 
 
@@ -147,7 +148,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 def comparison_table(rows: list[dict]) -> str:
     """One candidate against the base; `*` marks a delta beyond two standard errors."""
     body = [[r["task"], r["metric"], r["base"], r["candidate_value"],
-             f"{r['delta']:+.4f}" + (" *" if r["significant"] else ""), r["delta_stderr"]] for r in rows]
+             _fmt(r["delta"], sign="+") + (" *" if r["significant"] else ""), r["delta_stderr"]] for r in rows]
     return markdown_table(["task", "metric", "base", "candidate", "delta", "stderr(delta)"], body)
 
 
@@ -245,6 +246,12 @@ def csv_text(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------------- plots
 
 
+def _color(report: dict, label: str) -> str:
+    """One colour per candidate, the same in every plot."""
+    labels = [c["label"] for c in report["candidates"]]
+    return f"C{labels.index(label) % 10}"
+
+
 def headline_rows(report: dict) -> dict[str, list[dict]]:
     """Per candidate, the rows a plot shows: each task's headline metric, then the average."""
     headline = {task: entry["metric"] for task, entry in headline_values(report["base"]).items()}
@@ -265,7 +272,8 @@ def plot_deltas(report: dict, path: Path) -> bool:
         offset = (i - (len(series) - 1) / 2) * width
         xs = [tasks.index(r["task"]) + offset for r in rows]
         whiskers = [2 * r["delta_stderr"] if r["delta_stderr"] else 0.0 for r in rows]
-        ax.bar(xs, [r["delta"] for r in rows], width, yerr=whiskers, capsize=3, label=label)
+        ax.bar(xs, [r["delta"] for r in rows], width, yerr=whiskers, capsize=3, label=label,
+               color=_color(report, label))
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(tasks)), [ticks[t] for t in tasks], fontsize=8)
     ax.set_ylabel("candidate - base")
@@ -278,29 +286,29 @@ def plot_deltas(report: dict, path: Path) -> bool:
 
 
 def plot_quality_vs_kv(report: dict, path: Path) -> bool:
-    """Average headline score (perplexity when no task ran) against KV-cache bytes per token, one point a model."""
-    models = [m for m in [report["base"], *report["candidates"]]
-              if not m.get("error") and m.get("kv_cache_bytes_per_token")]
-    use_score = bool(models) and all(average_score(m) is not None for m in models)
-    points = [(m, average_score(m) if use_score else (m.get("perplexity") or {}).get("token_perplexity"))
-              for m in models]
-    points = [(m, y) for m, y in points if y is not None]
-    if not points:
+    """Average headline score and perplexity (a panel each, where measured) against KV-cache bytes per token."""
+    models = [m for m in [report["base"], *report["candidates"]] if m.get("kv_cache_bytes_per_token")]
+    panels = [(name, points) for name, measure in (
+        ("average score", average_score),
+        ("token perplexity (lower is better)", lambda m: (m.get("perplexity") or {}).get("token_perplexity")),
+    ) if (points := [(m, y) for m in models if (y := measure(m)) is not None])]
+    if not panels:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    line = sorted((m["kv_cache_bytes_per_token"], y) for m, y in points)
-    ax.plot([x for x, _ in line], [y for _, y in line], color="lightgray", zorder=0)
-    for model, y in points:
-        x = model["kv_cache_bytes_per_token"]
-        ax.scatter(x, y, marker="s" if model["role"] == "base" else "o", s=40)
-        ax.annotate(model["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    xs = sorted({m["kv_cache_bytes_per_token"] for m, _ in points})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [_bytes(x) for x in xs], fontsize=8)
-    ax.minorticks_off()
-    ax.set_xlabel("KV cache per token")
-    ax.set_ylabel("average score" if use_score else "token perplexity")
-    ax.set_title("Quality vs KV-cache size")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, points) in zip(axes[0], panels):
+        for model, y in points:
+            x = model["kv_cache_bytes_per_token"]
+            base = model["role"] == "base"
+            ax.scatter(x, y, marker="s" if base else "o", s=40,
+                       color="black" if base else _color(report, model["label"]))
+            ax.annotate(model["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        xs = sorted({m["kv_cache_bytes_per_token"] for m, _ in points})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [_bytes(x) for x in xs], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel("KV cache per token")
+        ax.set_ylabel(name)
+    fig.suptitle("Quality vs KV-cache size")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
