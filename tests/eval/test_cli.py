@@ -132,6 +132,20 @@ def test_unknown_task_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_standard_task_name_goes_to_lm_eval(gqa_eval, eval_args, tiny_llama, tmp_path, capsys, monkeypatch):
+    """`arc_easy` is found in lm-eval's own index and its Hub data requested; offline, that fails in one line."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = eval_args(tiny_llama, [], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword,arc_easy")
+    assert gqa_eval(args) == 2
+    line = _one_error_line(capsys)
+    assert "task 'arc_easy': its data does not load" in line and "allenai/ai2_arc" in line
+    assert not (tmp_path / "out").exists()  # found before any model ran
+
+
 def test_model_that_does_not_load_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     missing.mkdir()
