@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gqa_uptrain.errors import ConfigError, GqaError
+from gqa_uptrain.errors import ConfigError, EvaluationError, GqaError
 
 from . import report as report_io
 from .cache import ResultCache, default_cache_dir, result_key
@@ -249,6 +249,9 @@ def evaluate_model(record: dict, spec: ModelSpec, plan: Plan) -> None:
             measure_perplexity(record, model, record["fingerprint"], plan)
         if plan.options.speed:
             measure_speed(record, model, plan)
+    except torch.OutOfMemoryError as error:
+        raise EvaluationError(f"model {spec.ref}: out of memory at --batch-size {plan.options.batch_size} "
+                              "(try a smaller one, or --device auto to spread it over several GPUs)") from error
     finally:
         model.release()
 

@@ -5,6 +5,8 @@ import json
 import shutil
 
 import pytest
+import torch
+
 from gqa_uptrain.eval import runner
 from gqa_uptrain.eval.cli import main
 
@@ -105,16 +107,17 @@ def test_candidate_failing_midway_keeps_its_finished_tasks(gqa_eval, eval_args, 
     def fails_on_the_fourth(*args):
         calls.append(args[2])
         if len(calls) == 4:  # base: both tasks; candidate: the first task, then this
-            raise RuntimeError("CUDA out of memory")
+            raise torch.OutOfMemoryError("CUDA out of memory")
         return real(*args)
 
     monkeypatch.setattr(runner, "evaluate_task", fails_on_the_fourth)
     args = eval_args(tiny_llama, [tiny_llama_gqa2], tmp_path / "out", tmp_path / "cache",
                      "--tasks", "gqa_lastword,gqa_nextsentence")
     assert gqa_eval(args) == 2
-    assert "RuntimeError: CUDA out of memory" in capsys.readouterr().err
+    line = _one_error_line(capsys)
+    assert f"candidate {tiny_llama_gqa2}: model {tiny_llama_gqa2}: out of memory at --batch-size 4" in line
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["candidates"][0]["error"] == "RuntimeError: CUDA out of memory"
+    assert "out of memory" in report["candidates"][0]["error"]
     rows = next(iter(report["comparisons"].values()))
     assert {r["task"] for r in rows} == {"gqa_lastword", "average"}
 
