@@ -340,7 +340,7 @@ def measure_decode(
     bandwidth: float | None = None,
     cuda_graph: bool | None = None,
     compile: bool | None = None,
-    split_kv: bool = False,
+    split_kv: bool | None = None,
     stock_generate: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -351,7 +351,8 @@ def measure_decode(
     and the floor is taken at the mean context of those steps. `cuda_graph` and `compile` default to on for a CUDA
     device and off elsewhere; compiling costs about a minute per case for a 7B model on an H100 and brought the
     engine from 71-79% to 85-91% of the floor there (docs/benchmarks.md). `split_kv` decodes with the split-KV
-    Triton kernel (`decode_kernels`; not yet measured on a GPU, so off by default). Each case returns a dict:
+    Triton kernel (`decode_kernels`); it defaults to on for a CUDA device where Triton is installed, since it took
+    GQA-8 from 52-64% to 72-76% of the floor on an H100 (docs/benchmarks.md). Each case returns a dict:
     `batch`, `context`, `tokens_per_s` (engine-style), `generate_tokens_per_s`, `floor_tokens_per_s`,
     `fraction_of_floor` (engine over floor), `generate_fraction_of_floor`, and the bytes and bandwidth behind the
     floor.
@@ -360,6 +361,7 @@ def measure_decode(
     device = model.device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     compile = device.type == "cuda" if compile is None else compile
+    split_kv = device.type == "cuda" and decode_kernels is not None if split_kv is None else split_kv
     bandwidth = bandwidth or measure_bandwidth(device)
     generator = torch.Generator().manual_seed(seed)
     results = []

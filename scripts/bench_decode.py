@@ -7,7 +7,7 @@ measured copy bandwidth, and the decode attention alone against its own floor. I
 speedups as ratios of figures from this run, and writes everything as JSON.
 
     python scripts/bench_decode.py --output bench_decode.json
-    python scripts/bench_decode.py --split-kv --engines graph --skip-generate   # the split-KV Triton kernel
+    python scripts/bench_decode.py --no-split-kv --engines graph --skip-generate   # packed SDPA attention
     python scripts/bench_decode.py --layers 4 --cases 2x512 --engines graph     # a quick look
 """
 
@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=480.0,
                         help="seconds after which no new measurement starts; what is done is kept (default: 480)")
     parser.add_argument("--skip-generate", action="store_true", help="do not time stock generate()")
-    parser.add_argument("--split-kv", action="store_true",
-                        help="decode attention in the split-KV Triton kernel instead of packed SDPA")
+    parser.add_argument("--no-split-kv", dest="split_kv", action="store_false",
+                        help="decode attention with packed SDPA instead of the split-KV Triton kernel (the default)")
     parser.add_argument("--output", type=Path, help="write every figure to this JSON file")
     return parser.parse_args(argv)
 
