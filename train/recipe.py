@@ -106,6 +106,30 @@ class LogSpec(_Section):
     peak_tflops: float | None = Field(None, gt=0.0)  # per device, for MFU; None: known GPUs only
 
 
+class ConvertSpec(_Section):
+    """How `model.path` is made from the original checkpoint (run by scripts/pipeline.py)."""
+
+    source: str  # the original MHA (or GQA) checkpoint: a local folder or a Hub id
+    groups: int = Field(ge=1)
+    method: Literal["mean", "first", "random"] = "mean"
+
+
+class EvaluateSpec(_Section):
+    """The gqa-eval comparison of the uptrained model with `convert.source` (run by scripts/pipeline.py)."""
+
+    tasks: str | None = None  # lm-eval task names, or the shipped gqa_lastword,gqa_nextsentence
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    limit: float | None = Field(None, gt=0)
+    perplexity: str | None = None  # held-out text: a file or a Hub dataset
+    speed: bool = False
+
+
+class PublishSpec(_Section):
+    repo_id: str  # the Hub repository the pipeline uploads the model and its card to
+    private: bool = False
+
+
 class Recipe(_Section):
     output_dir: str
     seed: int = 0
@@ -118,10 +142,15 @@ class Recipe(_Section):
     checkpoint: CheckpointSpec = CheckpointSpec()
     eval: EvalSpec = EvalSpec()
     log: LogSpec = LogSpec()
+    accelerate_config: str | None = None  # the launch config for this recipe's hardware (recipes/accelerate/)
+    convert: ConvertSpec | None = None
+    evaluate: EvaluateSpec | None = None
+    publish: PublishSpec | None = None
 
     def identity(self) -> dict[str, Any]:
         """What decides the weights: a resumed run must agree on all of it (folder, cadence, logging may change)."""
-        return self.model_dump(mode="json", exclude={"output_dir", "checkpoint", "eval", "log"})
+        return self.model_dump(mode="json", exclude={"output_dir", "checkpoint", "eval", "log", "accelerate_config",
+                                                     "evaluate", "publish"})
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -1,0 +1,114 @@
+"""One recipe, the whole pipeline: gqa-convert -> gqa-uptrain -> gqa-eval -> gqa-publish.
+
+    python scripts/pipeline.py recipes/llama-2-7b-gqa8.yaml                 # every step the recipe names
+    python scripts/pipeline.py recipes/llama-2-7b-gqa8.yaml --dry-run       # print the commands, run nothing
+    python scripts/pipeline.py RECIPE --repo-id me/model --publish-dry-run  # build the card, upload nothing
+
+The recipe's `convert`, `evaluate` and `publish` sections say what the steps do (recipes/template.yaml); training
+goes through scripts/launch.sh with the recipe's `accelerate_config`. The recipe and everything the steps need are
+checked before the first step starts. A step whose result exists is skipped, and training and evaluation resume
+by themselves, so running the same command again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gqa_uptrain.cli import run_cli
+from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.train.recipe import Recipe, load_recipe
+
+LAUNCH = Path(__file__).resolve().parent / "launch.sh"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+    done: bool  # its result is already there
+
+
+def plan(recipe_path: Path, overrides: list[str], recipe: Recipe, repo_id: str | None,
+         publish_dry_run: bool) -> list[Step]:
+    """The commands the recipe asks for, in order."""
+    python = [sys.executable, "-m"]
+    model, output = Path(recipe.model.path), Path(recipe.output_dir)
+    uptrained, report = output / "model", output / "eval"
+    steps = []
+    if recipe.convert:
+        c = recipe.convert
+        steps.append(Step("convert", [*python, "gqa_uptrain.convert.cli", c.source, "--groups", str(c.groups),
+                                      "--method", c.method, "--output", str(model)],
+                          (model / "config.json").is_file()))
+    steps.append(Step("uptrain", ["bash", str(LAUNCH), str(recipe_path), *overrides],
+                      (uptrained / "config.json").is_file()))
+    if recipe.evaluate:
+        e = recipe.evaluate
+        if not recipe.convert:
+            raise ConfigError(f"{recipe_path}: `evaluate` compares with convert.source; the recipe has no `convert`")
+        argv = [*python, "gqa_uptrain.eval", "--base", recipe.convert.source, "--model", str(uptrained),
+                "--num-fewshot", str(e.num_fewshot), "--batch-size", str(e.batch_size), "--output", str(report)]
+        argv += ["--tasks", e.tasks] if e.tasks else []
+        argv += ["--limit", f"{e.limit:g}"] if e.limit else []
+        argv += ["--perplexity", e.perplexity] if e.perplexity else []
+        argv += ["--speed"] if e.speed else []
+        steps.append(Step("evaluate", argv, False))  # gqa-eval's cache makes a rerun cheap
+    repo_id = repo_id or (recipe.publish.repo_id if recipe.publish else None)
+    if repo_id:
+        argv = [*python, "gqa_uptrain.publish", str(uptrained), "--repo-id", repo_id]
+        argv += ["--report", str(report / "report.json")] if recipe.evaluate else []
+        argv += ["--private"] if recipe.publish and recipe.publish.private else []
+        argv += ["--dry-run"] if publish_dry_run else []
+        steps.append(Step("publish", argv, False))
+    return steps
+
+
+def check_inputs(recipe_path: Path, recipe: Recipe) -> None:
+    """What must exist before the first step: the source of a conversion, or the model to uptrain."""
+    if recipe.convert:
+        source = recipe.convert.source
+        if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
+            raise ConfigError(f"{recipe_path}: convert.source {source} is not a folder")
+    elif not Path(recipe.model.path).is_dir() and recipe.model.path.startswith((".", "/", "~")):
+        raise ConfigError(f"{recipe_path}: model.path {recipe.model.path} is not a folder, and the recipe has no "
+                          "`convert` section to make it")
+    if recipe.accelerate_config and not Path(recipe.accelerate_config).is_file():
+        raise ConfigError(f"{recipe_path}: accelerate_config {recipe.accelerate_config} is not a file")
+
+
+def run(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_inputs(args.recipe, recipe)
+    steps = plan(args.recipe, args.overrides, recipe, args.repo_id, args.publish_dry_run)
+    for i, step in enumerate(steps, 1):
+        state = "done, skipped" if step.done else ("would run" if args.dry_run else "running")
+        print(f"[{i}/{len(steps)}] {step.name} ({state}): {shlex.join(step.argv)}", flush=True)
+        if step.done or args.dry_run:
+            continue
+        code = subprocess.run(step.argv).returncode
+        if code != 0:
+            raise SystemExit(f"pipeline: step {step.name} failed (exit {code}); fix it and run the same command "
+                             "again to continue")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="pipeline.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", type=Path, help="the recipe YAML (recipes/template.yaml documents every key)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for the recipe, e.g. train.lr=1e-5")
+    p.add_argument("--repo-id", help="publish to this Hub repository (default: the recipe's publish.repo_id; "
+                                     "no publishing when neither is given)")
+    p.add_argument("--publish-dry-run", action="store_true",
+                   help="write the model card and list what would be uploaded, without uploading")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe, print every command, run none")
+    args = p.parse_args(argv)
+    run_cli("pipeline.py", lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
