@@ -5,7 +5,8 @@
 2. tokenizer: a byte-level BPE trained on the train split;
 3. base:      a small multi-head-attention Llama pretrained from scratch with gqa-uptrain's own loop;
 4. convert:   mean-pooled to GQA and MQA with gqa-convert;
-5. uptrain:   each for a slice of the base's pretraining tokens (the GQA paper uses about 5%);
+5. uptrain:   each for a slice of the base's pretraining tokens (the GQA paper uses about 5%), and the base
+              itself for as many tokens (the fair baseline: it sees the extra data too);
 6. evaluate:  gqa-eval compares every model with the base: held-out perplexity, the shipped lm-eval tasks and the
               KV-cache size.
 Each stage leaves its result in OUTPUT and is skipped when run again, so an interrupted demo resumes.
@@ -18,6 +19,7 @@ import ast
 import json
 import random
 import sysconfig
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -74,7 +76,7 @@ def train_tokenizer(corpus: Path, folder: Path):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                        pad_token="<|endoftext|>", model_max_length=SEQ_LEN * 8)
+                                        pad_token="<|endoftext|>", model_max_length=SEQ_LEN)
     tokenizer.save_pretrained(folder)
 
 
@@ -86,7 +88,7 @@ def init_base(tokenizer_folder: Path, folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=SEQ_LEN * 8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=SEQ_LEN,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -147,31 +149,43 @@ def run(args: argparse.Namespace) -> None:
     from gqa_uptrain.eval.runner import run as evaluate
 
     out = args.output
-    corpus, tokenizer, init = out / "corpus", out / "tokenizer", out / "base-init"
+    corpus, tokenizer, init, base = out / "corpus", out / "tokenizer", out / "base-init", out / "base" / "model"
+    start = time.perf_counter()
+
+    def stage(title: str) -> None:
+        print(f"\n== gqa-demo [{time.perf_counter() - start:5.0f} s] {title}", flush=True)
+
+    stage("corpus: standard-library docstrings; every 8th module held out")
     if not (corpus / "heldout.txt").is_file():
         write_corpus(corpus)
+    stage(f"tokenizer: byte-level BPE, {VOCAB:,} tokens")
     if not (tokenizer / "tokenizer.json").is_file():
         train_tokenizer(corpus, tokenizer)
+    stage(f"base: a multi-head-attention Llama pretrained from scratch for {args.pretrain_steps} steps")
     if not (init / "config.json").is_file():
         init_base(tokenizer, init)
-    base = out / "base" / "model"
     if not (base / "config.json").is_file():
         train(init, corpus, out / "base", {"steps": args.pretrain_steps}, lr=3e-3, warmup=30)
         record_pretraining(base)
     pretrain_tokens = json.loads((base / "gqa_provenance.json").read_text())["pretraining"]["tokens"]
+    uptraining = {"fraction": args.uptrain_fraction, "pretrain_tokens": pretrain_tokens}
+
     candidates = []
     for groups in args.groups:
         name = "mqa" if groups == 1 else f"gqa{groups}"
-        converted = out / name
-        if not (converted / "config.json").is_file():
-            convert_checkpoint(base, groups, converted)
-        uptrained = train(converted, corpus, out / f"{name}-uptrained",
-                          {"fraction": args.uptrain_fraction, "pretrain_tokens": pretrain_tokens}, lr=1e-3, warmup=2)
-        candidates += [converted, uptrained]
+        stage(f"{name}: convert (mean pooling), then uptrain for {args.uptrain_fraction:.0%} of the pretraining tokens")
+        if not (out / name / "config.json").is_file():
+            convert_checkpoint(base, groups, out / name)
+        candidates += [out / name, train(out / name, corpus, out / f"{name}-uptrained", uptraining, lr=1e-3, warmup=2)]
+    stage("mha-continued: the base trained on the same extra tokens, the fair baseline for the uptrained models")
+    candidates.append(train(base, corpus, out / "mha-continued", uptraining, lr=1e-3, warmup=2))
+
+    stage("evaluate every model against the base with gqa-eval")
     errors = evaluate(EvalOptions(base=str(base), models=[str(c) for c in candidates], output=out / "report",
-                                  tasks="gqa_lastword,gqa_nextsentence", limit=200, batch_size=16,
-                                  perplexity=str(corpus / "heldout.txt"), perplexity_concat=True))
-    print(f"\ngqa-demo: report in {out / 'report'}; loss curves in {out}/*/loss_curve.png")
+                                  tasks="gqa_lastword,gqa_nextsentence", limit=100, batch_size=16,
+                                  perplexity=str(corpus / "heldout.txt"), perplexity_concat=True,
+                                  cache_dir=out / "eval-cache"))
+    stage(f"done: report in {out / 'report'}, loss curves in {out}/*/loss_curve.png")
     if errors:
         raise SystemExit("\n".join(errors))
 
