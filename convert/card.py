@@ -8,7 +8,6 @@ converted again.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import threading
 from datetime import datetime, timezone
@@ -21,8 +20,8 @@ from transformers import AutoConfig
 from gqa_uptrain import __version__
 from gqa_uptrain.convert.layout import with_kv_heads
 from gqa_uptrain.eval.kv_cache import kv_cache_bytes_per_token
+from gqa_uptrain.provenance import PROVENANCE, read_provenance
 
-PROVENANCE = "gqa_provenance.json"
 _HASH_CHUNK = 16 << 20
 
 
@@ -70,11 +69,6 @@ def provenance(source_label: str, revision: str | None, license: str | None, has
     return record
 
 
-def read_provenance(folder: Path) -> dict | None:
-    path = folder / PROVENANCE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def base_record(record: dict) -> dict:
     """The first conversion in a chain of them: its source is the original model."""
     while "conversion" in record.get("parent", {}):
@@ -87,7 +81,7 @@ def model_card(folder: Path, title: str, extra: list[str] = ()) -> ModelCard:
 
     `extra` holds more Markdown lines (gqa-publish adds the quality table of a gqa-eval report).
     """
-    record = json.loads((folder / PROVENANCE).read_text())
+    record = read_provenance(folder)
     conversion, uptraining = record["conversion"], record.get("uptraining")
     base = base_record(record)
     base_id = base["source"]["id"]

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gqa_uptrain.convert.card import PROVENANCE, card_license, model_card, provenance, read_provenance, sha256_files
+from gqa_uptrain.convert.card import card_license, model_card, provenance, sha256_files
 from gqa_uptrain.convert.checkpoint_io import ShardedWriter, is_weight_file, write_tensor
 from gqa_uptrain.convert.methods import PoolContext
 from gqa_uptrain.convert.plan import Plan, Step
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
 from gqa_uptrain.convert.source import Source
 from gqa_uptrain.errors import DiskFullError, OutputExistsError
+from gqa_uptrain.provenance import PROVENANCE, read_provenance
 
 _NOT_COPIED = {"config.json", "README.md", PROVENANCE}
 _SPACE_MARGIN = 64 << 20

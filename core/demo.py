@@ -116,7 +116,7 @@ def train(model: Path, corpus: Path, output: Path, budget: dict, lr: float, warm
 
 def record_pretraining(model: Path) -> int:
     """Rewrite the pretrained model's provenance: its training is the 100% that uptraining fractions refer to."""
-    from gqa_uptrain.convert.card import PROVENANCE
+    from gqa_uptrain.provenance import PROVENANCE
 
     path = model / PROVENANCE
     run = json.loads(path.read_text())["uptraining"]
@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> None:
     from gqa_uptrain.convert import convert_checkpoint
     from gqa_uptrain.eval.runner import EvalOptions
     from gqa_uptrain.eval.runner import run as evaluate
+    from gqa_uptrain.provenance import read_provenance
 
     out = args.output
     corpus, tokenizer, init, base = out / "corpus", out / "tokenizer", out / "base-init", out / "base" / "model"
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
     if not (base / "config.json").is_file():
         train(init, corpus, out / "base", {"steps": args.pretrain_steps}, lr=3e-3, warmup=30)
         record_pretraining(base)
-    pretrain_tokens = json.loads((base / "gqa_provenance.json").read_text())["pretraining"]["tokens"]
+    pretrain_tokens = read_provenance(base)["pretraining"]["tokens"]
     uptraining = {"fraction": args.uptrain_fraction, "pretrain_tokens": pretrain_tokens}
 
     candidates = []

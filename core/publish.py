@@ -14,9 +14,10 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.convert.card import PROVENANCE, model_card
+from gqa_uptrain.convert.card import model_card
 from gqa_uptrain.errors import CheckpointError, PublishError
 from gqa_uptrain.eval.report import comparison_table
+from gqa_uptrain.provenance import PROVENANCE
 
 
 def quality_lines(report: dict, folder: Path, label: str | None) -> list[str]:

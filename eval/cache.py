@@ -13,9 +13,11 @@ from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 
+from gqa_uptrain.provenance import PROVENANCE
+
 # Files that decide a model's outputs; docs, model cards and provenance notes do not.
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".jinja")
-IGNORED_FILES = {"gqa_provenance.json"}
+IGNORED_FILES = {PROVENANCE}
 
 
 def default_cache_dir() -> Path:

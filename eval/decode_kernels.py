@@ -84,12 +84,12 @@ def _merge_kernel(Partial, Stats, Out, splits, groups, D: tl.constexpr, D_PAD: t
     d = tl.arange(0, D_PAD)
     split_rows = (bh * splits + s) * groups + g
     m = tl.load(Stats + split_rows * 2, mask=s < splits, other=float("-inf"))
-    l = tl.load(Stats + split_rows * 2 + 1, mask=s < splits, other=0.0)
+    denom = tl.load(Stats + split_rows * 2 + 1, mask=s < splits, other=0.0)
     m_max = tl.max(m, 0)
     weight = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
     acc = tl.load(Partial + split_rows[:, None] * D + d[None, :], mask=(s[:, None] < splits) & (d[None, :] < D),
                   other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(denom * weight, 0)
     tl.store(Out + row * D + d, out.to(Out.dtype.element_ty), mask=d < D)
 
 

@@ -1,6 +1,5 @@
 """Load the models and tokenizers to compare, turning every way that can fail into one error naming the model."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,8 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from gqa_uptrain.errors import CheckpointError, TokenizerMismatchError
+from gqa_uptrain.provenance import read_provenance
 
-PROVENANCE_FILE = "gqa_provenance.json"
 # A probe that exercises whitespace, digits, punctuation, case and non-ASCII: tokenizers that agree on it
 # and on their vocabularies and special tokens tokenize evaluation text the same way.
 PROBE = "Hello  world!\n\tIt's 2026: naïve café, 3.14159 and 東京.  "
@@ -50,9 +49,7 @@ def open_model(ref: str, label: str) -> ModelSpec:
         tokenizer = AutoTokenizer.from_pretrained(ref)
     except Exception as error:  # noqa: BLE001
         raise CheckpointError(f"model {ref}: its tokenizer does not load: {_why(error)}") from error
-    provenance_file = path / PROVENANCE_FILE
-    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else None
-    return ModelSpec(ref=ref, label=label, config=config, tokenizer=tokenizer, provenance=provenance)
+    return ModelSpec(ref=ref, label=label, config=config, tokenizer=tokenizer, provenance=read_provenance(path))
 
 
 def load_weights(spec: ModelSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:

@@ -19,16 +19,13 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import gqa_uptrain
+from gqa_uptrain.provenance import PROVENANCE, read_provenance
 
-PROVENANCE_FILE = "gqa_provenance.json"
 
 
 def source_provenance(folder: Path) -> dict[str, Any]:
     """The provenance the converted model came with, or a fresh record naming it."""
-    path = folder / PROVENANCE_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"tool": {"name": "gqa-uptrain", "version": gqa_uptrain.__version__}, "source": {"id": str(folder)}}
+    return read_provenance(folder) or {"tool": {"name": "gqa-uptrain", "version": gqa_uptrain.__version__}, "source": {"id": str(folder)}}
 
 
 def export_model(
@@ -56,6 +53,6 @@ def export_model(
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "gqa_uptrain_version": gqa_uptrain.__version__,
         }
-        (temp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (temp / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
         os.replace(temp, target)
     accelerator.wait_for_everyone()

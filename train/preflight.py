@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from gqa_uptrain.convert.source import resolve_source
 from gqa_uptrain.errors import CheckpointError, ConfigError
 
-from .export import PROVENANCE_FILE
+from gqa_uptrain.provenance import PROVENANCE
 from .recipe import Recipe
 
 RECIPE_SNAPSHOT = "recipe.yaml"
@@ -93,7 +93,7 @@ def check_output_dir(recipe: Recipe) -> str:
             f"output_dir {output} holds a run of a different recipe (differs in {', '.join(changed)}): "
             "use a new output_dir, or the recipe that run was started with"
         )
-    return "complete" if (output / "model" / PROVENANCE_FILE).is_file() else "resume"
+    return "complete" if (output / "model" / PROVENANCE).is_file() else "resume"
 
 
 def write_snapshot(recipe: Recipe) -> None:

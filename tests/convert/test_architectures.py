@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from gqa_uptrain.convert import convert_checkpoint
-from tiny_models import ARCHITECTURES, QUERY_HEADS, logits, random_model, repeat_kv_heads
+from tiny_models import ARCHITECTURES, logits, random_model, repeat_kv_heads
 
 ARCHS = sorted(ARCHITECTURES)
 
