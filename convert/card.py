@@ -25,22 +25,18 @@ from gqa_uptrain.provenance import PROVENANCE, read_provenance
 _HASH_CHUNK = 16 << 20
 
 
-def sha256_files(files: list[Path], cancel: threading.Event) -> dict[str, str]:
-    """SHA-256 of each file (run beside the conversion; stops early when `cancel` is set)."""
-    digests = {}
-    for file in files:
-        cached = _hub_cache_sha256(file)
-        if cached is not None:
-            digests[file.name] = cached
-            continue
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                if cancel.is_set():
-                    return digests
-                digest.update(chunk)
-        digests[file.name] = digest.hexdigest()
-    return digests
+def sha256_file(file: Path, cancel: threading.Event) -> str | None:
+    """SHA-256 of a file, run beside the conversion (hashlib releases the GIL); None once `cancel` is set."""
+    cached = _hub_cache_sha256(file)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            if cancel.is_set():
+                return None
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _hub_cache_sha256(file: Path) -> str | None:

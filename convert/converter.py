@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gqa_uptrain.convert.card import card_license, model_card, provenance, sha256_files
+from gqa_uptrain.convert.card import card_license, model_card, provenance, sha256_file
 from gqa_uptrain.convert.checkpoint_io import ShardedWriter, is_weight_file, write_tensor
 from gqa_uptrain.convert.methods import PoolContext
 from gqa_uptrain.convert.plan import Plan, Step
@@ -52,14 +52,17 @@ def convert(plan: Plan, source: Source, output: Path, force: bool = False, progr
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     work.chmod(0o755)  # mkdtemp makes it private; the finished model folder should not be
     cancel = threading.Event()
-    hasher = ThreadPoolExecutor(1)  # hashing the source files runs beside the conversion
+    # Source files are hashed for the provenance record beside the conversion, several at a time where cores allow.
+    hasher = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1))
     try:
-        hashes = hasher.submit(sha256_files, plan.reader.files, cancel)
+        pending = {file.name: hasher.submit(sha256_file, file, cancel) for file in plan.reader.files}
         _write_weights(plan, work, progress)
         _copy_other_files(source.folder, work)
         _write_config(plan, work)
-        record = provenance(source.label, source.revision, card_license(source.folder), hashes.result(), plan.method, plan.layout.groups,
-                            plan.layout.kv_heads, plan.layout.query_heads, plan.seed, read_provenance(source.folder))
+        hashes = {name: digest.result() for name, digest in pending.items()}
+        record = provenance(source.label, source.revision, card_license(source.folder), hashes, plan.method,
+                            plan.layout.groups, plan.layout.kv_heads, plan.layout.query_heads, plan.seed,
+                            read_provenance(source.folder))
         (work / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
         model_card(work, output.name).save(work / "README.md")
         _flush_to_disk(work)
@@ -69,7 +72,7 @@ def convert(plan: Plan, source: Source, output: Path, force: bool = False, progr
         shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
-        hasher.shutdown()
+        hasher.shutdown(cancel_futures=True)
     return output
 
 
