@@ -42,7 +42,7 @@ def plan(recipe_path: Path, overrides: list[str], recipe: Recipe, repo_id: str |
     steps = []
     if recipe.convert:
         c = recipe.convert
-        steps.append(Step("convert", [*python, "gqa_uptrain.convert.cli", c.source, "--groups", str(c.groups),
+        steps.append(Step("convert", [*python, "gqa_uptrain.convert", c.source, "--groups", str(c.groups),
                                       "--method", c.method, "--output", str(model)],
                           (model / "config.json").is_file()))
     steps.append(Step("uptrain", ["bash", str(LAUNCH), str(recipe_path), *overrides],
