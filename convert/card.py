@@ -1,8 +1,5 @@
-"""What a converted folder says about itself: a provenance record and a Hugging Face model card.
-
-The provenance file (`gqa_provenance.json`) is machine-readable and travels with the model: uptraining and
-evaluation extend or read it, and a converted model's own provenance is kept as `parent` when it is
-converted again.
+"""What a converted folder says about itself: its provenance record (with the source files' hashes) and a
+Hugging Face model card made from that record, which gqa-publish extends with evaluation results.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
-
 from transformers import AutoConfig
 
 from gqa_uptrain import __version__
