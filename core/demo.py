@@ -20,11 +20,13 @@ import json
 import random
 import sysconfig
 import time
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from gqa_uptrain.cli import run_cli
+from gqa_uptrain.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
 
 VOCAB = 2048
 SEQ_LEN = 128
@@ -63,70 +65,6 @@ def write_corpus(folder: Path) -> None:
     (folder / "heldout.txt").write_text("\n\n".join(heldout) + "\n")
 
 
-def train_tokenizer(corpus: Path, folder: Path):
-    """A byte-level BPE tokenizer, saved as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [json.loads(line)["text"] for line in open(corpus / "train.jsonl")]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                        pad_token="<|endoftext|>", model_max_length=SEQ_LEN)
-    tokenizer.save_pretrained(folder)
-
-
-def init_base(tokenizer_folder: Path, folder: Path) -> None:
-    """A randomly initialised multi-head-attention Llama (8 query heads, 8 KV heads)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=SEQ_LEN,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-def train(model: Path, corpus: Path, output: Path, budget: dict, lr: float, warmup: int) -> Path:
-    """One run of gqa-uptrain's loop (pretraining from scratch and uptraining alike)."""
-    from gqa_uptrain.train.loop import run
-    from gqa_uptrain.train.recipe import Recipe
-
-    recipe = Recipe.model_validate({
-        "output_dir": str(output), "seed": 0,
-        "model": {"path": str(model)},
-        "data": {"train": {"path": str(corpus / "train.jsonl")}, "holdout_docs": 64, "seq_len": SEQ_LEN},
-        "batch": {"micro_batch": 16, "global_batch": 16},
-        "train": {"lr": lr, "warmup_steps": warmup, "weight_decay": 0.0, "precision": "fp32"},
-        "budget": budget,
-        "checkpoint": {"every": 100, "keep": 1},
-        "eval": {"every": 100, "batches": 4},
-        "log": {"every": 25, "trackers": []},
-    })
-    return run(recipe)
-
-
-def record_pretraining(model: Path) -> int:
-    """Rewrite the pretrained model's provenance: its training is the 100% that uptraining fractions refer to."""
-    from gqa_uptrain.provenance import PROVENANCE
-
-    path = model / PROVENANCE
-    run = json.loads(path.read_text())["uptraining"]
-    record = {"tool": {"name": "gqa-uptrain"}, "source": {"id": "gqa-demo"},
-              "pretraining": {"tokens": run["tokens"], "steps": run["steps"],
-                              "data": "Python standard-library docstrings"}}
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return run["tokens"]
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="gqa-demo", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,9 +85,10 @@ def run(args: argparse.Namespace) -> None:
     from gqa_uptrain.convert import convert_checkpoint
     from gqa_uptrain.eval.runner import EvalOptions
     from gqa_uptrain.eval.runner import run as evaluate
-    from gqa_uptrain.provenance import read_provenance
 
     out = args.output
+    train = partial(train_run, train_path=out / "corpus" / "train.jsonl", seq_len=SEQ_LEN, micro_batch=16,
+                    global_batch=16)
     corpus, tokenizer, init, base = out / "corpus", out / "tokenizer", out / "base-init", out / "base" / "model"
     start = time.perf_counter()
 
@@ -161,15 +100,15 @@ def run(args: argparse.Namespace) -> None:
         write_corpus(corpus)
     stage(f"tokenizer: byte-level BPE, {VOCAB:,} tokens")
     if not (tokenizer / "tokenizer.json").is_file():
-        train_tokenizer(corpus, tokenizer)
+        texts = (json.loads(line)["text"] for line in open(corpus / "train.jsonl"))
+        train_bpe_tokenizer(texts, VOCAB, SEQ_LEN, tokenizer)
     stage(f"base: a multi-head-attention Llama pretrained from scratch for {args.pretrain_steps} steps")
     if not (init / "config.json").is_file():
-        init_base(tokenizer, init)
+        init_llama(tokenizer, init, hidden=128, layers=4, heads=8, kv_heads=8, max_length=SEQ_LEN)
     if not (base / "config.json").is_file():
-        train(init, corpus, out / "base", {"steps": args.pretrain_steps}, lr=3e-3, warmup=30)
-        record_pretraining(base)
-    pretrain_tokens = read_provenance(base)["pretraining"]["tokens"]
-    uptraining = {"fraction": args.uptrain_fraction, "pretrain_tokens": pretrain_tokens}
+        train(init, out / "base", {"steps": args.pretrain_steps}, lr=3e-3, warmup=30)
+        record_pretraining(base, "gqa-demo", "Python standard-library docstrings")
+    uptraining = {"fraction": args.uptrain_fraction, "pretrain_tokens": pretraining_tokens(base)}
 
     candidates = []
     for groups in args.groups:
@@ -177,9 +116,9 @@ def run(args: argparse.Namespace) -> None:
         stage(f"{name}: convert (mean pooling), then uptrain for {args.uptrain_fraction:.0%} of the pretraining tokens")
         if not (out / name / "config.json").is_file():
             convert_checkpoint(base, groups, out / name)
-        candidates += [out / name, train(out / name, corpus, out / f"{name}-uptrained", uptraining, lr=1e-3, warmup=2)]
+        candidates += [out / name, train(out / name, out / f"{name}-uptrained", uptraining, lr=1e-3, warmup=2)]
     stage("mha-continued: the base trained on the same extra tokens, the fair baseline for the uptrained models")
-    candidates.append(train(base, corpus, out / "mha-continued", uptraining, lr=1e-3, warmup=2))
+    candidates.append(train(base, out / "mha-continued", uptraining, lr=1e-3, warmup=2))
 
     stage("evaluate every model against the base with gqa-eval")
     errors = evaluate(EvalOptions(base=str(base), models=[str(c) for c in candidates], output=out / "report",
