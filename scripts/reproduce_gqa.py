@@ -1,0 +1,298 @@
+"""Reproduce the GQA paper's uptraining results at small scale: one command, every arm, every result as JSON.
+
+    python scripts/reproduce_gqa.py --data ../shared/data/gutenberg --output runs/gqa-repro --scale gpu
+    python scripts/reproduce_gqa.py --data ../shared/data/gutenberg --output /tmp/gqa-smoke --scale smoke  # CPU
+
+Ainslie et al. (2023) claim: (1) mean-pooling K/V heads starts better than keeping each group's first head, which
+starts better than random projections, before and after uptraining; (2) uptraining for about 5% of the
+pretraining recovers most of the gap to MHA, and 10% adds little; (3) fewer KV heads cost more quality while the
+KV cache shrinks in proportion. The stages, each skipped when its result exists (the command resumes, also
+across machines):
+  1. data       books of the train shards, and held-out text from validation-00, whose authors never appear in
+                train (the shipped lm-eval tasks gqa_lastword and gqa_nextsentence come from those authors too);
+  2. tokenizer  a byte-level BPE trained on the train books;
+  3. base       an MHA Llama pretrained from scratch for T tokens with gqa-uptrain's loop; T is the 100% that
+                uptraining fractions refer to, written into the base's provenance;
+  4. arms       groups x method (mean, first, random) x uptraining fraction of T (0, 5%, 10%); the MHA base
+                continued for the same fractions (the fair baseline: it sees the extra tokens too); a GQA model
+                trained from scratch for T; and mean + 5% with distillation from the MHA base;
+  5. evaluate   gqa-eval of every arm against the base: held-out perplexity, the shipped lm-eval tasks, the KV
+                cache per token, and decode speed on a GPU;
+  6. results    results.json (each arm's design and measures), results.md, and two plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from gqa_uptrain.cli import run_cli
+from gqa_uptrain.convert import convert_checkpoint
+from gqa_uptrain.errors import DataError
+from gqa_uptrain.eval import report as report_io
+from gqa_uptrain.eval.runner import EvalOptions
+from gqa_uptrain.eval.runner import run as evaluate
+from gqa_uptrain.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
+
+METHODS = ("mean", "first", "random")
+# Models accept CONTEXT x the training length, so lm-eval's longer items fit; perplexity is scored in windows of
+# the training length, the context the models learned.
+CONTEXT = 4
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Everything that sets the size of the experiment."""
+
+    train_shards: int  # train-00.. shards read
+    train_books: int | None  # books taken from them (None: all)
+    heldout_chars: int  # characters of validation books scored for perplexity
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    seq_len: int
+    micro_batch: int
+    global_batch: int
+    pretrain_tokens: int  # T
+    groups: tuple[int, ...]  # KV-head counts of the converted arms
+    fractions: tuple[float, ...]  # uptraining budgets, as fractions of T
+    eval_limit: int | None  # items per lm-eval task
+    pretrain_lr: float
+    uptrain_lr: float
+
+
+SCALES = {
+    # CI: the whole pipeline on a few books in a few minutes (asserts the pipeline, not the science).
+    "smoke": Scale(train_shards=1, train_books=12, heldout_chars=40_000, vocab=1024, hidden=64, layers=2, heads=4,
+                   seq_len=64, micro_batch=8, global_batch=8, pretrain_tokens=40 * 512, groups=(1, 2),
+                   fractions=(0.0, 0.05, 0.10), eval_limit=20, pretrain_lr=3e-3, uptrain_lr=1e-3),
+    # One H100: an 8-layer, 512-wide Llama on three train shards (about 36M tokens a pass; T is about 3 passes).
+    "gpu": Scale(train_shards=3, train_books=None, heldout_chars=2_000_000, vocab=16_384, hidden=512, layers=8,
+                 heads=8, seq_len=512, micro_batch=64, global_batch=64, pretrain_tokens=100_000_000,
+                 groups=(1, 2, 4), fractions=(0.0, 0.05, 0.10), eval_limit=None, pretrain_lr=1e-3,
+                 uptrain_lr=3e-4),
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One model of the experiment and how it was made."""
+
+    name: str
+    kv_heads: int
+    method: str  # mean | first | random | mha (the base's own heads) | scratch
+    fraction: float  # uptraining tokens over T
+    distill: bool = False
+
+
+def write_data(data: Path, folder: Path, scale: Scale) -> None:
+    """train.jsonl (whole books) and heldout.txt (the start of the validation books)."""
+    shards = sorted(data.glob("train-*.jsonl.xz"))[: scale.train_shards]
+    validation = data / "validation-00.jsonl.xz"
+    if not shards or not validation.is_file():
+        raise DataError(f"{data}: expected train-*.jsonl.xz and validation-00.jsonl.xz (../shared/data/gutenberg)")
+    folder.mkdir(parents=True, exist_ok=True)
+    books = 0
+    with open(folder / "train.jsonl", "w") as out:
+        for shard in shards:
+            with lzma.open(shard, "rt") as rows:
+                for row in rows:
+                    if scale.train_books is not None and books == scale.train_books:
+                        break
+                    out.write(json.dumps({"text": json.loads(row)["text"]}) + "\n")
+                    books += 1
+    heldout, size = [], 0
+    with lzma.open(validation, "rt") as rows:
+        for row in rows:
+            heldout.append(json.loads(row)["text"])
+            size += len(heldout[-1])
+            if size >= scale.heldout_chars:
+                break
+    (folder / "heldout.txt").write_text("\n\n".join(heldout)[: scale.heldout_chars])
+
+
+def arms(scale: Scale) -> list[Arm]:
+    """Every arm the paper's claims need, in the order they are trained."""
+    result = [Arm(f"g{g}-{method}-{round(f * 100)}", g, method, f)
+              for g in scale.groups for method in METHODS for f in scale.fractions]
+    result += [Arm(f"mha-{round(f * 100)}", scale.heads, "mha", f) for f in scale.fractions if f > 0]
+    reference = max(scale.groups)
+    result.append(Arm(f"g{reference}-scratch", reference, "scratch", 1.0))
+    result.append(Arm(f"g{reference}-mean-5-distill", reference, "mean", 0.05, distill=True))
+    return result
+
+
+def run_settings(out: Path, scale: Scale, long: bool) -> dict:
+    """What every training run of the experiment shares; only runs as long as pretraining repay compilation."""
+    return {"train_path": out / "data" / "train.jsonl", "validation_path": out / "data" / "heldout.txt",
+            "seq_len": scale.seq_len, "micro_batch": scale.micro_batch, "global_batch": scale.global_batch,
+            "compile": long and torch.cuda.is_available()}
+
+
+def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path) -> Path:
+    """The arm's model folder, made (converted, trained) only if it is not there yet."""
+    train = partial(train_run, **run_settings(out, scale, long=arm.method == "scratch"))
+    uptraining = {"fraction": arm.fraction, "pretrain_tokens": scale.pretrain_tokens}
+    if arm.method == "scratch":
+        init = out / "arms" / f"{arm.name}-init"
+        if not (init / "config.json").is_file():
+            init_llama(tokenizer, init, hidden=scale.hidden, layers=scale.layers, heads=scale.heads,
+                       kv_heads=arm.kv_heads, max_length=CONTEXT * scale.seq_len)
+        return train(init, out / "arms" / arm.name, {"tokens": scale.pretrain_tokens}, lr=scale.pretrain_lr,
+                     warmup=100)
+    if arm.method == "mha":
+        return train(base, out / "arms" / arm.name, uptraining, lr=scale.uptrain_lr, warmup=10)
+    converted = out / "arms" / f"g{arm.kv_heads}-{arm.method}-0"
+    if not (converted / "config.json").is_file():
+        convert_checkpoint(base, arm.kv_heads, converted, method=arm.method, progress=False)
+    if arm.fraction == 0:
+        return converted
+    return train(converted, out / "arms" / arm.name, uptraining, lr=scale.uptrain_lr, warmup=10,
+                 teacher=base if arm.distill else None)
+
+
+def results(arm_list: list[Arm], models: dict[str, Path], report: dict) -> list[dict]:
+    """One record per arm: its design and what gqa-eval measured."""
+    by_ref = {model["ref"]: model for model in [report["base"], *report["candidates"]]}
+    records = []
+    for arm in arm_list:
+        measured = by_ref[str(models[arm.name])]
+        perplexity = (measured.get("perplexity") or {}).get("token_perplexity")
+        records.append({
+            **asdict(arm),
+            "kv_cache_bytes_per_token": measured.get("kv_cache_bytes_per_token"),
+            "heldout_perplexity": perplexity,
+            "heldout_loss": float(torch.tensor(perplexity).log()) if perplexity else None,
+            "average_score": report_io.average_score(measured),
+            "tasks": {task: entry["value"] for task, entry in report_io.headline_values(measured).items()},
+            "decode": measured.get("speed"),
+            "error": measured.get("error"),
+        })
+    return records
+
+
+def plot(records: list[dict], base: dict, out: Path) -> None:
+    """Held-out loss against uptraining fraction per method and G, and quality against KV cache."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        if r["heldout_loss"] is not None and r["method"] not in ("scratch",) and not r["distill"]:
+            label = "MHA continued" if r["method"] == "mha" else f"GQA-{r['kv_heads']} {r['method']}"
+            series.setdefault(label, []).append((r["fraction"], r["heldout_loss"]))
+    series.setdefault("MHA continued", []).append((0.0, base["heldout_loss"]))
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot([100 * x for x in xs], ys, marker="o", label=label, linestyle="--" if "MHA" in label else "-")
+    ax.set_xlabel("uptraining, % of pretraining tokens")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_uptraining.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    five = [r for r in records if r["method"] in ("mean", "mha") and abs(r["fraction"] - 0.05) < 1e-9
+            and not r["distill"]]
+    points = sorted((r["kv_cache_bytes_per_token"], r["heldout_loss"], r["name"]) for r in [*five, base]
+                    if r["heldout_loss"] is not None)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    for x, y, name in points:
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV cache, bytes per token")
+    ax.set_ylabel("held-out loss after 5% uptraining")
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_kv_cache.png", dpi=120)
+    plt.close(fig)
+
+
+def table(records: list[dict]) -> str:
+    rows = ["| arm | KV heads | method | uptraining | KV cache / token | held-out loss | perplexity | avg score |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        loss = f"{r['heldout_loss']:.4f}" if r["heldout_loss"] is not None else "-"
+        ppl = f"{r['heldout_perplexity']:.2f}" if r["heldout_perplexity"] is not None else "-"
+        score = f"{r['average_score']:.4f}" if r["average_score"] is not None else "-"
+        method = r["method"] + (" + distillation" if r["distill"] else "")
+        rows.append(f"| {r['name']} | {r['kv_heads']} | {method} | {100 * r['fraction']:.0f}% | "
+                    f"{r['kv_cache_bytes_per_token']:,} B | {loss} | {ppl} | {score} |")
+    return "\n".join(rows) + "\n"
+
+
+def run(args: argparse.Namespace) -> None:
+    scale, out = SCALES[args.scale], args.output
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps({"scale": args.scale, **asdict(scale)}, indent=2) + "\n")
+    data, tokenizer = out / "data", out / "tokenizer"
+    if not (data / "heldout.txt").is_file():
+        print("== data", flush=True)
+        write_data(args.data, data, scale)
+    if not (tokenizer / "tokenizer.json").is_file():
+        print("== tokenizer", flush=True)
+        texts = (json.loads(line)["text"] for line in open(data / "train.jsonl"))
+        train_bpe_tokenizer(texts, scale.vocab, CONTEXT * scale.seq_len, tokenizer)
+    base = out / "base" / "model"
+    if not (base / "config.json").is_file():
+        print(f"== base: MHA pretrained for {scale.pretrain_tokens:,} tokens", flush=True)
+        init = out / "base-init"
+        if not (init / "config.json").is_file():
+            init_llama(tokenizer, init, hidden=scale.hidden, layers=scale.layers, heads=scale.heads,
+                       kv_heads=scale.heads, max_length=CONTEXT * scale.seq_len)
+        train_run(init, out / "base", {"tokens": scale.pretrain_tokens}, lr=scale.pretrain_lr, warmup=100,
+                  **run_settings(out, scale, long=True))
+        record_pretraining(base, "gqa-reproduction", f"Gutenberg train books ({args.scale} scale)")
+    if pretraining_tokens(base) != scale.pretrain_tokens:
+        raise DataError(f"{base}: pretrained for {pretraining_tokens(base):,} tokens, not this scale's "
+                        f"{scale.pretrain_tokens:,}; use another --output")
+    arm_list = arms(scale)
+    models = {}
+    for i, arm in enumerate(arm_list, 1):
+        print(f"== arm {i}/{len(arm_list)}: {arm.name}", flush=True)
+        models[arm.name] = build_arm(arm, out, scale, base, tokenizer)
+    if args.only_train:
+        return
+    print("== evaluate", flush=True)
+    evaluate(EvalOptions(base=str(base), models=[str(models[a.name]) for a in arm_list], output=out / "eval",
+                         tasks=None if args.no_tasks else "gqa_lastword,gqa_nextsentence", limit=scale.eval_limit,
+                         batch_size=32, perplexity=str(data / "heldout.txt"), perplexity_concat=True,
+                         perplexity_window=scale.seq_len, perplexity_stride=scale.seq_len // 2,
+                         speed=torch.cuda.is_available() and not args.no_speed, speed_batch_sizes=[8, 32],
+                         speed_contexts=[scale.seq_len], speed_new_tokens=32, cache_dir=out / "eval-cache"))
+    report = json.loads((out / "eval" / "report.json").read_text())
+    base_record = results([Arm("base", scale.heads, "mha", 0.0)], {"base": base}, report)[0]
+    records = results(arm_list, models, report)
+    (out / "results.json").write_text(json.dumps({"scale": asdict(scale), "base": base_record, "arms": records},
+                                                 indent=2) + "\n")
+    (out / "results.md").write_text(table([base_record, *records]))
+    plot(records, base_record, out)
+    print(f"== results in {out / 'results.json'}, {out / 'results.md'} and the plots beside them")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="reproduce_gqa.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="folder of the Gutenberg shards (../shared/data/gutenberg)")
+    p.add_argument("--output", type=Path, required=True, help="experiment folder; the same command resumes there")
+    p.add_argument("--scale", choices=sorted(SCALES), default="smoke",
+                   help="smoke: minutes on a CPU (CI); gpu: one H100 (default: smoke)")
+    p.add_argument("--only-train", action="store_true", help="stop after building every arm (no evaluation)")
+    p.add_argument("--no-tasks", action="store_true", help="skip the lm-eval tasks (perplexity and KV cache only)")
+    p.add_argument("--no-speed", action="store_true", help="skip decode-speed measurement on a GPU")
+    args = p.parse_args(argv)
+    run_cli("reproduce_gqa.py", lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
