@@ -35,9 +35,6 @@ import torch
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.errors import DataError
-from gqa_uptrain.eval import report as report_io
-from gqa_uptrain.eval.runner import EvalOptions
-from gqa_uptrain.eval.runner import run as evaluate
 from gqa_uptrain.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
 
 METHODS = ("mean", "first", "random")
@@ -160,6 +157,8 @@ def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path) ->
 
 def results(arm_list: list[Arm], models: dict[str, Path], report: dict) -> list[dict]:
     """One record per arm: its design and what gqa-eval measured."""
+    from gqa_uptrain.eval import report as report_io
+
     by_ref = {model["ref"]: model for model in [report["base"], *report["candidates"]]}
     records = []
     for arm in arm_list:
@@ -264,6 +263,9 @@ def run(args: argparse.Namespace) -> None:
     if args.only_train:
         return
     print("== evaluate", flush=True)
+    from gqa_uptrain.eval.runner import EvalOptions  # lm-eval is needed from here on only
+    from gqa_uptrain.eval.runner import run as evaluate
+
     evaluate(EvalOptions(base=str(base), models=[str(models[a.name]) for a in arm_list], output=out / "eval",
                          tasks=None if args.no_tasks else "gqa_lastword,gqa_nextsentence", limit=scale.eval_limit,
                          batch_size=32, perplexity=str(data / "heldout.txt"), perplexity_concat=True,

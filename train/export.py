@@ -28,6 +28,12 @@ def source_provenance(folder: Path) -> dict[str, Any]:
     return read_provenance(folder) or {"tool": {"name": "gqa-uptrain", "version": gqa_uptrain.__version__}, "source": {"id": str(folder)}}
 
 
+def plain_name(name: str) -> str:
+    """A parameter's name without the `_orig_mod` levels that torch.compile wrappers add (regional compilation
+    wraps every decoder layer, the embeddings and the head), as transformers' save_pretrained expects it."""
+    return name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+
+
 def export_model(
     accelerator: Accelerator,
     model: PreTrainedModel,
@@ -40,7 +46,7 @@ def export_model(
     """Write the trained model in the checkpoint's own `dtype`, tokenizer and provenance (all processes call this)."""
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on the main process
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
-    state_dict = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
+    state_dict = {plain_name(name): t.to(dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
     temp = target.with_name(f".incomplete-{target.name}")
     if accelerator.is_main_process:
         shutil.rmtree(temp, ignore_errors=True)
