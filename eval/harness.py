@@ -5,10 +5,9 @@ and recorded (it is part of the cache key and of the report).
 """
 
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 
-import lm_eval
 import torch
-from lm_eval.models.huggingface import HFLM
 from transformers import PreTrainedTokenizerBase
 
 from gqa_uptrain.errors import DataError
@@ -27,7 +26,15 @@ class HarnessSettings:
     bootstrap_iters: int
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "lm_eval": lm_eval.__version__}
+        return {**asdict(self), "lm_eval": _lm_eval_version()}
+
+
+def _lm_eval_version() -> str | None:
+    """lm-eval is imported only when a task runs, so perplexity and speed work where it is not installed."""
+    try:
+        return version("lm-eval")
+    except PackageNotFoundError:
+        return None
 
 
 def check_task_loads(selection: TaskSelection, name: str) -> None:
@@ -46,6 +53,9 @@ def evaluate_task(
     settings: HarnessSettings,
 ) -> dict:
     """One lm-eval task (or group) on one model; returns lm-eval's per-task results and metric directions."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
               add_bos_token=settings.add_bos_token)
     seed = settings.seed
