@@ -133,10 +133,13 @@ def run_settings(out: Path, scale: Scale, long: bool) -> dict:
             "compile": long and torch.cuda.is_available()}
 
 
-def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path) -> Path:
-    """The arm's model folder, made (converted, trained) only if it is not there yet."""
+def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path, pretrained: int) -> Path:
+    """The arm's model folder, made (converted, trained) only if it is not there yet.
+
+    Uptraining fractions refer to `pretrained`, the tokens the base was actually trained on (whole steps).
+    """
     train = partial(train_run, **run_settings(out, scale, long=arm.method == "scratch"))
-    uptraining = {"fraction": arm.fraction, "pretrain_tokens": scale.pretrain_tokens}
+    uptraining = {"fraction": arm.fraction, "pretrain_tokens": pretrained}
     if arm.method == "scratch":
         init = out / "arms" / f"{arm.name}-init"
         if not (init / "config.json").is_file():
@@ -230,10 +233,19 @@ def table(records: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def check_scale(out: Path, name: str, scale: Scale) -> None:
+    """An experiment folder holds one scale: resuming it at another would mix arms of different models."""
+    wanted = {"scale": name, **asdict(scale)}
+    recorded = out / "scale.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != json.loads(json.dumps(wanted)):
+        raise DataError(f"{out} holds an experiment at another scale ({recorded}); use another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
 def run(args: argparse.Namespace) -> None:
     scale, out = SCALES[args.scale], args.output
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps({"scale": args.scale, **asdict(scale)}, indent=2) + "\n")
+    check_scale(out, args.scale, scale)
     data, tokenizer = out / "data", out / "tokenizer"
     if not (data / "heldout.txt").is_file():
         print("== data", flush=True)
@@ -252,14 +264,11 @@ def run(args: argparse.Namespace) -> None:
         train_run(init, out / "base", {"tokens": scale.pretrain_tokens}, lr=scale.pretrain_lr, warmup=100,
                   **run_settings(out, scale, long=True))
         record_pretraining(base, "gqa-reproduction", f"Gutenberg train books ({args.scale} scale)")
-    if pretraining_tokens(base) != scale.pretrain_tokens:
-        raise DataError(f"{base}: pretrained for {pretraining_tokens(base):,} tokens, not this scale's "
-                        f"{scale.pretrain_tokens:,}; use another --output")
     arm_list = arms(scale)
     models = {}
     for i, arm in enumerate(arm_list, 1):
         print(f"== arm {i}/{len(arm_list)}: {arm.name}", flush=True)
-        models[arm.name] = build_arm(arm, out, scale, base, tokenizer)
+        models[arm.name] = build_arm(arm, out, scale, base, tokenizer, pretraining_tokens(base))
     if args.only_train:
         return
     print("== evaluate", flush=True)

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("reproduce_gqa", REPO / "scripts" / "reproduce_gqa.py")
 reproduce = importlib.util.module_from_spec(spec)
@@ -40,3 +42,14 @@ def test_smoke_scale_runs_every_arm_and_resumes(tmp_path, shared_data):
     reproduce.main(argv)  # everything exists: nothing is trained again, the results are rebuilt
     assert weights.stat().st_mtime_ns == before
     assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_an_experiment_folder_keeps_its_scale(tmp_path, shared_data, capsys):
+    out = tmp_path / "experiment"
+    out.mkdir()
+    (out / "scale.json").write_text('{"scale": "gpu"}')
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--data", str(shared_data / "gutenberg"), "--output", str(out), "--scale", "smoke"])
+    assert exit_info.value.code == 2
+    assert "holds an experiment at another scale" in capsys.readouterr().err
+    assert not (out / "data").exists()
