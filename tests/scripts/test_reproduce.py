@@ -4,21 +4,12 @@ It asserts the pipeline (every arm built, measured and reported; a rerun resumes
 science, which needs the GPU scale.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("reproduce_gqa", REPO / "scripts" / "reproduce_gqa.py")
-reproduce = importlib.util.module_from_spec(spec)
-sys.modules["reproduce_gqa"] = reproduce  # dataclasses look their module up there
-spec.loader.exec_module(reproduce)
 
-
-def test_smoke_scale_runs_every_arm_and_resumes(tmp_path, shared_data):
+def test_smoke_scale_runs_every_arm_and_resumes(reproduce, tmp_path, shared_data):
     out = tmp_path / "experiment"
     argv = ["--data", str(shared_data / "gutenberg"), "--output", str(out), "--scale", "smoke"]
     reproduce.main(argv)
@@ -44,7 +35,7 @@ def test_smoke_scale_runs_every_arm_and_resumes(tmp_path, shared_data):
     assert json.loads((out / "results.json").read_text()) == results
 
 
-def test_an_experiment_folder_keeps_its_scale(tmp_path, shared_data, capsys):
+def test_an_experiment_folder_keeps_its_scale(reproduce, tmp_path, shared_data, capsys):
     out = tmp_path / "experiment"
     out.mkdir()
     (out / "scale.json").write_text('{"scale": "gpu"}')
