@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from gqa_uptrain.errors import DataError
+from gqa_uptrain.errors import DataError, EvaluationError
 
 from .local_tasks import TaskSelection
 
@@ -59,9 +59,13 @@ def evaluate_task(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
               add_bos_token=settings.add_bos_token)
     seed = settings.seed
-    output = lm_eval.simple_evaluate(
-        model=lm, tasks=[name], task_manager=selection.manager, num_fewshot=settings.num_fewshot,
-        limit=settings.limit, bootstrap_iters=settings.bootstrap_iters, log_samples=False,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-    )
+    try:
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=[name], task_manager=selection.manager, num_fewshot=settings.num_fewshot,
+            limit=settings.limit, bootstrap_iters=settings.bootstrap_iters, log_samples=False,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+    except AssertionError as error:  # lm-eval asserts that every continuation fits the model's context
+        raise EvaluationError(f"task '{name}': an item does not fit the model's context of {lm.max_length} "
+                              "tokens (lm-eval cannot score it)") from error
     return {key: output[key] for key in ("results", "higher_is_better", "n-samples", "versions", "group_subtasks")}

@@ -222,3 +222,19 @@ def test_speed_measures_kv_cache_and_decode_for_every_model(gqa_eval, eval_args,
     assert len(bandwidths) == 1  # every floor from the same measured bandwidth
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Decode speed" in markdown and " vs base\n" not in markdown  # no empty quality comparison
+
+
+def test_items_longer_than_the_context_are_one_error_line(gqa_eval, eval_args, tmp_path, gpt2_tokenizer, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    short = tmp_path / "short-context"
+    config = LlamaConfig(vocab_size=len(gpt2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8)
+    LlamaForCausalLM(config).save_pretrained(short)
+    gpt2_tokenizer.save_pretrained(short)
+    code = gqa_eval(eval_args(short, [], tmp_path / "report", tmp_path / "cache", "--tasks", "gqa_nextsentence"))
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # after lm-eval's bar
+    assert len(errors) == 1 and errors[0].endswith(
+        "gqa-eval: error: task 'gqa_nextsentence': an item does not fit the model's context of 8 tokens "
+        "(lm-eval cannot score it)")
