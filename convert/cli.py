@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers.utils.hub import convert_file_size_to_int
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.convert.converter import check_output, convert, default_output
+from gqa_uptrain.convert.converter import convert, default_output
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.plan import build_plan, describe
 from gqa_uptrain.convert.source import resolve_source
@@ -70,7 +70,6 @@ def run(args: argparse.Namespace) -> None:
     if args.dry_run:
         print("\n".join([*describe(plan, args.context), f"output        {output} (not written: --dry-run)"]))
         return
-    check_output(output, source.folder, args.force)
     convert(plan, source, output, force=args.force)
     print(f"gqa-convert: wrote {output} ({plan.layout.kv_heads} -> {plan.layout.groups} KV heads, {plan.method})")
 
