@@ -119,7 +119,7 @@ def _check_space(plan: Plan, parent: Path) -> None:
     free = shutil.disk_usage(parent).free
     if free < plan.output_bytes + _SPACE_MARGIN:
         raise DiskFullError(f"{parent}: not enough free disk space ({free / 2**30:.1f} GiB free, the "
-                              f"converted weights need {plan.output_bytes / 2**30:.1f} GiB)")
+                            f"converted weights need {plan.output_bytes / 2**30:.1f} GiB)")
 
 
 def _flush_to_disk(folder: Path) -> None:

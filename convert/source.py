@@ -35,6 +35,11 @@ class Source:
         return self.repo_id or str(self.folder.resolve())
 
 
+def looks_local(source: str) -> bool:
+    """A path written as one (./x, /x, ~/x) is never taken for a Hub id, even when it does not exist."""
+    return source.startswith((".", "/", "~"))
+
+
 def resolve_source(source: str, revision: str | None = None) -> Source:
     """A local folder as is; otherwise download (or find in the cache) the Hub repository's files."""
     path = Path(source).expanduser()
@@ -42,7 +47,7 @@ def resolve_source(source: str, revision: str | None = None) -> Source:
         if not path.is_dir():
             raise CheckpointError(f"{source}: not a folder")
         return _local(path)
-    if source.startswith((".", "/", "~")) or not _REPO_ID.match(source):
+    if looks_local(source) or not _REPO_ID.match(source):
         raise CheckpointError(f"{source}: no such folder, and not a Hugging Face Hub id")
     folder = _download(source, revision, ignore=[*_NEVER, "*.bin"])
     if not any(folder.glob("*.safetensors")):  # an older repository with PyTorch .bin weights only

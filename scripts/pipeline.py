@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gqa_uptrain.cli import run_cli
+from gqa_uptrain.convert.source import looks_local
 from gqa_uptrain.errors import ConfigError
 from gqa_uptrain.train.recipe import Recipe, load_recipe
 
@@ -72,9 +73,9 @@ def check_inputs(recipe_path: Path, recipe: Recipe) -> None:
     """What must exist before the first step: the source of a conversion, or the model to uptrain."""
     if recipe.convert:
         source = recipe.convert.source
-        if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
+        if looks_local(source) and not Path(source).expanduser().is_dir():
             raise ConfigError(f"{recipe_path}: convert.source {source} is not a folder")
-    elif not Path(recipe.model.path).is_dir() and recipe.model.path.startswith((".", "/", "~")):
+    elif looks_local(recipe.model.path) and not Path(recipe.model.path).expanduser().is_dir():
         raise ConfigError(f"{recipe_path}: model.path {recipe.model.path} is not a folder, and the recipe has no "
                           "`convert` section to make it")
     if recipe.accelerate_config and not Path(recipe.accelerate_config).is_file():
