@@ -43,6 +43,8 @@ def publish(folder: Path, repo_id: str, report_path: Path | None, label: str | N
             dry_run: bool) -> None:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a model folder (no config.json)")
+    if report_path and not report_path.is_file():
+        raise PublishError(f"{report_path}: no such gqa-eval report")
     report = json.loads(report_path.read_text()) if report_path else None
     token = get_token()
     if token is None and not dry_run:

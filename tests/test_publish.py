@@ -73,3 +73,9 @@ def test_report_without_this_model(converted, report, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(converted), "--repo-id", "me/x", "--report", str(report), "--candidate", "gqa8", "--dry-run"])
     assert "has no candidate gqa8 (it has: mqa)" in capsys.readouterr().err
+
+
+def test_missing_report_is_one_line(converted, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(converted), "--repo-id", "me/x", "--report", str(tmp_path / "nope.json"), "--dry-run"])
+    assert capsys.readouterr().err.strip() == f"gqa-publish: error: {tmp_path / 'nope.json'}: no such gqa-eval report"
