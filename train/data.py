@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
+from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -76,6 +77,20 @@ def _columns(rows: Rows) -> list[str]:
     return list(first) if first is not None else []
 
 
+def _packed_fingerprint(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *key: object) -> str | None:
+    """Names packed rows by the tokenizer's content, not the folder it was loaded from.
+
+    datasets fingerprints `map` by pickling the function, tokenizer included, and a tokenizer's pickle holds its
+    path; so every converted model (same tokenizer, new folder) would tokenise the whole corpus again. None (the
+    default fingerprint) for tokenizers without a serialisable backend.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    content = (type(tokenizer).__name__, backend.to_str(), sorted(tokenizer.special_tokens_map.items()))
+    return Hasher.hash((rows._fingerprint, content, pack.__code__, *key))
+
+
 def pack(
     rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int, num_proc: int | None
 ) -> Rows:
@@ -95,7 +110,8 @@ def pack(
         return {"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
 
     streaming = isinstance(rows, datasets.IterableDataset)
-    kwargs = {} if streaming else {"num_proc": num_proc, "desc": "Tokenising and packing"}
+    kwargs = {} if streaming else {"num_proc": num_proc, "desc": "Tokenising and packing",
+                                   "new_fingerprint": _packed_fingerprint(rows, tokenizer, source.text_field, seq_len)}
     return rows.map(pack_batch, batched=True, batch_size=_PACK_BATCH, remove_columns=columns, **kwargs)
 
 

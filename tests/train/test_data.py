@@ -14,8 +14,8 @@ from gqa_uptrain.train.recipe import DataSpec
 DOCS = [f"Document number {i} says something about {'many ' * (i % 7)}things." for i in range(60)]
 
 
-def spec(path, **extra) -> DataSpec:
-    return DataSpec(train={"path": str(path)}, holdout_docs=10, seq_len=16, **extra)
+def spec(path, seq_len=16, **extra) -> DataSpec:
+    return DataSpec(train={"path": str(path)}, holdout_docs=10, seq_len=seq_len, **extra)
 
 
 @pytest.fixture
@@ -46,6 +46,25 @@ def test_parquet_text_and_pretokenised_sources(tmp_path, gpt2_tokenizer):
     packed = [build_datasets(spec(tmp_path / name), gpt2_tokenizer, 0)[0] for name in names]
     as_lists = [[row["input_ids"].tolist() for row in rows] for rows in packed]
     assert as_lists[0] == as_lists[1] == as_lists[2] and len(as_lists[0]) > 10
+
+
+def test_tokenised_rows_are_reused_across_tokenizer_folders(jsonl, gpt2_tokenizer, tmp_path):
+    """A converted model's tokenizer is a copy in a new folder: its run must not tokenise the corpus again."""
+    copy = tmp_path / "copy"
+    gpt2_tokenizer.save_pretrained(copy)
+    changed = tmp_path / "changed"
+    gpt2_tokenizer.save_pretrained(changed)
+    changed_tokenizer = type(gpt2_tokenizer).from_pretrained(changed)
+    changed_tokenizer.add_tokens(["something"])
+
+    def cache_file(tokenizer, seq_len=16):
+        train, _ = build_datasets(spec(jsonl, seq_len=seq_len), tokenizer, seed=0)
+        return train.cache_files[0]["filename"]
+
+    first = cache_file(gpt2_tokenizer)
+    assert cache_file(type(gpt2_tokenizer).from_pretrained(copy)) == first
+    assert cache_file(changed_tokenizer) != first
+    assert cache_file(gpt2_tokenizer, seq_len=8) != first
 
 
 def test_streaming_gives_full_rows_in_a_seeded_order(jsonl, gpt2_tokenizer):
