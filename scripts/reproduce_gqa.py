@@ -16,9 +16,10 @@ across machines):
   4. arms       groups x method (mean, first, random) x uptraining fraction of T (0, 5%, 10%); the MHA base
                 continued for the same fractions (the fair baseline: it sees the extra tokens too); a GQA model
                 trained from scratch for T; and mean + 5% with distillation from the MHA base;
-  5. evaluate   gqa-eval of every arm against the base: held-out perplexity, the shipped lm-eval tasks, the KV
-                cache per token, and decode speed on a GPU;
-  6. results    results.json (each arm's design and measures), results.md, and two plots.
+  5. evaluate   gqa-eval of every arm against the base: held-out perplexity, the shipped lm-eval tasks and the
+                KV cache per token;
+  6. speed      decode speed on a GPU, once per KV-head count (it depends on the shapes, not the weights);
+  7. results    results.json (each arm's design and measures), results.md, and two plots.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ METHODS = ("mean", "first", "random")
 # Models accept CONTEXT x the training length, so lm-eval's longer items fit; perplexity is scored in windows of
 # the training length, the context the models learned.
 CONTEXT = 4
+# Decode speed is timed at these batch sizes, with prompts filling the models' context but for the new tokens.
+SPEED_BATCHES, SPEED_NEW_TOKENS = (8, 32), 32
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,34 @@ def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path, pr
                  teacher=base if arm.distill else None)
 
 
-def results(arm_list: list[Arm], models: dict[str, Path], report: dict) -> list[dict]:
-    """One record per arm: its design and what gqa-eval measured."""
+def decode_speed(out: Path, scale: Scale, shapes: dict[int, Path], device: str = "cuda") -> dict[int, list[dict]]:
+    """Decode speed per KV-head count on `device`, kept in speed.json (a rerun times only what is missing).
+
+    Speed depends on the shapes alone, not the weights, so one model per KV-head count is timed (bf16, the
+    CUDA-graph engine with the split-KV kernel; compiling every case would cost more than all the uptraining).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from gqa_uptrain.eval.speed import measure_bandwidth, measure_decode
+
+    cache = out / "speed.json"
+    speeds = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
+    context = CONTEXT * scale.seq_len - SPEED_NEW_TOKENS
+    bandwidth = None
+    for kv_heads, path in sorted(shapes.items()):
+        if kv_heads in speeds:
+            continue
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device)
+        bandwidth = bandwidth or measure_bandwidth(model.device)
+        speeds[kv_heads] = measure_decode(model, SPEED_BATCHES, [context], SPEED_NEW_TOKENS, bandwidth=bandwidth,
+                                          compile=False, progress=False)
+        cache.write_text(json.dumps(speeds, indent=2) + "\n")
+        del model
+    return speeds
+
+
+def results(arm_list: list[Arm], models: dict[str, Path], report: dict, speeds: dict[int, list[dict]]) -> list[dict]:
+    """One record per arm: its design, what gqa-eval measured, and the decode speed of its shape."""
     from gqa_uptrain.eval import report as report_io
 
     by_ref = {model["ref"]: model for model in [report["base"], *report["candidates"]]}
@@ -169,12 +198,12 @@ def results(arm_list: list[Arm], models: dict[str, Path], report: dict) -> list[
         perplexity = (measured.get("perplexity") or {}).get("token_perplexity")
         records.append({
             **asdict(arm),
+            "decode": speeds.get(arm.kv_heads),
             "kv_cache_bytes_per_token": measured.get("kv_cache_bytes_per_token"),
             "heldout_perplexity": perplexity,
             "heldout_loss": float(torch.tensor(perplexity).log()) if perplexity else None,
             "average_score": report_io.average_score(measured),
             "tasks": {task: entry["value"] for task, entry in report_io.headline_values(measured).items()},
-            "decode": measured.get("speed"),
             "error": measured.get("error"),
         })
     return records
@@ -221,15 +250,18 @@ def plot(records: list[dict], base: dict, out: Path) -> None:
 
 
 def table(records: list[dict]) -> str:
-    rows = ["| arm | KV heads | method | uptraining | KV cache / token | held-out loss | perplexity | avg score |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    batch = max(SPEED_BATCHES)
+    rows = [("| arm | KV heads | method | uptraining | KV cache / token | held-out loss | perplexity | avg score "
+             f"| decode tok/s (batch {batch}) |"),
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in records:
         loss = f"{r['heldout_loss']:.4f}" if r["heldout_loss"] is not None else "-"
         ppl = f"{r['heldout_perplexity']:.2f}" if r["heldout_perplexity"] is not None else "-"
         score = f"{r['average_score']:.4f}" if r["average_score"] is not None else "-"
         method = r["method"] + (" + distillation" if r["distill"] else "")
+        decode = next((f"{case['tokens_per_s']:,.0f}" for case in r["decode"] or [] if case["batch"] == batch), "-")
         rows.append(f"| {r['name']} | {r['kv_heads']} | {method} | {100 * r['fraction']:.0f}% | "
-                    f"{r['kv_cache_bytes_per_token']:,} B | {loss} | {ppl} | {score} |")
+                    f"{r['kv_cache_bytes_per_token']:,} B | {loss} | {ppl} | {score} | {decode} |")
     return "\n".join(rows) + "\n"
 
 
@@ -279,11 +311,13 @@ def run(args: argparse.Namespace) -> None:
                          tasks=None if args.no_tasks else "gqa_lastword,gqa_nextsentence", limit=scale.eval_limit,
                          batch_size=32, perplexity=str(data / "heldout.txt"), perplexity_concat=True,
                          perplexity_window=scale.seq_len, perplexity_stride=scale.seq_len // 2,
-                         speed=torch.cuda.is_available() and not args.no_speed, speed_batch_sizes=[8, 32],
-                         speed_contexts=[scale.seq_len], speed_new_tokens=32, cache_dir=out / "eval-cache"))
+                         cache_dir=out / "eval-cache"))
     report = json.loads((out / "eval" / "report.json").read_text())
-    base_record = results([Arm("base", scale.heads, "mha", 0.0)], {"base": base}, report)[0]
-    records = results(arm_list, models, report)
+    shapes = {scale.heads: base, **{a.kv_heads: models[a.name] for a in arm_list if a.fraction == 0}}
+    gpu = torch.cuda.is_available() and not args.no_speed
+    speeds = decode_speed(out, scale, shapes) if gpu else {}
+    base_record = results([Arm("base", scale.heads, "mha", 0.0)], {"base": base}, report, speeds)[0]
+    records = results(arm_list, models, report, speeds)
     (out / "results.json").write_text(json.dumps({"scale": asdict(scale), "base": base_record, "arms": records},
                                                  indent=2) + "\n")
     (out / "results.md").write_text(table([base_record, *records]))
@@ -300,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="smoke: minutes on a CPU (CI); gpu: one H100 (default: smoke)")
     p.add_argument("--only-train", action="store_true", help="stop after building every arm (no evaluation)")
     p.add_argument("--no-tasks", action="store_true", help="skip the lm-eval tasks (perplexity and KV cache only)")
-    p.add_argument("--no-speed", action="store_true", help="skip decode-speed measurement on a GPU")
+    p.add_argument("--no-speed", action="store_true", help="skip the decode-speed stage (it runs only on a GPU)")
     args = p.parse_args(argv)
     run_cli("reproduce_gqa.py", lambda: run(args))
 

@@ -35,6 +35,23 @@ def test_smoke_scale_runs_every_arm_and_resumes(reproduce, tmp_path, shared_data
     assert json.loads((out / "results.json").read_text()) == results
 
 
+def test_speed_stage_times_each_kv_head_count_once(reproduce, tiny_llama, tiny_llama_gqa2, tmp_path, monkeypatch):
+    """On the CPU the figures mean nothing; what is checked is one timing per shape, kept for a rerun."""
+    import gqa_uptrain.eval.speed
+
+    scale = reproduce.SCALES["smoke"]
+    speeds = reproduce.decode_speed(tmp_path, scale, {4: tiny_llama, 2: tiny_llama_gqa2}, device="cpu")
+    assert sorted(speeds) == [2, 4]
+    for kv_heads, cases in speeds.items():
+        assert [case["batch"] for case in cases] == list(reproduce.SPEED_BATCHES)
+        assert all(case["tokens_per_s"] > 0 for case in cases)
+        assert cases[0]["context"] + reproduce.SPEED_NEW_TOKENS == reproduce.CONTEXT * scale.seq_len
+    assert speeds[2][0]["kv_cache_bytes_per_token"] * 2 == speeds[4][0]["kv_cache_bytes_per_token"]
+
+    monkeypatch.setattr(gqa_uptrain.eval.speed, "measure_decode", lambda *a, **k: pytest.fail("timed again"))
+    assert reproduce.decode_speed(tmp_path, scale, {4: tiny_llama, 2: tiny_llama_gqa2}, device="cpu") == speeds
+
+
 def test_an_experiment_folder_keeps_its_scale(reproduce, tmp_path, shared_data, capsys):
     out = tmp_path / "experiment"
     out.mkdir()
