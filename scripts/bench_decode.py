@@ -1,4 +1,5 @@
-"""Decode speed of a Llama-2-7B-shaped model, multi-head (32 KV heads) vs grouped-query (8 KV heads).
+"""Decode speed of a Llama-2-7B-shaped model, multi-head (32 KV heads) vs grouped-query (8 KV heads), or of the
+reproduction's small model (`--shape gqa-repro`: 8 query heads against 8, 4, 2 and 1 KV heads).
 
 Random bf16 weights are built directly on the GPU (nothing is downloaded: speed does not depend on the values). For
 each case (batch x prompt length) and each model it measures, in one process: stock `generate()`, engine-style decode
@@ -9,6 +10,7 @@ speedups as ratios of figures from this run, and writes everything as JSON.
     python scripts/bench_decode.py --output bench_decode.json
     python scripts/bench_decode.py --no-split-kv --engines graph --skip-generate   # packed SDPA attention
     python scripts/bench_decode.py --layers 4 --cases 2x512 --engines graph     # a quick look
+    python scripts/bench_decode.py --shape gqa-repro --cases 32x2016 256x2016 --engines graph
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,17 +35,46 @@ from gqa_uptrain.eval.speed import measure_bandwidth, measure_decode, packed_gqa
 ENGINES = {"graph": False, "compile": True}  # engine name -> torch.compile the step (both run in a CUDA graph)
 
 
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    layers: int
+    max_positions: int
+    tied: bool
+    kv_heads: tuple[int, ...]  # measured by default; the first is the base
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+SHAPES = {
+    "llama-2-7b": Shape(hidden=4096, heads=32, intermediate=11008, vocab=32000, layers=32, max_positions=4096,
+                        tied=False, kv_heads=(32, 8)),
+    # scripts/reproduce_gqa.py --scale gpu: its models' shape, so their decode speed can be timed at other batches
+    "gqa-repro": Shape(hidden=512, heads=8, intermediate=1536, vocab=16384, layers=8, max_positions=2048, tied=True,
+                       kv_heads=(8, 4, 2, 1)),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-2-7b",
+                        help="model shape: llama-2-7b (hidden 4096, 32 heads of 128, MLP 11008, vocab 32000) or "
+                             "gqa-repro (hidden 512, 8 heads of 64, MLP 1536, vocab 16384, tied; default: llama-2-7b)")
     parser.add_argument("--cases", nargs="+", default=["8x4096", "32x2048"],
                         help="BATCHxPROMPT pairs to measure (default: 8x4096 32x2048)")
-    parser.add_argument("--kv-heads", nargs="+", type=int, default=[32, 8],
-                        help="KV-head counts; the first is the base the others are compared with (default: 32 8)")
+    parser.add_argument("--kv-heads", nargs="+", type=int,
+                        help="KV-head counts; the first is the base the others are compared with (default: 32 8 for "
+                             "llama-2-7b, 8 4 2 1 for gqa-repro)")
     parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=["graph", "compile"],
                         help="engine-style variants: 'graph' (eager kernels in a CUDA graph), 'compile' "
                              "(torch.compile, then a CUDA graph); default: both")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per case (default: 64)")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers (default: 32, as Llama-2-7B)")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's, 32 or 8)")
     parser.add_argument("--dtype", default="bfloat16", help="weight and cache dtype (default: bfloat16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to measure on (default: cuda when there is one)")
@@ -52,14 +84,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-split-kv", dest="split_kv", action="store_false",
                         help="decode attention with packed SDPA instead of the split-KV Triton kernel (the default)")
     parser.add_argument("--output", type=Path, help="write every figure to this JSON file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    shape = SHAPES[args.shape]
+    args.kv_heads = args.kv_heads or list(shape.kv_heads)
+    args.layers = args.layers or shape.layers
+    return args
 
 
-def llama2_7b_shaped(kv_heads: int, layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
-    """Llama-2-7B's shape (hidden 4096, 32 heads of 128, MLP 11008, vocab 32000) with random weights on `device`."""
+def shaped_model(shape: Shape, kv_heads: int, layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+    """A Llama of `shape` with `kv_heads` KV heads and random weights, built directly on `device`."""
     config = LlamaConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=kv_heads, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
+        hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=layers,
+        num_attention_heads=shape.heads, num_key_value_heads=kv_heads, vocab_size=shape.vocab,
+        max_position_embeddings=shape.max_positions, tie_word_embeddings=shape.tied,
     )
     torch.manual_seed(0)
     with torch.device(device):
@@ -67,11 +104,13 @@ def llama2_7b_shaped(kv_heads: int, layers: int, dtype: torch.dtype, device: str
     return model.eval()
 
 
-def attention_kernel_us(batch: int, context: int, kv_heads: int, dtype: torch.dtype, device: str) -> dict[str, float]:
-    """Median microseconds of one decode-step attention call (32 query heads of 128), three ways: the split-KV
-    kernel and packed SDPA, both with a boolean mask as the engine has, and SDPA `enable_gqa` without a mask."""
-    query = torch.randn(batch, 32, 1, 128, dtype=dtype, device=device)
-    key, value = (torch.randn(batch, kv_heads, context, 128, dtype=dtype, device=device) for _ in range(2))
+def attention_kernel_us(
+    shape: Shape, batch: int, context: int, kv_heads: int, dtype: torch.dtype, device: str
+) -> dict[str, float]:
+    """Median microseconds of one decode-step attention call, three ways: the split-KV kernel and packed SDPA,
+    both with a boolean mask as the engine has, and SDPA `enable_gqa` without a mask."""
+    query = torch.randn(batch, shape.heads, 1, shape.head_dim, dtype=dtype, device=device)
+    key, value = (torch.randn(batch, kv_heads, context, shape.head_dim, dtype=dtype, device=device) for _ in range(2))
     mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
     calls = {
         "split_kv_masked": lambda: packed_gqa_split_kv(None, query, key, value, mask),
@@ -118,6 +157,7 @@ def print_table(rows: list[dict], base_kv: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    shape = SHAPES[args.shape]
     started = time.monotonic()
     dtype = getattr(torch, args.dtype)
     cases = [tuple(int(n) for n in case.lower().split("x")) for case in args.cases]
@@ -142,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda"):
         itemsize = dtype.itemsize
         for (batch, context), kv_heads in ((c, k) for c in cases for k in args.kv_heads):
-            times = attention_kernel_us(batch, context, kv_heads, dtype, args.device)
-            floor_us = 2 * batch * kv_heads * context * 128 * itemsize / bandwidth * 1e6
+            times = attention_kernel_us(shape, batch, context, kv_heads, dtype, args.device)
+            floor_us = 2 * batch * kv_heads * context * shape.head_dim * itemsize / bandwidth * 1e6
             report["attention_kernel"].append({"batch": batch, "context": context, "kv_heads": kv_heads,
                                                "microseconds": times, "floor_microseconds": floor_us})
             print(f"attention alone, batch {batch}, cache {context}, {kv_heads} KV heads (floor {floor_us:.1f} us): "
@@ -155,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             if time.monotonic() - started > args.time_limit:
                 print(f"time limit reached: skipping {engine} with {kv_heads} KV heads", flush=True)
                 continue
-            model = llama2_7b_shaped(kv_heads, args.layers, dtype, args.device)
+            model = shaped_model(shape, kv_heads, args.layers, dtype, args.device)
             for batch, context in cases:
                 if time.monotonic() - started > args.time_limit:
                     print(f"time limit reached: skipping {engine} {batch}x{context}", flush=True)

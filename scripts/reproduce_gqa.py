@@ -210,40 +210,50 @@ def results(arm_list: list[Arm], models: dict[str, Path], report: dict, speeds: 
 
 
 def plot(records: list[dict], base: dict, out: Path) -> None:
-    """Held-out loss against uptraining fraction per method and G, and quality against KV cache."""
+    """The gap to MHA against uptraining per method and G, and quality against KV cache."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in records:
-        if r["heldout_loss"] is not None and r["method"] not in ("scratch",) and not r["distill"]:
-            label = "MHA continued" if r["method"] == "mha" else f"GQA-{r['kv_heads']} {r['method']}"
-            series.setdefault(label, []).append((r["fraction"], r["heldout_loss"]))
-    series.setdefault("MHA continued", []).append((0.0, base["heldout_loss"]))
-    for label, points in sorted(series.items()):
-        xs, ys = zip(*sorted(points))
-        ax.plot([100 * x for x in xs], ys, marker="o", label=label, linestyle="--" if "MHA" in label else "-")
-    ax.set_xlabel("uptraining, % of pretraining tokens")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend(fontsize=7, ncol=2)
+    measured = [r for r in records if r["heldout_loss"] is not None]
+    mha = {0.0: base["heldout_loss"], **{r["fraction"]: r["heldout_loss"] for r in measured if r["method"] == "mha"}}
+    groups = sorted({r["kv_heads"] for r in measured if r["method"] in METHODS})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.8), sharey=True, squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for method in METHODS:
+            points = sorted((r["fraction"], r["heldout_loss"] - mha[r["fraction"]]) for r in measured
+                            if r["kv_heads"] == g and r["method"] == method and not r["distill"]
+                            and r["fraction"] in mha)
+            if points:
+                ax.plot([100 * f for f, _ in points], [gap for _, gap in points], marker="o", label=method)
+        for r in measured:
+            if r["kv_heads"] == g and r["distill"] and r["fraction"] in mha:
+                ax.plot(100 * r["fraction"], r["heldout_loss"] - mha[r["fraction"]], marker="*", markersize=11,
+                        linestyle="", label="mean + distillation")
+            if r["kv_heads"] == g and r["method"] == "scratch":
+                ax.axhline(r["heldout_loss"] - base["heldout_loss"], color="grey", linestyle=":",
+                           label="from scratch (100%) vs base")
+        ax.set_yscale("log")
+        ax.set_title(f"{g} KV head{'s' if g > 1 else ''} (MHA: {base['kv_heads']})")
+        ax.set_xlabel("uptraining, % of pretraining tokens")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("held-out loss minus MHA's with as many tokens")
     fig.tight_layout()
     fig.savefig(out / "loss_vs_uptraining.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    five = [r for r in records if r["method"] in ("mean", "mha") and abs(r["fraction"] - 0.05) < 1e-9
-            and not r["distill"]]
-    points = sorted((r["kv_cache_bytes_per_token"], r["heldout_loss"], r["name"]) for r in [*five, base]
-                    if r["heldout_loss"] is not None)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-    for x, y, name in points:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for fraction in sorted({r["fraction"] for r in measured if r["fraction"] > 0 and r["method"] == "mean"}):
+        points = sorted((r["kv_cache_bytes_per_token"], r["heldout_loss"]) for r in measured
+                        if r["method"] in ("mean", "mha") and r["fraction"] == fraction and not r["distill"])
+        ax.plot(*zip(*points), marker="o", label=f"mean-pooled, uptrained {100 * fraction:.0f}% (MHA continued)")
+    ax.plot(base["kv_cache_bytes_per_token"], base["heldout_loss"], marker="s", linestyle="", color="black",
+            label="MHA base")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("KV cache, bytes per token")
-    ax.set_ylabel("held-out loss after 5% uptraining")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "quality_vs_kv_cache.png", dpi=120)
     plt.close(fig)
