@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gqa_uptrain.convert.converter import convert, default_output
 from gqa_uptrain.convert.plan import build_plan
-from gqa_uptrain.convert.source import resolve_source
+from gqa_uptrain.source import resolve_source
 
 
 def convert_checkpoint(source: str | Path, groups: int, output: str | Path | None = None, *, method: str = "mean",

@@ -11,7 +11,7 @@ from gqa_uptrain.cli import run_cli
 from gqa_uptrain.convert.converter import convert, default_output
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.plan import build_plan, describe
-from gqa_uptrain.convert.source import resolve_source
+from gqa_uptrain.source import resolve_source
 from gqa_uptrain.errors import GqaError
 
 

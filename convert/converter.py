@@ -22,7 +22,7 @@ from gqa_uptrain.convert.checkpoint_io import ShardedWriter, is_weight_file, wri
 from gqa_uptrain.convert.methods import PoolContext
 from gqa_uptrain.convert.plan import Plan, Step
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
-from gqa_uptrain.convert.source import Source
+from gqa_uptrain.source import Source
 from gqa_uptrain.errors import DiskFullError, OutputExistsError
 from gqa_uptrain.provenance import PROVENANCE, read_provenance
 

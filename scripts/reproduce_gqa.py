@@ -36,7 +36,7 @@ import torch
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.errors import DataError
-from gqa_uptrain.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
+from gqa_uptrain.apps.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
 
 METHODS = ("mean", "first", "random")
 # Models accept CONTEXT x the training length, so lm-eval's longer items fit; perplexity is scored in windows of

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from gqa_uptrain.convert.source import resolve_source
+from gqa_uptrain.source import resolve_source
 from gqa_uptrain.errors import CheckpointError, ConfigError
 
 from gqa_uptrain.provenance import PROVENANCE

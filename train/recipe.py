@@ -107,7 +107,7 @@ class LogSpec(_Section):
 
 
 class ConvertSpec(_Section):
-    """How `model.path` is made from the original checkpoint (run by scripts/pipeline.py)."""
+    """How `model.path` is made from the original checkpoint (run by gqa-pipeline)."""
 
     source: str  # the original MHA (or GQA) checkpoint: a local folder or a Hub id
     groups: int = Field(ge=1)
@@ -115,7 +115,7 @@ class ConvertSpec(_Section):
 
 
 class EvaluateSpec(_Section):
-    """The gqa-eval comparison of the uptrained model with `convert.source` (run by scripts/pipeline.py)."""
+    """The gqa-eval comparison of the uptrained model with `convert.source` (run by gqa-pipeline)."""
 
     tasks: str | None = None  # lm-eval task names, or the shipped gqa_lastword,gqa_nextsentence
     num_fewshot: int = Field(0, ge=0)

@@ -19,10 +19,5 @@ def load_script(name: str) -> ModuleType:
 
 
 @pytest.fixture(scope="session")
-def pipeline() -> ModuleType:
-    return load_script("pipeline")
-
-
-@pytest.fixture(scope="session")
 def reproduce() -> ModuleType:
     return load_script("reproduce_gqa")

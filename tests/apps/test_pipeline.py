@@ -1,10 +1,12 @@
-"""scripts/pipeline.py: one recipe drives convert -> uptrain -> eval -> publish (the upload itself is dry-run)."""
+"""gqa-pipeline: one recipe drives convert -> uptrain -> eval -> publish (the upload itself is dry-run)."""
 
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+
+from gqa_uptrain.apps import pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +31,7 @@ def recipe(tmp_path, tiny_llama, shared_data) -> Path:
     return path
 
 
-def test_one_recipe_runs_every_step_and_resumes(pipeline, recipe, tmp_path, capfd, monkeypatch):
+def test_one_recipe_runs_every_step_and_resumes(recipe, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("NUM_GPUS", "0")
     pipeline.main([str(recipe), "--publish-dry-run"])
     model = tmp_path / "run" / "model"
@@ -45,7 +47,7 @@ def test_one_recipe_runs_every_step_and_resumes(pipeline, recipe, tmp_path, capf
 
 
 @pytest.mark.parametrize("name", ["llama-2-7b-gqa8", "llama-2-7b-mqa"])
-def test_paper_recipes_plan_all_four_steps(pipeline, name, capsys):
+def test_paper_recipes_plan_all_four_steps(name, capsys):
     pipeline.main([str(REPO / "recipes" / f"{name}.yaml"), "--dry-run", "--repo-id", "me/x"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" (")[0] for line in lines] == ["[1/4] convert", "[2/4] uptrain", "[3/4] evaluate",
@@ -53,7 +55,7 @@ def test_paper_recipes_plan_all_four_steps(pipeline, name, capsys):
     assert all("(would run)" in line for line in lines)
 
 
-def test_missing_source_fails_before_any_step(pipeline, recipe, tmp_path, capsys):
+def test_missing_source_fails_before_any_step(recipe, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         pipeline.main([str(recipe), "convert.source=/nonexistent/model"])
     assert exit_info.value.code == 2

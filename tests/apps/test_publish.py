@@ -8,7 +8,7 @@ from huggingface_hub import HfApi
 
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.eval.report import build_report
-from gqa_uptrain.publish import main
+from gqa_uptrain.apps.publish import main
 from tiny_models import random_model
 
 

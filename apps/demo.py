@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
+from gqa_uptrain.apps.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
 
 VOCAB = 2048
 SEQ_LEN = 128

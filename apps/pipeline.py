@@ -1,11 +1,12 @@
 """One recipe, the whole pipeline: gqa-convert -> gqa-uptrain -> gqa-eval -> gqa-publish.
 
-    python scripts/pipeline.py recipes/llama-2-7b-gqa8.yaml                 # every step the recipe names
-    python scripts/pipeline.py recipes/llama-2-7b-gqa8.yaml --dry-run       # print the commands, run nothing
-    python scripts/pipeline.py RECIPE --repo-id me/model --publish-dry-run  # build the card, upload nothing
+    gqa-pipeline recipes/llama-2-7b-gqa8.yaml                 # every step the recipe names
+    gqa-pipeline recipes/llama-2-7b-gqa8.yaml --dry-run       # print the commands, run nothing
+    gqa-pipeline RECIPE --repo-id me/model --publish-dry-run  # build the card, upload nothing
 
 The recipe's `convert`, `evaluate` and `publish` sections say what the steps do (recipes/template.yaml); training
-goes through scripts/launch.sh with the recipe's `accelerate_config`. The recipe and everything the steps need are
+runs as scripts/launch.sh would run it: one process per local GPU through `accelerate launch` with the recipe's
+`accelerate_config`, or one plain process where there is no GPU. The recipe and everything the steps need are
 checked before the first step starts. A step whose result exists is skipped, and training and evaluation resume
 by themselves, so running the same command again continues where it stopped.
 """
@@ -20,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.convert.source import looks_local
+from gqa_uptrain.source import looks_local
 from gqa_uptrain.errors import ConfigError
 from gqa_uptrain.train.recipe import Recipe, load_recipe
 
-LAUNCH = Path(__file__).resolve().parent / "launch.sh"
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def plan(recipe_path: Path, overrides: list[str], recipe: Recipe, repo_id: str |
         steps.append(Step("convert", [*python, "gqa_uptrain.convert", c.source, "--groups", str(c.groups),
                                       "--method", c.method, "--output", str(model)],
                           (model / "config.json").is_file()))
-    steps.append(Step("uptrain", ["bash", str(LAUNCH), str(recipe_path), *overrides],
+    steps.append(Step("uptrain", uptrain_argv(recipe_path, overrides, recipe.accelerate_config),
                       (uptrained / "config.json").is_file()))
     if recipe.evaluate:
         e = recipe.evaluate
@@ -61,12 +61,24 @@ def plan(recipe_path: Path, overrides: list[str], recipe: Recipe, repo_id: str |
         steps.append(Step("evaluate", argv, False))  # gqa-eval's cache makes a rerun cheap
     repo_id = repo_id or (recipe.publish.repo_id if recipe.publish else None)
     if repo_id:
-        argv = [*python, "gqa_uptrain.publish", str(uptrained), "--repo-id", repo_id]
+        argv = [*python, "gqa_uptrain.apps.publish", str(uptrained), "--repo-id", repo_id]
         argv += ["--report", str(report / "report.json")] if recipe.evaluate else []
         argv += ["--private"] if recipe.publish and recipe.publish.private else []
         argv += ["--dry-run"] if publish_dry_run else []
         steps.append(Step("publish", argv, False))
     return steps
+
+
+def uptrain_argv(recipe_path: Path, overrides: list[str], accelerate_config: str | None) -> list[str]:
+    """gqa-uptrain on every local GPU (the process count follows the machine, never the config), or one process."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    train = ["-m", "gqa_uptrain.train", str(recipe_path), *overrides]
+    if gpus == 0:
+        return [sys.executable, *train]
+    config = ["--config_file", accelerate_config] if accelerate_config else []
+    return [sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes", str(gpus), *train]
 
 
 def check_inputs(recipe_path: Path, recipe: Recipe) -> None:
@@ -98,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="pipeline.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="gqa-pipeline", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", type=Path, help="the recipe YAML (recipes/template.yaml documents every key)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the recipe, e.g. train.lr=1e-5")
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="write the model card and list what would be uploaded, without uploading")
     p.add_argument("--dry-run", action="store_true", help="check the recipe, print every command, run none")
     args = p.parse_args(argv)
-    run_cli("pipeline.py", lambda: run(args))
+    run_cli("gqa-pipeline", lambda: run(args))
 
 
 if __name__ == "__main__":
