@@ -4,7 +4,8 @@
               module into train and held-out text;
 2. tokenizer: a byte-level BPE trained on the train split;
 3. base:      a small multi-head-attention Llama pretrained from scratch with gqa-uptrain's own loop;
-4. convert:   mean-pooled to GQA and MQA with gqa-convert;
+4. convert:   mean-pooled to GQA and MQA with gqa-convert, and with the training-free `--method calibrated`
+              (fitted on the train docstrings);
 5. uptrain:   each for a slice of the base's pretraining tokens (the GQA paper uses about 5%), and the base
               itself for as many tokens (the fair baseline: it sees the extra data too);
 6. evaluate:  gqa-eval compares every model with the base: held-out perplexity, the shipped lm-eval tasks and the
@@ -15,41 +16,20 @@ Each stage leaves its result in OUTPUT and is skipped when run again, so an inte
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import random
-import sysconfig
 import time
 from functools import partial
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from gqa_uptrain.cli import run_cli
+from gqa_uptrain.convert.calibration.data import stdlib_docstrings
 from gqa_uptrain.apps.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
 
 VOCAB = 2048
 SEQ_LEN = 128
 HOLDOUT_EVERY = 8  # every 8th standard-library module is held out
-
-
-def stdlib_docstrings() -> dict[str, list[str]]:
-    """Docstrings of the standard library, read with `ast` (nothing is imported), keyed by module file."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
-    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
-    docs = {}
-    for path in tqdm(files, desc="reading docstrings", unit="module"):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                                                ast.AsyncFunctionDef)))
-        texts = [doc for node in nodes if (doc := ast.get_docstring(node)) and len(doc) >= 80]
-        if texts:
-            docs[path.relative_to(root).as_posix()] = texts
-    return docs
+CALIBRATION_TOKENS = 16_384  # for the calibrated conversions: 128 sequences of the training length
 
 
 def write_corpus(folder: Path) -> None:
@@ -83,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from gqa_uptrain.convert import convert_checkpoint
-    from gqa_uptrain.eval.runner import EvalOptions
+    from gqa_uptrain.eval.options import EvalOptions
     from gqa_uptrain.eval.runner import run as evaluate
 
     out = args.output
@@ -117,6 +97,11 @@ def run(args: argparse.Namespace) -> None:
         if not (out / name / "config.json").is_file():
             convert_checkpoint(base, groups, out / name)
         candidates += [out / name, train(out / name, out / f"{name}-uptrained", uptraining, lr=1e-3, warmup=2)]
+        stage(f"{name}-calibrated: convert with --method calibrated on the training docstrings, no training")
+        if not (out / f"{name}-calibrated" / "config.json").is_file():
+            convert_checkpoint(base, groups, out / f"{name}-calibrated", method="calibrated",
+                               calibration=str(corpus / "train.jsonl"), calibration_tokens=CALIBRATION_TOKENS)
+        candidates.append(out / f"{name}-calibrated")
     stage("mha-continued: the base trained on the same extra tokens, the fair baseline for the uptrained models")
     candidates.append(train(base, out / "mha-continued", uptraining, lr=1e-3, warmup=2))
 

@@ -4,9 +4,9 @@
     gqa-pipeline recipes/llama-2-7b-gqa8.yaml --dry-run       # print the commands, run nothing
     gqa-pipeline RECIPE --repo-id me/model --publish-dry-run  # build the card, upload nothing
 
-The recipe's `convert`, `evaluate` and `publish` sections say what the steps do (recipes/template.yaml); training
-runs as scripts/launch.sh would run it: one process per local GPU through `accelerate launch` with the recipe's
-`accelerate_config`, or one plain process where there is no GPU. The recipe and everything the steps need are
+The recipe's `convert`, `evaluate` and `publish` sections say what the steps do (recipes/template.yaml;
+validated in pipeline_recipe.py); training runs as scripts/launch.sh would run it: one process per local GPU
+through `accelerate launch` with the recipe's `accelerate_config`, or one plain process where there is no GPU. The recipe and everything the steps need are
 checked before the first step starts. A step whose result exists is skipped, and training and evaluation resume
 by themselves, so running the same command again continues where it stopped.
 """
@@ -20,11 +20,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from gqa_uptrain.apps.pipeline_recipe import PipelineRecipe, load_pipeline_recipe
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.source import looks_local
 from gqa_uptrain.errors import ConfigError
-from gqa_uptrain.train.recipe import Recipe, load_recipe
-
+from gqa_uptrain.source import looks_local
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Step:
     done: bool  # its result is already there
 
 
-def plan(recipe_path: Path, overrides: list[str], recipe: Recipe, repo_id: str | None,
+def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_id: str | None,
          publish_dry_run: bool) -> list[Step]:
     """The commands the recipe asks for, in order."""
     python = [sys.executable, "-m"]
@@ -81,7 +80,7 @@ def uptrain_argv(recipe_path: Path, overrides: list[str], accelerate_config: str
     return [sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes", str(gpus), *train]
 
 
-def check_inputs(recipe_path: Path, recipe: Recipe) -> None:
+def check_inputs(recipe_path: Path, recipe: PipelineRecipe) -> None:
     """What must exist before the first step: the source of a conversion, or the model to uptrain."""
     if recipe.convert:
         source = recipe.convert.source
@@ -95,7 +94,7 @@ def check_inputs(recipe_path: Path, recipe: Recipe) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_pipeline_recipe(args.recipe, args.overrides)
     check_inputs(args.recipe, recipe)
     steps = plan(args.recipe, args.overrides, recipe, args.repo_id, args.publish_dry_run)
     for i, step in enumerate(steps, 1):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from gqa_uptrain.provenance import PROVENANCE, read_provenance
+from gqa_uptrain.provenance import pretraining_record, read_provenance, write_provenance
 
 EOS = "<|endoftext|>"
 
@@ -76,12 +76,8 @@ def train_run(model: Path, output: Path, budget: dict, *, train_path: Path, seq_
 
 def record_pretraining(model: Path, source_id: str, data: str) -> int:
     """Replace the trained model's provenance by a pretraining record; returns the tokens it was trained on."""
-    import json
-
     run = read_provenance(model)["uptraining"]
-    record = {"tool": {"name": "gqa-uptrain"}, "source": {"id": source_id},
-              "pretraining": {"tokens": run["tokens"], "steps": run["steps"], "data": data}}
-    (model / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+    write_provenance(model, pretraining_record(source_id, run["tokens"], run["steps"], data))
     return run["tokens"]
 
 

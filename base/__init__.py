@@ -1,4 +1,17 @@
-"""gqa-uptrain: turn multi-head-attention checkpoints into grouped-query attention and uptrain them."""
+"""gqa-uptrain: turn multi-head-attention checkpoints into grouped-query attention and uptrain them.
+
+This package's own modules (the folder base/) are what the tools share; they import no tool and no app:
+- `errors`: one class per kind of user mistake, and `one_line` for another library's exception in a message;
+- `cli`: a command's user mistakes end in one line on stderr;
+- `source`: a local folder or a Hub id, resolved to a local folder;
+- `kv_heads`: KV heads of a config, a config with another count, the model built on the meta device, KV-cache bytes;
+- `provenance`: the `gqa_provenance.json` record (its schema; building, reading and writing it);
+- `tokenizer_identity`: when two tokenizers are the same one;
+- `files`: atomic file writes and file hashing; `dicts`: flattening nested dicts to dotted keys;
+- `documents`: text, JSON lines, parquet files or a Hub dataset, read through `datasets`.
+The tools are the subpackages `convert` (gqa-convert), `train` (gqa-uptrain) and `eval` (gqa-eval); each imports
+only this layer. `apps` (demo, pipeline, publish, scratch) is built on the tools. tests/test_layout.py holds to it.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -1,5 +1,7 @@
 """User-facing errors: one class per kind of mistake, each printed as a single line by the CLIs."""
 
+import re
+
 
 class GqaError(Exception):
     """Base class: anything the user can fix. CLIs print `str(error)` on one line and exit 2."""
@@ -43,3 +45,13 @@ class PublishError(GqaError):
 
 class EvaluationError(GqaError):
     """A candidate model could not be evaluated; the report holds the others' results."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """Another library's exception as part of a one-line message: whitespace (newlines too) collapsed, so a
+    multi-line message keeps its detail (YAML's line and column, the Hub's reason), cut at `limit` characters;
+    the exception's type name when it says nothing."""
+    text = re.sub(r"\s+", " ", str(error)).strip()
+    if not text:
+        return type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."

@@ -12,7 +12,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from gqa_uptrain.errors import CheckpointError
+from gqa_uptrain.errors import CheckpointError, one_line
 
 # Weights in other frameworks' formats, and Meta's original consolidated files, are never needed.
 _NEVER = ["*.pth", "*.pt", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx", "*.ot", "original/*"]
@@ -70,5 +70,4 @@ def _download(repo_id: str, revision: str | None, ignore: list[str]) -> Path:
         raise CheckpointError(f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
                               "(offline mode or no network)") from None
     except HfHubHTTPError as e:
-        reason = str(e).splitlines()[0]
-        raise CheckpointError(f"{repo_id}: cannot be fetched from the Hugging Face Hub ({reason})") from None
+        raise CheckpointError(f"{repo_id}: cannot be fetched from the Hugging Face Hub ({one_line(e)})") from None

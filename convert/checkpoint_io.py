@@ -26,12 +26,13 @@ SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
-DTYPES: dict[str, torch.dtype] = {
+# The dtype codes of a safetensors header and the torch dtypes they stand for, both ways.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+SAFETENSORS_CODES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 COPY_CHUNK = 64 << 20
 
 
@@ -70,7 +71,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         begin, end = entry["data_offsets"]
-        dtype = DTYPES.get(entry["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
         info = TensorInfo(name, path, dtype, tuple(entry["shape"]), data_start + begin)
@@ -245,7 +246,7 @@ def _header_bytes(tensors: Iterable[OutputTensor]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+        header[t.name] = {"dtype": SAFETENSORS_CODES[t.dtype], "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

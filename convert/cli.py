@@ -10,7 +10,7 @@ from transformers.utils.hub import convert_file_size_to_int
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.convert.converter import convert, default_output
 from gqa_uptrain.convert.methods import METHODS
-from gqa_uptrain.convert.plan import build_plan, describe
+from gqa_uptrain.convert.plan import CalibrationOptions, build_plan, describe
 from gqa_uptrain.source import resolve_source
 from gqa_uptrain.errors import GqaError
 
@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
                     "stock transformers loads as is.",
         epilog="examples:\n  gqa-convert meta-llama/Llama-2-7b --groups 8\n"
                "  gqa-convert ./my-model --groups 1 --output ./my-model-mqa\n"
-               "  gqa-convert ./Meta-Llama-3-8B --groups 2 --method first --dry-run",
+               "  gqa-convert ./Meta-Llama-3-8B --groups 2 --method first --dry-run\n"
+               "  gqa-convert ./my-model --groups 1 --method calibrated --calibration ./books.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE",
@@ -37,8 +38,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=sorted(METHODS), default="mean",
                    help="how the KV heads of a group become one: mean (average them, the GQA paper's choice; "
                         "default), first (keep the group's first head), random (fresh projections drawn from the "
-                        "config's initializer_range)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random (default: 0)")
+                        "config's initializer_range), calibrated (training-free: group the heads and fit each "
+                        "group's shared key and value to reproduce the original attention on calibration text; "
+                        "rewrites q/k/v/o_proj; runs on the GPU when there is one)")
+    p.add_argument("--calibration", metavar="DATA",
+                   help="text for --method calibrated: a local .txt/.jsonl/.parquet file (optionally compressed), "
+                        "folder or glob, or a Hub dataset id; rows with input_ids are used as they are (default: "
+                        "the docstrings of Python's standard library, offline)")
+    p.add_argument("--calibration-tokens", type=int, default=32_768, metavar="N",
+                   help="calibration tokens for --method calibrated, as whole sequences of up to 512 tokens "
+                        "(default: 32768; more fits more closely and takes longer)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for --method random and for the order of calibration documents (default: 0)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub SOURCE (default: main)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard, e.g. 5GB or 500MB (default: 5GB); a smaller model is "
@@ -65,7 +76,12 @@ def _max_shard_bytes(text: str) -> int:
 def run(args: argparse.Namespace) -> None:
     max_shard = _max_shard_bytes(args.max_shard_size)
     source = resolve_source(args.source, args.revision)
-    plan = build_plan(source.folder, args.groups, args.method, args.seed, max_shard)
+    if args.method != "calibrated" and (args.calibration or args.calibration_tokens != 32_768):
+        raise GqaError("--calibration and --calibration-tokens apply to --method calibrated only")
+    if args.calibration_tokens < 1:
+        raise GqaError(f"--calibration-tokens must be positive, got {args.calibration_tokens}")
+    plan = build_plan(source.folder, args.groups, args.method, args.seed, max_shard,
+                      CalibrationOptions(args.calibration, args.calibration_tokens))
     output = args.output or default_output(source.name, args.groups)
     if args.dry_run:
         print("\n".join([*describe(plan, args.context), f"output        {output} (not written: --dry-run)"]))

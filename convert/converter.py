@@ -17,14 +17,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gqa_uptrain.convert.card import card_license, model_card, provenance, sha256_file
-from gqa_uptrain.convert.checkpoint_io import ShardedWriter, is_weight_file, write_tensor
+from gqa_uptrain.convert.card import card_license, model_card
+from gqa_uptrain.convert.calibration.calibrate import fit_checkpoint
+from gqa_uptrain.convert.checkpoint_io import CheckpointReader, ShardedWriter, is_weight_file, write_tensor
 from gqa_uptrain.convert.methods import PoolContext
-from gqa_uptrain.convert.plan import Plan, Step
+from gqa_uptrain.convert.plan import ConversionPlan, Step
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
 from gqa_uptrain.source import Source
 from gqa_uptrain.errors import DiskFullError, OutputExistsError
-from gqa_uptrain.provenance import PROVENANCE, read_provenance
+from gqa_uptrain.files import sha256_file
+from gqa_uptrain.provenance import (PROVENANCE, Conversion, SourceRecord, conversion_record, read_provenance,
+                                   write_provenance)
 
 _NOT_COPIED = {"config.json", "README.md", PROVENANCE}
 _SPACE_MARGIN = 64 << 20
@@ -44,7 +47,8 @@ def default_output(name: str, groups: int) -> Path:
     return Path(f"{name}-mqa" if groups == 1 else f"{name}-gqa{groups}")
 
 
-def convert(plan: Plan, source: Source, output: Path, force: bool = False, progress: bool = True) -> Path:
+def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = False,
+            progress: bool = True) -> Path:
     """Write the converted model to `output` and return it."""
     check_output(output, source.folder, force)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -56,14 +60,18 @@ def convert(plan: Plan, source: Source, output: Path, force: bool = False, progr
     hasher = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1))
     try:
         pending = {file.name: hasher.submit(sha256_file, file, cancel) for file in plan.reader.files}
-        _write_weights(plan, work, progress)
+        fitted, calibration = None, None
+        if plan.calibration is not None:
+            fitted, calibration = fit_checkpoint(plan, work / ".calibration", progress)
+        _write_weights(plan, work, progress, fitted)
+        shutil.rmtree(work / ".calibration", ignore_errors=True)
         _copy_other_files(source.folder, work)
         _write_config(plan, work)
         hashes = {name: digest.result() for name, digest in pending.items()}
-        record = provenance(source.label, source.revision, card_license(source.folder), hashes, plan.method,
-                            plan.layout.groups, plan.layout.kv_heads, plan.layout.query_heads, plan.seed,
-                            read_provenance(source.folder))
-        (work / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+        source_record: SourceRecord = {"id": source.label, "revision": source.revision,
+                                       "license": card_license(source.folder), "sha256": hashes}
+        write_provenance(work, conversion_record(source_record, _conversion(plan, calibration),
+                                                 read_provenance(source.folder)))
         model_card(work, output.name).save(work / "README.md")
         _flush_to_disk(work)
         _move_into_place(work, output)
@@ -76,18 +84,29 @@ def convert(plan: Plan, source: Source, output: Path, force: bool = False, progr
     return output
 
 
-def _write_weights(plan: Plan, folder: Path, progress: bool) -> None:
+def _conversion(plan: ConversionPlan, calibration: dict | None) -> Conversion:
+    layout = plan.layout
+    return {"method": plan.method, "groups": layout.groups, "kv_heads_before": layout.kv_heads,
+            "kv_heads_after": layout.groups, "query_heads": layout.query_heads,
+            **({"seed": plan.seed} if plan.method in ("random", "calibrated") else {}),
+            **({"calibration": calibration} if calibration is not None else {})}
+
+
+def _write_weights(plan: ConversionPlan, folder: Path, progress: bool, fitted: CheckpointReader | None) -> None:
     init_std = getattr(plan.config, "initializer_range", 0.02)
     with tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing weights",
               disable=not progress) as bar, ShardedWriter(folder, plan.shards, bar.update) as writer:
         for step in plan.steps:
-            writer.write(_tensor_source(plan, step, init_std))
+            writer.write(_tensor_source(plan, step, init_std, fitted))
         writer.finish()
 
 
-def _tensor_source(plan: Plan, step: Step, init_std: float):
-    """How the writer gets a step's bytes: a raw copy, or the pooled tensor."""
+def _tensor_source(plan: ConversionPlan, step: Step, init_std: float, fitted: CheckpointReader | None):
+    """How the writer gets a step's bytes: a raw copy (of the source, or of a calibrated fit), or the pooled
+    tensor."""
     reader = plan.reader
+    if step.fitted:
+        return lambda out, progress: fitted.copy_raw(step.output.name, out, progress)
     if step.change is None:
         return lambda out, progress: reader.copy_raw(step.output.name, out, progress)
     context = PoolContext(step.change.role, seeded_generator(plan.seed, step.output.name), init_std)
@@ -109,13 +128,13 @@ def _copy_other_files(source: Path, folder: Path) -> None:
         shutil.copy2(path, folder / relative)
 
 
-def _write_config(plan: Plan, folder: Path) -> None:
+def _write_config(plan: ConversionPlan, folder: Path) -> None:
     """The source's config.json, key for key, with the new KV head count."""
     config = {**plan.raw_config, "num_key_value_heads": plan.layout.groups}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _check_space(plan: Plan, parent: Path) -> None:
+def _check_space(plan: ConversionPlan, parent: Path) -> None:
     free = shutil.disk_usage(parent).free
     if free < plan.output_bytes + _SPACE_MARGIN:
         raise DiskFullError(f"{parent}: not enough free disk space ({free / 2**30:.1f} GiB free, the "

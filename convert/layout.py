@@ -1,7 +1,8 @@
 """Which tensors change when a model gets fewer KV heads, found from the model class itself.
 
-Both configurations are instantiated on the meta device (no memory, no weights) and their parameters are
-compared. Every difference must be explained by one of a few layouts, or the architecture is refused:
+Both configurations are instantiated on the meta device (`gqa_uptrain.kv_heads.meta_model`: no memory, no
+weights) and their parameters are compared. Every difference must be explained by one of a few layouts, or the
+architecture is refused:
 - `HeadsAxis`: one axis holds the KV heads back to back (k/v projections and their biases, a k-norm over
   the whole projection as in OLMo-2, a per-head norm weight of shape [heads, head_dim] as in Cohere);
 - `FusedQKV`: rows [q | k | v] of one fused projection (Phi-3's `qkv_proj`);
@@ -15,12 +16,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from gqa_uptrain.errors import InvalidGroupsError, UnsupportedModelError
+from gqa_uptrain.kv_heads import kv_heads_of, meta_model, with_kv_heads
 
 Role = Literal["projection", "bias", "norm"]
 
@@ -67,20 +68,6 @@ class KVLayout:
     changes: tuple[Change, ...]
 
 
-def kv_heads_of(config: PretrainedConfig) -> int:
-    """The config's KV head count; configs that omit it mean one KV head per query head."""
-    heads = config.to_dict().get("num_key_value_heads")
-    return heads if heads is not None else config.num_attention_heads
-
-
-def with_kv_heads(config: PretrainedConfig, kv_heads: int) -> PretrainedConfig:
-    """A copy of `config` with another KV head count."""
-    values = config.to_dict()
-    values.pop("model_type", None)
-    values["num_key_value_heads"] = kv_heads
-    return type(config)(**values)
-
-
 def find_layout(config: PretrainedConfig, groups: int) -> KVLayout:
     """Check that `config`'s architecture can hold `groups` KV heads and list the tensors that change."""
     model_type = config.model_type
@@ -124,10 +111,8 @@ class _Param:
 
 def _meta_parameters(config: PretrainedConfig) -> dict[str, _Param]:
     """Every parameter's shape and role, from a model built on the meta device."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
     params = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in meta_model(config).named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
             params[name] = _Param(tuple(param.shape), _role(module, param_name))

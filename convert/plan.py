@@ -7,29 +7,44 @@ Planning reads only configs and checkpoint headers, so it is instant even for a 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
+from gqa_uptrain.convert.calibration.support import check_supported
 from gqa_uptrain.convert.checkpoint_io import CheckpointReader, OutputTensor, TensorInfo, assign_shards
-from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, find_layout, with_kv_heads
+from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, find_layout
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.pooling import pooled_shape
 from gqa_uptrain.errors import CheckpointError, UnsupportedModelError
+from gqa_uptrain.kv_heads import kv_cache_bytes_per_token, with_kv_heads
 
 
 @dataclass(frozen=True)
 class Step:
-    """One output tensor: copied unchanged (`change` is None) or pooled from `sources`."""
+    """One output tensor: copied unchanged (`change` is None), pooled from `sources`, or `fitted` on calibration
+    text (the calibrated method's q/k/v/o projections)."""
 
     output: OutputTensor
     sources: tuple[str, ...]
     change: Change | None
+    fitted: bool = False
 
 
 @dataclass(frozen=True)
-class Plan:
+class CalibrationOptions:
+    """What --method calibrated fits on: DATA (None: the default text), at least `tokens` tokens."""
+
+    data: str | None = None
+    tokens: int = 32_768
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """Every output tensor of a conversion and the shard it goes to, decided from configs and headers alone."""
+
     folder: Path
     raw_config: dict
     config: PretrainedConfig
@@ -39,6 +54,7 @@ class Plan:
     reader: CheckpointReader
     steps: list[Step]
     shards: list[list[OutputTensor]]
+    calibration: CalibrationOptions | None = None
 
     @property
     def output_bytes(self) -> int:
@@ -68,7 +84,9 @@ def load_config(folder: Path) -> tuple[dict, PretrainedConfig]:
     return raw, config
 
 
-def build_plan(folder: Path, groups: int, method: str, seed: int = 0, max_shard_bytes: int = 5_000_000_000) -> Plan:
+def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
+               max_shard_bytes: int = 5_000_000_000,
+               calibration: CalibrationOptions | None = None) -> ConversionPlan:
     """Everything the conversion will do, checked against the checkpoint's headers."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method}")
@@ -79,8 +97,20 @@ def build_plan(folder: Path, groups: int, method: str, seed: int = 0, max_shard_
         raise UnsupportedModelError(f"{folder}: cannot read the attention layout ({e})") from None
     reader = CheckpointReader(folder)
     steps = _steps(reader, layout)
-    return Plan(folder, raw, config, layout, method, seed, reader, steps,
-                assign_shards([s.output for s in steps], max_shard_bytes))
+    fitted = method == "calibrated" and bool(layout.changes)
+    if fitted:
+        check_supported(config, layout, reader.tensors)
+        steps = [replace(step, fitted=True) if _is_attention_projection(step.output.name) else step
+                 for step in steps]
+    return ConversionPlan(folder, raw, config, layout, method, seed, reader, steps,
+                          assign_shards([s.output for s in steps], max_shard_bytes),
+                          (calibration or CalibrationOptions()) if fitted else None)
+
+
+def _is_attention_projection(name: str) -> bool:
+    """q/k/v/o projections of a decoder layer's attention: what a calibrated conversion rewrites."""
+    return re.search(r"\.self_attn\.[qkvo]_proj\.(weight|bias)$", name) is not None and not name.endswith(
+        "o_proj.bias")
 
 
 @dataclass(frozen=True)
@@ -146,17 +176,19 @@ def _check_shape(info: TensorInfo, change: Change) -> None:
                               f"implies {list(change.shape)}")
 
 
-def describe(plan: Plan, context: int) -> list[str]:
+def describe(plan: ConversionPlan, context: int) -> list[str]:
     """The --dry-run report: heads, KV-cache size, parameters and files, before -> after."""
-    from gqa_uptrain.eval.kv_cache import kv_cache_bytes_per_token
-
     layout = plan.layout
     new_config = with_kv_heads(plan.config, layout.groups)
     kv_before = kv_cache_bytes_per_token(plan.config)
     kv_after = kv_cache_bytes_per_token(new_config)
     params_before = sum(info.nbytes // info.dtype.itemsize for info in plan.reader.tensors.values())
     params_after = sum(s.output.nbytes // s.output.dtype.itemsize for s in plan.steps)
-    changed = sum(step.change is not None for step in plan.steps)
+    changed = sum(step.change is not None or step.fitted for step in plan.steps)
+    how = "rewritten"
+    if plan.calibration is not None:
+        how = (f"fitted on {plan.calibration.data or 'Python standard-library docstrings'} "
+               f"({plan.calibration.tokens:,} tokens)")
     return [
         f"source        {plan.folder} ({layout.model_type}, {layout.query_heads} query heads)",
         f"KV heads      {layout.kv_heads} -> {layout.groups} (method: {plan.method})",
@@ -165,7 +197,7 @@ def describe(plan: Plan, context: int) -> list[str]:
         f"parameters    {params_before:,} -> {params_after:,} ({params_after - params_before:+,})",
         f"weights       {_size(plan.source_bytes)} -> {_size(plan.output_bytes)} in {len(plan.shards)} "
         f"safetensors file(s)",
-        f"tensors       {changed} pooled, {len(plan.steps) - changed} copied unchanged",
+        f"tensors       {changed} {how}, {len(plan.steps) - changed} copied unchanged",
     ]
 
 

@@ -21,7 +21,7 @@ def seeded_generator(seed: int, name: str) -> torch.Generator:
 def pool_tensor(change: Change, sources: list[torch.Tensor], kv_heads: int, groups: int, method: str,
                 context: PoolContext) -> torch.Tensor:
     """The output tensor for one change, made from its source tensors (one, or a group's per-head ones)."""
-    pool = METHODS[method]
+    pool = METHODS[method].pool
     dtype = sources[0].dtype
     if isinstance(change, PerHeadModules):
         heads = torch.stack([t.float() for t in sources])  # this output's group only

@@ -13,6 +13,7 @@ from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 
+from gqa_uptrain.files import sha256_file, write_atomically
 from gqa_uptrain.provenance import PROVENANCE
 
 # Files that decide a model's outputs; docs, model cards and provenance notes do not.
@@ -31,10 +32,7 @@ def digest(value: Any) -> str:
 
 
 def _write_json_atomically(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(value, indent=1, default=str))
 
 
 class ResultCache:
@@ -67,8 +65,7 @@ class ResultCache:
             known = self._file_hashes_path.is_file() and self.enabled
             self._file_hashes = json.loads(self._file_hashes_path.read_text()) if known else {}
         if memo_key not in self._file_hashes:
-            with open(path, "rb") as f:
-                self._file_hashes[memo_key] = hashlib.file_digest(f, "sha256").hexdigest()
+            self._file_hashes[memo_key] = sha256_file(path)
             if self.enabled:
                 _write_json_atomically(self._file_hashes_path, self._file_hashes)
         return self._file_hashes[memo_key]

@@ -5,18 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.errors import ConfigError, EvaluationError
+from gqa_uptrain.errors import EvaluationError
 
 from .cache import default_cache_dir
 from .local_tasks import shipped_task_names
-
-if TYPE_CHECKING:
-    from .runner import EvalOptions
-
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+from .options import DTYPE_NAMES, EvalOptions
 
 EPILOG = """\
 examples:
@@ -34,20 +29,18 @@ candidates and an identical rerun only rewrites the report.
 """
 
 
+# Flag types only parse text; which values are allowed is EvalOptions' business (options.py), for every caller.
+
+
 def _int_list(text: str) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _limit(text: str) -> int | float:
     value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("--limit must be positive")
     return value if "." in text else int(value)
 
 
@@ -130,21 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
-    for flag in ("num_fewshot", "batch_size", "speed_new_tokens", "bootstrap_iters", "perplexity_window",
-                 "perplexity_stride", "perplexity_max_tokens"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "num_fewshot" else 1):
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    values = {k: v for k, v in vars(args).items() if k != "verbose" and v is not None}
-    from .runner import EvalOptions  # loaded late, like run() in evaluate()
-
-    return EvalOptions(**values)
+    """The validated options (ConfigError naming the flag); flags not given take EvalOptions' defaults."""
+    return EvalOptions(**{k: v for k, v in vars(args).items() if k != "verbose" and v is not None})
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    options = options_from_args(args)  # bad values fail here, before the slow imports
     from .runner import run  # torch, transformers and lm-eval take seconds to import: not for --help
 
-    errors = run(options_from_args(args))
+    errors = run(options)
     if errors:
         raise EvaluationError(f"{len(errors)} of {len(args.models)} candidates failed (the report has the others): "
                               + "; ".join(errors))

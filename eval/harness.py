@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from gqa_uptrain.errors import DataError, EvaluationError
+from gqa_uptrain.errors import DataError, EvaluationError, one_line
 
 from .local_tasks import TaskSelection
 
@@ -42,7 +42,7 @@ def check_task_loads(selection: TaskSelection, name: str) -> None:
     try:
         selection.manager.load([name])
     except Exception as error:  # noqa: BLE001 - datasets raises many kinds; all mean the data is unusable
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = one_line(error)
         raise DataError(
             f"task '{name}': its data does not load ({reason}); offline, use a local task (see gqa-eval --help)"
         ) from error

@@ -6,16 +6,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from gqa_uptrain.errors import CheckpointError, TokenizerMismatchError
+from gqa_uptrain.errors import CheckpointError, TokenizerMismatchError, one_line
 from gqa_uptrain.provenance import read_provenance
-
-# A probe that exercises whitespace, digits, punctuation, case and non-ASCII: tokenizers that agree on it
-# and on their vocabularies and special tokens tokenize evaluation text the same way.
-PROBE = "Hello  world!\n\tIt's 2026: naïve café, 3.14159 and 東京.  "
+from gqa_uptrain.tokenizer_identity import tokenizer_difference
 
 
 @dataclass
-class ModelSpec:
+class OpenedModel:
     """A model named on the command line, with what can be read without loading its weights."""
 
     ref: str  # a local folder or a Hugging Face Hub id, as the user wrote it
@@ -30,13 +27,7 @@ class ModelSpec:
         return path if path.is_dir() else None
 
 
-def _why(error: Exception) -> str:
-    """The first line of an exception's message, to keep the user-facing error on one line."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-def open_model(ref: str, label: str) -> ModelSpec:
+def open_model(ref: str, label: str) -> OpenedModel:
     """Read a model's config and tokenizer (cheap), so bad input is found before any long evaluation."""
     path = Path(ref)
     if path.exists() and not (path / "config.json").is_file():
@@ -44,15 +35,15 @@ def open_model(ref: str, label: str) -> ModelSpec:
     try:
         config = AutoConfig.from_pretrained(ref)
     except Exception as error:  # noqa: BLE001 - any failure here means this model cannot be loaded
-        raise CheckpointError(f"model {ref} does not load: {_why(error)}") from error
+        raise CheckpointError(f"model {ref} does not load: {one_line(error)}") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref)
     except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"model {ref}: its tokenizer does not load: {_why(error)}") from error
-    return ModelSpec(ref=ref, label=label, config=config, tokenizer=tokenizer, provenance=read_provenance(path))
+        raise CheckpointError(f"model {ref}: its tokenizer does not load: {one_line(error)}") from error
+    return OpenedModel(ref=ref, label=label, config=config, tokenizer=tokenizer, provenance=read_provenance(path))
 
 
-def load_weights(spec: ModelSpec, dtype: torch.dtype, device: str) -> torch.nn.Module:
+def load_weights(spec: OpenedModel, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """The model in eval mode, loaded straight onto `device` (`auto`: spread over the GPUs by accelerate).
 
     The same dtype is used for the base and every candidate.
@@ -60,28 +51,16 @@ def load_weights(spec: ModelSpec, dtype: torch.dtype, device: str) -> torch.nn.M
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.ref, dtype=dtype, device_map=device)
     except Exception as error:  # noqa: BLE001 - any failure here means this model cannot be loaded
-        raise CheckpointError(f"model {spec.ref} does not load: {_why(error)}") from error
+        raise CheckpointError(f"model {spec.ref} does not load: {one_line(error)}") from error
     return model.eval()
 
 
-def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> tuple:
-    """What decides how text becomes ids: vocabulary, special tokens, and the encoding of a probe text."""
-    return (
-        tuple(sorted(tokenizer.get_vocab().items())),
-        (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id),
-        tuple(tokenizer(PROBE)["input_ids"]),
-    )
-
-
-def check_same_tokenizer(base: ModelSpec, candidates: list[ModelSpec]) -> None:
+def check_same_tokenizer(base: OpenedModel, candidates: list[OpenedModel]) -> None:
     """Refuse to compare models whose tokenizers differ: their log-likelihoods would measure different things."""
-    reference = tokenizer_signature(base.tokenizer)
     for candidate in candidates:
-        signature = tokenizer_signature(candidate.tokenizer)
-        if signature == reference:
+        differs = tokenizer_difference(base.tokenizer, candidate.tokenizer)
+        if differs is None:
             continue
-        part = ("vocabulary", "special tokens", "tokenization of a probe text")
-        differs = next(name for name, a, b in zip(part, reference, signature) if a != b)
         raise TokenizerMismatchError(
             f"candidate {candidate.ref} has a different tokenizer from base {base.ref} ({differs} differs)"
         )

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from gqa_uptrain.errors import DataError
+from gqa_uptrain.errors import DataError, one_line
 
 DATASET_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -56,7 +56,7 @@ def load_documents(source: str, column: str = "text", split: str = "test", conca
     except DataError:
         raise
     except Exception as error:  # noqa: BLE001 - file, format and network errors all mean unusable data
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = one_line(error)
         raise DataError(f"perplexity data {source} does not load: {reason}") from error
     documents = [d for d in documents if isinstance(d, str) and d.strip()]
     if not documents:

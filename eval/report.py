@@ -6,7 +6,8 @@ delta is marked when it exceeds two standard errors. The average row averages on
 (acc_norm, else acc, else the first score in [0, 1]), as papers' average columns do.
 
 Written as report.json (everything), report.csv (one row per candidate, task and metric), report.md, and two
-plots: deltas.png (headline deltas with 2-SE whiskers) and quality_vs_kv_cache.png.
+plots: deltas.png (headline deltas with 2-SE whiskers) and quality_vs_kv_cache.png. This module chooses what the
+plots show; `plots.py` draws them.
 """
 
 import csv
@@ -16,10 +17,9 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
+from gqa_uptrain.files import write_atomically
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from . import plots
 
 HEADLINE_ORDER = ("acc_norm", "acc", "exact_match", "f1", "mcc")
 AVERAGE = "average"
@@ -243,13 +243,7 @@ def csv_text(report: dict) -> str:
     return buffer.getvalue()
 
 
-# ----------------------------------------------------------------------------------------------------- plots
-
-
-def _color(report: dict, label: str) -> str:
-    """One colour per candidate, the same in every plot."""
-    labels = [c["label"] for c in report["candidates"]]
-    return f"C{labels.index(label) % 10}"
+# ------------------------------------------------------------------------------------------ what the plots show
 
 
 def headline_rows(report: dict) -> dict[str, list[dict]]:
@@ -259,78 +253,48 @@ def headline_rows(report: dict) -> dict[str, list[dict]]:
             for label, rows in report["comparisons"].items()}
 
 
-def plot_deltas(report: dict, path: Path) -> bool:
-    """Grouped bars: each task's headline delta (and the average) per candidate, whiskers at 2 SE."""
-    series = {label: rows for label, rows in headline_rows(report).items() if rows}
-    if not series:
-        return False
-    ticks = {r["task"]: f"{r['task']}\n({r['metric']})" for rows in series.values() for r in rows}
-    tasks = list(ticks)
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 0.3 * len(tasks) * len(series)), 4))
-    for i, (label, rows) in enumerate(series.items()):
-        offset = (i - (len(series) - 1) / 2) * width
-        xs = [tasks.index(r["task"]) + offset for r in rows]
-        whiskers = [2 * r["delta_stderr"] if r["delta_stderr"] else 0.0 for r in rows]
-        ax.bar(xs, [r["delta"] for r in rows], width, yerr=whiskers, capsize=3, label=label,
-               color=_color(report, label))
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(tasks)), [ticks[t] for t in tasks], fontsize=8)
-    ax.set_ylabel("candidate - base")
-    ax.set_title("Quality delta vs base (whiskers: 2 standard errors)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+def delta_series(report: dict) -> dict[str, list[dict]]:
+    """deltas.png: the headline rows of every candidate that has some."""
+    return {label: rows for label, rows in headline_rows(report).items() if rows}
 
 
-def plot_quality_vs_kv(report: dict, path: Path) -> bool:
-    """Average headline score and perplexity (a panel each, where measured) against KV-cache bytes per token."""
+def quality_vs_kv_panels(report: dict, colors: dict[str, str]) -> list[tuple[str, list[plots.Point]]]:
+    """quality_vs_kv_cache.png: average headline score and perplexity, a panel each where measured, per model."""
     models = [m for m in [report["base"], *report["candidates"]] if m.get("kv_cache_bytes_per_token")]
-    panels = [(name, points) for name, measure in (
+    measures = (
         ("average score", average_score),
         ("token perplexity (lower is better)", lambda m: (m.get("perplexity") or {}).get("token_perplexity")),
-    ) if (points := [(m, y) for m in models if (y := measure(m)) is not None])]
-    if not panels:
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (name, points) in zip(axes[0], panels):
-        for model, y in points:
-            x = model["kv_cache_bytes_per_token"]
-            base = model["role"] == "base"
-            ax.scatter(x, y, marker="s" if base else "o", s=40,
-                       color="black" if base else _color(report, model["label"]))
-            ax.annotate(model["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        xs = sorted({m["kv_cache_bytes_per_token"] for m, _ in points})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [_bytes(x) for x in xs], fontsize=8)
-        ax.minorticks_off()
-        ax.set_xlabel("KV cache per token")
-        ax.set_ylabel(name)
-    fig.suptitle("Quality vs KV-cache size")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    )
+    panels = []
+    for name, measure in measures:
+        points = [plots.Point(m["label"], m["kv_cache_bytes_per_token"], _bytes(m["kv_cache_bytes_per_token"]), y,
+                              m["role"] == "base", "black" if m["role"] == "base" else colors[m["label"]])
+                  for m in models if (y := measure(m)) is not None]
+        if points:
+            panels.append((name, points))
+    return panels
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------------------------------- files
 
 
 def write_report(report: dict, output_dir: Path) -> list[Path]:
     """All report files, each replaced atomically, so a report on disk is always whole."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    colors = plots.cycle_colors([c["label"] for c in report["candidates"]])
+    drawings = (
+        ("deltas.png", delta_series(report), lambda series, path: plots.plot_deltas(series, colors, path)),
+        ("quality_vs_kv_cache.png", quality_vs_kv_panels(report, colors), plots.plot_quality_vs_kv),
+    )
     images = []
-    for name, plot in (("deltas.png", plot_deltas), ("quality_vs_kv_cache.png", plot_quality_vs_kv)):
+    for name, data, draw in drawings:
+        if not data:  # nothing to plot: no file written (one from an earlier run is left as it was)
+            continue
         tmp = output_dir / f".{name}.tmp.png"
-        if plot(report, tmp):
-            os.replace(tmp, output_dir / name)
-            images.append(name)
-    _write_atomically(output_dir / "report.json", json.dumps(report, indent=1, default=str))
-    _write_atomically(output_dir / "report.csv", csv_text(report))
-    _write_atomically(output_dir / "report.md", markdown(report, images))
+        draw(data, tmp)
+        os.replace(tmp, output_dir / name)
+        images.append(name)
+    write_atomically(output_dir / "report.json", json.dumps(report, indent=1, default=str))
+    write_atomically(output_dir / "report.csv", csv_text(report))
+    write_atomically(output_dir / "report.md", markdown(report, images))
     return [output_dir / n for n in ("report.json", "report.csv", "report.md", *images)]

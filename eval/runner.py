@@ -11,54 +11,23 @@ import hashlib
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gqa_uptrain.errors import ConfigError, EvaluationError, GqaError
+from gqa_uptrain.kv_heads import kv_cache_bytes_per_token
 
 from . import report as report_io
-from .cache import ResultCache, default_cache_dir, result_key
+from .cache import ResultCache, result_key
 from .harness import HarnessSettings, check_task_loads, evaluate_task
-from .kv_cache import kv_cache_bytes_per_token
-from .loading import ModelSpec, adds_bos, check_same_tokenizer, load_weights, open_model
+from .loading import OpenedModel, adds_bos, check_same_tokenizer, load_weights, open_model
 from .local_tasks import TaskSelection, resolve_tasks
+from .options import EvalOptions
 from .perplexity import load_documents, perplexity, tokenize_documents
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EvalOptions:
-    """Every setting of a gqa-eval run (the CLI flags, one to one)."""
-
-    base: str
-    models: list[str]
-    output: Path
-    tasks: str | None = None
-    include_paths: list[Path] = field(default_factory=list)
-    num_fewshot: int = 0
-    batch_size: int = 8
-    limit: int | float | None = None
-    seed: int = 1234
-    dtype: str = "auto"
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    add_bos_token: bool | None = None
-    bootstrap_iters: int = 100_000
-    perplexity: str | None = None
-    perplexity_column: str = "text"
-    perplexity_split: str = "test"
-    perplexity_concat: bool = False
-    perplexity_window: int | None = None
-    perplexity_stride: int | None = None
-    perplexity_max_tokens: int | None = None
-    speed: bool = False
-    speed_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    speed_contexts: list[int] = field(default_factory=lambda: [512, 2048])
-    speed_new_tokens: int = 64
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    use_cache: bool = True
 
 
 def log(message: str) -> None:
@@ -80,7 +49,7 @@ def unique_labels(refs: list[str]) -> list[str]:
             for i, label in enumerate(labels)]
 
 
-def resolve_dtype(name: str, base: ModelSpec) -> torch.dtype:
+def resolve_dtype(name: str, base: OpenedModel) -> torch.dtype:
     """`auto` is the base checkpoint's own dtype; whatever it is, every model is evaluated in it."""
     if name == "auto":
         stored = getattr(base.config, "dtype", None)
@@ -90,7 +59,7 @@ def resolve_dtype(name: str, base: ModelSpec) -> torch.dtype:
 
 
 @dataclass
-class Plan:
+class EvaluationPlan:
     """What every model is measured on, fixed before the first model runs."""
 
     options: EvalOptions
@@ -117,7 +86,7 @@ class Plan:
         return out
 
 
-def perplexity_plan(options: EvalOptions, base: ModelSpec, dtype: torch.dtype) -> tuple[list[list[int]], dict]:
+def perplexity_plan(options: EvalOptions, base: OpenedModel, dtype: torch.dtype) -> tuple[list[list[int]], dict]:
     """Tokenize the held-out text once (base tokenizer; the candidates' are checked identical)."""
     documents = load_documents(options.perplexity, options.perplexity_column, options.perplexity_split,
                                options.perplexity_concat)
@@ -133,9 +102,7 @@ def perplexity_plan(options: EvalOptions, base: ModelSpec, dtype: torch.dtype) -
     return ids, settings
 
 
-def make_plan(options: EvalOptions, base: ModelSpec, staging_dir: Path) -> Plan:
-    if not options.tasks and not options.perplexity and not options.speed:
-        raise ConfigError("nothing to measure: give --tasks, --perplexity and/or --speed")
+def make_plan(options: EvalOptions, base: OpenedModel, staging_dir: Path) -> EvaluationPlan:
     cache = ResultCache(options.cache_dir, enabled=options.use_cache)
     dtype = resolve_dtype(options.dtype, base)
     harness = tasks = None
@@ -146,27 +113,29 @@ def make_plan(options: EvalOptions, base: ModelSpec, staging_dir: Path) -> Plan:
                                   limit=options.limit, seed=options.seed, dtype=str(dtype).removeprefix("torch."),
                                   add_bos_token=add_bos, bootstrap_iters=options.bootstrap_iters)
     ids, ppl_settings = perplexity_plan(options, base, dtype) if options.perplexity else (None, None)
-    return Plan(options, cache, dtype, harness, tasks, ids, ppl_settings)
+    return EvaluationPlan(options, cache, dtype, harness, tasks, ids, ppl_settings)
 
 
-def new_record(spec: ModelSpec, role: str) -> dict:
+def new_record(spec: OpenedModel, role: str) -> dict:
     """The model's entry in the report, filled in as measurements arrive (kept, with its error, on failure)."""
     return {"label": spec.label, "ref": spec.ref, "role": role, "provenance": spec.provenance, "tasks": {},
             "perplexity": None, "speed": None, "error": None}
 
 
-def describe(record: dict, spec: ModelSpec, plan: Plan) -> None:
+def describe(spec: OpenedModel, dtype: torch.dtype) -> dict:
     """What the config says: heads and KV-cache bytes per token in the evaluation dtype."""
     config = spec.config.get_text_config(decoder=True)
-    record["num_attention_heads"] = getattr(config, "num_attention_heads", None)
-    record["num_key_value_heads"] = getattr(config, "num_key_value_heads", None)
-    record["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(spec.config, plan.dtype)
+    return {
+        "num_attention_heads": getattr(config, "num_attention_heads", None),
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(spec.config, dtype),
+    }
 
 
 class LazyModel:
     """Loads the weights on first use only, so a model whose every result is cached is never loaded."""
 
-    def __init__(self, spec: ModelSpec, plan: Plan) -> None:
+    def __init__(self, spec: OpenedModel, plan: EvaluationPlan) -> None:
         self.spec, self.plan, self._model = spec, plan, None
 
     def get(self) -> torch.nn.Module:
@@ -183,11 +152,11 @@ class LazyModel:
             torch.cuda.empty_cache()
 
 
-def task_key(plan: Plan, fingerprint: str, name: str) -> str:
+def task_key(plan: EvaluationPlan, fingerprint: str, name: str) -> str:
     return result_key(fingerprint, f"lm-eval:{name}", {**plan.harness.as_dict(), "task": plan.tasks.fingerprints[name]})
 
 
-def check_task_data(plan: Plan, specs: list[ModelSpec]) -> None:
+def check_task_data(plan: EvaluationPlan, specs: list[OpenedModel]) -> None:
     """Load the data of every task some model still has to run, so a missing dataset fails before the first model."""
     fingerprints = [plan.cache.model_fingerprint(spec.ref) for spec in specs]
     for name in plan.tasks.names:
@@ -195,7 +164,7 @@ def check_task_data(plan: Plan, specs: list[ModelSpec]) -> None:
             check_task_loads(plan.tasks, name)
 
 
-def measure_tasks(record: dict, model: LazyModel, fingerprint: str, plan: Plan) -> None:
+def measure_tasks(record: dict, model: LazyModel, fingerprint: str, plan: EvaluationPlan) -> None:
     for name in plan.tasks.names:
         key = task_key(plan, fingerprint, name)
         cached = plan.cache.get(key)
@@ -208,7 +177,7 @@ def measure_tasks(record: dict, model: LazyModel, fingerprint: str, plan: Plan) 
         record["tasks"][name] = cached
 
 
-def measure_perplexity(record: dict, model: LazyModel, fingerprint: str, plan: Plan) -> None:
+def measure_perplexity(record: dict, model: LazyModel, fingerprint: str, plan: EvaluationPlan) -> None:
     settings = {k: v for k, v in plan.perplexity_settings.items() if k != "source"}  # the ids hash stands for it
     key = result_key(fingerprint, "perplexity", settings)
     result = plan.cache.get(key)
@@ -222,7 +191,7 @@ def measure_perplexity(record: dict, model: LazyModel, fingerprint: str, plan: P
     record["perplexity"] = result
 
 
-def measure_speed(record: dict, model: LazyModel, plan: Plan) -> None:
+def measure_speed(record: dict, model: LazyModel, plan: EvaluationPlan) -> None:
     """KV cache measured from a real generate() and decode throughput; timings are never cached."""
     from .kv_cache import measured_kv_cache_bytes_per_token
     from .speed import measure_bandwidth, measure_decode
@@ -237,9 +206,9 @@ def measure_speed(record: dict, model: LazyModel, plan: Plan) -> None:
                                      options.speed_new_tokens, bandwidth=plan.bandwidth)
 
 
-def evaluate_model(record: dict, spec: ModelSpec, plan: Plan) -> None:
+def evaluate_model(record: dict, spec: OpenedModel, plan: EvaluationPlan) -> None:
     """Every requested measurement of one model into `record`, from the cache where possible."""
-    describe(record, spec, plan)
+    record.update(describe(spec, plan.dtype))
     record["fingerprint"] = plan.cache.model_fingerprint(spec.ref)
     model = LazyModel(spec, plan)
     try:
@@ -256,7 +225,7 @@ def evaluate_model(record: dict, spec: ModelSpec, plan: Plan) -> None:
         model.release()
 
 
-def publish(plan: Plan, base: dict, candidates: list[dict]) -> dict:
+def write_report(plan: EvaluationPlan, base: dict, candidates: list[dict]) -> dict:
     """Rewrite the whole report from the results so far (each file replaced atomically)."""
     report = report_io.build_report(plan.settings(), base, candidates)
     report_io.write_report(report, plan.options.output)
@@ -278,7 +247,7 @@ def run(options: EvalOptions) -> list[str]:
         evaluate_model(base_record, base, plan)
         records: list[dict] = []
         errors: list[str] = []
-        report = publish(plan, base_record, records)
+        report = write_report(plan, base_record, records)
         for spec in candidates:
             records.append(record := new_record(spec, "candidate"))
             try:
@@ -288,6 +257,6 @@ def run(options: EvalOptions) -> list[str]:
                     traceback.print_exc()
                 record["error"] = str(error) if isinstance(error, GqaError) else f"{type(error).__name__}: {error}"
                 errors.append(f"candidate {spec.ref}: {record['error']}")
-            report = publish(plan, base_record, records)
+            report = write_report(plan, base_record, records)
     print(report_io.markdown(report, images=[]))
     return errors

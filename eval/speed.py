@@ -1,15 +1,16 @@
 """Decode speed, base vs candidate, in the memory-bound regime grouped-query attention targets.
 
 For each (batch, context) three figures, measured in the same process:
-- engine-style decode (`tokens_per_s`): a static, preallocated KV cache; attention that reads each KV head once
-  (`packed_gqa_sdpa`, or the split-KV Triton kernel of `decode_kernels` with `split_kv=True`, registered with
-  transformers' `AttentionInterface`, so the stock model classes run unchanged); on a GPU the whole decode step
-  (forward, greedy pick, cache write) captured in a CUDA graph, compiled by default. This is how a serving engine
-  runs a model, and where the smaller KV cache of GQA shows.
+- engine-style decode (`tokens_per_s`): `decode_engine`'s static, preallocated KV cache and attention that reads each
+  KV head once (`packed_gqa_sdpa`, or the split-KV Triton kernel of `decode_kernels` with `split_kv=True`); on a GPU
+  the whole decode step captured in a CUDA graph, compiled by default. This is how a serving engine runs a model,
+  and where the smaller KV cache of GQA shows.
 - stock `generate()` (`generate_tokens_per_s`): dynamic cache, re-concatenated every step, a host round trip per
   token, and K/V repeated up to the query heads where transformers does so. It hides much of the gain.
 - the memory-bound floor (`floor_tokens_per_s`): each decode step reads every weight and the K/V of the whole context
   once, at the device bandwidth measured with a large device-to-device copy. No implementation beats it by much.
+
+This module only times; what runs is in `decode_engine.py`.
 """
 
 from __future__ import annotations
@@ -17,200 +18,17 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from itertools import product
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, PreTrainedModel, StaticCache, StoppingCriteria, StoppingCriteriaList
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
-from gqa_uptrain.errors import ConfigError, UnsupportedModelError
-from gqa_uptrain.eval.kv_cache import kv_cache_bytes, kv_cache_bytes_per_token
+from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.kv_heads import kv_cache_bytes, kv_cache_bytes_per_token
 
-try:  # Triton comes with CUDA builds of torch; without it there is no split-KV kernel
-    from gqa_uptrain.eval import decode_kernels
-except ImportError:
-    decode_kernels = None
-
-PACKED_GQA_ATTENTION = "packed_gqa_sdpa"
-SPLIT_KV_ATTENTION = "packed_gqa_split_kv"
-WARMUP_STEPS = 2  # eager steps before a CUDA graph is captured (cuBLAS workspaces, compilation)
-
-
-def packed_gqa_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Scaled dot-product attention that reads each KV head once: K/V are never repeated up to the query heads.
-
-    Decoding one token, the G query heads that share a KV head become G query rows of that head,
-    (B, H, 1, D) -> (B, H_kv, G, D): a plain attention over the KV heads that every SDPA kernel runs, with a mask
-    too (`enable_gqa` with a mask falls back to the math kernel on CUDA). Longer queries (prefill) use `enable_gqa`.
-    Query head h uses KV head h // G, as in transformers' `repeat_kv`.
-    """
-    if kwargs.get("softcap") is not None:
-        raise UnsupportedModelError("packed GQA attention does not support attention-logit soft-capping")
-    batch, heads, q_len, _ = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    if q_len == 1:
-        if attention_mask is not None and attention_mask.shape[1] > 1:  # a per-head mask follows its query head
-            attention_mask = attention_mask.reshape(batch, kv_heads, groups, -1)
-        packed = query.reshape(batch, kv_heads, groups, query.shape[-1])
-        out = F.scaled_dot_product_attention(
-            packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
-        )
-        return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
-    causal = attention_mask is None
-    if causal and key.shape[2] > q_len:  # prefill into an empty static cache: the slots past the prompt are unwritten
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
-        enable_gqa=groups > 1,
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def packed_gqa_split_kv(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """`packed_gqa_sdpa`, with one-token steps on a GPU in the split-KV Triton kernel (`decode_kernels`).
-
-    SDPA kernels give one program per (sequence, KV head); with few KV heads that leaves most of a GPU idle.
-    """
-    batch, heads, q_len, dim = query.shape
-    if q_len == 1 and decode_kernels is not None and dropout == 0.0:
-        packed = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
-        if decode_kernels.supports(packed, key, value, attention_mask):
-            scale = scaling if scaling is not None else dim**-0.5
-            out = decode_kernels.split_kv_decode(packed, key, value, attention_mask, scale)
-            return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
-    return packed_gqa_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-
-
-for _name, _function in ((PACKED_GQA_ATTENTION, packed_gqa_sdpa), (SPLIT_KV_ATTENTION, packed_gqa_split_kv)):
-    AttentionInterface.register(_name, _function)
-    AttentionMaskInterface.register(_name, sdpa_mask)  # the same boolean masks as stock SDPA
-
-
-@contextmanager
-def packed_gqa_attention(model: PreTrainedModel, split_kv: bool = False) -> Iterator[None]:
-    """Run `model` with `packed_gqa_sdpa` (or `packed_gqa_split_kv`) inside the block, its own attention after it."""
-    previous = model.config._attn_implementation
-    wanted = SPLIT_KV_ATTENTION if split_kv else PACKED_GQA_ATTENTION
-    try:
-        model.set_attn_implementation(wanted)
-    except ValueError as error:  # e.g. Gemma-2: soft-capped attention logits, which SDPA cannot compute
-        reason = str(error).split(". ")[0]
-        raise UnsupportedModelError(f"engine-style decode needs SDPA attention: {reason}") from error
-    if model.config._attn_implementation != wanted:
-        raise UnsupportedModelError(f"{type(model).__name__} cannot switch its attention implementation")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
-class StaticDecoder:
-    """Greedy decoding the way a serving engine runs it, one token per `step()`.
-
-    The prompt is prefilled into a preallocated `StaticCache` at construction. A step feeds the last token at its
-    position, picks the next greedily and writes it into `tokens`, all on the device with no host round trip, so on a
-    GPU it is captured once in a CUDA graph (after `warm_up`) and replayed. Use inside `packed_gqa_attention(model)`.
-    """
-
-    def __init__(
-        self, model: PreTrainedModel, input_ids: torch.Tensor, max_new_tokens: int, *,
-        cuda_graph: bool | None = None, compile: bool = False,
-    ) -> None:
-        batch, context = input_ids.shape
-        self.model, self.context, self.max_new_tokens = model, context, max_new_tokens
-        self.device = input_ids.device
-        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.cache = StaticCache(config=model.config, max_cache_len=context + max_new_tokens)
-        self.tokens = torch.zeros(batch, context + max_new_tokens, dtype=torch.long, device=self.device)
-        self.tokens[:, :context] = input_ids
-        with torch.no_grad():
-            logits = model(
-                input_ids, position_ids=torch.arange(context, device=self.device)[None], past_key_values=self.cache,
-                use_cache=True, logits_to_keep=1,
-            ).logits
-        self.tokens[:, context] = logits[:, -1].argmax(-1)
-        self.produced = 1
-        self._token = self.tokens[:, context : context + 1].clone()  # static input buffers of the step
-        self._position = torch.full((1, 1), context, dtype=torch.long, device=self.device)
-        self._step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
-        self._graph: torch.cuda.CUDAGraph | None = None
-
-    def _decode_step(self) -> None:
-        logits = self.model(
-            input_ids=self._token, position_ids=self._position, past_key_values=self.cache, use_cache=True
-        ).logits
-        next_token = logits[:, -1].argmax(-1, keepdim=True)
-        self._token.copy_(next_token)
-        self._position.add_(1)
-        self.tokens.index_copy_(1, self._position.view(1), next_token)
-
-    def _advance(self) -> None:
-        if self.produced >= self.max_new_tokens:
-            raise ConfigError(f"the static cache holds {self.max_new_tokens} new tokens; no room for another")
-        self.produced += 1
-
-    @torch.no_grad()
-    def warm_up(self, steps: int = WARMUP_STEPS) -> None:
-        """Take `steps` real decode steps uncaptured (compiling if asked), then capture the CUDA graph if enabled."""
-        stream = torch.cuda.Stream() if self.cuda_graph else None
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            for _ in range(steps):
-                self._advance()
-                self._step()
-        if stream is None:
-            return
-        torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):  # recorded, not run: the state does not advance here
-            self._step()
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """One decode step: a graph replay once captured, otherwise the step itself."""
-        self._advance()
-        if self._graph is not None:
-            self._graph.replay()
-        else:
-            self._step()
-
-
-def engine_generate(
-    model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *,
-    cuda_graph: bool | None = None, compile: bool = False, split_kv: bool = False,
-) -> torch.Tensor:
-    """Greedy continuation of `input_ids` by `StaticDecoder`: prompt plus `new_tokens` tokens, like `generate()`."""
-    with packed_gqa_attention(model, split_kv):
-        decoder = StaticDecoder(model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile)
-        if new_tokens > 1:
-            decoder.warm_up(min(WARMUP_STEPS, new_tokens - 1))
-        while decoder.produced < new_tokens:
-            decoder.step()
-    return decoder.tokens
+from .decode_engine import WARMUP_STEPS, StaticDecoder, engine_name, packed_gqa_attention, split_kv_available
 
 
 def _synchronize(device: torch.device) -> None:
@@ -307,13 +125,6 @@ def engine_seconds_per_step(
         return _seconds(run, input_ids.device) / steps
 
 
-def engine_name(device: torch.device, cuda_graph: bool, compile: bool, split_kv: bool) -> str:
-    """How the engine-style decode ran, for the report."""
-    kernel = "split-KV Triton decode attention" if split_kv and decode_kernels and device.type == "cuda" else None
-    return ", ".join(["static KV cache", kernel or "packed-GQA SDPA"] + ["CUDA graph"] * cuda_graph
-                     + ["torch.compile"] * compile)
-
-
 def _release(device: torch.device, compiled: bool) -> None:
     """Free the last case's cache and graphs before the next one is allocated."""
     if compiled:
@@ -361,7 +172,7 @@ def measure_decode(
     device = model.device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     compile = device.type == "cuda" if compile is None else compile
-    split_kv = device.type == "cuda" and decode_kernels is not None if split_kv is None else split_kv
+    split_kv = device.type == "cuda" and split_kv_available() if split_kv is None else split_kv
     bandwidth = bandwidth or measure_bandwidth(device)
     generator = torch.Generator().manual_seed(seed)
     results = []

@@ -25,9 +25,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig
 
 from gqa_uptrain.convert.checkpoint_io import OutputTensor, ShardedWriter, assign_shards, write_tensor
+from gqa_uptrain.kv_heads import meta_model
 
 CONTENDERS = {
     "copy": "import os, shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2]); "
@@ -51,8 +52,7 @@ def write_checkpoint(folder: Path, layers: int) -> None:
     """A random fp16 Llama-2-7B-shaped checkpoint, written tensor by tensor (never a whole model in memory)."""
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                          num_hidden_layers=layers, vocab_size=32000, dtype="float16", tie_word_embeddings=False)
-    with torch.device("meta"):
-        shapes = AutoModelForCausalLM.from_config(config).state_dict()
+    shapes = meta_model(config).state_dict()
     tensors = [OutputTensor(name, torch.float16, tuple(t.shape)) for name, t in shapes.items()]
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)

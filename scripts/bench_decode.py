@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gqa_uptrain.eval.speed import measure_bandwidth, measure_decode, packed_gqa_sdpa, packed_gqa_split_kv
+from gqa_uptrain.eval.decode_engine import packed_gqa_sdpa, packed_gqa_split_kv
+from gqa_uptrain.eval.speed import measure_bandwidth, measure_decode
 
 ENGINES = {"graph": False, "compile": True}  # engine name -> torch.compile the step (both run in a CUDA graph)
 

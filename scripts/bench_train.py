@@ -87,9 +87,7 @@ def write_corpus(path: Path, tokens: int, vocab: int, seed: int = 0) -> Path:
 
 
 def run_variant(name: str, args, student: Path, teacher: Path, corpus: Path, work: Path, peak: float) -> dict:
-    from accelerate.state import AcceleratorState, GradientState
-
-    from gqa_uptrain.train.loop import run
+    from gqa_uptrain.train.loop import reset_accelerate_state, run
     from gqa_uptrain.train.recipe import Recipe
 
     output = work / f"run-{name}"
@@ -121,8 +119,7 @@ def run_variant(name: str, args, student: Path, teacher: Path, corpus: Path, wor
         "windows": len(windows),
     }
     shutil.rmtree(output)  # the checkpoint holds 13 GB of optimizer state
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     gc.collect()
     torch.cuda.empty_cache()
     return result

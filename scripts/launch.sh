@@ -26,8 +26,8 @@ fi
 # Validates the recipe (and the overrides) before anything is launched.
 config=${ACCELERATE_CONFIG-$("$python" -c 'import sys
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.train.recipe import load_recipe
-run_cli("launch.sh", lambda: print(load_recipe(sys.argv[1], sys.argv[2:]).accelerate_config or ""))' "$recipe" "$@")}
+from gqa_uptrain.apps.pipeline_recipe import load_pipeline_recipe
+run_cli("launch.sh", lambda: print(load_pipeline_recipe(sys.argv[1], sys.argv[2:]).accelerate_config or ""))' "$recipe" "$@")}
 gpus=${NUM_GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}
 
 if [[ $gpus -eq 0 ]]; then

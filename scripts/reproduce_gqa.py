@@ -13,9 +13,10 @@ across machines):
   2. tokenizer  a byte-level BPE trained on the train books;
   3. base       an MHA Llama pretrained from scratch for T tokens with gqa-uptrain's loop; T is the 100% that
                 uptraining fractions refer to, written into the base's provenance;
-  4. arms       groups x method (mean, first, random) x uptraining fraction of T (0, 5%, 10%); the MHA base
-                continued for the same fractions (the fair baseline: it sees the extra tokens too); a GQA model
-                trained from scratch for T; and mean + 5% with distillation from the MHA base;
+  4. arms       groups x method (the paper's mean, first, random, and this project's training-free `calibrated`,
+                fitted on train books) x uptraining fraction of T (0, 5%, 10%); the MHA base continued for the
+                same fractions (the fair baseline: it sees the extra tokens too); a GQA model trained from scratch
+                for T; and mean + 5% and calibrated + 5% with distillation from the MHA base;
   5. evaluate   gqa-eval of every arm against the base: held-out perplexity, the shipped lm-eval tasks and the
                 KV cache per token;
   6. speed      decode speed on a GPU, once per KV-head count (it depends on the shapes, not the weights);
@@ -28,17 +29,22 @@ import argparse
 import json
 import lzma
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from gqa_uptrain.cli import run_cli
+from gqa_uptrain.apps.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.errors import DataError
-from gqa_uptrain.apps.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
 
-METHODS = ("mean", "first", "random")
+# The GQA paper's three arms and this project's calibrated conversion, each a gqa-convert --method
+# (gqa_uptrain.convert.methods.METHODS holds every method).
+PAPER_METHODS = ("mean", "first", "random")
+ARM_METHODS = (*PAPER_METHODS, "calibrated")
+CALIBRATION_SEQUENCES = 64  # calibration tokens: 64 sequences of the training length, from the train books
 # Models accept CONTEXT x the training length, so lm-eval's longer items fit; perplexity is scored in windows of
 # the training length, the context the models learned.
 CONTEXT = 4
@@ -87,7 +93,7 @@ class Arm:
 
     name: str
     kv_heads: int
-    method: str  # mean | first | random | mha (the base's own heads) | scratch
+    method: str  # mean | first | random | calibrated | mha (the base's own heads) | scratch
     fraction: float  # uptraining tokens over T
     distill: bool = False
 
@@ -121,11 +127,12 @@ def write_data(data: Path, folder: Path, scale: Scale) -> None:
 def arms(scale: Scale) -> list[Arm]:
     """Every arm the paper's claims need, in the order they are trained."""
     result = [Arm(f"g{g}-{method}-{round(f * 100)}", g, method, f)
-              for g in scale.groups for method in METHODS for f in scale.fractions]
+              for g in scale.groups for method in ARM_METHODS for f in scale.fractions]
     result += [Arm(f"mha-{round(f * 100)}", scale.heads, "mha", f) for f in scale.fractions if f > 0]
     reference = max(scale.groups)
     result.append(Arm(f"g{reference}-scratch", reference, "scratch", 1.0))
     result.append(Arm(f"g{reference}-mean-5-distill", reference, "mean", 0.05, distill=True))
+    result.append(Arm(f"g{reference}-calibrated-5-distill", reference, "calibrated", 0.05, distill=True))
     return result
 
 
@@ -154,7 +161,9 @@ def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path, pr
         return train(base, out / "arms" / arm.name, uptraining, lr=scale.uptrain_lr, warmup=10)
     converted = out / "arms" / f"g{arm.kv_heads}-{arm.method}-0"
     if not (converted / "config.json").is_file():
-        convert_checkpoint(base, arm.kv_heads, converted, method=arm.method, progress=False)
+        calibration = {"calibration": str(out / "data" / "train.jsonl"),
+                       "calibration_tokens": CALIBRATION_SEQUENCES * scale.seq_len} if arm.method == "calibrated" else {}
+        convert_checkpoint(base, arm.kv_heads, converted, method=arm.method, progress=False, **calibration)
     if arm.fraction == 0:
         return converted
     return train(converted, out / "arms" / arm.name, uptraining, lr=scale.uptrain_lr, warmup=10,
@@ -218,10 +227,10 @@ def plot(records: list[dict], base: dict, out: Path) -> None:
 
     measured = [r for r in records if r["heldout_loss"] is not None]
     mha = {0.0: base["heldout_loss"], **{r["fraction"]: r["heldout_loss"] for r in measured if r["method"] == "mha"}}
-    groups = sorted({r["kv_heads"] for r in measured if r["method"] in METHODS})
+    groups = sorted({r["kv_heads"] for r in measured if r["method"] in ARM_METHODS})
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.8), sharey=True, squeeze=False)
     for ax, g in zip(axes[0], groups):
-        for method in METHODS:
+        for method in ARM_METHODS:
             points = sorted((r["fraction"], r["heldout_loss"] - mha[r["fraction"]]) for r in measured
                             if r["kv_heads"] == g and r["method"] == method and not r["distill"]
                             and r["fraction"] in mha)
@@ -230,7 +239,7 @@ def plot(records: list[dict], base: dict, out: Path) -> None:
         for r in measured:
             if r["kv_heads"] == g and r["distill"] and r["fraction"] in mha:
                 ax.plot(100 * r["fraction"], r["heldout_loss"] - mha[r["fraction"]], marker="*", markersize=11,
-                        linestyle="", label="mean + distillation")
+                        linestyle="", label=f"{r['method']} + distillation")
             if r["kv_heads"] == g and r["method"] == "scratch":
                 ax.axhline(r["heldout_loss"] - base["heldout_loss"], color="grey", linestyle=":",
                            label="from scratch (100%) vs base")
@@ -244,10 +253,13 @@ def plot(records: list[dict], base: dict, out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for fraction in sorted({r["fraction"] for r in measured if r["fraction"] > 0 and r["method"] == "mean"}):
+    for method, fraction in sorted({(r["method"], r["fraction"]) for r in measured
+                                    if r["method"] in ("mean", "calibrated") and r["fraction"] in (0.0, 0.05)}):
         points = sorted((r["kv_cache_bytes_per_token"], r["heldout_loss"]) for r in measured
-                        if r["method"] in ("mean", "mha") and r["fraction"] == fraction and not r["distill"])
-        ax.plot(*zip(*points), marker="o", label=f"mean-pooled, uptrained {100 * fraction:.0f}% (MHA continued)")
+                        if (r["method"] == method or (r["method"] == "mha" and fraction > 0))
+                        and r["fraction"] == fraction and not r["distill"])
+        ax.plot(*zip(*points), marker="o", linestyle="-" if method == "calibrated" else "--",
+                label=f"{method}, uptrained {100 * fraction:.0f}%" + (" (MHA continued)" if fraction else ""))
     ax.plot(base["kv_cache_bytes_per_token"], base["heldout_loss"], marker="s", linestyle="", color="black",
             label="MHA base")
     ax.set_xscale("log", base=2)
@@ -306,7 +318,9 @@ def run(args: argparse.Namespace) -> None:
         train_run(init, out / "base", {"tokens": scale.pretrain_tokens}, lr=scale.pretrain_lr, warmup=100,
                   **run_settings(out, scale, long=True))
         record_pretraining(base, "gqa-reproduction", f"Gutenberg train books ({args.scale} scale)")
-    arm_list = arms(scale)
+    arm_list = [arm for arm in arms(scale) if not args.arms or any(fnmatch(arm.name, p) for p in args.arms)]
+    if not arm_list:
+        raise DataError(f"--arms {' '.join(args.arms)} matches no arm (names: {', '.join(a.name for a in arms(scale))})")
     models = {}
     for i, arm in enumerate(arm_list, 1):
         print(f"== arm {i}/{len(arm_list)}: {arm.name}", flush=True)
@@ -314,8 +328,8 @@ def run(args: argparse.Namespace) -> None:
     if args.only_train:
         return
     print("== evaluate", flush=True)
-    from gqa_uptrain.eval.runner import EvalOptions  # lm-eval is needed from here on only
-    from gqa_uptrain.eval.runner import run as evaluate
+    from gqa_uptrain.eval.options import EvalOptions
+    from gqa_uptrain.eval.runner import run as evaluate  # lm-eval is needed from here on only
 
     evaluate(EvalOptions(base=str(base), models=[str(models[a.name]) for a in arm_list], output=out / "eval",
                          tasks=None if args.no_tasks else "gqa_lastword,gqa_nextsentence", limit=scale.eval_limit,
@@ -342,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, required=True, help="experiment folder; the same command resumes there")
     p.add_argument("--scale", choices=sorted(SCALES), default="smoke",
                    help="smoke: minutes on a CPU (CI); gpu: one H100 (default: smoke)")
+    p.add_argument("--arms", nargs="+", metavar="PATTERN",
+                   help="build and measure only the arms whose names match one of these shell patterns, e.g. "
+                        "'g?-calibrated-*' 'mha-5' (default: every arm)")
     p.add_argument("--only-train", action="store_true", help="stop after building every arm (no evaluation)")
     p.add_argument("--no-tasks", action="store_true", help="skip the lm-eval tasks (perplexity and KV cache only)")
     p.add_argument("--no-speed", action="store_true", help="skip the decode-speed stage (it runs only on a GPU)")

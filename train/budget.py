@@ -11,17 +11,18 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.kv_heads import meta_model, with_kv_heads
+from gqa_uptrain.provenance import Provenance, kv_heads_before
 
 from .recipe import BatchSpec, BudgetSpec
 
 
 def matmul_params(config: PretrainedConfig) -> int:
     """Parameters of every nn.Linear of the model `config` describes, counted on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     return sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
 
 
@@ -33,16 +34,13 @@ def flops_per_token(config: PretrainedConfig, seq_len: int, linear_params: int |
     return 6.0 * linear_params + 12.0 * config.num_hidden_layers * attention_width * seq_len
 
 
-def original_config(config: PretrainedConfig, provenance: dict | None = None) -> PretrainedConfig:
+def original_config(config: PretrainedConfig, provenance: Provenance | None = None) -> PretrainedConfig:
     """The model a GQA checkpoint was converted from: the KV heads gqa-convert recorded, else multi-head."""
-    kv_heads = ((provenance or {}).get("conversion") or {}).get("kv_heads_before") or config.num_attention_heads
-    original = config.__class__.from_dict(config.to_dict())
-    original.num_key_value_heads = kv_heads
-    return original
+    return with_kv_heads(config, kv_heads_before(provenance) or config.num_attention_heads)
 
 
 @dataclass(frozen=True)
-class Plan:
+class TrainingBudget:
     """How long the run is and what it costs, fixed before the first step."""
 
     steps: int
@@ -93,7 +91,7 @@ def plan_budget(
     world_size: int,
     config: PretrainedConfig,
     original_config: PretrainedConfig,
-) -> Plan:
+) -> TrainingBudget:
     """Steps from the budget; ConfigError if the batch does not divide over the processes or it is under a step."""
     per_pass = batch.micro_batch * world_size
     if batch.global_batch % per_pass:
@@ -112,7 +110,7 @@ def plan_budget(
                 f"budget of {tokens:,.0f} tokens is smaller than one optimizer step "
                 f"({tokens_per_step:,} tokens = batch.global_batch x data.seq_len)"
             )
-    return Plan(
+    return TrainingBudget(
         steps=steps,
         grad_accum=batch.global_batch // per_pass,
         tokens_per_step=tokens_per_step,

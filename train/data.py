@@ -10,10 +10,8 @@ skips exactly those batches, so a resumed run sees the batches it would have see
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterator
 from itertools import chain
-from pathlib import Path
 
 import datasets
 import torch
@@ -22,52 +20,19 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from gqa_uptrain.documents import Rows, load_rows
 from gqa_uptrain.errors import DataError
+from gqa_uptrain.tokenizer_identity import tokenizer_fingerprint
 
 from .recipe import DataSpec, SourceSpec
 
-Rows = datasets.Dataset | datasets.IterableDataset
-
-_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_COMPRESSION = {".gz", ".xz", ".bz2", ".zst", ".zip"}
 _PACK_BATCH = 1000
-
-
-def _builder(file: str) -> str:
-    suffixes = [s for s in Path(file).suffixes if s not in _COMPRESSION]
-    if not suffixes or suffixes[-1] not in _BUILDERS:
-        known = ", ".join(sorted(_BUILDERS))
-        raise DataError(f"{file}: unsupported data file type (use {known}, optionally compressed)")
-    return _BUILDERS[suffixes[-1]]
-
-
-def _local_files(pattern: str) -> list[str]:
-    path = Path(pattern)
-    files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else sorted(glob.glob(pattern))
-    if not files:
-        raise DataError(f"data path {pattern} matches no file")
-    return files
 
 
 def load_source(source: SourceSpec, streaming: bool) -> Rows:
     """The raw documents of one source, as a Dataset (or IterableDataset when streaming)."""
-    if source.dataset is not None:
-        try:
-            return datasets.load_dataset(source.dataset, source.name, split=source.split, streaming=streaming)
-        except Exception as error:  # the Hub, a missing config or split: all user-fixable, all one line
-            raise DataError(f"dataset {source.dataset!r} ({source.name}, {source.split}): {error}") from None
-    files = _local_files(source.path)
-    builders = {_builder(file) for file in files}
-    if len(builders) > 1:
-        raise DataError(f"data path {source.path} mixes file types ({', '.join(sorted(builders))})")
-    builder = builders.pop()
-    kwargs = {"sample_by": source.sample_by} if builder == "text" else {}
-    try:
-        return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
-    except StopIteration:  # what the json builder raises on empty files
-        raise DataError(f"data path {source.path} holds no rows") from None
-    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
-        raise DataError(f"data path {source.path}: {error.__cause__ or error}") from None
+    return load_rows(path=source.path, dataset=source.dataset, name=source.name, split=source.split,
+                     streaming=streaming, sample_by=source.sample_by)
 
 
 def _columns(rows: Rows) -> list[str]:
@@ -77,24 +42,32 @@ def _columns(rows: Rows) -> list[str]:
     return list(first) if first is not None else []
 
 
-def _packed_fingerprint(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *key: object) -> str | None:
-    """Names packed rows by the tokenizer's content, not the folder it was loaded from.
+def _packed_fingerprint(
+    rows: datasets.Dataset, part: str, tokenizer: PreTrainedTokenizerBase, *key: object
+) -> str | None:
+    """Names packed rows by the tokenizer's content (`tokenizer_fingerprint`), not the folder it was loaded from.
 
     datasets fingerprints `map` by pickling the function, tokenizer included, and a tokenizer's pickle holds its
-    path; so every converted model (same tokenizer, new folder) would tokenise the whole corpus again. None (the
-    default fingerprint) for tokenizers without a serialisable backend.
+    path; so every converted model (same tokenizer, new folder) would tokenise the whole corpus again. The input
+    rows are named from public facts, as datasets' own fingerprint (`Dataset._fingerprint`) is private: the Arrow
+    files `load_dataset` prepared (their folder's name hashes the builder config and the data files' origins,
+    modification times included) and `part`, which of their rows these are. None (datasets' default) for rows held
+    in memory: `map` caches nothing for them.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    files = [entry["filename"] for entry in rows.cache_files]
+    if not files:
         return None
-    content = (type(tokenizer).__name__, backend.to_str(), sorted(tokenizer.special_tokens_map.items()))
-    return Hasher.hash((rows._fingerprint, content, pack.__code__, *key))
+    return Hasher.hash((files, part, tokenizer_fingerprint(tokenizer), pack.__code__, *key))
 
 
 def pack(
-    rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int, num_proc: int | None
+    rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int, num_proc: int | None,
+    part: str = "all",
 ) -> Rows:
-    """Rows of exactly `seq_len` token ids: documents joined with EOS, cut without padding."""
+    """Rows of exactly `seq_len` token ids: documents joined with EOS, cut without padding.
+
+    `part` says which rows of the loaded source these are ("all", or a slice such as "first 200"), for the cache.
+    """
     columns = _columns(rows)
     pretokenized = "input_ids" in columns
     if not pretokenized and source.text_field not in columns:
@@ -110,8 +83,10 @@ def pack(
         return {"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
 
     streaming = isinstance(rows, datasets.IterableDataset)
-    kwargs = {} if streaming else {"num_proc": num_proc, "desc": "Tokenising and packing",
-                                   "new_fingerprint": _packed_fingerprint(rows, tokenizer, source.text_field, seq_len)}
+    kwargs = {} if streaming else {
+        "num_proc": num_proc, "desc": "Tokenising and packing",
+        "new_fingerprint": _packed_fingerprint(rows, part, tokenizer, source.text_field, seq_len),
+    }
     return rows.map(pack_batch, batched=True, batch_size=_PACK_BATCH, remove_columns=columns, **kwargs)
 
 
@@ -127,12 +102,14 @@ def build_datasets(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int
     train_docs = load_source(spec.train, spec.streaming)
     if spec.validation is not None:
         val_docs = load_source(spec.validation, spec.streaming)
+        train_part = val_part = "all"
     else:
         val_docs, train_docs = train_docs.take(spec.holdout_docs), train_docs.skip(spec.holdout_docs)
+        val_part, train_part = f"first {spec.holdout_docs}", f"after {spec.holdout_docs}"
     if spec.streaming:
         train_docs = train_docs.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
-    train = pack(train_docs, tokenizer, spec.train, spec.seq_len, spec.num_proc)
-    val = pack(val_docs, tokenizer, spec.validation or spec.train, spec.seq_len, spec.num_proc)
+    train = pack(train_docs, tokenizer, spec.train, spec.seq_len, spec.num_proc, train_part)
+    val = pack(val_docs, tokenizer, spec.validation or spec.train, spec.seq_len, spec.num_proc, val_part)
     _require_rows(train, "training", spec.train, spec.seq_len)
     _require_rows(val, "validation", spec.validation or spec.train, spec.seq_len)
     return train.with_format("torch"), val.with_format("torch")

@@ -7,25 +7,21 @@ file. The folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-import gqa_uptrain
-from gqa_uptrain.provenance import PROVENANCE, read_provenance
+from gqa_uptrain.provenance import (Provenance, Uptraining, read_provenance, unconverted_record, with_uptraining,
+                                   write_provenance)
 
 
-
-def source_provenance(folder: Path) -> dict[str, Any]:
+def source_provenance(folder: Path) -> Provenance:
     """The provenance the converted model came with, or a fresh record naming it."""
-    return read_provenance(folder) or {"tool": {"name": "gqa-uptrain", "version": gqa_uptrain.__version__}, "source": {"id": str(folder)}}
+    return read_provenance(folder) or unconverted_record(str(folder))
 
 
 def plain_name(name: str) -> str:
@@ -39,8 +35,8 @@ def export_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     target: Path,
-    provenance: dict[str, Any],
-    uptraining: dict[str, Any],
+    provenance: Provenance,
+    uptraining: Uptraining,
     dtype: torch.dtype | str | None,
 ) -> None:
     """Write the trained model in the checkpoint's own `dtype`, tokenizer and provenance (all processes call this)."""
@@ -53,12 +49,6 @@ def export_model(
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(temp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(temp)
-        record = dict(provenance)
-        record["uptraining"] = {
-            **uptraining,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "gqa_uptrain_version": gqa_uptrain.__version__,
-        }
-        (temp / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+        write_provenance(temp, with_uptraining(provenance, uptraining))
         os.replace(temp, target)
     accelerator.wait_for_everyone()

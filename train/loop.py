@@ -2,7 +2,8 @@
 
 One optimizer step = `grad_accum` micro-batches (each `micro_batch` x `seq_len` tokens on every process) under
 `accelerator.accumulate`, gradient clipping, AdamW, a scheduler step. Logging, evaluation and checkpoints
-happen at step boundaries, so a resumed run restarts at exactly the step after its checkpoint.
+happen at step boundaries, when `cadence.py` says, so a resumed run restarts at exactly the step after its
+checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
@@ -25,9 +27,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.provenance import Provenance
 
 from . import checkpoint, data, distill, metrics
-from .budget import Plan, original_config, plan_budget
+from .budget import TrainingBudget, original_config, plan_budget
+from .cadence import Cadence
 from .export import export_model, source_provenance
 from .optim import build_optimizer, build_schedule
 from .preflight import Models, check_models, check_output_dir, write_snapshot
@@ -42,7 +46,7 @@ def _precision(recipe: Recipe) -> str:
     return "no" if choice == "fp32" else choice
 
 
-def _accelerator(recipe: Recipe, plan: Plan) -> Accelerator:
+def _accelerator(recipe: Recipe, plan: TrainingBudget) -> Accelerator:
     output = Path(recipe.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -149,26 +153,21 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
 
     # -- resume -------------------------------------------------------------------------------------------
-    step, tokens, position = 0, 0, {"epoch": 0, "batches": 0}
     checkpoints = output / "checkpoints"
+    step, tokens, position = _resume(accelerator, checkpoints, status, plan.steps)
     history = metrics.History(output / "metrics.jsonl", accelerator)
-    latest = checkpoint.latest_checkpoint(checkpoints) if status == "resume" else None
-    if latest is not None:
-        saved = checkpoint.load_checkpoint(accelerator, latest)
-        step, tokens, position = saved["step"], saved["tokens"], saved["data"]
-        accelerator.print(f"resumed from {latest} (step {step:,} of {plan.steps:,})")
     history.truncate(step)
     batches = data.Batches(accelerator, train_loader, **position)
     accelerator.init_trackers(recipe.log.project, config=metrics.flat_config(recipe.model_dump(mode="json")))
 
     # -- the loop -------------------------------------------------------------------------------------
+    cadence = Cadence.of(recipe, plan.steps)
     throughput = metrics.Throughput(
         plan.flops_per_token, metrics.peak_tflops(recipe.log.peak_tflops), accelerator.num_processes
     )
+    losses = metrics.LossWindow(accelerator.device)
     clip = recipe.train.grad_clip or float("inf")
-    loss_sum = torch.zeros((), device=accelerator.device)
-    kd_sum = torch.zeros((), device=accelerator.device)
-    micro_batches, grad_norm = 0, None
+    grad_norm = None
     progress = tqdm(
         total=plan.steps, initial=step, desc="uptraining", unit="step", disable=not accelerator.is_main_process
     )
@@ -183,46 +182,68 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += lm_loss.detach().float()
-            if kd_loss is not None:
-                kd_sum += kd_loss.detach().float()
-            micro_batches += 1
+            losses.add(lm_loss, kd_loss)
         scheduler.step()
         step += 1
         tokens += plan.tokens_per_step
         throughput.add(plan.tokens_per_step)
         progress.update()
 
-        if step % recipe.log.every == 0 or step == plan.steps:
-            record = {
-                "loss": accelerator.reduce(loss_sum, "mean").item() / micro_batches,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": tokens,
-                **throughput.report(),
-            }
+        if cadence.log(step):
+            loss, kd_loss = losses.report(accelerator)
+            record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens, **throughput.report()}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
-            if teacher is not None:
-                record["kd_loss"] = accelerator.reduce(kd_sum, "mean").item() / micro_batches
+            if kd_loss is not None:
+                record["kd_loss"] = kd_loss
             if plan.pretrain_tokens is not None:
                 record["fraction_of_pretraining_compute"] = plan.fraction_of_pretraining_compute(tokens)
             history.log(record, step)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            loss_sum.zero_()
-            kd_sum.zero_()
-            micro_batches = 0
-        if step % recipe.eval.every == 0 or step == plan.steps:
+            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        if cadence.evaluate(step):
             val_loss = evaluate(accelerator, model, val_loader)
             history.log({"val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp()), "tokens": tokens}, step)
             throughput.restart()
-        if step % recipe.checkpoint.every == 0 or step == plan.steps:
+        if cadence.save(step):
             state_record = {"step": step, "tokens": tokens, "data": batches.state()}
             checkpoint.save_checkpoint(accelerator, checkpoints, state_record, recipe.checkpoint.keep)
             throughput.restart()
     progress.close()
 
     # -- the finished model ---------------------------------------------------------------------------
-    records = history.records()
+    target = _export(accelerator, recipe, models, plan, model, history.records(), provenance)
+    accelerator.end_training()
+    accelerator.print(f"uptrained model written to {target}")
+    return target
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so that `run` can be called again in this process (tests, benchmarks).
+
+    accelerate keeps it in singletons (`AcceleratorState`, `GradientState`) that a later Accelerator with other
+    settings would inherit. accelerate (1.15) has no public way to clear them: `_reset_state` is what its own test
+    base class calls, and it is called here and nowhere else, so an accelerate upgrade has one place to check.
+    """
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _resume(accelerator: Accelerator, checkpoints: Path, status: str, steps: int) -> tuple[int, int, dict[str, int]]:
+    """(step, tokens, data position) to start from: the latest checkpoint's when resuming, else the beginning."""
+    latest = checkpoint.latest_checkpoint(checkpoints) if status == "resume" else None
+    if latest is None:
+        return 0, 0, {"epoch": 0, "batches": 0}
+    saved = checkpoint.load_checkpoint(accelerator, latest)
+    accelerator.print(f"resumed from {latest} (step {saved['step']:,} of {steps:,})")
+    return saved["step"], saved["tokens"], saved["data"]
+
+
+def _export(
+    accelerator: Accelerator, recipe: Recipe, models: Models, plan: TrainingBudget, model: torch.nn.Module,
+    records: list[dict], provenance: Provenance,
+) -> Path:
+    """The trained model in the checkpoint's dtype with its uptraining record, and the loss curve beside it."""
+    output = Path(recipe.output_dir)
     last_val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
     uptraining = {
         "recipe": recipe.model_dump(mode="json"),
@@ -243,6 +264,4 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     )
     if accelerator.is_main_process:
         metrics.plot_loss_curve(records, output / "loss_curve.png")
-    accelerator.end_training()
-    accelerator.print(f"uptrained model written to {target}")
     return target

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from gqa_uptrain.dicts import flatten
 from gqa_uptrain.errors import ConfigError
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, SXM parts).
@@ -51,6 +52,34 @@ class Throughput:
         return figures
 
 
+class LossWindow:
+    """The LM loss (and distillation loss) summed over the micro-batches since the last report, on the device.
+
+    Adding costs no host sync; `report` averages over every process (a collective: call it on all of them).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.lm = torch.zeros((), device=device)
+        self.kd = torch.zeros((), device=device)
+        self.micro_batches, self.distilled = 0, False
+
+    def add(self, lm_loss: torch.Tensor, kd_loss: torch.Tensor | None) -> None:
+        self.lm += lm_loss.detach().float()
+        if kd_loss is not None:
+            self.kd += kd_loss.detach().float()
+            self.distilled = True
+        self.micro_batches += 1
+
+    def report(self, accelerator: Accelerator) -> tuple[float, float | None]:
+        """(mean LM loss, mean distillation loss or None) over the window and every process; then a new window."""
+        lm = accelerator.reduce(self.lm, "mean").item() / self.micro_batches
+        kd = accelerator.reduce(self.kd, "mean").item() / self.micro_batches if self.distilled else None
+        self.lm.zero_()
+        self.kd.zero_()
+        self.micro_batches = 0
+        return lm, kd
+
+
 def check_trackers(trackers: list[str]) -> None:
     """Fail before any work when a requested tracker's package is missing."""
     from accelerate.utils import is_tensorboard_available, is_wandb_available
@@ -63,14 +92,8 @@ def check_trackers(trackers: list[str]) -> None:
 
 def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Dotted scalar hyper-parameters, as TensorBoard's hparams accept them."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for name, value in flatten(tree, prefix).items()}
 
 
 class History:

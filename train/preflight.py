@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from gqa_uptrain.source import resolve_source
-from gqa_uptrain.errors import CheckpointError, ConfigError
-
+from gqa_uptrain.dicts import flatten
+from gqa_uptrain.errors import CheckpointError, ConfigError, one_line
+from gqa_uptrain.files import write_atomically
 from gqa_uptrain.provenance import PROVENANCE
+from gqa_uptrain.source import resolve_source
+from gqa_uptrain.tokenizer_identity import tokenizer_difference
+
 from .recipe import Recipe
 
 RECIPE_SNAPSHOT = "recipe.yaml"
@@ -35,17 +37,13 @@ def _load_config_and_tokenizer(path: str, role: str) -> tuple[Path, PretrainedCo
     try:
         return folder, AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"{role} {path}: {' '.join(str(error).split())[:300]}") from None
+        raise CheckpointError(f"{role} {path}: {one_line(error)}") from None
 
 
 def _check_seq_len(config: PretrainedConfig, seq_len: int, role: str, path: str) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ConfigError(f"data.seq_len={seq_len} is above the {role}'s limit of {limit} positions ({path})")
-
-
-def _same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
 
 
 def check_models(recipe: Recipe) -> Models:
@@ -56,22 +54,16 @@ def check_models(recipe: Recipe) -> Models:
         return Models(folder, config, tokenizer, None, None)
     teacher_folder, teacher_config, teacher_tokenizer = _load_config_and_tokenizer(recipe.teacher.path, "teacher")
     _check_seq_len(teacher_config, recipe.data.seq_len, "teacher", recipe.teacher.path)
-    if not _same_tokenizer(tokenizer, teacher_tokenizer) or teacher_config.vocab_size != config.vocab_size:
+    differs = tokenizer_difference(tokenizer, teacher_tokenizer)
+    if differs is None and teacher_config.vocab_size != config.vocab_size:
+        differs = "vocab_size in config.json"
+    if differs is not None:
         raise ConfigError(
-            f"teacher {recipe.teacher.path} has a different tokenizer or vocabulary from model {recipe.model.path}: "
-            "distillation compares distributions token by token, so both must share one tokenizer"
+            f"teacher {recipe.teacher.path} has a different tokenizer or vocabulary from model {recipe.model.path} "
+            f"({differs} differs): distillation compares distributions token by token, so both must share one "
+            "tokenizer"
         )
     return Models(folder, config, tokenizer, teacher_folder, teacher_config)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def check_output_dir(recipe: Recipe) -> str:
@@ -86,7 +78,7 @@ def check_output_dir(recipe: Recipe) -> str:
         previous = Recipe.model_validate(yaml.safe_load(snapshot.read_text()))
     except Exception:
         raise ConfigError(f"output_dir {output}: {RECIPE_SNAPSHOT} is unreadable; choose another output_dir") from None
-    old, new = _flatten(previous.identity()), _flatten(recipe.identity())
+    old, new = flatten(previous.identity()), flatten(recipe.identity())
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     if changed:
         raise ConfigError(
@@ -102,6 +94,4 @@ def write_snapshot(recipe: Recipe) -> None:
     output.mkdir(parents=True, exist_ok=True)
     snapshot = output / RECIPE_SNAPSHOT
     if not snapshot.exists():
-        temp = output / f".{RECIPE_SNAPSHOT}.tmp"
-        temp.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        temp.replace(snapshot)
+        write_atomically(snapshot, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

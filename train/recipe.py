@@ -2,17 +2,21 @@
 
 Unknown, missing or ill-typed keys raise ConfigError naming the dotted key and the file. Dotted command-line
 overrides (`train.lr=1e-5`) are applied to the YAML tree first, so they are validated the same way.
+
+A recipe file may also hold gqa-pipeline's sections (`PIPELINE_SECTIONS`: how the model is converted, evaluated,
+published and launched). Training neither reads nor checks them: `gqa_uptrain.apps.pipeline_recipe` extends `Recipe`
+with them and validates the whole file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.errors import ConfigError, one_line
 
 
 class _Section(BaseModel):
@@ -106,28 +110,8 @@ class LogSpec(_Section):
     peak_tflops: float | None = Field(None, gt=0.0)  # per device, for MFU; None: known GPUs only
 
 
-class ConvertSpec(_Section):
-    """How `model.path` is made from the original checkpoint (run by gqa-pipeline)."""
-
-    source: str  # the original MHA (or GQA) checkpoint: a local folder or a Hub id
-    groups: int = Field(ge=1)
-    method: Literal["mean", "first", "random"] = "mean"
-
-
-class EvaluateSpec(_Section):
-    """The gqa-eval comparison of the uptrained model with `convert.source` (run by gqa-pipeline)."""
-
-    tasks: str | None = None  # lm-eval task names, or the shipped gqa_lastword,gqa_nextsentence
-    num_fewshot: int = Field(0, ge=0)
-    batch_size: int = Field(8, ge=1)
-    limit: float | None = Field(None, gt=0)
-    perplexity: str | None = None  # held-out text: a file or a Hub dataset
-    speed: bool = False
-
-
-class PublishSpec(_Section):
-    repo_id: str  # the Hub repository the pipeline uploads the model and its card to
-    private: bool = False
+# Top-level keys of gqa-pipeline's own sections, which training leaves alone (see the module docstring).
+PIPELINE_SECTIONS = frozenset({"accelerate_config", "convert", "evaluate", "publish"})
 
 
 class Recipe(_Section):
@@ -142,32 +126,40 @@ class Recipe(_Section):
     checkpoint: CheckpointSpec = CheckpointSpec()
     eval: EvalSpec = EvalSpec()
     log: LogSpec = LogSpec()
-    accelerate_config: str | None = None  # the launch config for this recipe's hardware (recipes/accelerate/)
-    convert: ConvertSpec | None = None
-    evaluate: EvaluateSpec | None = None
-    publish: PublishSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _leave_pipeline_sections(cls, tree: Any) -> Any:
+        """Drop gqa-pipeline's sections unless this model declares them; any other unknown key is still refused."""
+        if not isinstance(tree, dict):
+            return tree
+        return {key: value for key, value in tree.items() if key not in PIPELINE_SECTIONS or key in cls.model_fields}
 
     def identity(self) -> dict[str, Any]:
         """What decides the weights: a resumed run must agree on all of it (folder, cadence, logging may change)."""
-        return self.model_dump(mode="json", exclude={"output_dir", "checkpoint", "eval", "log", "accelerate_config",
-                                                     "evaluate", "publish"})
+        kept = set(Recipe.model_fields) - {"output_dir", "checkpoint", "eval", "log"}
+        return self.model_dump(mode="json", include=kept)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe; every problem is one ConfigError line naming key and file."""
+R = TypeVar("R", bound=Recipe)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), schema: type[R] = Recipe) -> R:
+    """Read, override and validate a recipe as `schema` (the training recipe, or a model extending it); every
+    problem is one ConfigError line naming key and file."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"recipe {path} does not exist") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+        raise ConfigError(f"{path}: not valid YAML ({one_line(error)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
     for override in overrides:
         _apply_override(tree, override, path)
     try:
-        return Recipe.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(f"{path}: " + "; ".join(_describe(item) for item in error.errors())) from None
 

@@ -25,6 +25,15 @@ class PoolFn(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its pool function (None: fitted layer by layer, see `convert/calibration/`) and the
+    sentence the model card says about it."""
+
+    pool: PoolFn | None
+    summary: str  # completes "... with the `<name>` method: ", e.g. "each new key/value head is ..."
+
+
 def grouped(heads: torch.Tensor, groups: int) -> torch.Tensor:
     """[H, ...] -> [groups, H // groups, ...]: the heads of each output group side by side."""
     return heads.reshape(groups, heads.shape[0] // groups, *heads.shape[1:])

@@ -50,9 +50,38 @@ def test_identical_heads_pool_without_loss(arch, kv_heads, groups, tmp_path, tok
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_random_method_keeps_shapes_and_runs(arch, tmp_path, tokens):
+    """The checkpoint has a native 2-KV-head model's tensors and shapes; K/V projections are drawn afresh from
+    N(0, initializer_range), K/V biases start at zero, norms are mean-pooled, the rest is copied; the model runs."""
     source = save(random_model(arch, kv_heads=4), tmp_path / "src")
-    out = convert(source, 2, tmp_path, "random")
-    assert torch.isfinite(logits(out, tokens)).all()
+    native = save(random_model(arch, kv_heads=2), tmp_path / "native")
+    out, mean = convert(source, 2, tmp_path, "random"), convert(source, 2, tmp_path, "mean")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.config.num_key_value_heads == 2
+    assert torch.isfinite(logits(model, tokens)).all()
+    std = getattr(model.config, "initializer_range", 0.02)
+    files = (safe_open(path / "model.safetensors", "pt") for path in (source, native, out, mean))
+    with next(files) as src, next(files) as nat, next(files) as got, next(files) as pooled:
+        assert {k: got.get_slice(k).get_shape() for k in got.keys()} == {
+            k: nat.get_slice(k).get_shape() for k in nat.keys()}
+        for name in got.keys():
+            tensor = got.get_tensor(name)
+            if "norm" in name:  # norms have no random initialisation: pooled as `mean` pools them
+                assert torch.equal(tensor, pooled.get_tensor(name)), name
+                continue
+            before = src.get_tensor(name) if name in src.keys() else None
+            if before is not None and before.shape == tensor.shape:  # no KV-head axis: copied
+                assert torch.equal(tensor, before), name
+                continue
+            if "qkv" in name:  # fused [q | k | v]: the query rows are kept
+                rows = model.config.num_attention_heads * model.config.head_dim
+                assert torch.equal(tensor[:rows], before[:rows]), name
+                tensor = tensor[rows:]
+            if name.endswith("bias"):
+                assert not tensor.any(), name
+            else:
+                assert tensor.std().item() == pytest.approx(std, rel=0.1), name
+                assert abs(tensor.mean().item()) < 0.1 * std, name
+                assert not {tuple(row) for row in tensor.tolist()} & {tuple(row) for row in before.tolist()}, name
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,5 +1,6 @@
 """Fingerprints follow model content, keys follow settings, and a large file is hashed once."""
 
+import json
 import shutil
 
 from gqa_uptrain.eval.cache import ResultCache, result_key
@@ -26,14 +27,15 @@ def test_notes_beside_the_model_do_not_change_it(tiny_llama, tmp_path):
 
 
 def test_file_hash_is_remembered_across_runs(tiny_llama, tmp_path, monkeypatch):
-    ResultCache(tmp_path / "cache").model_fingerprint(str(tiny_llama))
-    import hashlib
+    """A new run (a new ResultCache) reads the hashes from the memo on disk: same fingerprint, no file read again."""
+    first = ResultCache(tmp_path / "cache").model_fingerprint(str(tiny_llama))
+    memo = json.loads((tmp_path / "cache" / "file_hashes.json").read_text())
+    assert any("model.safetensors" in key for key in memo) and any("config.json" in key for key in memo)
 
-    def no_hashing(*args, **kwargs):
-        raise AssertionError("a file was hashed again")
-
-    monkeypatch.setattr(hashlib, "file_digest", no_hashing)
-    ResultCache(tmp_path / "cache").model_fingerprint(str(tiny_llama))  # a new run: memo read from disk
+    hashed = []
+    monkeypatch.setattr("gqa_uptrain.eval.cache.sha256_file", lambda path, *args, **kwargs: hashed.append(path))
+    assert ResultCache(tmp_path / "cache").model_fingerprint(str(tiny_llama)) == first
+    assert hashed == []
 
 
 def test_keys_differ_by_model_measure_and_settings():

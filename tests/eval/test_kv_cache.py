@@ -16,12 +16,8 @@ from transformers import (
 )
 
 from gqa_uptrain.errors import ConfigError
-from gqa_uptrain.eval.kv_cache import (
-    attention_layer_windows,
-    kv_cache_bytes,
-    kv_cache_bytes_per_token,
-    measured_kv_cache_bytes_per_token,
-)
+from gqa_uptrain.eval.kv_cache import measured_kv_cache_bytes_per_token
+from gqa_uptrain.kv_heads import attention_layer_windows, kv_cache_bytes, kv_cache_bytes_per_token
 from tiny_models import random_model
 
 

@@ -7,9 +7,12 @@ from gqa_uptrain.eval.loading import adds_bos, check_same_tokenizer, open_model
 
 
 def test_identical_tokenizers_pass(tiny_llama, tiny_llama_gqa2):
+    """Two folders holding the same tokenizer (and other weights) are comparable: the check compares content."""
     base, candidate = open_model(str(tiny_llama), "base"), open_model(str(tiny_llama_gqa2), "gqa2")
-    check_same_tokenizer(base, [candidate])
-    assert candidate.config.num_key_value_heads == 2
+    assert base.tokenizer is not candidate.tokenizer and base.tokenizer.name_or_path != candidate.tokenizer.name_or_path
+    assert check_same_tokenizer(base, [candidate, candidate]) is None  # no TokenizerMismatchError
+    text = "Hello  world!\n\tIt's 2026: naïve café, 3.14159 and 東京."
+    assert base.tokenizer(text)["input_ids"] == candidate.tokenizer(text)["input_ids"]
 
 
 def test_tokenizer_with_other_special_tokens_is_refused(tiny_llama, tiny_llama_gqa2):

@@ -2,6 +2,8 @@
 
 import csv
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -94,3 +96,9 @@ def test_speed_table_gives_speedup_over_base(sample):
     table = report.speed_table(sample)
     assert "| base | 8 | 4096 | 260.0 | 130.0 | 769.0 | 0.3381 | 1.0000 | 1.0000 |" in table
     assert "| gqa8 | 8 | 4096 | 373.0 | 143.0 | 1340.0 | 0.2784 | 1.4346 | 1.1000 |" in table
+
+
+def test_matplotlib_is_set_up_only_when_a_plot_is_drawn():
+    code = "import sys; from gqa_uptrain.eval import report, plots; print('matplotlib' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "False", run.stderr[-2000:]

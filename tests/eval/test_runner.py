@@ -1,6 +1,11 @@
 """Pieces of the run that need no model."""
 
-from gqa_uptrain.eval.runner import unique_labels
+from types import SimpleNamespace
+
+import torch
+from transformers import LlamaConfig
+
+from gqa_uptrain.eval.runner import describe, unique_labels
 
 
 def test_labels_are_short_and_unique():
@@ -9,3 +14,14 @@ def test_labels_are_short_and_unique():
     assert unique_labels(["runs/gqa2/model", "runs/mqa/model", "runs/mqa-uptrained/model"]) == [
         "gqa2/model", "mqa/model", "mqa-uptrained/model"]
     assert unique_labels(["./tiny", "tiny"]) == ["tiny#1", "tiny#2"]
+
+
+def test_describe_reads_the_config_and_changes_nothing():
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    spec = SimpleNamespace(config=config)
+    before = config.to_dict()
+    assert describe(spec, torch.bfloat16) == {
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+        "kv_cache_bytes_per_token": 3 * 2 * 2 * 16 * 2,  # layers x (K and V) x KV heads x head_dim x bf16 bytes
+    }
+    assert config.to_dict() == before and vars(spec) == {"config": config}

@@ -15,18 +15,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from gqa_uptrain.errors import ConfigError, UnsupportedModelError
-from gqa_uptrain.eval.kv_cache import kv_cache_bytes
-from gqa_uptrain.eval.speed import (
+from gqa_uptrain.kv_heads import kv_cache_bytes
+from gqa_uptrain.eval.decode_engine import (
     StaticDecoder,
-    decode_floor_seconds,
+    attention_implementation,
     engine_generate,
-    measure_bandwidth,
-    measure_decode,
     packed_gqa_attention,
     packed_gqa_sdpa,
     packed_gqa_split_kv,
-    weight_bytes_per_step,
 )
+from gqa_uptrain.eval.speed import decode_floor_seconds, measure_bandwidth, measure_decode, weight_bytes_per_step
 from tiny_models import ARCHITECTURES, VOCAB, random_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -63,7 +61,7 @@ def test_engine_decode_gives_the_greedy_tokens_of_generate(kv_heads, device, cud
     expected = stock_greedy(model, input_ids, 8)
     got = engine_generate(model, input_ids, 8, cuda_graph=cuda_graph, compile=compile, split_kv=split_kv)
     assert torch.equal(got, expected)
-    assert model.config._attn_implementation == "sdpa"  # the model's own attention is back
+    assert attention_implementation(model) == "sdpa"  # the model's own attention is back
 
 
 @pytest.mark.parametrize("model_type", [t for t in ARCHITECTURES if t != "gemma2"])
@@ -77,7 +75,22 @@ def test_soft_capped_attention_is_refused_in_one_line():
     model = random_model("gemma2", kv_heads=2)
     with pytest.raises(UnsupportedModelError, match="needs SDPA attention"):
         engine_generate(model, prompt(2, 12), 4)
-    assert model.config._attn_implementation != "packed_gqa_sdpa"
+    assert attention_implementation(model) != "packed_gqa_sdpa"
+
+
+REGISTRATION = """
+from transformers import AttentionInterface
+from gqa_uptrain.eval import decode_engine, speed
+print("packed_gqa_sdpa" in AttentionInterface(), end=" ")
+decode_engine.register_attention()
+print("packed_gqa_sdpa" in AttentionInterface() and "packed_gqa_split_kv" in AttentionInterface())
+"""
+
+
+def test_attention_is_registered_by_the_engine_not_by_an_import():
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(REGISTRATION)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.stdout.split() == ["False", "True"], run.stderr[-3000:]
 
 
 # (device, dtype): the GPU runs the split-KV Triton kernel, in float32 and bfloat16.
@@ -123,9 +136,9 @@ def test_prefill_logits_match_a_plain_forward():
 def test_attention_is_restored_after_an_error():
     model = tiny_llama(2)
     with pytest.raises(RuntimeError), packed_gqa_attention(model):
-        assert model.config._attn_implementation == "packed_gqa_sdpa"
+        assert attention_implementation(model) == "packed_gqa_sdpa"
         raise RuntimeError("boom")
-    assert model.config._attn_implementation == "sdpa"
+    assert attention_implementation(model) == "sdpa"
 
 
 def test_the_static_cache_refuses_tokens_past_its_size():
@@ -158,7 +171,7 @@ def test_decode_figures_follow_from_the_measured_times_and_the_byte_count():
             row["generate_tokens_per_s"] / row["floor_tokens_per_s"])
         assert row["tokens_per_s"] > 0 and row["generate_tokens_per_s"] > 0
         assert row["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, fp32
-    assert model.config._attn_implementation == "sdpa"
+    assert attention_implementation(model) == "sdpa"
 
 
 def test_the_floor_shrinks_with_the_kv_heads_by_the_cache_bytes_alone():

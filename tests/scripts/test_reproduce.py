@@ -16,7 +16,7 @@ def test_smoke_scale_runs_every_arm_and_resumes(reproduce, tmp_path, shared_data
     results = json.loads((out / "results.json").read_text())
     names = [arm["name"] for arm in results["arms"]]
     assert names == [arm.name for arm in reproduce.arms(reproduce.SCALES["smoke"])]
-    assert len(names) == 2 * 3 * 3 + 2 + 2  # G x method x fraction, MHA continued x 2, scratch, distillation
+    assert len(names) == 2 * 4 * 3 + 2 + 3  # G x method x fraction, MHA continued x 2, scratch, distillation x 2
     for arm in [results["base"], *results["arms"]]:
         assert arm["error"] is None and arm["heldout_loss"] > 0 and set(arm["tasks"]) == {
             "gqa_lastword", "gqa_nextsentence"}, arm

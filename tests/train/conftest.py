@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
+
+from gqa_uptrain.train.loop import reset_accelerate_state
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
@@ -38,5 +39,4 @@ def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def fresh_accelerate():
     """In-process runs share accelerate's singletons; give each test a clean state."""
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()

@@ -1,6 +1,7 @@
 """Data: documents packed into full sequences with EOS between them, seeded order, exact resume position."""
 
 import json
+import os
 
 import datasets
 import pytest
@@ -65,6 +66,22 @@ def test_tokenised_rows_are_reused_across_tokenizer_folders(jsonl, gpt2_tokenize
     assert cache_file(type(gpt2_tokenizer).from_pretrained(copy)) == first
     assert cache_file(changed_tokenizer) != first
     assert cache_file(gpt2_tokenizer, seq_len=8) != first
+
+
+def test_changed_data_or_holdout_is_packed_again(jsonl, gpt2_tokenizer):
+    """The packed cache is named by the prepared data files and the slice taken: neither may be mixed up."""
+    def packed(holdout_docs=10):
+        data = DataSpec(train={"path": str(jsonl)}, holdout_docs=holdout_docs, seq_len=16)
+        train, val = build_datasets(data, gpt2_tokenizer, seed=0)
+        return train.cache_files[0]["filename"], val.cache_files[0]["filename"], train[0]["input_ids"].tolist()
+
+    train_file, val_file, first_row = packed()
+    assert train_file != val_file and packed() == (train_file, val_file, first_row)
+    assert packed(holdout_docs=20)[:2] != (train_file, val_file)
+    jsonl.write_text("".join(json.dumps({"text": doc.upper()}) + "\n" for doc in DOCS))
+    os.utime(jsonl, (jsonl.stat().st_atime, jsonl.stat().st_mtime + 10))
+    again = packed()
+    assert again[0] != train_file and again[2] != first_row
 
 
 def test_streaming_gives_full_rows_in_a_seeded_order(jsonl, gpt2_tokenizer):

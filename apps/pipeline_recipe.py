@@ -1,0 +1,65 @@
+"""The pipeline's recipe: the training recipe plus the sections only gqa-pipeline reads.
+
+One YAML file drives the whole pipeline. `PipelineRecipe` extends the training `Recipe` with how the model is
+converted (`convert`), compared with its source (`evaluate`), published (`publish`) and launched
+(`accelerate_config`), so the file is read and validated once, every section with the same one-line errors;
+gqa-uptrain, given the same file, leaves these sections alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gqa_uptrain.convert.methods import METHODS
+from gqa_uptrain.train.recipe import Recipe, load_recipe
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConvertSpec(_Section):
+    """How `model.path` is made from the original checkpoint."""
+
+    source: str  # the original MHA (or GQA) checkpoint: a local folder or a Hub id
+    groups: int = Field(ge=1)
+    method: str = "mean"  # a gqa-convert --method
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        return method
+
+
+class EvaluateSpec(_Section):
+    """The gqa-eval comparison of the uptrained model with `convert.source`."""
+
+    tasks: str | None = None  # lm-eval task names, or the shipped gqa_lastword,gqa_nextsentence
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    limit: float | None = Field(None, gt=0)
+    perplexity: str | None = None  # held-out text: a file or a Hub dataset
+    speed: bool = False
+
+
+class PublishSpec(_Section):
+    repo_id: str  # the Hub repository the pipeline uploads the model and its card to
+    private: bool = False
+
+
+class PipelineRecipe(Recipe):
+    """Its new fields are exactly the training recipe's PIPELINE_SECTIONS (tests/apps/test_pipeline.py checks)."""
+
+    accelerate_config: str | None = None  # the launch config for this recipe's hardware (recipes/accelerate/)
+    convert: ConvertSpec | None = None
+    evaluate: EvaluateSpec | None = None
+    publish: PublishSpec | None = None
+
+
+def load_pipeline_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineRecipe:
+    """Read, override and validate the whole recipe file; every problem is one ConfigError line."""
+    return load_recipe(path, overrides, PipelineRecipe)

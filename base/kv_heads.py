@@ -1,0 +1,119 @@
+"""KV heads from a config: how many there are, a config with another count, the model it describes, and the
+KV-cache bytes that count costs.
+
+Pure arithmetic on configs (no weights, no data), shared by gqa-convert (layout and --dry-run), gqa-uptrain (FLOPs
+of the original model) and gqa-eval (KV-cache size in the report, checked there against a real generate()).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from gqa_uptrain.errors import ConfigError, UnsupportedModelError
+
+# Layer types (transformers' `config.layer_types`) whose cache grows with the context, and those that cap it.
+WINDOWED_LAYER_TYPES = {"sliding_attention", "chunked_attention", "hybrid_sliding"}
+FULL_LAYER_TYPES = {"full_attention", "attention", "hybrid", "indexed_attention"}
+
+
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The decoder's config: multimodal configs nest it (`text_config`)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def kv_heads_of(config: PretrainedConfig) -> int:
+    """The config's KV head count; configs that omit it mean one KV head per query head."""
+    heads = config.to_dict().get("num_key_value_heads")
+    return heads if heads is not None else config.num_attention_heads
+
+
+def with_kv_heads(config: PretrainedConfig, kv_heads: int) -> PretrainedConfig:
+    """A copy of `config` with another KV head count."""
+    values = config.to_dict()
+    values.pop("model_type", None)
+    values["num_key_value_heads"] = kv_heads
+    return type(config)(**values)
+
+
+def meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The model `config` describes, built on the meta device: every parameter's shape, no memory, no weights."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def kv_heads_and_head_dim(config: PretrainedConfig) -> tuple[int, int]:
+    """KV heads and head size, covering configs without `num_key_value_heads` (GPT-2, GPT-NeoX, Falcon, BigCode)."""
+    config = text_config(config)
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        raise UnsupportedModelError(f"{type(config).__name__} has no num_attention_heads: not an attention model")
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if not kv_heads:  # Falcon-7B and GPT-BigCode say `multi_query`; Falcon-40B's new architecture says `num_kv_heads`
+        multi_query = getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False)
+        kv_heads = 1 if multi_query else getattr(config, "num_kv_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(kv_heads), int(head_dim)
+
+
+def attention_layer_windows(config: PretrainedConfig) -> list[int | None]:
+    """One entry per layer that keeps a KV cache: its window (sliding/chunked layers) or None (full attention).
+
+    Mirrors how transformers builds its caches: `layer_types` when the config has it, otherwise `sliding_window` /
+    `attention_chunk_size` on every layer. Linear-attention, recurrent, MLP-only and KV-sharing layers keep no
+    per-token K/V and are left out.
+    """
+    config = text_config(config)
+    layers = config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        if getattr(config, "sliding_window", None) is not None:
+            layer_types = ["sliding_attention"] * layers
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            layer_types = ["chunked_attention"] * layers
+        else:
+            layer_types = ["full_attention"] * layers
+    sharing = getattr(config, "kv_sharing_modes", None) or [None] * len(layer_types)
+    windows: list[int | None] = []
+    for layer_type, mode in zip(layer_types, sharing):
+        if mode == "reuse":
+            continue
+        if layer_type in WINDOWED_LAYER_TYPES:
+            window = config.sliding_window if "sliding" in layer_type else config.attention_chunk_size
+            windows.append(int(window))
+        elif layer_type in FULL_LAYER_TYPES:
+            windows.append(None)
+    return windows
+
+
+def _dtype_bytes(config: PretrainedConfig, dtype: torch.dtype | str | None) -> int:
+    """Bytes per cached element: the given dtype, else (or for "auto") the checkpoint's own, else float32."""
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ConfigError(f"unknown dtype {dtype!r}")
+        dtype = resolved
+    return dtype.itemsize
+
+
+def kv_cache_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype | str | None = None) -> int:
+    """Bytes one token adds to the KV cache: 2 (K and V) x attention layers x KV heads x head_dim x element size.
+
+    Sliding-window layers count while the context fits in their window (the cost of a token in a short context);
+    `kv_cache_bytes` caps them for long contexts.
+    """
+    kv_heads, head_dim = kv_heads_and_head_dim(config)
+    layers = len(attention_layer_windows(config))
+    return 2 * layers * kv_heads * head_dim * _dtype_bytes(text_config(config), dtype)
+
+
+def kv_cache_bytes(
+    config: PretrainedConfig, context: int, batch: int = 1, dtype: torch.dtype | str | None = None
+) -> int:
+    """Bytes of K/V a decode step attends over with `context` tokens per sequence (windowed layers capped)."""
+    kv_heads, head_dim = kv_heads_and_head_dim(config)
+    per_layer_token = 2 * kv_heads * head_dim * _dtype_bytes(text_config(config), dtype)
+    tokens = sum(context if window is None else min(context, window) for window in attention_layer_windows(config))
+    return batch * tokens * per_layer_token

@@ -1,0 +1,6 @@
+"""`--method calibrated`: a training-free conversion fitted to what the heads compute on calibration text.
+
+`data.py` reads and tokenises the calibration text, `layers.py` runs one decoder layer at a time from the
+checkpoint, `fit.py` holds the closed-form fits (grouping, shared keys under RoPE, shared values, temperature,
+o_proj refit), `calibrate.py` runs them layer by layer.
+"""

@@ -1,0 +1,273 @@
+"""A calibrated conversion: layer by layer, fit the grouped K/V projections to what the heads compute.
+
+For each decoder layer, on calibration text (see `fit.py` for the algebra):
+1. run the original layer on the original model's hidden states, collecting the second moment of the attention
+   input and the attention block's output;
+2. choose which KV heads share a group (least key loss), fit one shared key per group and pair (absorbing each
+   head's complex scale into its queries) and one shared value (absorbing each head's map into o_proj);
+3. fit a softmax temperature per query head (KL to the original attention on a few sequences), absorbed into
+   q_proj;
+4. refit o_proj by ridge regression so the converted block, fed the converted model's own hidden states, matches
+   the original block's output (a layer-wise correction, as GPTQ-style quantizers proceed), kept only when it
+   lowers the error on held-out calibration sequences;
+5. run the converted layer to get the next layer's converted hidden states.
+Only q_proj, k_proj, v_proj and o_proj change; the output is still a plain checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PretrainedConfig
+
+from gqa_uptrain.convert.calibration import fit
+from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, checkpoint_name, decoder_layers,
+                                                    materialize, run_layer, skeleton)
+from gqa_uptrain.convert.calibration.data import calibration_tokens
+from gqa_uptrain.convert.checkpoint_io import SAFETENSORS_INDEX, CheckpointReader
+from gqa_uptrain.kv_heads import with_kv_heads
+
+if TYPE_CHECKING:
+    from gqa_uptrain.convert.plan import ConversionPlan
+
+MAX_SEQUENCE_LENGTH = 512
+
+TEMPERATURE_SEQUENCES = 4
+HELD_OUT_SHARE = 8  # every 8th calibration sequence validates the o_proj refit
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What one layer's calibration chose and how close it came (relative error of the attention output)."""
+
+    groups: list[tuple[int, ...]]
+    error_absorbed: float  # held-out, converted input, before the refit
+    error_final: float
+    refit: bool
+
+
+@dataclass(frozen=True)
+class _Weights:
+    q: torch.Tensor  # augmented [rows, D'] float64
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor  # [D, H d]
+
+
+def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) -> tuple[CheckpointReader, dict]:
+    """Calibrate every layer of the plan's source; the fitted tensors are saved in `folder` (a checkpoint of
+    their own, in the source dtypes) for the writer to stream. Returns its reader and the provenance record."""
+    options = plan.calibration
+    tokenizer = _tokenizer(plan.folder)
+    length = min(MAX_SEQUENCE_LENGTH, getattr(plan.config, "max_position_embeddings", None) or MAX_SEQUENCE_LENGTH)
+    data = calibration_tokens(tokenizer, options.data, options.tokens, length, plan.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {step.output.name: step.output.dtype for step in plan.steps if step.fitted}
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+
+    def save_layer(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        named = {checkpoint_name(f"{prefix}.{name}", plan.reader): t for name, t in tensors.items()}
+        named = {name: t.to("cpu", dtypes[name]).contiguous() for name, t in named.items() if name in dtypes}
+        file = f"{prefix}.safetensors"
+        save_file(named, folder / file)
+        weight_map.update(dict.fromkeys(named, file))
+
+    with tqdm(total=plan.config.num_hidden_layers, desc="calibrating layers", unit="layer",
+              disable=not progress) as bar:
+        def advance(i: int, report: LayerReport) -> None:
+            bar.set_postfix(error=f"{report.error_final:.3f}")
+            bar.update()
+
+        reports = calibrate(plan.config, plan.reader, plan.layout.groups, data.tokens, device, save_layer, advance)
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    record = {**data.record(plan.seed), "layers": [
+        {"groups": [list(g) for g in r.groups], "o_proj_refit": r.refit,
+         "held_out_error": None if math.isnan(r.error_final) else round(r.error_final, 5)} for r in reports]}
+    return CheckpointReader(folder), record
+
+
+def _tokenizer(folder: Path):
+    """The source's tokenizer, or None when it has none (token-id calibration data still works)."""
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return None
+
+
+@torch.no_grad()
+def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, tokens: torch.Tensor,
+              device: torch.device, save_layer: Callable[[str, dict[str, torch.Tensor]], None],
+              progress: Callable[[int, LayerReport], None] = lambda i, r: None) -> list[LayerReport]:
+    """Convert every decoder layer; `save_layer(prefix, tensors)` receives its new q/k/v/o parameters (fp32)."""
+    embedder = Embedder.build(config, reader, device)
+    batch = _batch_size(tokens.shape[0])
+    original = torch.cat([embedder(chunk.to(device)) for chunk in tokens.split(batch)])
+    kwargs = embedder.kwargs
+    converted = original.clone()
+    del embedder
+    old_model, new_model = skeleton(config), skeleton(with_kv_heads(config, groups))
+    prefix, old_layers = decoder_layers(old_model)
+    _, new_layers = decoder_layers(new_model)
+    reports = []
+    for i in range(len(old_layers)):
+        old = materialize(old_layers[i], f"{prefix}.{i}", reader, device)
+        report, new = _calibrate_layer(old, new_layers[i], original, converted, kwargs, batch, config, groups)
+        save_layer(f"{prefix}.{i}", {f"self_attn.{name}": p.detach() for name, p in
+                                     new.self_attn.named_parameters()})
+        old_layers[i], new_layers[i] = old.to("meta"), new.to("meta")
+        reports.append(report)
+        progress(i, report)
+    return reports
+
+
+def _batch_size(sequences: int) -> int:
+    return math.gcd(sequences, 8)
+
+
+def _calibrate_layer(old: nn.Module, new: nn.Module, original: torch.Tensor, converted: torch.Tensor,
+                     kwargs: dict, batch: int, config: PretrainedConfig, groups: int
+                     ) -> tuple[LayerReport, nn.Module]:
+    attention = old.self_attn
+    with_bias = any(getattr(attention, n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
+    sigma, target, sample = _original_pass(old, original, kwargs, batch, with_bias)
+    head_dim = attention.head_dim
+    weights = _Weights(*(fit.augment(getattr(attention, n).weight, getattr(attention, n).bias, with_bias)
+                         for n in ("q_proj", "k_proj", "v_proj")), attention.o_proj.weight.double())
+    chosen, fitted, order = _fit_groups(weights, sigma, groups, head_dim, config.num_attention_heads)
+    tau = _temperatures(weights, fitted, order, sample, kwargs, attention, head_dim, config)
+    fitted = _Weights(fitted.q * tau.repeat_interleave(head_dim)[:, None], fitted.k, fitted.v, fitted.o)
+    new = _install(old, new, fitted, with_bias)
+    o_proj, before, after, refit = _refit_output(new, converted, target, kwargs, batch)
+    with torch.no_grad():
+        new.self_attn.o_proj.weight.copy_(o_proj)
+    for start in range(0, converted.shape[0], batch):
+        converted[start:start + batch] = run_layer(new, converted[start:start + batch], kwargs)
+    return LayerReport(chosen, before, after, refit), new
+
+
+def _original_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int, with_bias: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second moment of the attention input, the attention output per token, and a few sequences' inputs.
+
+    `hidden` is advanced in place to the layer's output (the next layer's original input).
+    """
+    sigma, outputs, count = None, [], 0
+    for start in range(0, hidden.shape[0], batch):
+        with capture_attention(layer.self_attn) as seen:
+            hidden[start:start + batch] = run_layer(layer, hidden[start:start + batch], kwargs)
+        x = _with_ones(seen["input"], with_bias).double().flatten(0, 1)
+        sigma = x.T @ x if sigma is None else sigma + x.T @ x
+        count += x.shape[0]
+        bias = layer.self_attn.o_proj.bias
+        outputs.append(seen["output"] - bias if bias is not None else seen["output"])  # what o_proj's weight makes
+        if start == 0:
+            sample = seen["input"][:TEMPERATURE_SEQUENCES]
+    return sigma / count, torch.cat(outputs), sample
+
+
+def _with_ones(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1) if with_bias else x
+
+
+def _fit_groups(w: _Weights, sigma: torch.Tensor, groups: int, head_dim: int, query_heads: int
+                ) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
+    """Grouping, shared keys and values, the absorbed query and output weights in the new head order, and which
+    original query head each new one is."""
+    kv_heads = w.k.shape[0] // head_dim
+    per_family = query_heads // kv_heads
+    stats = fit.key_stats(w.q, w.k, sigma, head_dim)
+    chosen = fit.choose_groups(stats, groups)
+    q_rows, k_rows, v_rows, o_cols, order = [], [], [], [], []
+    o_heads = w.o.reshape(w.o.shape[0], query_heads, head_dim)
+    for group in chosen:
+        shared_k, scales = fit.fit_keys(w.k, stats, group, head_dim)
+        shared_v, maps = fit.fit_values(w.v, w.o, sigma, group, head_dim, per_family)
+        k_rows.append(shared_k)
+        v_rows.append(shared_v)
+        for family, scale, value_map in zip(group, scales, maps):
+            for j in range(family * per_family, (family + 1) * per_family):
+                q_rows.append(fit.absorb_into_queries(w.q[j * head_dim:(j + 1) * head_dim], scale[None], head_dim))
+                o_cols.append(fit.absorb_into_output(o_heads[:, j], value_map))
+                order.append(j)
+    fitted = _Weights(torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows), torch.cat(o_cols, 1))
+    return chosen, fitted, torch.tensor(order)
+
+
+def _temperatures(old: _Weights, new: _Weights, order: torch.Tensor, sample: torch.Tensor, kwargs: dict, attention: nn.Module,
+                  head_dim: int, config: PretrainedConfig) -> torch.Tensor:
+    """One softmax temperature per new query head, fitted to the original attention pattern."""
+    x = _with_ones(sample, old.q.shape[1] > sample.shape[-1]).float()
+    cos, sin = (t[: x.shape[0]].float() if t.shape[0] > 1 else t.float() for t in kwargs["position_embeddings"])
+
+    def logits(w: _Weights, order: torch.Tensor) -> torch.Tensor:
+        q = _heads(x @ w.q.float().T, head_dim)
+        k = _heads(x @ w.k.float().T, head_dim)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # query head j reads KV head j // (H / K)
+        q, k = q[:, order], k[:, order]
+        scores = fit.rope_logits(q, k, cos, sin) * attention.scaling
+        cap = getattr(config, "attn_logit_softcapping", None)
+        return torch.tanh(scores / cap) * cap if cap else scores
+
+    return fit.fit_temperature(logits(old, order), logits(new, torch.arange(len(order)))).double()
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, T, h d] -> [B, h, T, d]."""
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def _install(old: nn.Module, new: nn.Module, w: _Weights, with_bias: bool) -> nn.Module:
+    """The converted layer: the original's weights, with the fitted attention projections."""
+    device = next(old.parameters()).device
+    new.to_empty(device=device)
+    fitted = {"q_proj": w.q, "k_proj": w.k, "v_proj": w.v}
+    with torch.no_grad():
+        for name, param in new.named_parameters():
+            module, _, kind = name.rpartition(".")
+            projection = module.rsplit(".", 1)[-1]
+            if module.startswith("self_attn.") and projection in fitted:
+                weight, bias = fit.split_bias(fitted[projection], with_bias)
+                param.copy_(weight if kind == "weight" else bias)
+            elif name == "self_attn.o_proj.weight":
+                param.copy_(w.o)
+            else:
+                param.copy_(old.get_parameter(name))
+    return new
+
+
+def _refit_output(layer: nn.Module, converted: torch.Tensor, target: torch.Tensor, kwargs: dict, batch: int
+                  ) -> tuple[torch.Tensor, float, float, bool]:
+    """Ridge-refitted o_proj (or the absorbed one), and the held-out relative error before and after."""
+    prior = layer.self_attn.o_proj.weight.double()
+    size = prior.shape[1]
+    stats = {part: [torch.zeros(size, size, dtype=torch.float64, device=prior.device),
+                    torch.zeros(size, prior.shape[0], dtype=torch.float64, device=prior.device), 0.0]
+             for part in ("fit", "held")}
+    for start in range(0, converted.shape[0], batch):
+        with capture_attention(layer.self_attn, stop_at_output_projection=True) as seen:
+            run_layer(layer, converted[start:start + batch], kwargs)
+        for s in range(seen["heads"].shape[0]):
+            part = "held" if (start + s) % HELD_OUT_SHARE == HELD_OUT_SHARE - 1 else "fit"
+            a, y = seen["heads"][s].double(), target[start + s].double()
+            stats[part][0] += a.T @ a
+            stats[part][1] += a.T @ y
+            stats[part][2] += float((y * y).sum())
+    (gram, cross, _), (held_gram, held_cross, held_target) = stats["fit"], stats["held"]
+    if held_target == 0:  # too few sequences to hold any out: keep the absorbed projection
+        return prior.float(), math.nan, math.nan, False
+    weight = fit.refit_output(gram, cross, prior, held_gram, held_cross, held_target)
+
+    def error(w):
+        return math.sqrt(max(0.0, float(torch.einsum("ij,ki,kj->", held_gram, w, w)
+                                        - 2 * torch.einsum("ik,ki->", held_cross, w) + held_target)) / held_target)
+
+    return weight.float(), error(prior), error(weight), weight is not prior

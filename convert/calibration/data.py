@@ -1,0 +1,112 @@
+"""Calibration text: what the converted model is fitted to reproduce, tokenised into equal sequences.
+
+DATA is a local file, folder or glob (text, JSON lines or parquet, optionally compressed) or a Hub dataset id,
+read as gqa-uptrain reads its training data; rows that hold `input_ids` are used as they are. Without DATA the default is the docstrings of this Python's standard
+library: English prose that every Python carries (so it works offline) and that shares no text with the shipped
+evaluation tasks (books by authors outside the project's training data).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+import sysconfig
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from gqa_uptrain.documents import load_rows
+from gqa_uptrain.errors import DataError
+from gqa_uptrain.source import looks_local
+
+DEFAULT_DATA = "python-stdlib-docstrings"
+_SHUFFLE_BUFFER = 10_000
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The token ids [sequences, length] and what identifies them in the provenance record."""
+
+    tokens: torch.Tensor
+    data: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.tokens.to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def record(self, seed: int) -> dict:
+        sequences, length = self.tokens.shape
+        return {"data": self.data, "tokens": sequences * length, "sequences": sequences,
+                "sequence_length": length, "seed": seed, "sha256": self.sha256}
+
+
+def stdlib_docstrings() -> dict[str, list[str]]:
+    """Docstrings of the standard library, read with `ast` (nothing is imported), keyed by module file."""
+    from tqdm.auto import tqdm
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    docs = {}
+    for path in tqdm(files, desc="reading docstrings", unit="module"):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                                ast.AsyncFunctionDef)))
+        texts = [doc for node in nodes if (doc := ast.get_docstring(node)) and len(doc) >= 80]
+        if texts:
+            docs[path.relative_to(root).as_posix()] = texts
+    return docs
+
+
+def _documents(data: str | None, seed: int) -> Iterator[str | list[int]]:
+    if data is None:
+        texts = [text for module in stdlib_docstrings().values() for text in module]
+        random.Random(seed).shuffle(texts)
+        return iter(texts)
+    if looks_local(data):
+        rows = load_rows(path=str(Path(data).expanduser()), streaming=True)
+    else:
+        rows = load_rows(dataset=data, streaming=True)
+    rows = rows.shuffle(seed=seed, buffer_size=_SHUFFLE_BUFFER)
+    return (document for row in rows if (document := _document(row)))
+
+
+def _document(row: dict) -> str | list[int] | None:
+    """A row's token ids, or its text (the `text` column, else its first string)."""
+    if "input_ids" in row:
+        return list(row["input_ids"])
+    text = row.get("text", next((value for value in row.values() if isinstance(value, str)), None))
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def calibration_tokens(tokenizer: PreTrainedTokenizerBase | None, data: str | None, tokens: int, length: int,
+                       seed: int = 0) -> Calibration:
+    """At least `tokens` tokens as whole sequences of `length`, documents joined by EOS (as in pretraining)."""
+    sequences = max(1, -(-tokens // length))
+    stream = _token_stream(tokenizer, _documents(data, seed))
+    ids = list(islice(stream, sequences * length))
+    if len(ids) < sequences * length:
+        raise DataError(f"calibration data {data or DEFAULT_DATA} holds {len(ids):,} tokens; "
+                        f"{sequences * length:,} are needed (lower --calibration-tokens)")
+    return Calibration(torch.tensor(ids).view(sequences, length), data or DEFAULT_DATA)
+
+
+def _token_stream(tokenizer: PreTrainedTokenizerBase | None, documents: Iterable[str | list[int]]) -> Iterator[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for document in documents:
+        if isinstance(document, list):
+            yield from document
+            continue
+        if tokenizer is None:
+            raise DataError("the calibration data is text, but the source model has no tokenizer")
+        yield from tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"]
+        if eos is not None:
+            yield eos

@@ -1,0 +1,144 @@
+"""One decoder layer at a time: the model is built on the meta device and only the layer at hand (plus the
+embeddings) is given real weights, read from the checkpoint, so memory holds one layer and the hidden states.
+
+Layer inputs are caught the way GPTQ-style quantizers catch them: the model's own forward runs up to the first
+decoder layer, whose pre-hook records its arguments (hidden states, rotary cos/sin, mask) and stops the run. So
+whatever an architecture does before its layers (embedding scale, rotary variant, mask) is done by its own code.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from gqa_uptrain.convert.checkpoint_io import CheckpointReader
+from gqa_uptrain.errors import UnsupportedModelError
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
+
+
+def skeleton(config: PretrainedConfig, device: torch.device | str = "meta") -> nn.Module:
+    """The model, on the meta device by default (no memory)."""
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the ModuleList of the decoder layers (those with a `self_attn`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and hasattr(module[0], "self_attn"):
+            return name, module
+    raise UnsupportedModelError(f"{type(model).__name__}: no list of decoder layers with self_attn")
+
+
+def checkpoint_name(name: str, reader: CheckpointReader) -> str:
+    """The checkpoint's name for a parameter (checkpoints of a bare base model lack the head's prefix)."""
+    return name if name in reader.tensors else name.split(".", 1)[-1]
+
+
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device: torch.device) -> nn.Module:
+    """Give a meta module real fp32 weights from the checkpoint."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(reader.read(checkpoint_name(f"{prefix}.{name}", reader)).float())
+    return module
+
+
+@dataclass
+class Embedder:
+    """Runs the model's own forward up to the first decoder layer and returns that layer's inputs."""
+
+    model: nn.Module
+    first_layer: nn.Module
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, config: PretrainedConfig, reader: CheckpointReader, device: torch.device) -> "Embedder":
+        """The model cut to one decoder layer, built for real (so buffers such as rotary tables and embedding
+        scales are computed by its own code), with every weight outside the layers read from the checkpoint."""
+        model = skeleton(_one_layer(config), device)
+        layers_name, layers = decoder_layers(model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                stored = checkpoint_name(name, reader)
+                if not name.startswith(layers_name + ".") and stored in reader.tensors:
+                    param.copy_(reader.read(stored).float())
+        return cls(model, layers[0])
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        caught = {}
+
+        def hook(module, args, kwargs):
+            caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+            caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Stop
+
+        handle = self.first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        self.kwargs = caught["kwargs"]
+        return caught["hidden"]
+
+
+def _one_layer(config: PretrainedConfig) -> PretrainedConfig:
+    values = config.to_dict()
+    values.pop("model_type", None)
+    values["num_hidden_layers"] = 1
+    if values.get("layer_types"):
+        values["layer_types"] = values["layer_types"][:1]
+    return type(config)(**values)
+
+
+def layer_output(output) -> torch.Tensor:
+    """Decoder layers return the hidden states, or a tuple that starts with them."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def capture_attention(attention: nn.Module, stop_at_output_projection: bool = False):
+    """Record the attention block's input, its output and the input of its output projection.
+
+    With `stop_at_output_projection` the forward stops there (raising _Stop, which `run_layer` swallows).
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def before(module, args, kwargs):
+        seen["input"] = args[0] if args else kwargs["hidden_states"]
+
+    def after(module, args, kwargs, output):
+        seen["output"] = output[0] if isinstance(output, tuple) else output
+
+    def projection(module, args):
+        seen["heads"] = args[0]
+        if stop_at_output_projection:
+            raise _Stop
+
+    handles = [attention.register_forward_pre_hook(before, with_kwargs=True),
+               attention.register_forward_hook(after, with_kwargs=True),
+               attention.o_proj.register_forward_pre_hook(projection)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """The layer's output, or None when a capture stopped it early."""
+    try:
+        return layer_output(layer(hidden, **kwargs))
+    except _Stop:
+        return None

@@ -1,0 +1,68 @@
+"""Which architectures the calibrated method can convert exactly as it reasons, decided from the model class.
+
+The fits assume plain q/k/v/o projections of the attention input (biases allowed) and rotary embeddings over
+the whole head in transformers' rotate_half layout, with nothing between projection and RoPE. Anything else
+(q/k norms after the projection, a fused qkv projection, partial or interleaved rotary, clipped q/k/v) is
+refused with the reason, so the user can fall back to --method mean.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Collection
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from gqa_uptrain.convert.calibration.layers import decoder_layers, skeleton
+from gqa_uptrain.convert.layout import HeadsAxis, KVLayout
+from gqa_uptrain.errors import UnsupportedModelError
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> str | None:
+    """Why `--method calibrated` cannot convert this model, or None when it can. `stored`: the checkpoint's
+    tensor names (layers are loaded one at a time by their module names)."""
+    if not all(isinstance(c, HeadsAxis) and c.name.rsplit(".", 2)[-2] in ("k_proj", "v_proj")
+               for c in layout.changes):
+        return "its KV heads live outside plain k_proj/v_proj tensors (fused qkv or per-head norms)"
+    if (getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
+        return "its rotary embedding covers only part of each head"
+    if getattr(config, "clip_qkv", None) is not None:
+        return "it clips q/k/v after the projection"
+    prefix, layers = decoder_layers(skeleton(config))
+    names = [f"{prefix}.0.{name}" for name, _ in layers[0].named_parameters()]
+    if not all(name in stored or name.split(".", 1)[-1] in stored for name in names):
+        return "its checkpoint stores the layers under other names than its modules (e.g. fused MoE experts)"
+    attention = layers[0].self_attn
+    others = {name.split(".")[0] for name, _ in attention.named_parameters()} - set(_PROJECTIONS)
+    if others:
+        return (f"its attention has weights beyond q_proj/k_proj/v_proj/o_proj ({', '.join(sorted(others))}), "
+                "such as q/k norms after the projection")
+    if not all(isinstance(getattr(attention, p, None), nn.Linear) for p in _PROJECTIONS):
+        return "its attention has no plain q_proj/k_proj/v_proj/o_proj"
+    if not _rotates_halves(attention):
+        return "its rotary embedding does not pair dimension i with i + head_dim/2"
+    return None
+
+
+def check_supported(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> None:
+    reason = unsupported_reason(config, layout, stored)
+    if reason is not None:
+        raise UnsupportedModelError(f"--method calibrated cannot convert {config.model_type}: {reason}; "
+                                    "use --method mean")
+
+
+def _rotates_halves(attention: nn.Module) -> bool:
+    """Whether the module's own rotate_half maps e_0 to e_{d/2} (the pairing the key fit assumes)."""
+    rotate = getattr(sys.modules[type(attention).__module__], "rotate_half", None)
+    if rotate is None:
+        return False
+    d = attention.head_dim
+    unit = torch.zeros(d)
+    unit[0] = 1
+    expected = torch.zeros(d)
+    expected[d // 2] = 1
+    return torch.equal(rotate(unit), expected)

@@ -1,0 +1,228 @@
+"""--method calibrated: exact where the heads allow it, better than mean pooling on a trained model, and either
+converting or refusing every covered architecture (tiny fp32 models, CPU)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from gqa_uptrain.convert import convert_checkpoint
+from gqa_uptrain.convert.calibration import fit
+from gqa_uptrain.errors import UnsupportedModelError
+from gqa_uptrain.provenance import read_provenance
+from tiny_models import ARCHITECTURES, VOCAB, logits, random_model, repeat_kv_heads
+
+HEAD_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> Path:
+    """Token-id rows (the tiny models have no tokenizer): 4,096 random tokens."""
+    path = tmp_path_factory.mktemp("calibration") / "ids.jsonl"
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(3, VOCAB, (256,), generator=g).tolist()} for _ in range(16)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def convert(source: Path, groups: int, out: Path, data: Path, tokens: int = 1024) -> Path:
+    return convert_checkpoint(source, groups, out, method="calibrated", calibration=str(data),
+                              calibration_tokens=tokens, progress=False)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool((a - b).abs().max() <= 1e-3 * b.abs().max())
+
+
+def _pairs(rows: torch.Tensor) -> torch.Tensor:
+    """[d, D] head rows -> [d/2, D] complex pairs (i, i + d/2)."""
+    return torch.complex(rows[: HEAD_DIM // 2], rows[HEAD_DIM // 2:])
+
+
+def _unpairs(z: torch.Tensor) -> torch.Tensor:
+    return torch.cat([z.real, z.imag])
+
+
+def disguised_copies(small, kv_heads: int, permutation: list[int] | None = None, seed: int = 0):
+    """An MHA Llama computing exactly what the GQA `small` computes, whose copies of a KV head differ.
+
+    Copy h of a head scales each key pair by a complex c (queries by 1/conj(c), so q.k is unchanged under RoPE)
+    and maps its values by an invertible A (o_proj columns by A^-1). Mean pooling cannot undo that; the calibrated
+    fit can. `permutation` also reorders the heads, so the copies are no longer neighbours.
+    """
+    big = repeat_kv_heads(small, kv_heads)
+    g = torch.Generator().manual_seed(seed)
+    state = big.state_dict()
+    order = permutation or list(range(kv_heads))
+    for layer in range(big.config.num_hidden_layers):
+        p = f"model.layers.{layer}.self_attn."
+        q, k, v, o = (state[p + n + ".weight"].clone() for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        new = {n: torch.empty_like(t) for n, t in (("q", q), ("k", k), ("v", v), ("o", o))}
+        for slot, h in enumerate(order):
+            rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+            to = slice(slot * HEAD_DIM, (slot + 1) * HEAD_DIM)
+            c = torch.polar(torch.rand(HEAD_DIM // 2, generator=g) + 0.5,
+                            torch.rand(HEAD_DIM // 2, generator=g) * 2 * math.pi)
+            a = torch.eye(HEAD_DIM) + 0.3 * torch.randn(HEAD_DIM, HEAD_DIM, generator=g)
+            new["k"][to] = _unpairs(c[:, None] * _pairs(k[rows]))
+            new["q"][to] = _unpairs(_pairs(q[rows]) / c.conj()[:, None])
+            new["v"][to] = a @ v[rows]
+            new["o"][:, to] = o[:, rows] @ torch.linalg.inv(a)
+        for n in ("q", "k", "v", "o"):
+            state[p + f"{n}_proj.weight"] = new[n]
+    big.load_state_dict(state)
+    return big
+
+
+def tiny_llama(kv_heads: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=HEAD_DIM,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(("kv_heads", "groups"), [(4, 2), (4, 1), (2, 1)])
+def test_identical_heads_convert_without_loss(kv_heads, groups, tmp_path, tokens, calibration):
+    big = repeat_kv_heads(tiny_llama(groups, seed=1), kv_heads)
+    big.save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", groups, tmp_path / "out", calibration)
+    assert close(logits(out, tokens), logits(tmp_path / "src", tokens))
+
+
+@pytest.mark.parametrize("permutation", [None, [0, 2, 1, 3], [3, 0, 2, 1]])
+def test_rotated_and_permuted_copies_convert_without_loss(permutation, tmp_path, tokens, calibration):
+    """Heads that are per-pair complex rescalings of one another, in any order: lossless, where mean is not."""
+    source = tmp_path / "src"
+    disguised_copies(tiny_llama(2, seed=2), 4, permutation).save_pretrained(source)
+    expected = logits(source, tokens)
+    out = convert(source, 2, tmp_path / "out", calibration)
+    assert close(logits(out, tokens), expected)
+    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False)
+    assert not close(logits(mean, tokens), expected)
+    groups = read_provenance(out)["conversion"]["calibration"]["layers"][0]["groups"]
+    pairs = [[(permutation or [0, 1, 2, 3])[h] // 2 for h in group] for group in groups]
+    assert all(len(set(p)) == 1 for p in pairs)  # each group holds the copies of one original head
+
+
+def test_regrouping_and_absorbed_scales_keep_logits(tokens):
+    """The freedoms the method uses are no-ops on the function: reordering heads (query rows, o_proj columns and
+    KV heads together) and moving a per-pair complex scale from keys into queries (and a map from values into
+    o_proj). A model disguised that way computes what the original computes."""
+    model = tiny_llama(4, seed=3)
+    assert close(logits(disguised_copies(tiny_llama(4, seed=3), 4, [2, 0, 3, 1]), tokens), logits(model, tokens))
+    assert close(logits(disguised_copies(tiny_llama(4, seed=3), 4), tokens), logits(model, tokens))
+
+
+def test_same_head_count_changes_nothing(tmp_path, tokens, calibration):
+    tiny_llama(4, seed=4).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", 4, tmp_path / "out", calibration)
+    assert torch.equal(logits(out, tokens), logits(tmp_path / "src", tokens))
+
+
+def test_temperature_recovers_a_scaled_pattern():
+    logits_ = torch.randn(2, 3, 8, 8, dtype=torch.float64).tril() * 3
+    mask = torch.ones(8, 8, dtype=torch.bool).triu(1)
+    original = logits_.masked_fill(mask, float("-inf"))
+    tau = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    flattened = original / tau[None, :, None, None]
+    assert torch.allclose(fit.fit_temperature(original, flattened), tau, rtol=1e-2)
+
+
+def test_output_refit_is_kept_only_when_held_out_text_improves():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    truth = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    y = a @ truth.T
+    prior = truth + 0.5
+    fitted = fit.refit_output(a[:150].T @ a[:150], a[:150].T @ y[:150], prior, a[150:].T @ a[150:],
+                              a[150:].T @ y[150:], float((y[150:] ** 2).sum()))
+    assert (fitted - truth).abs().max() < 0.05
+    exact = fit.refit_output(a[:150].T @ a[:150], a[:150].T @ y[:150], truth, a[150:].T @ a[150:],
+                             a[150:].T @ y[150:], float((y[150:] ** 2).sum()))
+    assert exact is truth
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_converts_or_is_refused_in_one_line(arch, tmp_path, tokens, calibration):
+    small = random_model(arch, kv_heads=2, seed=1)
+    repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")
+    try:
+        out = convert(tmp_path / "src", 2, tmp_path / "out", calibration)
+    except UnsupportedModelError as error:
+        assert "\n" not in str(error) and "--method mean" in str(error)
+        assert not (tmp_path / "out").exists()
+        return
+    assert close(logits(out, tokens), logits(small, tokens))
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 2
+
+
+@pytest.fixture(scope="module")
+def trained_llama(tmp_path_factory, shared_data) -> tuple[Path, Path, torch.Tensor]:
+    """An 8-head Llama trained briefly on Shakespeare's characters: its heads differ, as a real model's do.
+    Returns the model folder, calibration rows (token ids from the first 80% of the text) and held-out rows."""
+    data = torch.tensor(list((shared_data / "tinyshakespeare.txt").read_bytes()[:400_000])).clamp(max=127)
+    rows = data[: len(data) // 64 * 64].view(-1, 64)
+    train, held = rows[: int(len(rows) * 0.8)], rows[int(len(rows) * 0.8):][:64]
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "calibration.jsonl").write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in train))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=8, head_dim=8, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        batch = train[torch.randint(0, len(train), (16,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder / "model")
+    return folder / "model", folder / "calibration.jsonl", held
+
+
+def held_out_loss(folder: Path, rows: torch.Tensor) -> float:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=rows, labels=rows).loss.item()
+
+
+@pytest.mark.parametrize("groups", [4, 2, 1])
+def test_calibrated_beats_mean_pooling_on_a_trained_model(groups, trained_llama, tmp_path):
+    model, text, rows = trained_llama
+    mean = convert_checkpoint(model, groups, tmp_path / "mean", method="mean", progress=False)
+    calibrated = convert(model, groups, tmp_path / "calibrated", text, tokens=4096)
+    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    assert original < fitted < pooled
+    assert (pooled - fitted) > 0.5 * (pooled - original)  # most of mean pooling's gap is closed
+
+
+def test_a_seed_gives_one_result(tmp_path, calibration):
+    disguised_copies(tiny_llama(2, seed=5), 4).save_pretrained(tmp_path / "src")
+    a = convert(tmp_path / "src", 1, tmp_path / "a", calibration)
+    b = convert(tmp_path / "src", 1, tmp_path / "b", calibration)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert read_provenance(a)["conversion"] == read_provenance(b)["conversion"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--calibration", "x.txt"], "apply to --method calibrated only"),
+    (["--method", "calibrated", "--calibration", "/nonexistent/*.txt"], "matches no file"),
+    (["--method", "calibrated", "--calibration-tokens", "0"], "must be positive"),
+    (["--method", "calibrated", "--calibration", "TOO_SHORT", "--calibration-tokens", "100000"], "are needed"),
+])
+def test_bad_calibration_input_is_one_line_and_writes_nothing(args, message, tmp_path, calibration, capsys):
+    from gqa_uptrain.convert.cli import main
+
+    tiny_llama(4, seed=6).save_pretrained(tmp_path / "src")
+    args = [str(calibration) if a == "TOO_SHORT" else a for a in args]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "src"), "--groups", "2", "--output", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and message in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
