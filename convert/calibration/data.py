@@ -71,7 +71,7 @@ def _documents(data: str | None, seed: int) -> Iterator[str | list[int]]:
         texts = [text for module in stdlib_docstrings().values() for text in module]
         random.Random(seed).shuffle(texts)
         return iter(texts)
-    if looks_local(data):
+    if looks_local(data) or Path(data).expanduser().exists():  # a relative path such as runs/x/train.jsonl too
         rows = load_rows(path=str(Path(data).expanduser()), streaming=True)
     else:
         rows = load_rows(dataset=data, streaming=True)

@@ -201,6 +201,14 @@ def test_calibrated_beats_mean_pooling_on_a_trained_model(groups, trained_llama,
     assert (pooled - fitted) > 0.5 * (pooled - original)  # most of mean pooling's gap is closed
 
 
+def test_a_relative_calibration_path_is_a_file_not_a_hub_id(tmp_path, calibration, monkeypatch):
+    from gqa_uptrain.convert.calibration.data import calibration_tokens
+
+    monkeypatch.chdir(calibration.parent.parent)
+    relative = Path(calibration.parent.name) / calibration.name
+    assert calibration_tokens(None, str(relative), 512, 64).tokens.shape == (8, 64)
+
+
 def test_a_seed_gives_one_result(tmp_path, calibration):
     disguised_copies(tiny_llama(2, seed=5), 4).save_pretrained(tmp_path / "src")
     a = convert(tmp_path / "src", 1, tmp_path / "a", calibration)
