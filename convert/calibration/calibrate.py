@@ -109,6 +109,7 @@ def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, t
               progress: Callable[[int, LayerReport], None] = lambda i, r: None) -> list[LayerReport]:
     """Convert every decoder layer; `save_layer(prefix, tensors)` receives its new q/k/v/o parameters (fp32)."""
     embedder = Embedder.build(config, reader, device)
+    still = fit.still_share(embedder.inv_freq, tokens.shape[1]).to(device) if embedder.inv_freq is not None else None
     batch = _batch_size(tokens.shape[0])
     original = torch.cat([embedder(chunk.to(device)) for chunk in tokens.split(batch)])
     kwargs = embedder.kwargs
@@ -120,7 +121,7 @@ def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, t
     reports = []
     for i in range(len(old_layers)):
         old = materialize(old_layers[i], f"{prefix}.{i}", reader, device)
-        report, new = _calibrate_layer(old, new_layers[i], original, converted, kwargs, batch, config, groups)
+        report, new = _calibrate_layer(old, new_layers[i], original, converted, kwargs, batch, config, groups, still)
         save_layer(f"{prefix}.{i}", {f"self_attn.{name}": p.detach() for name, p in
                                      new.self_attn.named_parameters()})
         old_layers[i], new_layers[i] = old.to("meta"), new.to("meta")
@@ -134,15 +135,15 @@ def _batch_size(sequences: int) -> int:
 
 
 def _calibrate_layer(old: nn.Module, new: nn.Module, original: torch.Tensor, converted: torch.Tensor,
-                     kwargs: dict, batch: int, config: PretrainedConfig, groups: int
+                     kwargs: dict, batch: int, config: PretrainedConfig, groups: int, still: torch.Tensor | None
                      ) -> tuple[LayerReport, nn.Module]:
     attention = old.self_attn
     with_bias = any(getattr(attention, n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
-    sigma, target, sample = _original_pass(old, original, kwargs, batch, with_bias)
+    sigma, mean, target, sample = _original_pass(old, original, kwargs, batch, with_bias)
     head_dim = attention.head_dim
     weights = _Weights(*(fit.augment(getattr(attention, n).weight, getattr(attention, n).bias, with_bias)
                          for n in ("q_proj", "k_proj", "v_proj")), attention.o_proj.weight.double())
-    chosen, fitted, order = _fit_groups(weights, sigma, groups, head_dim, config.num_attention_heads)
+    chosen, fitted, order = _fit_groups(weights, sigma, mean, still, groups, head_dim, config.num_attention_heads)
     tau = _temperatures(weights, fitted, order, sample, kwargs, attention, head_dim, config)
     fitted = _Weights(fitted.q * tau.repeat_interleave(head_dim)[:, None], fitted.k, fitted.v, fitted.o)
     new = _install(old, new, fitted, with_bias)
@@ -155,36 +156,39 @@ def _calibrate_layer(old: nn.Module, new: nn.Module, original: torch.Tensor, con
 
 
 def _original_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int, with_bias: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Second moment of the attention input, the attention output per token, and a few sequences' inputs.
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second moment and mean of the attention input, the attention output per token, and a few sequences'
+    inputs.
 
     `hidden` is advanced in place to the layer's output (the next layer's original input).
     """
-    sigma, outputs, count = None, [], 0
+    sigma, total, outputs, count = None, None, [], 0
     for start in range(0, hidden.shape[0], batch):
         with capture_attention(layer.self_attn) as seen:
             hidden[start:start + batch] = run_layer(layer, hidden[start:start + batch], kwargs)
         x = _with_ones(seen["input"], with_bias).double().flatten(0, 1)
         sigma = x.T @ x if sigma is None else sigma + x.T @ x
+        total = x.sum(0) if total is None else total + x.sum(0)
         count += x.shape[0]
         bias = layer.self_attn.o_proj.bias
         outputs.append(seen["output"] - bias if bias is not None else seen["output"])  # what o_proj's weight makes
         if start == 0:
             sample = seen["input"][:TEMPERATURE_SEQUENCES]
-    return sigma / count, torch.cat(outputs), sample
+    return sigma / count, total / count, torch.cat(outputs), sample
 
 
 def _with_ones(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1) if with_bias else x
 
 
-def _fit_groups(w: _Weights, sigma: torch.Tensor, groups: int, head_dim: int, query_heads: int
+def _fit_groups(w: _Weights, sigma: torch.Tensor, mean: torch.Tensor, still: torch.Tensor | None, groups: int,
+                head_dim: int, query_heads: int
                 ) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
     """Grouping, shared keys and values, the absorbed query and output weights in the new head order, and which
     original query head each new one is."""
     kv_heads = w.k.shape[0] // head_dim
     per_family = query_heads // kv_heads
-    stats = fit.key_stats(w.q, w.k, sigma, head_dim)
+    stats = fit.key_stats(w.q, w.k, sigma, head_dim, mean, still)
     chosen = fit.choose_groups(stats, groups)
     q_rows, k_rows, v_rows, o_cols, order = [], [], [], [], []
     o_heads = w.o.reshape(w.o.shape[0], query_heads, head_dim)

@@ -57,15 +57,32 @@ class KeyStats:
     weights: torch.Tensor  # [K, d/2] query energy of each family and pair
 
 
-def key_stats(wq: torch.Tensor, wk: torch.Tensor, sigma: torch.Tensor, head_dim: int) -> KeyStats:
-    """Gram matrices of the families' keys scaled by sqrt(query energy), from the input second moment `sigma`."""
+def key_stats(wq: torch.Tensor, wk: torch.Tensor, sigma: torch.Tensor, head_dim: int,
+              mean: torch.Tensor | None = None, still: torch.Tensor | None = None) -> KeyStats:
+    """Gram matrices of the families' keys scaled by sqrt(query energy), from the input second moment `sigma`.
+
+    A key component that is constant over positions adds the same logit to every key a query sees, which softmax
+    ignores, as long as RoPE barely turns it within the context. `still` [d/2] is that share per pair (1: does
+    not turn, 0: turns all the way round), and `mean` the mean input: so much of the mean key is left out of the
+    fit, which then spends its one rank on what moves the attention.
+    """
     kv_heads = wk.shape[0] // head_dim
     q = _complex_rows(wq, head_dim)  # [H, d/2, D']
     energy = torch.einsum("hpa,ab,hpb->hp", q.conj(), sigma.to(q.dtype), q).real  # E|q_hp|^2
     weights = energy.reshape(kv_heads, -1, head_dim // 2).sum(1).clamp_min(_EPS)  # per family
     k = _complex_rows(wk, head_dim) * weights.sqrt()[..., None]  # [K, d/2, D']
     gram = torch.einsum("fpa,ab,gpb->pfg", k.conj(), sigma.to(k.dtype), k)
+    if mean is not None and still is not None:
+        m = torch.einsum("fpa,a->pf", k, mean.to(k.dtype))  # mean key of each family and pair
+        gram = gram - still.to(gram.real.dtype)[:, None, None] * m.conj()[:, :, None] * m[:, None, :]
     return KeyStats(gram, weights)
+
+
+def still_share(inv_freq: torch.Tensor, length: int) -> torch.Tensor:
+    """Per pair, |mean over offsets 0..length-1 of e^{i theta offset}|^2: how little RoPE turns it in a context."""
+    offsets = torch.arange(length, dtype=torch.float64)
+    angles = inv_freq.double()[:, None] * offsets
+    return torch.cos(angles).mean(1) ** 2 + torch.sin(angles).mean(1) ** 2
 
 
 def key_loss(stats: KeyStats, group: tuple[int, ...]) -> float:

@@ -59,6 +59,12 @@ class Embedder:
     first_layer: nn.Module
     kwargs: dict = field(default_factory=dict)
 
+    @property
+    def inv_freq(self) -> torch.Tensor | None:
+        """RoPE's angle per position of each frequency pair, as the model's own rotary module computed it."""
+        return next((m.inv_freq for m in self.model.modules() if isinstance(getattr(m, "inv_freq", None),
+                                                                         torch.Tensor)), None)
+
     @classmethod
     def build(cls, config: PretrainedConfig, reader: CheckpointReader, device: torch.device) -> "Embedder":
         """The model cut to one decoder layer, built for real (so buffers such as rotary tables and embedding
