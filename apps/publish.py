@@ -2,22 +2,36 @@
 
 The card is built from what the folder already knows about itself: `gqa_provenance.json` (base model, method,
 groups, uptraining tokens and fraction of pretraining, the base model's license), its config (KV-cache size before
-and after), and optionally a gqa-eval report (the quality delta).
+and after), and optionally a gqa-eval report (the quality delta). A README.md that gqa-uptrain did not write (it lacks
+the generated card's marker line) is kept and uploaded as it is. Only files inside the folder are uploaded, by the
+rule of `gqa_uptrain.model_folder`. `--dry-run` changes nothing on disk: it prints the list and the card; a real
+publish writes the card into the folder only once the upload has succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.convert.card import model_card
-from gqa_uptrain.errors import CheckpointError, PublishError
+from gqa_uptrain.convert.card import is_generated_card, model_card
+from gqa_uptrain.convert.checkpoint_io import is_model_file
+from gqa_uptrain.errors import CheckpointError, PublishError, one_line
 from gqa_uptrain.eval.report import comparison_table
+from gqa_uptrain.files import write_atomically
+from gqa_uptrain.model_folder import readable_files
 from gqa_uptrain.provenance import PROVENANCE
+
+PROG = "gqa-publish"
+CARD = "README.md"
+# What a failed upload raises: the Hub's answers, the network's errors (the HTTP client's own base class, which
+# HfHubHTTPError extends), a malformed repo id (ValueError).
+_UPLOAD_ERRORS = (OSError, ValueError, *HfHubHTTPError.__bases__)
 
 
 def quality_lines(report: dict, folder: Path, label: str | None) -> list[str]:
@@ -33,10 +47,22 @@ def quality_lines(report: dict, folder: Path, label: str | None) -> list[str]:
     raise PublishError(f"the report has no candidate {label or folder} (it has: {known}); use --candidate")
 
 
-def upload_plan(folder: Path) -> list[tuple[str, int]]:
-    """The files an upload sends (hidden ones stay behind), with their sizes."""
-    return [(p.relative_to(folder).as_posix(), p.stat().st_size) for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+def choose_card(folder: Path, generated: str) -> tuple[str | None, str]:
+    """The card to upload (None: the folder's own README.md, kept as it is) and one line that says which."""
+    existing = folder / CARD
+    if not os.path.lexists(existing):
+        return generated, f"card: {CARD} generated (the folder has none)"
+    if is_generated_card(existing):
+        return generated, f"card: {CARD} generated, replacing the one gqa-uptrain wrote before"
+    return None, (f"card: {existing} kept as it is, since gqa-uptrain did not write it (no marker line); "
+                  "the generated card is not used")
+
+
+def upload_plan(folder: Path, files: list[str], card: str | None) -> list[tuple[str, int]]:
+    """What an upload sends, with sizes: the folder's `files`, with the generated card, when there is one, in place
+    of the folder's own."""
+    sizes = [(name, (folder / name).stat().st_size) for name in files if card is None or name != CARD]
+    return sorted(sizes + ([(CARD, len(card.encode()))] if card is not None else []))
 
 
 def publish(folder: Path, repo_id: str, report_path: Path | None, label: str | None, private: bool,
@@ -51,20 +77,31 @@ def publish(folder: Path, repo_id: str, report_path: Path | None, label: str | N
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
     if not (folder / PROVENANCE).is_file():
         raise PublishError(f"{folder}: no {PROVENANCE}; publish a folder written by gqa-convert or gqa-uptrain")
+    # The link rule first: a folder whose weights or config lead out of it is refused before they are read.
+    readable = readable_files(folder, is_model_file, PROG, "uploaded")
     extra = quality_lines(report, folder, label) if report is not None else []
-    model_card(folder, repo_id.split("/")[-1], extra).save(folder / "README.md")
-    files = upload_plan(folder)
+    card, card_line = choose_card(folder, model_card(folder, repo_id.split("/")[-1], extra).content)
+    files = upload_plan(folder, readable, card)
     total = sum(size for _, size in files)
     print(f"{'would upload' if dry_run else 'uploading'} {len(files)} files ({total / 1e9:.2f} GB) "
           f"to https://huggingface.co/{repo_id}")
     for name, size in files:
         print(f"  {name}  ({size:,} bytes)")
+    print(card_line)
     if dry_run:
+        if card is not None:
+            print(f"--- {CARD} as it would be uploaded (not written: --dry-run) ---\n{card}", end="")
         return
+    operations = [CommitOperationAdd(name, card.encode() if card is not None and name == CARD else str(folder / name))
+                  for name, _ in files]
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=folder, ignore_patterns=[".*", "**/.*"],
-                      commit_message="Upload GQA model converted with gqa-uptrain")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.create_commit(repo_id, operations, commit_message="Upload GQA model converted with gqa-uptrain")
+    except _UPLOAD_ERRORS as e:
+        raise PublishError(f"upload to {repo_id} failed, {folder} is unchanged: {one_line(e)}") from None
+    if card is not None:  # only now: a failed upload leaves the folder as it was
+        write_atomically(folder / CARD, card)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", help="this model's label in --report (default: the candidate evaluated from FOLDER)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--dry-run", action="store_true",
-                   help="write the model card and list what would be uploaded, without uploading")
+                   help="list what would be uploaded and print the card, without uploading or writing anything")
     return p
 
 

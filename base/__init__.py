@@ -7,7 +7,10 @@ This package's own modules (the folder base/) are what the tools share; they imp
 - `kv_heads`: KV heads of a config, a config with another count, the model built on the meta device, KV-cache bytes;
 - `provenance`: the `gqa_provenance.json` record (its schema; building, reading and writing it);
 - `tokenizer_identity`: when two tokenizers are the same one;
-- `files`: atomic file writes and file hashing; `dicts`: flattening nested dicts to dotted keys;
+- `files`: atomic file writes, file hashing, and putting an output folder in place (no-replace renames, an atomic
+  swap, one lock per output); `dicts`: flattening nested dicts to dotted keys;
+- `locks`: an exclusive lock on an output, an flock on a file that names its holder (gqa-convert's and gqa-uptrain's);
+- `model_folder`: which files of a model folder may be read (links are followed only while they stay inside it);
 - `documents`: text, JSON lines, parquet files or a Hub dataset, read through `datasets`.
 The tools are the subpackages `convert` (gqa-convert), `train` (gqa-uptrain) and `eval` (gqa-eval); each imports
 only this layer. `apps` (demo, pipeline, publish, scratch) is built on the tools. tests/test_layout.py holds to it.

@@ -24,6 +24,11 @@ def run_cli(prog: str, command: Callable[[], None]) -> None:
         _exit(prog, f"error: disk full{where}", 2)
 
 
+def warn(prog: str, message: str) -> None:
+    """One line on stderr about something the command did not do, and carried on without."""
+    print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _exit(prog: str, message: str, code: int) -> None:
     print(f"{prog}: {message}", file=sys.stderr)
     sys.exit(code)

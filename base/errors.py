@@ -19,8 +19,17 @@ class CheckpointError(GqaError):
     """A source checkpoint is missing, corrupt or disagrees with its config."""
 
 
-class OutputExistsError(GqaError):
+class OutputError(GqaError):
+    """The output path cannot be written: it is (or holds) the source, a home or the root, something this project
+    did not write, or a folder that cannot be written to."""
+
+
+class OutputExistsError(OutputError):
     """The output folder exists and --force was not given."""
+
+
+class OutputBusyError(OutputError):
+    """Another process is writing the same output right now."""
 
 
 class ConfigError(GqaError):

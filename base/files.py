@@ -1,12 +1,19 @@
-"""Writing a file so that readers never see half of it, and hashing one without reading it twice."""
+"""Writing a file so that readers never see half of it, hashing one without reading it twice, and putting a finished
+output folder in place: renames that never replace by accident, an atomic swap, and a lock per output."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from gqa_uptrain import locks
 
 _HASH_CHUNK = 16 << 20
 
@@ -54,3 +61,61 @@ def _hub_cache_sha256(file: Path) -> str | None:
     if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
         return target.name
     return None
+
+
+# renameat2(2) flags (linux/fs.h); AT_FDCWD makes the paths relative to the working folder, as os.rename's are.
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+# What renameat2 answers where the kernel, the C library or the file system cannot do it (NFS, some FUSE).
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> bool:
+    """renameat2 through the C library; False where it is not available for these paths, OSError on a real
+    failure."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is None:  # not Linux, or a C library older than glibc 2.28
+        return False
+    if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(source), None, str(target))
+
+
+def rename_no_replace(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; FileExistsError when `target` exists (os.rename would replace an empty folder
+    or a file there). Atomic on Linux; elsewhere checked just before renaming."""
+    if _renameat2(source, target, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE): at no instant does either name
+    point at nothing. False, with nothing changed, where the system or file system cannot swap."""
+    return _renameat2(first, second, _RENAME_EXCHANGE)
+
+
+def lock_path(output: Path) -> Path:
+    """The lock file of an output: `.NAME.lock` beside it."""
+    return output.with_name(f".{output.name}.lock")
+
+
+@contextmanager
+def output_lock(output: Path, owner: str) -> Iterator[bool]:
+    """Hold the lock of `output` (`.NAME.lock` beside it, see `gqa_uptrain.locks`) for the block, or raise
+    OutputBusyError naming the live process that holds it. Yields whether the kernel holds the lock: False on a
+    file system that cannot lock (some network mounts), where only the holder's record keeps another writer out,
+    and one that starts at the same instant goes unnoticed."""
+    path = lock_path(output)
+
+    def busy(record: dict) -> str:
+        holder = (f"{record.get('owner', 'a process')} (pid {record['pid']} on {record.get('host', '?')})"
+                  if record.get("pid") else "another process")
+        return f"{output}: {holder} is writing it now (lock {path}); wait for it to end, or choose another output"
+
+    with locks.held(path, owner, busy) as lock:
+        yield lock.flocked

@@ -126,6 +126,25 @@ def read_provenance(folder: Path) -> Provenance | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def why_not_converted_here(folder: Path) -> str | None:
+    """Why `folder` is not a model folder that gqa-convert (or gqa-uptrain after it) wrote, or None when it is one.
+
+    Only such a folder may ever be replaced (gqa-convert --force): its own record, a regular file, says this tool
+    made it by a conversion. A folder of anything else, a model pretrained by the demo included, is not.
+    """
+    path = Path(folder) / PROVENANCE
+    if path.is_symlink() or not path.is_file():
+        return f"it has no {PROVENANCE} of its own"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {PROVENANCE} is not valid JSON"
+    tool = record.get("tool") if isinstance(record, dict) else None
+    if not isinstance(tool, dict) or tool.get("name") != TOOL_NAME or "conversion" not in record:
+        return f"its {PROVENANCE} records no conversion by {TOOL_NAME}"
+    return None
+
+
 def write_provenance(folder: Path, record: Provenance) -> None:
     """Write (or replace, atomically) the folder's record."""
     write_atomically(Path(folder) / PROVENANCE, json.dumps(record, indent=2) + "\n")

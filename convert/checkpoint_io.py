@@ -14,12 +14,14 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable
 
 import torch
 
 from gqa_uptrain.errors import CheckpointError
+from gqa_uptrain.model_folder import require_inside
+from gqa_uptrain.provenance import PROVENANCE
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -262,21 +264,32 @@ def _weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid checkpoint index ({e})") from None
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        files = [_shard_path(folder, index, name) for name in dict.fromkeys(weight_map.values())]
         for file in files:
-            if not file.is_file():
+            if not os.path.lexists(file):
                 raise CheckpointError(f"{file}: shard named in {index.name} is missing")
+            require_inside(folder, file)
         return files
     for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
-        if (folder / single).is_file():
+        if os.path.lexists(folder / single):
+            require_inside(folder, folder / single)
             return [folder / single]
     raise CheckpointError(f"{folder}: no model weights found (expected {SAFETENSORS_SINGLE} or {BIN_SINGLE}, "
                           "or a sharded index)")
 
 
+def _shard_path(folder: Path, index: Path, name: object) -> Path:
+    """A file the index names: a plain relative path that stays in the folder, neither absolute nor through `..`."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or parts[0] == "/" or ".." in parts or "\\" in name:
+        raise CheckpointError(f"{index}: names the shard {name!r}, which is not a file inside the model folder")
+    return folder.joinpath(*parts)
+
+
 def _index_path(folder: Path) -> Path | None:
     for name in (SAFETENSORS_INDEX, BIN_INDEX):
-        if (folder / name).is_file():
+        if os.path.lexists(folder / name):
+            require_inside(folder, folder / name)
             return folder / name
     return None
 
@@ -286,6 +299,12 @@ def is_weight_file(path: Path) -> bool:
     name = path.name
     return (path.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx"}
             or name in {SAFETENSORS_INDEX, BIN_INDEX})
+
+
+def is_model_file(relative: str) -> bool:
+    """What a model is (weights, their index, its config and provenance record): a folder whose copy of one of these
+    links out of it is refused, where any other such file is only left out (gqa_uptrain.model_folder)."""
+    return is_weight_file(Path(relative)) or relative in {"config.json", PROVENANCE}
 
 
 def _file_size(path: Path) -> int:

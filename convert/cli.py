@@ -59,7 +59,10 @@ def parser() -> argparse.ArgumentParser:
                         "(default: 4096)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (KV heads, KV-cache bytes, parameters, files) and write nothing")
-    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (only once the new one is complete)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTPUT if it is a model folder that gqa-convert or gqa-uptrain wrote (its "
+                        "gqa_provenance.json says so), swapping the new one in once it is complete; any other "
+                        "folder or file is refused")
     return p
 
 

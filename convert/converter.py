@@ -1,45 +1,84 @@
-"""Carry out a plan: stream every tensor into a temporary folder beside the target, then rename it in place.
+"""Carry out a plan: stream every tensor into a temporary folder beside the target, then put it in place.
 
-Nothing half-written is ever left under the output name: any failure (bad shard, full disk, Ctrl-C)
-removes the temporary folder, and an existing output is only replaced (with --force) once the new one is
-complete.
+What is promised, and where it is kept:
+- the output never destroys what this tool did not write (`check_output`): not the source nor a folder holding it,
+  not a home folder or the root, not a file, and with --force only a model folder gqa-convert or gqa-uptrain wrote;
+- one writer per output: the run holds `.NAME.lock` beside it (`gqa_uptrain.files.output_lock`), and a second
+  run to the same output is refused while the first lives;
+- nothing half-written under the output name: the model is built in `.NAME.partial-*` and renamed in place, an
+  existing output swapped for it in one step (`_move_into_place`), so the old or the new model exists at every
+  instant; any failure (bad shard, full disk, Ctrl-C) removes the temporary folder;
+- a run killed outright (SIGKILL, power loss) leaves its `.NAME.partial-*`; the next run to the same output removes
+  it, and says so (`_clear_leftovers`);
+- only files inside the source are read or copied (`gqa_uptrain.model_folder`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pwd
+import re
 import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from gqa_uptrain.cli import warn
 from gqa_uptrain.convert.card import card_license, model_card
 from gqa_uptrain.convert.calibration.calibrate import fit_checkpoint
-from gqa_uptrain.convert.checkpoint_io import CheckpointReader, ShardedWriter, is_weight_file, write_tensor
+from gqa_uptrain.convert.checkpoint_io import (CheckpointReader, ShardedWriter, is_model_file, is_weight_file,
+                                               write_tensor)
 from gqa_uptrain.convert.methods import PoolContext
-from gqa_uptrain.convert.plan import ConversionPlan, Step
+from gqa_uptrain.convert.plan import ConversionPlan, Step, human_size
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
 from gqa_uptrain.source import Source
-from gqa_uptrain.errors import DiskFullError, OutputExistsError
-from gqa_uptrain.files import sha256_file
+from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError
+from gqa_uptrain.files import exchange_paths, output_lock, rename_no_replace, sha256_file
+from gqa_uptrain.model_folder import model_root, readable_files
 from gqa_uptrain.provenance import (PROVENANCE, Conversion, SourceRecord, conversion_record, read_provenance,
-                                   write_provenance)
+                                   why_not_converted_here, write_provenance)
 
+PROG = "gqa-convert"
 _NOT_COPIED = {"config.json", "README.md", PROVENANCE}
 _SPACE_MARGIN = 64 << 20
 
 
 def check_output(output: Path, source: Path, force: bool) -> None:
-    """Refuse to overwrite without --force, and never write into or over the source."""
-    resolved, source_resolved = output.resolve(), source.resolve()
-    if resolved == source_resolved or source_resolved in resolved.parents:
-        raise OutputExistsError(f"{output}: the output must not be the source folder or inside it")
-    if output.exists() and not force:
+    """Refuse, in one line, an output whose writing could destroy what this tool did not write."""
+    target = output.resolve()
+    for protected in {source.resolve(), model_root(source)}:
+        if target == protected or protected in target.parents:
+            raise OutputError(f"{output}: the output must not be the source folder or inside it")
+        if target in protected.parents:
+            raise OutputError(f"{output}: the output must not be a folder that holds the source ({protected})")
+    if target == Path(target.anchor) or _is_home(target):
+        raise OutputError(f"{output}: the output must not be the filesystem root or a home folder")
+    if output.is_symlink():
+        raise OutputError(f"{output}: is a link; name the folder itself, or choose another output")
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise OutputError(f"{output}: is a file, not a model folder; remove it or choose another output")
+    if not force:
         raise OutputExistsError(f"{output}: already exists (use --force to replace it)")
+    reason = why_not_converted_here(output)
+    if reason is not None:
+        raise OutputError(f"{output}: --force replaces only a model folder that gqa-convert or gqa-uptrain wrote, "
+                          f"and {reason}; remove it yourself or choose another output")
+
+
+def _is_home(folder: Path) -> bool:
+    """The user's home, or a folder that is its owner's home."""
+    homes = [os.path.expanduser("~")]
+    with suppress(OSError, KeyError):
+        homes.append(pwd.getpwuid(folder.stat().st_uid).pw_dir)
+    return any(folder == Path(home).resolve() for home in homes if home.startswith("/"))
 
 
 def default_output(name: str, groups: int) -> Path:
@@ -51,8 +90,24 @@ def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = Fa
             progress: bool = True) -> Path:
     """Write the converted model to `output` and return it."""
     check_output(output, source.folder, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _check_space(plan, output.parent)
+    # What is copied besides the weights; a folder whose provenance record links out of it is refused here.
+    others = [name for name in readable_files(source.folder, is_model_file, PROG, "copied")
+              if not is_weight_file(Path(name)) and name not in _NOT_COPIED]
+    target = Path(os.path.abspath(output))  # "." and ".." get a name, for the lock and temporary folder beside it
+    _make_parent(target.parent)
+    with output_lock(target, PROG) as locked:
+        if not locked:
+            warn(PROG, f"{target.parent}: this file system cannot lock files, so a second run that starts writing "
+                       f"{target.name} at the same moment would go unnoticed")
+        _clear_leftovers(target, locked)
+        check_output(target, source.folder, force)  # again: another run may have written it before we locked it
+        _check_space(plan, target.parent)
+        _write(plan, source, others, target, force, progress)
+    return output
+
+
+def _write(plan: ConversionPlan, source: Source, others: list[str], output: Path, force: bool,
+           progress: bool) -> None:
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     work.chmod(0o755)  # mkdtemp makes it private; the finished model folder should not be
     cancel = threading.Event()
@@ -65,7 +120,9 @@ def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = Fa
             fitted, calibration = fit_checkpoint(plan, work / ".calibration", progress)
         _write_weights(plan, work, progress, fitted)
         shutil.rmtree(work / ".calibration", ignore_errors=True)
-        _copy_other_files(source.folder, work)
+        for name in others:  # tokenizer, generation config, chat template, license...
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source.folder / name, work / name)
         _write_config(plan, work)
         hashes = {name: digest.result() for name, digest in pending.items()}
         source_record: SourceRecord = {"id": source.label, "revision": source.revision,
@@ -74,14 +131,48 @@ def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = Fa
                                                  read_provenance(source.folder)))
         model_card(work, output.name).save(work / "README.md")
         _flush_to_disk(work)
-        _move_into_place(work, output)
+        check_output(output, source.folder, force)
+        _move_into_place(work, output, force)
     except BaseException:
         cancel.set()
         shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         hasher.shutdown(cancel_futures=True)
-    return output
+
+
+def _make_parent(parent: Path) -> None:
+    """Create the output's parent folder; one this user cannot write into is refused in one line."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+            raise
+        raise OutputError(f"{parent}: cannot create the output's folder ({e.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent}: cannot write there (no permission, or a read-only file system)")
+
+
+def _clear_leftovers(output: Path, locked: bool) -> None:
+    """Deal with what killed runs to this output left beside it; one line each. Holding the output's lock, we know
+    their writers are gone: a folder that --force had set aside is put back where the output is missing (a crash
+    between the two renames on a file system that cannot swap), everything else is removed. Without the lock they
+    may be a live run's, so they are only pointed at."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(partial|old)-[a-z0-9_]{{8}}")  # mkdtemp's 8 characters
+    for path in sorted(output.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        size = human_size(sum(file.lstat().st_size for file in path.rglob("*")))
+        if not locked:
+            warn(PROG, f"{path} ({size}) is left by an interrupted run, or is another run's; not removed "
+                       "without a lock: remove it yourself once no run is writing")
+        elif match[1] == "old" and not os.path.lexists(output):
+            rename_no_replace(path, output)
+            warn(PROG, f"{output} put back from {path.name}, where an interrupted --force had set it aside")
+        else:
+            shutil.rmtree(path)
+            warn(PROG, f"removed {path} ({size}), left by an interrupted run")
 
 
 def _conversion(plan: ConversionPlan, calibration: dict | None) -> Conversion:
@@ -116,18 +207,6 @@ def _tensor_source(plan: ConversionPlan, step: Step, init_std: float, fitted: Ch
     return lambda out, progress: write_tensor(out, tensor, progress)
 
 
-def _copy_other_files(source: Path, folder: Path) -> None:
-    """Tokenizer, generation config, chat template, license...: everything but weights and what is rewritten."""
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if any(part.startswith(".") for part in relative.parts) or path.is_dir():
-            continue
-        if is_weight_file(path) or relative.as_posix() in _NOT_COPIED:
-            continue
-        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, folder / relative)
-
-
 def _write_config(plan: ConversionPlan, folder: Path) -> None:
     """The source's config.json, key for key, with the new KV head count."""
     config = {**plan.raw_config, "num_key_value_heads": plan.layout.groups}
@@ -135,10 +214,11 @@ def _write_config(plan: ConversionPlan, folder: Path) -> None:
 
 
 def _check_space(plan: ConversionPlan, parent: Path) -> None:
-    free = shutil.disk_usage(parent).free
-    if free < plan.output_bytes + _SPACE_MARGIN:
-        raise DiskFullError(f"{parent}: not enough free disk space ({free / 2**30:.1f} GiB free, the "
-                            f"converted weights need {plan.output_bytes / 2**30:.1f} GiB)")
+    free, need = shutil.disk_usage(parent).free, plan.output_bytes + _SPACE_MARGIN
+    if free < need:
+        raise DiskFullError(f"{parent}: not enough free disk space ({human_size(free)} free, the converted model "
+                            f"needs {human_size(need)} with a margin); free {human_size(need - free)} or choose "
+                            "another output")
 
 
 def _flush_to_disk(folder: Path) -> None:
@@ -152,12 +232,27 @@ def _flush_to_disk(folder: Path) -> None:
                 os.close(fd)
 
 
-def _move_into_place(work: Path, output: Path) -> None:
-    """Rename the finished folder to `output`; an existing output is set aside first and deleted last."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{work.name.rsplit('-', 1)[-1]}")
-        output.rename(old)
-    work.rename(output)
-    if old is not None:
-        shutil.rmtree(old)
+def _move_into_place(work: Path, output: Path, replace: bool) -> None:
+    """Rename the finished folder to `output`; with `replace`, an existing output is swapped with it in one step,
+    then deleted, so that the old model or the new one exists at every instant. Where the file system cannot swap,
+    the old output is set aside as `.NAME.old-*` first and moved back on any failure; only a crash between the two
+    renames leaves it there, and the next run puts it back (`_clear_leftovers`)."""
+    if not os.path.lexists(output) or not replace:
+        try:
+            rename_no_replace(work, output)
+        except FileExistsError:
+            raise OutputExistsError(f"{output}: was created by another program while this run wrote it; the new "
+                                    "model was not kept") from None
+        return
+    if exchange_paths(work, output):
+        shutil.rmtree(work)  # the old model, now under the temporary name
+        return
+    aside = output.with_name(f".{output.name}.old-{work.name.rsplit('-', 1)[-1]}")
+    try:
+        os.rename(output, aside)
+        os.rename(work, output)
+    except BaseException:
+        if os.path.lexists(aside) and not os.path.lexists(output):
+            os.rename(aside, output)
+        raise
+    shutil.rmtree(aside)

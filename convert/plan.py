@@ -7,6 +7,7 @@ Planning reads only configs and checkpoint headers, so it is instant even for a 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.pooling import pooled_shape
 from gqa_uptrain.errors import CheckpointError, UnsupportedModelError
 from gqa_uptrain.kv_heads import kv_cache_bytes_per_token, with_kv_heads
+from gqa_uptrain.model_folder import require_inside
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class ConversionPlan:
 def load_config(folder: Path) -> tuple[dict, PretrainedConfig]:
     """The source's config.json as written (to copy faithfully) and as transformers reads it."""
     path = folder / "config.json"
+    if os.path.lexists(path):
+        require_inside(folder, path)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -193,15 +197,16 @@ def describe(plan: ConversionPlan, context: int) -> list[str]:
         f"source        {plan.folder} ({layout.model_type}, {layout.query_heads} query heads)",
         f"KV heads      {layout.kv_heads} -> {layout.groups} (method: {plan.method})",
         f"KV cache      {kv_before:,} -> {kv_after:,} bytes/token ({kv_after / kv_before:.3f}x); "
-        f"at {context:,} tokens: {_size(kv_before * context)} -> {_size(kv_after * context)} per sequence",
+        f"at {context:,} tokens: {human_size(kv_before * context)} -> {human_size(kv_after * context)} per sequence",
         f"parameters    {params_before:,} -> {params_after:,} ({params_after - params_before:+,})",
-        f"weights       {_size(plan.source_bytes)} -> {_size(plan.output_bytes)} in {len(plan.shards)} "
+        f"weights       {human_size(plan.source_bytes)} -> {human_size(plan.output_bytes)} in {len(plan.shards)} "
         f"safetensors file(s)",
         f"tensors       {changed} {how}, {len(plan.steps) - changed} copied unchanged",
     ]
 
 
-def _size(nbytes: float) -> str:
+def human_size(nbytes: float) -> str:
+    """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(nbytes) < 1024:
             return f"{nbytes:.1f} {unit}"

@@ -13,6 +13,7 @@ How fast this runs is measured in `speed.py`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -143,6 +144,12 @@ def packed_gqa_attention(model: PreTrainedModel, split_kv: bool = False) -> Iter
         model.set_attn_implementation(previous)
 
 
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name of the KV-cache argument of `model.forward`: `cache` in the transformers 5 releases that renamed it
+    (where the old `past_key_values` raises a FutureWarning at every call), `past_key_values` in the earlier ones."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class StaticDecoder:
     """Greedy decoding the way a serving engine runs it, one token per `step()`.
 
@@ -160,11 +167,12 @@ class StaticDecoder:
         self.device = input_ids.device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.cache = StaticCache(config=model.config, max_cache_len=context + max_new_tokens)
+        self._cache_kwarg = {cache_argument(model): self.cache}
         self.tokens = torch.zeros(batch, context + max_new_tokens, dtype=torch.long, device=self.device)
         self.tokens[:, :context] = input_ids
         with torch.no_grad():
             logits = model(
-                input_ids, position_ids=torch.arange(context, device=self.device)[None], past_key_values=self.cache,
+                input_ids, position_ids=torch.arange(context, device=self.device)[None], **self._cache_kwarg,
                 use_cache=True, logits_to_keep=1,
             ).logits
         self.tokens[:, context] = logits[:, -1].argmax(-1)
@@ -176,7 +184,7 @@ class StaticDecoder:
 
     def _decode_step(self) -> None:
         logits = self.model(
-            input_ids=self._token, position_ids=self._position, past_key_values=self.cache, use_cache=True
+            input_ids=self._token, position_ids=self._position, **self._cache_kwarg, use_cache=True
         ).logits
         next_token = logits[:, -1].argmax(-1, keepdim=True)
         self._token.copy_(next_token)

@@ -4,6 +4,8 @@ lm-eval's defaults drift between versions, so every setting that can change a sc
 and recorded (it is part of the cache key and of the report).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -48,6 +50,24 @@ def check_task_loads(selection: TaskSelection, name: str) -> None:
         ) from error
 
 
+@contextmanager
+def no_git_hash() -> Iterator[None]:
+    """lm-eval without its `git describe`: it records the git commit of the working directory in every result by
+    running git with the terminal as stderr, so outside a repository each task printed `fatal: not a git
+    repository`. The hash is not kept here (the report records lm-eval's version), so it is simply not asked for."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # a later lm-eval without it
+        yield
+        return
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def evaluate_task(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str, selection: TaskSelection,
     settings: HarnessSettings,
@@ -60,11 +80,12 @@ def evaluate_task(
               add_bos_token=settings.add_bos_token)
     seed = settings.seed
     try:
-        output = lm_eval.simple_evaluate(
-            model=lm, tasks=[name], task_manager=selection.manager, num_fewshot=settings.num_fewshot,
-            limit=settings.limit, bootstrap_iters=settings.bootstrap_iters, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        )
+        with no_git_hash():
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=[name], task_manager=selection.manager, num_fewshot=settings.num_fewshot,
+                limit=settings.limit, bootstrap_iters=settings.bootstrap_iters, log_samples=False,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            )
     except AssertionError as error:  # lm-eval asserts that every continuation fits the model's context
         raise EvaluationError(f"task '{name}': an item does not fit the model's context of {lm.max_length} "
                               "tokens (lm-eval cannot score it)") from error

@@ -48,7 +48,7 @@ def measured_kv_cache_bytes_per_token(
         pad_token_id=model.generation_config.pad_token_id or 0,
         return_dict_in_generate=True,
     )
-    cache = output.past_key_values
+    cache = output["cache"] if "cache" in output else output["past_key_values"]  # renamed in transformers 5.x
     tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
     if not tensors:
         raise UnsupportedModelError(f"{type(model).__name__} left no key/value tensors in its generate() cache")

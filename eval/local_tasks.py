@@ -6,6 +6,7 @@ name their data by absolute path. Standard lm-eval names are passed through unch
 own ~15,000 task configs takes seconds, so it is only done when a name is not found locally.
 """
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -80,6 +81,11 @@ def _names_defined_in(manager: "TaskManager", path: Path) -> list[str]:
     )
 
 
+def _written_as_path(item: str) -> bool:
+    """A YAML file name, or anything written with a folder in it (lm-eval's names have neither)."""
+    return item.endswith((".yaml", ".yml")) or "/" in item or item.startswith(("~", "."))
+
+
 def resolve_tasks(spec: str, include_paths: list[Path], staging_dir: Path, file_hash: FileHash) -> TaskSelection:
     """Resolve a comma-separated `--tasks` value; an unknown item is an error that names it."""
     from lm_eval.tasks import TaskManager  # seconds to import: kept out of `gqa-eval --help`
@@ -97,6 +103,9 @@ def resolve_tasks(spec: str, include_paths: list[Path], staging_dir: Path, file_
     def known(name: str) -> bool:
         return name in manager.task_index
 
+    for item in items:
+        if not known(item) and not Path(item).exists() and _written_as_path(item):
+            raise ConfigError(f"task file {item}: no such file")
     if not all(known(item) or Path(item).exists() for item in items):
         manager = TaskManager(include_path=[str(p) for p in local_paths], include_defaults=True)
 
@@ -111,8 +120,10 @@ def resolve_tasks(spec: str, include_paths: list[Path], staging_dir: Path, file_
         elif known(item):
             names.append(item)
         else:
+            close = difflib.get_close_matches(item, list(manager.task_index), n=1, cutoff=0.75)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"unknown task '{item}': not a shipped task ({', '.join(shipped_task_names())}), "
+                f"unknown task '{item}'{hint}: not a shipped task ({', '.join(shipped_task_names())}), "
                 "a task folder or YAML file, nor an lm-eval task, group or tag name"
             )
     names = list(dict.fromkeys(names))

@@ -36,33 +36,50 @@ def cycle_colors(labels: list[str]) -> dict[str, str]:
     return {label: f"C{i % 10}" for i, label in enumerate(labels)}
 
 
-def plot_deltas(series: dict[str, list[dict]], colors: dict[str, str], path: Path) -> None:
-    """Grouped bars: per series (a candidate), each row's delta at its task, whiskers at 2 standard errors.
+def deltas_figure(series: dict[str, list[dict]], colors: dict[str, str]):
+    """Grouped bars: per series (a candidate), each row's delta at its (task, metric), whiskers at 2 standard errors;
+    `*` over a delta beyond them.
 
-    A row is a comparison row of `report.compare` (task, metric, delta, delta_stderr).
+    A row is a comparison row of `report.compare` (task, metric, delta, delta_stderr, significant).
     """
     plt = _pyplot()
-    ticks = {r["task"]: f"{r['task']}\n({r['metric']})" for rows in series.values() for r in rows}
-    tasks = list(ticks)
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for rows in series.values() for r in rows))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 0.3 * len(tasks) * len(series)), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(keys) + 0.3 * len(keys) * len(series)), 4))
     for i, (label, rows) in enumerate(series.items()):
         offset = (i - (len(series) - 1) / 2) * width
-        xs = [tasks.index(r["task"]) + offset for r in rows]
+        xs = [keys.index((r["task"], r["metric"])) + offset for r in rows]
+        deltas = [r["delta"] for r in rows]
         whiskers = [2 * r["delta_stderr"] if r["delta_stderr"] else 0.0 for r in rows]
-        ax.bar(xs, [r["delta"] for r in rows], width, yerr=whiskers, capsize=3, label=label, color=colors[label])
+        ax.bar(xs, deltas, width, yerr=whiskers, capsize=3, label=label, color=colors[label])
+        for x, delta, whisker, row in zip(xs, deltas, whiskers, rows):
+            if row.get("significant"):
+                ax.annotate("*", (x, delta + (whisker if delta >= 0 else -whisker)), ha="center",
+                            va="bottom" if delta >= 0 else "top", fontsize=11)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(tasks)), [ticks[t] for t in tasks], fontsize=8)
+    ax.set_xticks(range(len(keys)), [f"{task}\n({metric})" for task, metric in keys], fontsize=8)
     ax.set_ylabel("candidate - base")
-    ax.set_title("Quality delta vs base (whiskers: 2 standard errors)")
+    ax.set_title("Quality delta vs base (whiskers: 2 standard errors; *: beyond them)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_quality_vs_kv(panels: list[tuple[str, list[Point]]], path: Path) -> None:
-    """A panel per measure (its y-axis name and one point per model) against KV-cache bytes per token, log scale."""
+def plot_deltas(series: dict[str, list[dict]], colors: dict[str, str], path: Path) -> None:
+    """deltas.png (see `deltas_figure`)."""
+    _save(deltas_figure(series, colors), path)
+
+
+def spans_decades(values: list[float]) -> bool:
+    """Whether positive values differ by more than a factor of ten: a linear axis would flatten the small ones."""
+    return min(values) > 0 and max(values) > 10 * min(values)
+
+
+def quality_vs_kv_figure(panels: list[tuple[str, list[Point]]]):
+    """A panel per measure (its y-axis name and one point per model) against KV-cache bytes per token, log scale;
+    the y axis too where the measure spans more than a decade. The legend names the base's square marker."""
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (name, points) in zip(axes[0], panels):
@@ -74,9 +91,26 @@ def plot_quality_vs_kv(panels: list[tuple[str, list[Point]]], path: Path) -> Non
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(ticks), list(ticks.values()), fontsize=8)
         ax.minorticks_off()
+        if spans_decades([p.value for p in points]):
+            ax.set_yscale("log")
+            name += ", log scale"
         ax.set_xlabel("KV cache per token")
         ax.set_ylabel(name)
+        markers = [Line2D([], [], marker="s", linestyle="", color="black", label=f"base ({p.label})")
+                   for p in points if p.base]
+        if any(not p.base for p in points):
+            markers.append(Line2D([], [], marker="o", linestyle="", color="grey", label="candidates (labelled)"))
+        ax.legend(handles=markers, fontsize=8)
     fig.suptitle("Quality vs KV-cache size")
     fig.tight_layout()
+    return fig
+
+
+def plot_quality_vs_kv(panels: list[tuple[str, list[Point]]], path: Path) -> None:
+    """quality_vs_kv_cache.png (see `quality_vs_kv_figure`)."""
+    _save(quality_vs_kv_figure(panels), path)
+
+
+def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)

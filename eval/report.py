@@ -6,7 +6,8 @@ delta is marked when it exceeds two standard errors. The average row averages on
 (acc_norm, else acc, else the first score in [0, 1]), as papers' average columns do.
 
 Written as report.json (everything), report.csv (one row per candidate, task and metric), report.md, and two
-plots: deltas.png (headline deltas with 2-SE whiskers) and quality_vs_kv_cache.png. This module chooses what the
+plots: deltas.png (headline deltas and every delta beyond two standard errors, with 2-SE whiskers) and
+quality_vs_kv_cache.png (log scale where a measure spans more than a decade). This module chooses what the
 plots show; `plots.py` draws them.
 """
 
@@ -254,8 +255,18 @@ def headline_rows(report: dict) -> dict[str, list[dict]]:
 
 
 def delta_series(report: dict) -> dict[str, list[dict]]:
-    """deltas.png: the headline rows of every candidate that has some."""
-    return {label: rows for label, rows in headline_rows(report).items() if rows}
+    """deltas.png: per candidate, the headline rows and the average, and every other metric that moved beyond two
+    standard errors for some candidate (shown for all of them, side by side), in the report's row order."""
+    headline = headline_rows(report)
+    comparisons = report["comparisons"]
+    significant = {(r["task"], r["metric"]) for rows in comparisons.values() for r in rows if r["significant"]}
+    series = {}
+    for label, rows in comparisons.items():
+        shown = {(r["task"], r["metric"]) for r in headline.get(label, [])} | significant
+        chosen = [r for r in rows if (r["task"], r["metric"]) in shown]
+        if chosen:
+            series[label] = chosen
+    return series
 
 
 def quality_vs_kv_panels(report: dict, colors: dict[str, str]) -> list[tuple[str, list[plots.Point]]]:

@@ -35,8 +35,12 @@ def log(message: str) -> None:
 
 
 def unique_labels(refs: list[str]) -> list[str]:
-    """Short names for tables: the folder or Hub name, with parent folders added only where two would clash."""
+    """Short names for tables: the folder or Hub name, with parent folders added only where two would clash.
+
+    A folder named `model` (what gqa-uptrain exports into its run folder) is named by the folder it is in.
+    """
     parts = [Path(ref.rstrip("/")).parts or (ref,) for ref in refs]
+    parts = [p[:-1] if len(p) > 1 and p[-1] == "model" and p[-2] not in ("/", ".", "..") else p for p in parts]
     depth = [1] * len(refs)
     while True:
         labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]

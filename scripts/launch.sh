@@ -4,8 +4,9 @@
 #
 #   scripts/launch.sh recipes/llama-2-7b-gqa8.yaml [key=value ...]
 #
-# Environment: ACCELERATE_CONFIG (default: the recipe's accelerate_config), NUM_GPUS (default: every GPU that
-# nvidia-smi lists). Running the same command again resumes from the newest checkpoint.
+# Environment: ACCELERATE_CONFIG (default: the recipe's accelerate_config), NUM_GPUS (default: the GPUs in
+# CUDA_VISIBLE_DEVICES if it is set, else every GPU that nvidia-smi lists). The process count always comes from
+# here, never from the accelerate config. Running the same command again resumes from the newest checkpoint.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -28,7 +29,12 @@ config=${ACCELERATE_CONFIG-$("$python" -c 'import sys
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.apps.pipeline_recipe import load_pipeline_recipe
 run_cli("launch.sh", lambda: print(load_pipeline_recipe(sys.argv[1], sys.argv[2:]).accelerate_config or ""))' "$recipe" "$@")}
-gpus=${NUM_GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}
+if [[ -n ${CUDA_VISIBLE_DEVICES-} ]]; then
+    visible=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+else
+    visible=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+fi
+gpus=${NUM_GPUS:-$visible}
 
 if [[ $gpus -eq 0 ]]; then
     cmd=("$python" -m gqa_uptrain.train "$recipe" "$@")

@@ -3,7 +3,8 @@
 #
 #   sbatch --nodes 4 scripts/launch_slurm.sh recipes/llama-2-7b-gqa8.yaml [key=value ...]
 #
-# Environment: ACCELERATE_CONFIG (default recipes/accelerate/fsdp.yaml), GPUS_PER_NODE (default 8),
+# Environment: ACCELERATE_CONFIG (default recipes/accelerate/fsdp.yaml), GPUS_PER_NODE (default: the GPUs SLURM
+# gave this node, else every GPU nvidia-smi lists; sbatch --gpus-per-node N overrides the 8 below),
 # MASTER_PORT (default 29500). The accelerate config's num_machines / num_processes / machine_rank are
 # overridden from the allocation. Resubmitting the same command resumes from the newest checkpoint.
 #SBATCH --job-name=gqa-uptrain
@@ -19,7 +20,7 @@ if [[ $# -lt 1 ]]; then
 fi
 
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-recipes/accelerate/fsdp.yaml}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}}
 MASTER_PORT=${MASTER_PORT:-29500}
 NNODES=${SLURM_NNODES:-1}
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)

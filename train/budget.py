@@ -39,6 +39,15 @@ def original_config(config: PretrainedConfig, provenance: Provenance | None = No
     return with_kv_heads(config, kv_heads_before(provenance) or config.num_attention_heads)
 
 
+def percent(fraction: float) -> str:
+    """A fraction as a percentage: 4 decimals, or 2 significant digits where those would show less (a budget of a
+    few steps on a model pretrained on 2e12 tokens is 0.0000041%, not 0.0000%)."""
+    value = 100 * fraction
+    if value == 0 or abs(value) >= 0.01:
+        return f"{value:.4f}%"
+    return f"{value:.{1 - math.floor(math.log10(abs(value)))}f}%"
+
+
 @dataclass(frozen=True)
 class TrainingBudget:
     """How long the run is and what it costs, fixed before the first step."""
@@ -78,8 +87,8 @@ class TrainingBudget:
         ]
         if self.pretrain_tokens is not None:
             lines.append(
-                f"of pretraining       {self.fraction_of_pretraining_tokens():.4%} of its tokens, "
-                f"{self.fraction_of_pretraining_compute():.4%} of its compute ({self.pretrain_tokens:.3e} tokens)"
+                f"of pretraining       {percent(self.fraction_of_pretraining_tokens())} of its tokens, "
+                f"{percent(self.fraction_of_pretraining_compute())} of its compute ({self.pretrain_tokens:.3e} tokens)"
             )
         return "\n".join(lines)
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from gqa_uptrain.errors import GqaError
+from gqa_uptrain.cli import run_cli
 
 EPILOG = """\
 examples:
   gqa-uptrain recipes/llama-2-7b-gqa8.yaml
   gqa-uptrain recipes/llama-2-7b-gqa8.yaml train.lr=1e-5 budget.fraction=0.02
-  accelerate launch --config_file recipes/accelerate/fsdp.yaml -m gqa_uptrain.train recipes/llama-2-7b-gqa8.yaml
+  scripts/launch.sh recipes/llama-2-7b-gqa8.yaml      # one process per local GPU, the recipe's accelerate config
+  accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes $(nvidia-smi -L | grep -c ^GPU) \\
+      -m gqa_uptrain.train recipes/llama-2-7b-gqa8.yaml
 
 Running the same command again resumes from the newest checkpoint in output_dir; a finished run does nothing.
-recipes/template.yaml documents every key.
+One run at a time per output_dir (output_dir/gqa-uptrain.lock). recipes/template.yaml documents every key.
 """
 
 
@@ -40,15 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run; a user mistake, a full disk or Ctrl-C ends in one line on stderr (exit 2, or 130 for Ctrl-C)."""
     args = build_parser().parse_intermixed_args(argv)
-    try:
+
+    def command() -> None:
         from .loop import run  # heavy imports after --help
         from .recipe import load_recipe
 
         run(load_recipe(args.recipe, args.overrides), dry_run=args.dry_run)
-    except GqaError as error:
-        print(f"gqa-uptrain: error: {error}", file=sys.stderr)
-        return 2
+
+    run_cli("gqa-uptrain", command)
     return 0
 
 

@@ -6,11 +6,20 @@ dropped, as in transformers' run_clm). Rows that already hold `input_ids` are pa
 Map-style data is shuffled by the seedable sampler (order = f(seed, epoch)); streaming data is shuffled by
 documents in a buffer seeded the same way. The position is (epoch, batches taken in that epoch): resuming
 skips exactly those batches, so a resumed run sees the batches it would have seen.
+
+Only what the run reads is tokenised: given the rows the budget needs (`build_datasets(..., train_rows=...)`),
+map-style documents are packed in portions of whole map batches from the start until the rows cover the budget
+plus 10% (`pack_enough`); the rows are then exactly the first rows packing the whole file would give, and a
+resumed run, asking for as many, packs the same ones. Streaming data is tokenised as it is read.
+
+Held-out validation documents (`holdout_docs`, when there is no `validation` source) are at most a tenth of the
+documents, so a small file never leaves training with nothing; a line says so when the cap applies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from itertools import chain
 
 import datasets
@@ -27,6 +36,8 @@ from gqa_uptrain.tokenizer_identity import tokenizer_fingerprint
 from .recipe import DataSpec, SourceSpec
 
 _PACK_BATCH = 1000
+HOLDOUT_SHARE = 0.1  # at most this share of the documents is held out for validation
+_MARGIN = 1.1  # rows packed beyond what the budget needs (the loader drops incomplete batches)
 
 
 def load_source(source: SourceSpec, streaming: bool) -> Rows:
@@ -90,28 +101,89 @@ def pack(
     return rows.map(pack_batch, batched=True, batch_size=_PACK_BATCH, remove_columns=columns, **kwargs)
 
 
-def _require_rows(rows: Rows, what: str, source: SourceSpec, seq_len: int) -> None:
+def pack_enough(
+    rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int,
+    num_proc: int | None, part: str, needed: int,
+) -> tuple[datasets.Dataset, int]:
+    """(packed rows, documents read): the first documents' rows, `needed` x 1.1 of them where there are that many.
+
+    Documents are taken in whole map batches, so these are exactly the first rows `pack` gives for all of them.
+    The first portion is one map batch; each next one is what the rows per document so far say is still missing.
+    """
+    want, total = math.ceil(needed * _MARGIN), len(rows)
+    portions: list[datasets.Dataset] = []
+    have = taken = 0
+    while taken < total and have < want:
+        estimate = math.ceil((want - have) * taken / have * _MARGIN) if have else 2 * taken
+        count = max(_PACK_BATCH, math.ceil(estimate / _PACK_BATCH) * _PACK_BATCH)
+        end = min(total, taken + count)
+        packed = pack(rows.select(range(taken, end)), tokenizer, source, seq_len, num_proc,
+                      f"{part}, documents {taken}-{end}")
+        portions.append(packed)
+        have, taken = have + len(packed), end
+    return (datasets.concatenate_datasets(portions) if len(portions) > 1 else portions[0]), taken
+
+
+def _pack_for(
+    rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, spec: DataSpec, part: str,
+    needed: int | None, what: str, say: Callable[[str], None],
+) -> Rows:
+    """`pack` all documents, or (map-style, `needed` given) only the first ones that cover `needed` rows."""
+    if needed is None or not isinstance(rows, datasets.Dataset) or len(rows) == 0:
+        return pack(rows, tokenizer, source, spec.seq_len, spec.num_proc, part)
+    packed, read = pack_enough(rows, tokenizer, source, spec.seq_len, spec.num_proc, part, needed)
+    if read < len(rows):
+        say(f"data: tokenised the first {read:,} of {len(rows):,} {what} documents, {len(packed):,} sequences "
+            f"for the {needed:,} the run reads")
+    return packed
+
+
+def _holdout(docs: Rows, holdout_docs: int, say: Callable[[str], None]) -> int:
+    """How many documents to hold out: `holdout_docs`, but at most a tenth of a map-style source's documents."""
+    if not isinstance(docs, datasets.Dataset):
+        return holdout_docs  # streaming: the length is not known before reading it all
+    cap = max(1, math.floor(len(docs) * HOLDOUT_SHARE)) if len(docs) > 1 else 0
+    if holdout_docs <= cap:
+        return holdout_docs
+    say(f"data: holding out {cap:,} of {len(docs):,} documents for validation, not data.holdout_docs="
+        f"{holdout_docs:,} (at most {HOLDOUT_SHARE:.0%} are held out, so that training keeps the rest)")
+    return cap
+
+
+def _require_rows(rows: Rows, what: str, source: SourceSpec, seq_len: int, hint: str = "") -> None:
     empty = len(rows) == 0 if isinstance(rows, datasets.Dataset) else next(iter(rows), None) is None
     if empty:
         where = source.path or source.dataset
-        raise DataError(f"{what} data {where} holds not one full sequence of data.seq_len={seq_len} tokens")
+        raise DataError(f"{what} data {where} holds not one full sequence of data.seq_len={seq_len} tokens{hint}")
 
 
-def build_datasets(spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[Rows, Rows]:
-    """Packed (train, validation) rows; DataError if either is empty."""
+def build_datasets(
+    spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, train_rows: int | None = None,
+    val_rows: int | None = None, say: Callable[[str], None] = print,
+) -> tuple[Rows, Rows]:
+    """Packed (train, validation) rows; DataError if either is empty.
+
+    `train_rows` and `val_rows` are the rows the run will read (None: all): map-style sources are tokenised only
+    as far as they cover them (see the module docstring). `say` prints a line about what was decided.
+    """
     train_docs = load_source(spec.train, spec.streaming)
     if spec.validation is not None:
         val_docs = load_source(spec.validation, spec.streaming)
         train_part = val_part = "all"
+        train_hint = val_hint = ""
     else:
-        val_docs, train_docs = train_docs.take(spec.holdout_docs), train_docs.skip(spec.holdout_docs)
-        val_part, train_part = f"first {spec.holdout_docs}", f"after {spec.holdout_docs}"
+        holdout = _holdout(train_docs, spec.holdout_docs, say)
+        val_docs, train_docs = train_docs.take(holdout), train_docs.skip(holdout)
+        val_part, train_part = f"first {holdout}", f"after {holdout}"
+        train_hint = f" once {holdout:,} documents are held out (lower data.holdout_docs or give data.validation)"
+        val_hint = f" in the {holdout:,} documents held out for validation (give data.validation)"
     if spec.streaming:
         train_docs = train_docs.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
-    train = pack(train_docs, tokenizer, spec.train, spec.seq_len, spec.num_proc, train_part)
-    val = pack(val_docs, tokenizer, spec.validation or spec.train, spec.seq_len, spec.num_proc, val_part)
-    _require_rows(train, "training", spec.train, spec.seq_len)
-    _require_rows(val, "validation", spec.validation or spec.train, spec.seq_len)
+    val_source = spec.validation or spec.train
+    train = _pack_for(train_docs, tokenizer, spec.train, spec, train_part, train_rows, "training", say)
+    val = _pack_for(val_docs, tokenizer, val_source, spec, val_part, val_rows, "validation", say)
+    _require_rows(train, "training", spec.train, spec.seq_len, train_hint)
+    _require_rows(val, "validation", val_source, spec.seq_len, val_hint)
     return train.with_format("torch"), val.with_format("torch")
 
 

@@ -1,8 +1,7 @@
 """Knowledge distillation from the original model: KL between temperature-scaled distributions.
 
 Hinton et al. 2015: the KL term is multiplied by T^2 so its gradients keep their size as T changes. The teacher
-runs under no_grad in eval mode; it is prepared by the same Accelerator, so under FSDP it is sharded like the
-student.
+runs under no_grad in eval mode, replicated or sharded over the processes as `teacher.py` places it.
 """
 
 from __future__ import annotations

@@ -38,8 +38,13 @@ def export_model(
     provenance: Provenance,
     uptraining: Uptraining,
     dtype: torch.dtype | str | None,
+    use_cache: bool | None = None,
 ) -> None:
-    """Write the trained model in the checkpoint's own `dtype`, tokenizer and provenance (all processes call this)."""
+    """Write the trained model in the checkpoint's own `dtype`, tokenizer and provenance (all processes call this).
+
+    `use_cache` is the source config's setting, which training turned off (`loop._load_model`): the exported config
+    gets it back, or users who load the model would generate without a KV cache. None leaves the config as it is.
+    """
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on the main process
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
     state_dict = {plain_name(name): t.to(dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
@@ -47,6 +52,8 @@ def export_model(
     if accelerator.is_main_process:
         shutil.rmtree(temp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
+        if use_cache is not None:
+            unwrapped.config.use_cache = use_cache
         unwrapped.save_pretrained(temp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(temp)
         write_provenance(temp, with_uptraining(provenance, uptraining))

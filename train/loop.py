@@ -9,17 +9,17 @@ checkpoint.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedType, PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
     TorchDynamoPlugin,
-    compile_regions,
     set_seed,
 )
 from torch import Tensor
@@ -29,13 +29,15 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from gqa_uptrain.errors import ConfigError
 from gqa_uptrain.provenance import Provenance
 
-from . import checkpoint, data, distill, metrics
+from . import checkpoint, data, disk, distill, metrics, run_lock
 from .budget import TrainingBudget, original_config, plan_budget
 from .cadence import Cadence
 from .export import export_model, source_provenance
+from .launcher import watch_launcher
 from .optim import build_optimizer, build_schedule
 from .preflight import Models, check_models, check_output_dir, write_snapshot
 from .recipe import Recipe
+from .teacher import place_teacher
 
 
 def _precision(recipe: Recipe) -> str:
@@ -59,8 +61,6 @@ def _accelerator(recipe: Recipe, plan: TrainingBudget) -> Accelerator:
         log_with=recipe.log.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and recipe.teacher is not None:
-        raise ConfigError("distillation (teacher) is not supported under DeepSpeed: use the FSDP accelerate config")
     return accelerator
 
 
@@ -69,18 +69,6 @@ def _load_model(path: Path, recipe: Recipe, dtype: torch.dtype) -> PreTrainedMod
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     model.config.use_cache = False
     return model
-
-
-def _load_teacher(accelerator: Accelerator, recipe: Recipe, models: Models) -> torch.nn.Module | None:
-    """The frozen teacher in eval mode; sharded like the student under FSDP, else simply on the device."""
-    if recipe.teacher is None:
-        return None
-    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    teacher = _load_model(models.teacher_folder, recipe, dtype).eval().requires_grad_(False)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return accelerator.prepare_model(teacher, evaluation_mode=True)  # compiled too, if the recipe asks
-    teacher = teacher.to(accelerator.device)
-    return compile_regions(teacher) if recipe.model.compile else teacher
 
 
 def _forward(model, teacher, input_ids: torch.Tensor, recipe: Recipe) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -102,6 +90,12 @@ def evaluate(accelerator: Accelerator, model, loader) -> float:
     return accelerator.gather(torch.stack(losses)).mean().item()
 
 
+def _validate(accelerator: Accelerator, model, loader, history: metrics.History, step: int, tokens: int) -> None:
+    """Log the validation loss (and perplexity) after `step` optimizer steps."""
+    val_loss = evaluate(accelerator, model, loader)
+    history.log({"val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp()), "tokens": tokens}, step)
+
+
 def _check_world_size(state: PartialState) -> None:
     """Catch `accelerate launch --cpu` style launches that silently start independent single processes."""
     expected = int(os.environ.get("WORLD_SIZE", "1"))
@@ -112,7 +106,24 @@ def _check_world_size(state: PartialState) -> None:
 
 
 def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
-    """Train as the recipe says (resuming if its output_dir holds a checkpoint); return the exported folder."""
+    """Train as the recipe says (resuming if its output_dir holds a checkpoint); return the exported folder.
+
+    Around the run: the process stops when its launcher is gone (launcher.py), the output folder is locked for
+    this run alone (run_lock.py), and a full disk anywhere ends in one line saying what to free (disk.py).
+    """
+    watch_launcher()
+    with ExitStack() as stack:  # closed in reverse: the progress bar, then the disk-full line, then the lock
+        if dry_run:
+            return _run(recipe, stack, dry_run=True)
+        state = PartialState(cpu=not torch.cuda.is_available())
+        check_output_dir(recipe)  # a folder that holds something else is refused before a lock file is put in it
+        space = disk.Space(Path(recipe.output_dir), keep=recipe.checkpoint.keep)
+        stack.enter_context(run_lock.hold(Path(recipe.output_dir), state))
+        stack.enter_context(disk.explained(space))
+        return _run(recipe, stack, space=space)
+
+
+def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Space | None = None) -> Path | None:
     # -- everything that can be wrong is checked before any work --------------------------------------
     models = check_models(recipe)
     metrics.check_trackers(recipe.log.trackers)
@@ -133,7 +144,10 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     set_seed(recipe.seed)
     accelerator = _accelerator(recipe, plan)
     with accelerator.main_process_first():
-        train_rows, val_rows = data.build_datasets(recipe.data, models.tokenizer, recipe.seed)
+        train_rows, val_rows = data.build_datasets(
+            recipe.data, models.tokenizer, recipe.seed, train_rows=plan.steps * recipe.batch.global_batch,
+            val_rows=recipe.eval.batches * recipe.batch.micro_batch * accelerator.num_processes, say=accelerator.print,
+        )
     if accelerator.is_main_process:
         write_snapshot(recipe)
 
@@ -141,7 +155,8 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     model = _load_model(models.folder, recipe, torch.float32)
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    teacher = _load_teacher(accelerator, recipe, models)
+    if space is not None:  # a checkpoint holds fp32 weights and two AdamW moments
+        space.checkpoint_bytes = 12 * sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_schedule(optimizer, recipe.train, plan.steps)
     model, optimizer, train_loader, val_loader = accelerator.prepare(
@@ -151,26 +166,30 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
         data.val_loader(val_rows, recipe.batch.micro_batch, recipe.eval.batches, accelerator.num_processes),
     )
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
+    teacher = place_teacher(accelerator, recipe, models.teacher_folder) if recipe.teacher else None
 
     # -- resume -------------------------------------------------------------------------------------------
     checkpoints = output / "checkpoints"
     step, tokens, position = _resume(accelerator, checkpoints, status, plan.steps)
     history = metrics.History(output / "metrics.jsonl", accelerator)
-    history.truncate(step)
+    history.truncate(step if step else -1)  # a fresh start keeps no record, not even a step-0 validation
     batches = data.Batches(accelerator, train_loader, **position)
     accelerator.init_trackers(recipe.log.project, config=metrics.flat_config(recipe.model_dump(mode="json")))
+    if step == 0:  # the curve starts at the converted model (a resumed run has this record already)
+        _validate(accelerator, model, val_loader, history, step, tokens)
 
     # -- the loop -------------------------------------------------------------------------------------
     cadence = Cadence.of(recipe, plan.steps)
-    throughput = metrics.Throughput(
-        plan.flops_per_token, metrics.peak_tflops(recipe.log.peak_tflops), accelerator.num_processes
-    )
+    peak = metrics.peak_tflops(recipe.log.peak_tflops)
+    throughput = metrics.Throughput(plan.flops_per_token, peak, accelerator.num_processes)
+    if peak is not None:
+        accelerator.print(f"MFU is against {peak.description}")
     losses = metrics.LossWindow(accelerator.device)
     clip = recipe.train.grad_clip or float("inf")
     grad_norm = None
-    progress = tqdm(
+    progress = stack.enter_context(tqdm(  # closed on an error too, so that its message starts a line
         total=plan.steps, initial=step, desc="uptraining", unit="step", disable=not accelerator.is_main_process
-    )
+    ))
     model.train()
     while step < plan.steps:
         for _ in range(plan.grad_accum):
@@ -199,10 +218,12 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
             if plan.pretrain_tokens is not None:
                 record["fraction_of_pretraining_compute"] = plan.fraction_of_pretraining_compute(tokens)
             history.log(record, step)
-            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            postfix = {"loss": f"{loss:.3f}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
+            if "mfu" in record:
+                postfix[peak.label] = f"{record['mfu']:.1%}"
+            progress.set_postfix(postfix)
         if cadence.evaluate(step):
-            val_loss = evaluate(accelerator, model, val_loader)
-            history.log({"val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp()), "tokens": tokens}, step)
+            _validate(accelerator, model, val_loader, history, step, tokens)
             throughput.restart()
         if cadence.save(step):
             state_record = {"step": step, "tokens": tokens, "data": batches.state()}
@@ -260,7 +281,7 @@ def _export(
     target = output / "model"
     export_model(
         accelerator, model, models.tokenizer, target, provenance, uptraining,
-        dtype=models.config.dtype,
+        dtype=models.config.dtype, use_cache=getattr(models.config, "use_cache", None),
     )
     if accelerator.is_main_process:
         metrics.plot_loss_curve(records, output / "loss_curve.png")

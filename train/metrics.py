@@ -1,38 +1,75 @@
 """What the run reports: throughput and MFU, trackers through accelerate, a JSONL history and a loss-curve PNG.
 
-MFU = FLOPs per token (budget.flops_per_token) x tokens per second / (peak FLOP/s per device x devices),
-nanoGPT/PaLM style. The peak is `log.peak_tflops` from the recipe, or the dense bf16 figure of a known GPU.
+MFU (`mfu`, the one definition in this project) = FLOPs per token (budget.flops_per_token) x tokens per second /
+(peak FLOP/s per device x devices), nanoGPT/PaLM style, where the peak is the vendor's DATASHEET dense bf16 figure
+(989.4 TFLOP/s for H100 and H200 SXM), the common convention; `log.peak_tflops` in the recipe replaces it, and the
+log names whichever was used (`mfu(datasheet H200 989 TF)`). A measured matmul peak (about 790 TFLOP/s on those
+GPUs) gives a figure 1.25x higher for the same run: docs/benchmarks.md says which peak each figure uses.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
+from gqa_uptrain.cli import warn
 from gqa_uptrain.dicts import flatten
 from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.files import write_atomically
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, SXM parts).
-_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "B200": 2250.0, "L40S": 362.1, "A10G": 70.0}
+_DATASHEET_PEAK_TFLOPS = {
+    "H200": 989.4, "H100": 989.4, "A100": 312.0, "B200": 2250.0, "L40S": 362.1, "A10G": 70.0,
+}
 
 
-def peak_tflops(configured: float | None) -> float | None:
-    if configured is not None or not torch.cuda.is_available():
-        return configured
+@dataclass(frozen=True)
+class Peak:
+    """The per-device peak MFU is measured against, and where it comes from."""
+
+    tflops: float
+    source: str  # "datasheet H200" or "log.peak_tflops"
+
+    @property
+    def description(self) -> str:
+        if self.source == "log.peak_tflops":
+            return f"log.peak_tflops, {self.tflops:g} TFLOP/s per device"
+        return f"the {self.source} dense bf16 peak, {self.tflops:g} TFLOP/s per device"
+
+    @property
+    def label(self) -> str:
+        """How the log names the MFU: `mfu(datasheet H200 989 TF)`."""
+        return f"mfu({self.source} {self.tflops:.0f} TF)"
+
+
+def peak_tflops(configured: float | None) -> Peak | None:
+    """The recipe's `log.peak_tflops`, else the datasheet dense bf16 peak of a known GPU, else None (no MFU)."""
+    if configured is not None:
+        return Peak(configured, "log.peak_tflops")
+    if not torch.cuda.is_available():
+        return None
     name = torch.cuda.get_device_name()
-    return next((value for key, value in _PEAK_TFLOPS.items() if key in name), None)
+    return next((Peak(value, f"datasheet {key}") for key, value in _DATASHEET_PEAK_TFLOPS.items() if key in name),
+                None)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float, devices: int) -> float:
+    """Model FLOPs utilisation: the model's FLOPs per second over the peak of every device together."""
+    return tokens_per_s * flops_per_token / (peak_tflops * 1e12 * devices)
 
 
 class Throughput:
     """Tokens per second and MFU over the window since the last report (time spent saving or evaluating excluded)."""
 
-    def __init__(self, flops_per_token: float, peak_tflops: float | None, world_size: int) -> None:
-        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak_tflops, world_size
+    def __init__(self, flops_per_token: float, peak: Peak | None, world_size: int) -> None:
+        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
         self.restart()
 
     def restart(self) -> None:
@@ -47,7 +84,8 @@ class Throughput:
         rate = self.tokens / elapsed
         figures = {"tokens_per_s": rate}
         if self.peak is not None:
-            figures["mfu"] = rate * self.flops_per_token / (self.peak * 1e12 * self.world_size)
+            figures["mfu"] = mfu(rate, self.flops_per_token, self.peak.tflops, self.world_size)
+            figures["mfu_peak_tflops"] = self.peak.tflops
         self.restart()
         return figures
 
@@ -97,25 +135,70 @@ def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class History:
-    """metrics.jsonl in the output folder: every logged record, kept consistent with the resumed step."""
+    """metrics.jsonl in the output folder: every logged record, kept consistent with the resumed step.
+
+    Append-safe: each record is one whole line written by one write (a failed write is undone), and a resume
+    drops a torn or unreadable line (a crash or a full disk mid-write) with one warning instead of failing.
+    """
 
     def __init__(self, path: Path, accelerator: Accelerator) -> None:
         self.path, self.accelerator = path, accelerator
 
     def truncate(self, step: int) -> None:
-        """Forget records past `step` (written by a run that died after its last checkpoint)."""
-        if self.accelerator.is_main_process and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        """Forget records past `step` (written by a run that died after its last checkpoint) and unreadable lines."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        records, unreadable = read_records(self.path)
+        kept = [record for record in records if record["step"] <= step]
+        if unreadable:
+            warn("gqa-uptrain", f"{self.path}: dropped {unreadable} torn or unreadable line(s), left by a crash "
+                 "or a full disk while it was written")
+        whole = self.path.read_bytes().endswith(b"\n") or self.path.stat().st_size == 0
+        if unreadable or len(kept) != len(records) or not whole:
+            write_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, record: dict[str, Any], step: int) -> None:
         self.accelerator.log(record, step=step)
         if self.accelerator.is_main_process:
-            with self.path.open("a") as file:
-                file.write(json.dumps({"step": step, **record}) + "\n")
+            append_line(self.path, json.dumps({"step": step, **record}))
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        return read_records(self.path)[0] if self.path.exists() else []
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` and a newline as one write; if it fails (a full disk), cut the file back to where it was."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(the JSON records with a step, number of lines that are not one: torn, unparsable or without a step)."""
+    records, unreadable = [], 0
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # a torn line, or bytes that are not UTF-8
+            unreadable += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            unreadable += 1
+    return records, unreadable
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:

@@ -19,6 +19,7 @@ from gqa_uptrain.source import resolve_source
 from gqa_uptrain.tokenizer_identity import tokenizer_difference
 
 from .recipe import Recipe
+from .run_lock import LOCK_FILE
 
 RECIPE_SNAPSHOT = "recipe.yaml"
 
@@ -71,7 +72,7 @@ def check_output_dir(recipe: Recipe) -> str:
     output = Path(recipe.output_dir)
     snapshot = output / RECIPE_SNAPSHOT
     if not snapshot.is_file():
-        if output.exists() and any(output.iterdir()):
+        if output.exists() and any(p.name != LOCK_FILE for p in output.iterdir()):  # a run that died at its start
             raise ConfigError(f"output_dir {output} exists and holds no gqa-uptrain run: choose an empty or new folder")
         return "fresh"
     try:

@@ -10,6 +10,9 @@ with them and validates the whole file.
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -34,6 +37,9 @@ class TeacherSpec(_Section):
     path: str  # usually the original MHA checkpoint
     weight: float = Field(0.5, ge=0.0, le=1.0)  # loss = (1 - weight) * LM + weight * KL
     temperature: float = Field(1.0, gt=0.0)
+    # replicate: a whole copy per device; shard: split over the processes (train/teacher.py);
+    # auto: shard under FSDP and DeepSpeed ZeRO-3, replicate otherwise
+    placement: Literal["auto", "replicate", "shard"] = "auto"
 
 
 class SourceSpec(_Section):
@@ -136,9 +142,13 @@ class Recipe(_Section):
         return {key: value for key, value in tree.items() if key not in PIPELINE_SECTIONS or key in cls.model_fields}
 
     def identity(self) -> dict[str, Any]:
-        """What decides the weights: a resumed run must agree on all of it (folder, cadence, logging may change)."""
+        """What decides the weights: a resumed run must agree on all of it (folder, cadence, logging and where the
+        teacher is placed may change)."""
         kept = set(Recipe.model_fields) - {"output_dir", "checkpoint", "eval", "log"}
-        return self.model_dump(mode="json", include=kept)
+        tree = self.model_dump(mode="json", include=kept)
+        if tree.get("teacher"):
+            tree["teacher"].pop("placement", None)
+        return tree
 
 
 R = TypeVar("R", bound=Recipe)
@@ -161,7 +171,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     try:
         return schema.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(f"{path}: " + "; ".join(_describe(item) for item in error.errors())) from None
+        raise ConfigError(f"{path}: " + "; ".join(_describe(item, schema) for item in error.errors())) from None
 
 
 def _apply_override(tree: dict, override: str, path: Path) -> None:
@@ -177,10 +187,26 @@ def _apply_override(tree: dict, override: str, path: Path) -> None:
     node[leaf] = yaml.safe_load(text)
 
 
-def _describe(item: dict) -> str:
+def _describe(item: dict, schema: type[BaseModel] = Recipe) -> str:
     key = ".".join(str(part) for part in item["loc"]) or "(top level)"
     if item["type"] == "missing":
         return f"{key}: missing required key"
     if item["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        close = difflib.get_close_matches(str(item["loc"][-1]), _keys_at(schema, item["loc"][:-1]), n=1, cutoff=0.6)
+        return f"{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else "")
     return f"{key}: {item['msg']} (got {item.get('input')!r})"
+
+
+def _keys_at(schema: type[BaseModel], section: tuple) -> list[str]:
+    """The keys the section at `section` (a path of keys from the top) accepts; [] where that is not a section."""
+    model: type[BaseModel] | None = schema
+    for part in section:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        options = typing.get_args(field.annotation) if isinstance(field.annotation, types.UnionType) else (
+            field.annotation,)
+        model = next((t for t in options if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if model is None:
+            return []
+    return [*model.model_fields, *(PIPELINE_SECTIONS if not section else ())]

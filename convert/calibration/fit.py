@@ -80,7 +80,7 @@ def key_stats(wq: torch.Tensor, wk: torch.Tensor, sigma: torch.Tensor, head_dim:
 
 def still_share(inv_freq: torch.Tensor, length: int) -> torch.Tensor:
     """Per pair, |mean over offsets 0..length-1 of e^{i theta offset}|^2: how little RoPE turns it in a context."""
-    offsets = torch.arange(length, dtype=torch.float64)
+    offsets = torch.arange(length, dtype=torch.float64, device=inv_freq.device)
     angles = inv_freq.double()[:, None] * offsets
     return torch.cos(angles).mean(1) ** 2 + torch.sin(angles).mean(1) ** 2
 

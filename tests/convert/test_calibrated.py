@@ -234,3 +234,11 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(args, message, tmp
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and message in err and "\n" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_rotation_shares_stay_on_the_tables_device():
+    """The fit runs on the GPU there is one: a table on another device than the CPU must not meet CPU tensors
+    (the meta device stands in for a GPU here)."""
+    assert fit.still_share(torch.ones(4, device="meta"), 8).device.type == "meta"
+    still = fit.still_share(torch.tensor([0.0, 1e-4, 3.0]), 16)
+    assert still[0] == 1 and still[1] > 0.99 and still[2] < 0.1

@@ -65,7 +65,8 @@ def test_output_folder_is_complete_and_faithful(source, tmp_path):
     assert record["conversion"] == {"method": "mean", "groups": 2, "kv_heads_before": 4, "kv_heads_after": 2,
                                     "query_heads": 4}
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "base_model: tiny" in card and "license: apache-2.0" in card
+    assert card.startswith("---\n") and "license: apache-2.0" in card
+    assert "base_model" not in card  # a local folder is no Hub repository to name (a Hub id is: see below)
 
 
 def test_default_output_name(source, tmp_path, monkeypatch):
@@ -146,12 +147,14 @@ def test_architectures_without_gqa_are_refused(model_type, tmp_path, capsys):
 
 def test_existing_output_needs_force(source, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    assert "already exists (use --force" in fails(capsys, source, "-g", 2, "-o", out)
-    assert (out / "keep.txt").read_text() == "mine"
-    run(source, "-g", 2, "-o", out, "--force")
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    run(source, "-g", 2, "-o", out)
+    (out / "extra.txt").write_text("added later")
+    capsys.readouterr()
+    assert "already exists (use --force" in fails(capsys, source, "-g", 1, "-o", out)
+    assert (out / "extra.txt").read_text() == "added later"
+    run(source, "-g", 1, "-o", out, "--force")
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 1
+    assert not (out / "extra.txt").exists()
     assert not list(tmp_path.glob(".out.*"))
 
 

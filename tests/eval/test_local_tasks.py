@@ -75,3 +75,15 @@ def test_task_fingerprint_follows_data_content_not_path(tmp_path):
     first = first_selection.fingerprints["t"]
     assert selection_for(tmp_path / "b", row).fingerprints["t"] == first
     assert selection_for(tmp_path / "c", row.replace('"gold": 0', '"gold": 1')).fingerprints["t"] != first
+
+
+def test_a_missing_task_file_is_reported_as_no_such_file(tmp_path):
+    missing = tmp_path / "tasks" / "my_task.yaml"
+    with pytest.raises(ConfigError, match=f"^task file {missing}: no such file$"):
+        resolve_tasks(f"gqa_lastword,{missing}", [], tmp_path / "stage", ResultCache(tmp_path).file_hash)
+
+
+@pytest.mark.parametrize("typo,meant", [("gqa_lastwrd", "gqa_lastword"), ("hellaswg", "hellaswag")])
+def test_a_misspelt_task_name_gets_a_suggestion(tmp_path, typo, meant):
+    with pytest.raises(ConfigError, match=rf"^unknown task '{typo}' \(did you mean '{meant}'\?\): not a shipped"):
+        resolve_tasks(typo, [], tmp_path / "stage", ResultCache(tmp_path).file_hash)

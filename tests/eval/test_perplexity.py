@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gqa_uptrain.errors import DataError
-from gqa_uptrain.eval.perplexity import load_documents, perplexity, tokenize_documents, windows
+from gqa_uptrain.eval.perplexity import chunk_tokens, load_documents, perplexity, tokenize_documents, windows
 
 
 @pytest.mark.parametrize("length,window,stride", [(100, 32, 16), (100, 32, 32), (33, 32, 8), (5, 32, 16)])
@@ -102,3 +102,90 @@ def test_empty_text_is_an_error_naming_the_file(tmp_path, content):
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_documents(str(tmp_path / "missing.txt"))
+
+
+# ------------------------------------------------------------------------------------ logits scored in chunks
+
+
+def whole_batch_perplexity(model, documents, window, stride, batch_size) -> float:
+    """The scoring before chunking (whole-batch fp32 logits): the reference the chunked scoring must equal."""
+    spans = [span for ids in documents for span in windows(ids, window, stride)]
+    nll, count = 0.0, 0
+    for i in range(0, len(spans), batch_size):
+        batch = spans[i : i + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (ids, n_scored) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+            labels[row, len(ids) - n_scored : len(ids)] = torch.tensor(ids[len(ids) - n_scored :])
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                 ignore_index=-100, reduction="sum").item()
+        count += int((labels[:, 1:] != -100).sum())
+    return math.exp(nll / count)
+
+
+def record_logit_shapes(model) -> list[torch.Size]:
+    shapes = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, output: shapes.append(output.shape))
+    return shapes
+
+
+def test_chunked_logits_equal_whole_batch_logits_and_stay_within_the_chunk(tiny_llama, gpt2_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    docs = tokenize_documents(["Once upon a time there was a king. " * 9, "A short one.", "Two words."],
+                              gpt2_tokenizer)
+    expected = whole_batch_perplexity(model, docs, window=32, stride=16, batch_size=3)
+    vocab = model.config.vocab_size
+    shapes = record_logit_shapes(model)
+    result = perplexity(model, docs, window=32, stride=16, batch_size=3, logits_chunk_bytes=4 * vocab * 5)
+    assert result["token_perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert shapes and max(shape.numel() for shape in shapes) <= 5 * vocab  # never a window's (32) logits at once
+    assert chunk_tokens(128_256) == 523 and chunk_tokens(49_152) == 1365  # 256 MiB of fp32 logits per chunk
+
+
+@pytest.mark.parametrize("model_type,setting", [
+    ("gemma2", {"final_logit_softcapping": 0.5}),  # cap x tanh(logits / cap)
+    ("cohere", {"logit_scale": 4.0}),
+    ("granite", {"logits_scaling": 0.25}),
+    ("llama", {}),
+])
+def test_chunked_scoring_applies_the_models_logit_scaling_and_softcapping(model_type, setting, capsys):
+    from tiny_models import VOCAB, random_model
+
+    model = random_model(model_type, kv_heads=2)
+    for key, value in setting.items():
+        setattr(model.config, key, value)
+        if hasattr(model, key):  # Cohere keeps its own copy of logit_scale
+            setattr(model, key, value)
+    generator = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, VOCAB, (length,), generator=generator).tolist() for length in (40, 17)]
+    expected = whole_batch_perplexity(model, docs, window=16, stride=8, batch_size=2)
+    shapes = record_logit_shapes(model)
+    result = perplexity(model, docs, window=16, stride=8, batch_size=2, logits_chunk_bytes=4 * VOCAB * 3)
+    assert result["token_perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert max(shape.numel() for shape in shapes) <= 3 * VOCAB  # the chunked path, not the fallback
+    assert "whole-batch logits" not in capsys.readouterr().err
+
+
+def test_a_head_it_does_not_know_falls_back_to_the_plain_forward(tiny_llama, gpt2_tokenizer, capsys):
+    from transformers import LlamaForCausalLM
+
+    class Tempered(LlamaForCausalLM):
+        """Changes its logits after the head in a way the chunked path cannot know."""
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    model = Tempered.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    docs = tokenize_documents(["The quick brown fox jumps over the lazy dog. " * 5], gpt2_tokenizer)
+    expected = whole_batch_perplexity(model, docs, window=32, stride=16, batch_size=2)
+    result = perplexity(model, docs, window=32, stride=16, batch_size=2, logits_chunk_bytes=4 * 10)
+    assert result["token_perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert "whole-batch logits" in capsys.readouterr().err

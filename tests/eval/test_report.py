@@ -102,3 +102,34 @@ def test_matplotlib_is_set_up_only_when_a_plot_is_drawn():
     code = "import sys; from gqa_uptrain.eval import report, plots; print('matplotlib' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == "False", run.stderr[-2000:]
+
+
+def test_deltas_plot_shows_every_metric_beyond_two_standard_errors(sample):
+    from gqa_uptrain.eval import plots
+
+    series = report.delta_series(sample)
+    shown = {label: [(r["task"], r["metric"]) for r in rows] for label, rows in series.items()}
+    assert rows_of(sample, "mqa")[("mc", "acc")]["significant"]  # not mc's headline metric (acc_norm)...
+    assert ("mc", "acc") in shown["mqa"] and ("mc", "acc") in shown["gqa8"]  # ...shown all the same, for every model
+    assert ("mc", "acc_norm") in shown["mqa"] and ("average", "acc+acc_norm") in shown["mqa"]
+    assert ("lastword", "perplexity") not in shown["mqa"]  # no standard error: never beyond two of them
+    figure = plots.deltas_figure(series, plots.cycle_colors(list(series)))
+    ticks = [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+    assert "mc\n(acc)" in ticks and "mc\n(acc_norm)" in ticks and "lastword\n(acc)" in ticks
+
+
+def test_quality_plot_uses_a_log_axis_for_values_decades_apart_and_names_the_base(sample):
+    from gqa_uptrain.eval import plots
+
+    colors = plots.cycle_colors([c["label"] for c in sample["candidates"]])
+    linear = plots.quality_vs_kv_figure(report.quality_vs_kv_panels(sample, colors))
+    assert [ax.get_yscale() for ax in linear.axes] == ["linear", "linear"]  # 10 to 14: no decade
+    legend = [text.get_text() for text in linear.axes[1].get_legend().get_texts()]
+    assert legend == ["base (base)", "candidates (labelled)"]
+
+    sample["base"]["perplexity"]["token_perplexity"] = 23.8
+    sample["candidates"][1]["perplexity"]["token_perplexity"] = 30_853.0
+    figure = plots.quality_vs_kv_figure(report.quality_vs_kv_panels(sample, colors))
+    perplexity_axis = figure.axes[1]
+    assert perplexity_axis.get_yscale() == "log" and "log scale" in perplexity_axis.get_ylabel()
+    assert figure.axes[0].get_yscale() == "linear"

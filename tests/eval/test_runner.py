@@ -12,7 +12,9 @@ def test_labels_are_short_and_unique():
     assert unique_labels(["meta-llama/Llama-2-7b-hf", "./Llama-2-7b-gqa8", "out/mqa/"]) == [
         "Llama-2-7b-hf", "Llama-2-7b-gqa8", "mqa"]
     assert unique_labels(["runs/gqa2/model", "runs/mqa/model", "runs/mqa-uptrained/model"]) == [
-        "gqa2/model", "mqa/model", "mqa-uptrained/model"]
+        "gqa2", "mqa", "mqa-uptrained"]  # gqa-uptrain's exported `model` folder is named by its run folder
+    assert unique_labels(["/work/runs/smollm-mqa/model", "a/smollm-mqa/model", "./model"]) == [
+        "runs/smollm-mqa", "a/smollm-mqa", "model"]
     assert unique_labels(["./tiny", "tiny"]) == ["tiny#1", "tiny#2"]
 
 

@@ -220,3 +220,21 @@ def test_split_kv_kernels_in_the_triton_interpreter():
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(SPLIT_KV_IN_INTERPRETER)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_decoding_passes_the_cache_under_its_current_name(monkeypatch):
+    """No `past_key_values` FutureWarning (or deprecation log line) from the engine, generate() or the KV-cache count."""
+    import warnings
+
+    from transformers.utils import generic
+
+    from gqa_uptrain.eval.kv_cache import measured_kv_cache_bytes_per_token
+
+    logged = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda *args, **kwargs: logged.append(args))
+    model = tiny_llama(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        measure_decode(model, [1], [8], 3, bandwidth=1e10, progress=False)
+        measured_kv_cache_bytes_per_token(model, prompt(1, 5))
+    assert not [args for args in logged if "past_key_values" in str(args)]

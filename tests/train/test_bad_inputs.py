@@ -66,8 +66,9 @@ def test_output_dir_holding_something_else(tmp_path, tiny_llama_gqa2, shakespear
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, tiny_llama_gqa2, shakespeare, capsys):
-    code = main([str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "out"), "train.nope=1"])
-    assert code == 2
+    with pytest.raises(SystemExit) as exit:
+        main([str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "out"), "train.nope=1"])
+    assert exit.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"gqa-uptrain: error: {TINY_RECIPE}: train.nope: unknown key"]
 
 

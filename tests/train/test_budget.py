@@ -75,3 +75,13 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     linear = TrainSpec(lr=1.0, schedule="linear", min_lr_ratio=0.0)
     assert lr_multiplier(50, linear, 100) == pytest.approx(0.5)
     assert lr_multiplier(70, TrainSpec(lr=1.0, schedule="constant"), 100) == 1.0
+
+
+@pytest.mark.parametrize("fraction,shown", [
+    (0.05, "5.0000%"), (0.499200, "49.9200%"), (1.2e-4, "0.0120%"), (4.1e-8, "0.0000041%"), (2.56e-7, "0.000026%"),
+    (0.0, "0.0000%"),
+])
+def test_small_fractions_of_pretraining_keep_two_significant_digits(fraction, shown):
+    from gqa_uptrain.train.budget import percent
+
+    assert percent(fraction) == shown

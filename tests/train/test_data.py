@@ -16,7 +16,7 @@ DOCS = [f"Document number {i} says something about {'many ' * (i % 7)}things." f
 
 
 def spec(path, seq_len=16, **extra) -> DataSpec:
-    return DataSpec(train={"path": str(path)}, holdout_docs=10, seq_len=seq_len, **extra)
+    return DataSpec(train={"path": str(path)}, holdout_docs=6, seq_len=seq_len, **extra)  # a tenth of DOCS
 
 
 @pytest.fixture
@@ -29,12 +29,12 @@ def jsonl(tmp_path):
 def test_documents_are_packed_with_eos_and_without_padding(jsonl, gpt2_tokenizer):
     train, val = build_datasets(spec(jsonl), gpt2_tokenizer, seed=0)
     eos = gpt2_tokenizer.eos_token_id
-    stream = [t for doc in DOCS[10:] for t in gpt2_tokenizer(doc)["input_ids"] + [eos]]
+    stream = [t for doc in DOCS[6:] for t in gpt2_tokenizer(doc)["input_ids"] + [eos]]
     rows = [row["input_ids"].tolist() for row in train]
     assert all(len(row) == 16 for row in rows)
     assert sum(rows, []) == stream[: len(rows) * 16]  # one map batch: only the tail is dropped
     assert len(stream) - len(rows) * 16 < 16
-    held_out = [t for doc in DOCS[:10] for t in gpt2_tokenizer(doc)["input_ids"] + [eos]]
+    held_out = [t for doc in DOCS[:6] for t in gpt2_tokenizer(doc)["input_ids"] + [eos]]
     assert sum((row["input_ids"].tolist() for row in val), []) == held_out[: len(val) * 16]
 
 
@@ -70,14 +70,14 @@ def test_tokenised_rows_are_reused_across_tokenizer_folders(jsonl, gpt2_tokenize
 
 def test_changed_data_or_holdout_is_packed_again(jsonl, gpt2_tokenizer):
     """The packed cache is named by the prepared data files and the slice taken: neither may be mixed up."""
-    def packed(holdout_docs=10):
+    def packed(holdout_docs=6):
         data = DataSpec(train={"path": str(jsonl)}, holdout_docs=holdout_docs, seq_len=16)
         train, val = build_datasets(data, gpt2_tokenizer, seed=0)
         return train.cache_files[0]["filename"], val.cache_files[0]["filename"], train[0]["input_ids"].tolist()
 
     train_file, val_file, first_row = packed()
     assert train_file != val_file and packed() == (train_file, val_file, first_row)
-    assert packed(holdout_docs=20)[:2] != (train_file, val_file)
+    assert packed(holdout_docs=3)[:2] != (train_file, val_file)
     jsonl.write_text("".join(json.dumps({"text": doc.upper()}) + "\n" for doc in DOCS))
     os.utime(jsonl, (jsonl.stat().st_atime, jsonl.stat().st_mtime + 10))
     again = packed()
@@ -123,11 +123,61 @@ def test_batches_resume_exactly_where_they_stopped(jsonl, gpt2_tokenizer, fresh_
         return accelerator.prepare(train_loader(train, 2))
 
     uninterrupted = Batches(accelerator, loader())
-    expected = [next(uninterrupted)["input_ids"] for _ in range(40)]  # several epochs
+    expected = [next(uninterrupted)["input_ids"] for _ in range(45)]  # several epochs (20 batches each)
     assert uninterrupted.epoch >= 2
     first = Batches(accelerator, loader())
     seen = [next(first)["input_ids"] for _ in range(23)]
     resumed = Batches(accelerator, loader(), **first.state())
-    seen += [next(resumed)["input_ids"] for _ in range(17)]
+    seen += [next(resumed)["input_ids"] for _ in range(22)]
     assert all(torch.equal(a, b) for a, b in zip(expected, seen))
     assert not torch.equal(expected[0], next(Batches(accelerator, loader(), epoch=1))["input_ids"])
+
+
+def test_the_holdout_never_takes_the_training_data(tmp_path, gpt2_tokenizer):
+    """The default holdout_docs (200) on a 148-document file: a tenth is held out, and one line says so."""
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{doc} {i}"}) + "\n" for i, doc in enumerate((DOCS * 3)[:148])))
+    said = []
+    train, val = build_datasets(DataSpec(train={"path": str(path)}, seq_len=16), gpt2_tokenizer, 0, say=said.append)
+    assert len(said) == 1 and "holding out 14 of 148 documents" in said[0] and "holdout_docs=200" in said[0]
+    eos = gpt2_tokenizer.eos_token_id
+    stream = [t for i in range(14) for t in gpt2_tokenizer(f"{(DOCS * 3)[i]} {i}")["input_ids"] + [eos]]
+    assert sum((row["input_ids"].tolist() for row in val), []) == stream[: len(val) * 16]
+    assert len(train) > 5 * len(val)
+    with pytest.raises(DataError, match="once 14 documents are held out"):
+        build_datasets(DataSpec(train={"path": str(path)}, seq_len=4096), gpt2_tokenizer, 0, say=said.append)
+
+
+def ids(rows) -> list[list[int]]:
+    return [row["input_ids"].tolist() for row in rows]
+
+
+def test_only_the_documents_the_budget_reads_are_tokenised(tmp_path, gpt2_tokenizer, monkeypatch):
+    path = tmp_path / "large.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{DOCS[i % 60]} ({i})"}) + "\n" for i in range(8000)))
+    data = DataSpec(train={"path": str(path)}, holdout_docs=100, seq_len=16)
+    full_train, full_val = build_datasets(data, gpt2_tokenizer, 0)
+
+    tokenised = []
+    call = type(gpt2_tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        tokenised.append(len(text) if isinstance(text, list) else 0)  # batches of documents, as pack sends them
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(gpt2_tokenizer), "__call__", counting)
+    path.touch()  # a new modification time: datasets prepares the file again, and nothing is found cached
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 10))
+    said = []
+    train, val = build_datasets(data, gpt2_tokenizer, 0, train_rows=4, val_rows=2, say=said.append)  # one step
+    assert sum(tokenised) <= 1000 + 100  # one map batch of training documents, and the held-out ones
+    assert said == [f"data: tokenised the first 1,000 of 7,900 training documents, {len(train):,} sequences for "
+                    "the 4 the run reads"]
+    assert 4 <= len(train) < len(full_train) and len(val) == len(full_val)
+    assert ids(train) == ids(full_train)[: len(train)]
+
+    # A budget past the first portion: portions until it is covered, still the first rows of the whole packing.
+    tokenised.clear()
+    more, _ = build_datasets(data, gpt2_tokenizer, 0, train_rows=len(full_train) // 2, val_rows=2, say=said.append)
+    assert len(full_train) // 2 <= len(more) < len(full_train) and sum(tokenised) < 7900
+    assert ids(more) == ids(full_train)[: len(more)]

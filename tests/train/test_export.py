@@ -3,7 +3,7 @@
 import torch
 from accelerate import Accelerator
 from accelerate.utils import compile_regions
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from gqa_uptrain.train.export import export_model
 
@@ -21,3 +21,16 @@ def test_regionally_compiled_model_with_tied_embeddings_exports(tmp_path, gpt2_t
     tokens = torch.tensor([[1, 2, 3, 4]])
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
     assert torch.equal(exported(tokens).logits, model(tokens).logits)
+
+
+def test_the_export_gives_back_the_sources_use_cache(tmp_path, gpt2_tokenizer, fresh_accelerate):
+    """Training turns the KV cache off; the exported config must not keep that, or generate() runs without one."""
+    config = LlamaConfig(vocab_size=len(gpt2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False  # as loop._load_model sets it for training
+    for source_setting in (True, False):
+        target = tmp_path / f"model-{source_setting}"
+        export_model(Accelerator(cpu=True), model, gpt2_tokenizer, target, {}, {"tokens": 0}, torch.float32,
+                     use_cache=source_setting)
+        assert AutoConfig.from_pretrained(target).use_cache is source_setting

@@ -124,3 +124,17 @@ def test_a_recipe_must_be_a_mapping(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("data.holdout_doc=3", "data.holdout_doc: unknown key (did you mean holdout_docs?)"),
+    ("budget.fractoin=0.1", "budget.fractoin: unknown key (did you mean fraction?)"),
+    ("data.validation.pth=x", "data.validation.pth: unknown key (did you mean path?)"),
+    ("evaluate_=1", "evaluate_: unknown key (did you mean evaluate?)"),  # gqa-pipeline's sections count too
+    ("zzz=1", "zzz: unknown key"),
+])
+def test_a_misspelt_key_gets_a_suggestion_in_one_line(tmp_path, override, expected):
+    path = write(tmp_path, "\n")
+    with pytest.raises(ConfigError) as error:
+        load_recipe(path, [override])
+    assert str(error.value) == f"{path}: {expected}"

@@ -42,3 +42,5 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_llama_gq
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
     steps = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 4  # records of the killed run past its checkpoint were dropped, not duplicated
+    first = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if '"step": 0,' in line]
+    assert len(first) == 1 and '"val_loss"' in first[0]  # the converted model's validation, not repeated on resume

@@ -33,9 +33,12 @@ def test_tiny_model_learns_and_exports(tmp_path, tiny_llama_gqa2, shakespeare, f
     assert val[-1] < val[0] - 1.0, val
     assert all("grad_norm" in r and "tokens_per_s" in r and "lr" in r for r in history if "loss" in r)
     assert history[-1]["tokens"] == 24 * 4 * 32
+    assert history[0]["step"] == 0 and history[0]["tokens"] == 0 and "val_loss" in history[0]  # the converted model
+    assert [r["step"] for r in history if "val_loss" in r] == [0, 10, 20, 24]  # tiny-cpu.yaml: eval.every=10
 
     trained = AutoModelForCausalLM.from_pretrained(target)
     assert trained.config.num_key_value_heads == 2
+    assert trained.config.use_cache  # training turned it off; the export gives back the source's setting
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_gqa2)
     k_proj = [m.model.layers[0].self_attn.k_proj.weight for m in (trained, original)]
     assert not torch.equal(*k_proj)

@@ -1,0 +1,402 @@
+"""gqa-convert against hostile and damaged inputs: nothing lost, nothing let in.
+
+The table holds every case as (what is prepared, the arguments after SOURCE -g 2, the exit code, the one line it
+must print, what must hold afterwards). Below it: SIGKILL and SIGINT at seeded random points of a --force
+replacement, a second writer while the first runs, and --force on a file system that cannot swap two folders.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from gqa_uptrain.convert import convert_checkpoint
+from gqa_uptrain.convert.checkpoint_io import read_safetensors_header
+from gqa_uptrain.convert.cli import main
+from gqa_uptrain.files import output_lock
+from gqa_uptrain.provenance import pretraining_record, write_provenance
+from tiny_models import random_model
+
+
+@dataclass
+class World:
+    """tmp/models/tiny (the source, 4 KV heads) beside tmp/models/sibling; tmp/old, a model this tool converted
+    (1 KV head); tmp/outside, a folder that is not the model's."""
+
+    tmp: Path
+    stack: ExitStack
+    monkeypatch: pytest.MonkeyPatch
+    source_files: dict[str, bytes] | None = None
+
+    @property
+    def source(self) -> Path:
+        return self.tmp / "models" / "tiny"
+
+    @property
+    def old(self) -> Path:
+        return self.tmp / "old"
+
+    @property
+    def outside(self) -> Path:
+        return self.tmp / "outside"
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch) -> World:
+    with ExitStack() as stack:
+        made = World(tmp_path, stack, monkeypatch)
+        random_model("llama", kv_heads=4).save_pretrained(made.source)
+        (made.tmp / "models" / "sibling").mkdir()
+        (made.tmp / "models" / "sibling" / "keep.txt").write_text("a sibling's file")
+        made.outside.mkdir()
+        convert_checkpoint(made.source, 1, made.old, progress=False)
+        made.source_files = tree(made.source)
+        yield made
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (links as their target's bytes), to prove that nothing changed."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kv_heads(model: Path) -> int | None:
+    """The KV heads of a complete model folder, None when it is not one."""
+    if not all((model / name).is_file() for name in ("config.json", "model.safetensors", "gqa_provenance.json")):
+        return None
+    return json.loads((model / "config.json").read_text())["num_key_value_heads"]
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.") and not p.name.endswith(".lock"))
+
+
+# ---- preparations: each changes the world and returns the arguments after SOURCE -g 2 ----
+
+def copy_tree(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for name, data in tree(source).items():
+        (target / name).write_bytes(data)
+    return target
+
+
+def home_that_looks_like_a_model(w: World) -> list:
+    home = copy_tree(w.old, w.tmp / "home")  # even with a valid record, a home is never replaced
+    w.monkeypatch.setenv("HOME", str(home))
+    return ["-o", home, "--force"]
+
+
+def folder_of_mine(w: World) -> list:
+    (w.tmp / "mine").mkdir()
+    (w.tmp / "mine" / "keep.txt").write_text("my notes")
+    return ["-o", w.tmp / "mine", "--force"]
+
+
+def pretrained_model(w: World) -> list:
+    model = copy_tree(w.old, w.tmp / "pretrained")
+    write_provenance(model, pretraining_record("scratch", tokens=1000, steps=10, data="text"))
+    return ["-o", model, "--force"]
+
+
+def corrupt_record(w: World) -> list:
+    model = copy_tree(w.old, w.tmp / "corrupt")
+    (model / "gqa_provenance.json").write_text('{"tool": {"name": "gqa-upt')
+    return ["-o", model, "--force"]
+
+
+def a_file(w: World) -> list:
+    (w.tmp / "file.txt").write_text("a file")
+    return ["-o", w.tmp / "file.txt", "--force"]
+
+
+def link_to_model(w: World) -> list:
+    (w.tmp / "link").symlink_to(w.old, target_is_directory=True)
+    return ["-o", w.tmp / "link", "--force"]
+
+
+def locked_by_another_run(w: World) -> list:
+    w.stack.enter_context(output_lock(w.tmp / "new", "gqa-convert"))
+    return ["-o", w.tmp / "new"]
+
+
+def index_naming(shard: Callable[[World], str]) -> Callable[[World], list]:
+    """An index beside the weights that sends every tensor to `shard(world)`, a copy of the weights outside."""
+    def prepare(w: World) -> list:
+        weights = w.source / "model.safetensors"
+        (w.tmp / "models" / "stolen.safetensors").write_bytes(weights.read_bytes())
+        names = read_safetensors_header(weights)
+        (w.source / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {name: shard(w) for name in names}}))
+        return ["-o", w.tmp / "new"]
+    return prepare
+
+
+def index_linked_out(w: World) -> list:
+    """A valid index, moved outside and linked back."""
+    argv = index_naming(lambda w: "model.safetensors")(w)
+    index = w.source / "model.safetensors.index.json"
+    index.rename(w.outside / index.name)
+    index.symlink_to(w.outside / index.name)
+    return argv
+
+
+def link_out(name: str, folder: bool = False) -> Callable[[World], list]:
+    """The source's `name` moved outside (or made there) and replaced by a link to it."""
+    def prepare(w: World) -> list:
+        target = w.outside / name
+        if folder:
+            target.mkdir()
+            (target / "secret.txt").write_text("not for the model")
+        elif (w.source / name).exists():
+            (w.source / name).rename(target)
+        else:
+            target.write_text("not for the model")
+        (w.source / name).symlink_to(target, target_is_directory=folder)
+        return ["-o", w.tmp / "new"]
+    return prepare
+
+
+def fifo(w: World) -> list:
+    os.mkfifo(w.source / "pipe")  # reading it would hang the conversion
+    return ["-o", w.tmp / "new"]
+
+
+def broken_link(w: World) -> list:
+    (w.source / "gone.txt").symlink_to(w.source / "never-there.txt")
+    return ["-o", w.tmp / "new"]
+
+
+def killed_run_leftovers(w: World) -> list:
+    partial = w.tmp / ".new.partial-k1lled00"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(bytes(1 << 20))
+    (w.tmp / ".new.lock").write_text("gqa-convert (pid 999999 on a-dead-host)\n")  # its holder is gone
+    return ["-o", w.tmp / "new"]
+
+
+def no_locks_and_a_partial_folder(w: World) -> list:
+    """A file system that cannot flock (Lustre without -o flock), and a partial folder that may be a live run's."""
+    def cannot_lock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    w.monkeypatch.setattr("gqa_uptrain.locks.fcntl.flock", cannot_lock)
+    return killed_run_leftovers(w)
+
+
+def cut_between_renames(w: World) -> list:
+    """--force on a file system that cannot swap, killed after it set the old output aside."""
+    w.old.rename(w.tmp / ".old.old-cut00000")
+    copy_tree(w.source, w.tmp / ".old.partial-cut00000")
+    return ["-o", w.old, "--force"]
+
+
+def source_intact(w: World) -> bool:
+    return tree(w.source) == w.source_files and (w.tmp / "models" / "sibling" / "keep.txt").is_file()
+
+
+def new_model(w: World) -> bool:
+    return kv_heads(w.tmp / "new") == 2 and leftovers(w.tmp, "new") == [] and not (w.tmp / ".new.lock").exists()
+
+
+def nothing_written(w: World) -> bool:
+    return not os.path.lexists(w.tmp / "new") and leftovers(w.tmp, "new") == []
+
+
+@dataclass(frozen=True)
+class Case:
+    prepare: Callable[[World], list]
+    code: int  # 2: refused, with the line as its only output; 0: done, the line a warning among its output
+    line: str
+    holds: Callable[[World], bool]
+
+
+CASES = {
+    # Nothing lost: what the output may be.
+    "output is the source": Case(lambda w: ["-o", w.source, "--force"], 2,
+                                 "the output must not be the source folder or inside it", source_intact),
+    "output inside the source": Case(lambda w: ["-o", w.source / "sub", "--force"], 2,
+                                     "the output must not be the source folder or inside it",
+                                     lambda w: source_intact(w) and not (w.source / "sub").exists()),
+    "output holds the source": Case(lambda w: ["-o", w.tmp / "models", "--force"], 2,
+                                    "the output must not be a folder that holds the source", source_intact),
+    "output two levels above the source": Case(lambda w: ["-o", w.tmp, "--force"], 2,
+                                               "the output must not be a folder that holds the source",
+                                               source_intact),
+    "output is the root": Case(lambda w: ["-o", "/", "--force"], 2, "the output must not be", source_intact),
+    "output is the home folder": Case(home_that_looks_like_a_model, 2,
+                                      "the output must not be the filesystem root or a home folder",
+                                      lambda w: kv_heads(w.tmp / "home") == 1),
+    "output is a folder of mine": Case(folder_of_mine, 2, "has no gqa_provenance.json of its own",
+                                       lambda w: tree(w.tmp / "mine") == {"keep.txt": b"my notes"}),
+    "output is a pretrained model": Case(pretrained_model, 2, "records no conversion by gqa-uptrain",
+                                         lambda w: kv_heads(w.tmp / "pretrained") == 1),
+    "output has a corrupt record": Case(corrupt_record, 2, "gqa_provenance.json is not valid JSON",
+                                        lambda w: kv_heads(w.tmp / "corrupt") == 1),
+    "output is a file": Case(a_file, 2, "is a file, not a model folder",
+                             lambda w: (w.tmp / "file.txt").read_text() == "a file"),
+    "output is a link to a model": Case(link_to_model, 2, "is a link; name the folder itself",
+                                        lambda w: kv_heads(w.old) == 1 and (w.tmp / "link").is_symlink()),
+    "output exists, no --force": Case(lambda w: ["-o", w.old], 2, "already exists (use --force",
+                                      lambda w: kv_heads(w.old) == 1),
+    "output under a file": Case(lambda w: (a_file(w), ["-o", w.tmp / "file.txt" / "sub"])[1], 2,
+                                "cannot create the output's folder", lambda w: (w.tmp / "file.txt").is_file()),
+    "another run writes the output": Case(locked_by_another_run, 2, "is writing it now",
+                                          lambda w: not (w.tmp / "new").exists()),
+    # Nothing let in: what the source may name or link to.
+    "index names ../": Case(index_naming(lambda w: "../stolen.safetensors"), 2,
+                            "names the shard '../stolen.safetensors', which is not a file inside the model folder",
+                            nothing_written),
+    "index names an absolute path": Case(index_naming(lambda w: str(w.tmp / "models" / "stolen.safetensors")), 2,
+                                         "which is not a file inside the model folder", nothing_written),
+    "weights link out": Case(link_out("model.safetensors"), 2, "model.safetensors: it links to", nothing_written),
+    "index links out": Case(index_linked_out, 2, "index.json: it links to", nothing_written),
+    "config links out": Case(link_out("config.json"), 2, "config.json: it links to", nothing_written),
+    "provenance links out": Case(link_out("gqa_provenance.json"), 2, "gqa_provenance.json: it links to",
+                                 nothing_written),
+    "a file links out": Case(link_out("notes.txt"), 0, "notes.txt not copied: it links to",
+                             lambda w: new_model(w) and not (w.tmp / "new" / "notes.txt").exists()),
+    "a folder links out": Case(link_out("extras", folder=True), 0, "extras not copied: it links to",
+                               lambda w: new_model(w) and not (w.tmp / "new" / "extras").exists()),
+    "a named pipe": Case(fifo, 0, "pipe not copied: it is not a regular file",
+                         lambda w: new_model(w) and not (w.tmp / "new" / "pipe").exists()),
+    "a broken link": Case(broken_link, 0, "gone.txt not copied: it is a broken link", new_model),
+    # Leftovers of runs killed outright.
+    "a killed run's partial folder": Case(killed_run_leftovers, 0, "left by an interrupted run", new_model),
+    "a file system without locks": Case(no_locks_and_a_partial_folder, 0, "not removed without a lock",
+                                        lambda w: kv_heads(w.tmp / "new") == 2 and (w.tmp / ".new.partial-k1lled00")
+                                        .is_dir() and not (w.tmp / ".new.lock").exists()),
+    "a --force cut between its renames": Case(cut_between_renames, 0, "put back from .old.old-cut00000",
+                                              lambda w: kv_heads(w.old) == 2 and leftovers(w.tmp, "old") == []),
+}
+
+
+@pytest.mark.parametrize("name", CASES, ids=str)
+def test_hostile_input(name, world, capsys):
+    case = CASES[name]
+    argv = [world.source, "-g", 2, *case.prepare(world)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) if case.code else ExitStack() as exit_info:
+        main([str(a) for a in argv])
+    if case.code:
+        assert exit_info.value.code == case.code
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gqa-convert: ")]
+    assert [line for line in said if case.line in line] != [], said
+    if case.code:
+        assert len(said) == 1 and said[0].startswith("gqa-convert: error: "), said
+    else:
+        assert len([line for line in said if case.line in line]) == 1, said
+    assert case.holds(world)
+
+
+# ---- signals, and a second writer, against real processes ----
+
+SLOW_CONVERT = """
+import sys, time
+from gqa_uptrain.convert import converter
+from gqa_uptrain.convert.cli import main
+
+def slow(function, seconds):
+    def slowed(*args, **kwargs):
+        time.sleep(seconds)
+        return function(*args, **kwargs)
+    return slowed
+
+converter.write_tensor = slow(converter.write_tensor, float(sys.argv[1]))
+converter._flush_to_disk = slow(converter._flush_to_disk, float(sys.argv[1]))
+main(sys.argv[2:])
+"""
+
+
+def start_slow_convert(seconds: float, *argv) -> subprocess.Popen:
+    """gqa-convert in its own process, each pooled tensor and the final flush `seconds` slower."""
+    return subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(seconds), *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_partial(process: subprocess.Popen, parent: Path, name: str) -> None:
+    deadline = time.monotonic() + 120
+    while not list(parent.glob(f".{name}.partial-*")):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("seed", [1, 5, 0, 2])
+def test_sigkill_at_a_random_point_of_force_keeps_old_or_new_and_the_next_run_cleans_up(seed, world, capsys):
+    process = start_slow_convert(0.15, world.source, "-g", 2, "-o", world.old, "--force")
+    wait_for_partial(process, world.tmp, "old")
+    time.sleep(random.Random(seed).uniform(0, 0.9))  # 4 pooled tensors and the flush take about 0.75 s
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert kv_heads(world.old) in (1, 2)  # the old model or the new one, whole, at the instant of the kill
+    left = leftovers(world.tmp, "old")
+    main([str(world.source), "-g", "2", "-o", str(world.old), "--force"])
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gqa-convert: ")]
+    assert len(said) == len(left) and all("left by an interrupted run" in line for line in said), (left, said)
+    assert kv_heads(world.old) == 2 and leftovers(world.tmp, "old") == []
+
+
+@pytest.mark.parametrize("seed", [1, 0])
+def test_sigint_at_a_random_point_of_force_keeps_old_or_new_and_leaves_nothing(seed, world):
+    process = start_slow_convert(0.15, world.source, "-g", 2, "-o", world.old, "--force")
+    wait_for_partial(process, world.tmp, "old")
+    time.sleep(random.Random(seed).uniform(0, 0.9))
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate()
+    # 130: caught in the conversion; -SIGINT: it arrived as the interpreter was already exiting, the work done
+    assert process.returncode in (0, 130, -signal.SIGINT), err
+    if process.returncode == 130:
+        assert err.strip().splitlines()[-1] == "gqa-convert: interrupted"
+    assert kv_heads(world.old) in (1, 2) and leftovers(world.tmp, "old") == []
+
+
+def test_a_second_writer_is_refused_while_the_first_lives_and_not_after_it_is_killed(world, capsys):
+    first = start_slow_convert(60, world.source, "-g", 2, "-o", world.tmp / "new")
+    try:
+        wait_for_partial(first, world.tmp, "new")
+        with pytest.raises(SystemExit):
+            main([str(world.source), "-g", "1", "-o", str(world.tmp / "new")])
+        assert capsys.readouterr().err.strip() == (
+            f"gqa-convert: error: {world.tmp / 'new'}: gqa-convert (pid {first.pid} on {socket.gethostname()}) is "
+            f"writing it now (lock {world.tmp / '.new.lock'}); wait for it to end, or choose another output")
+    finally:
+        first.kill()
+        first.wait()
+    main([str(world.source), "-g", "1", "-o", str(world.tmp / "new")])  # its lock died with it
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gqa-convert: ")]
+    assert len(said) == 1 and "left by an interrupted run" in said[0]
+    assert kv_heads(world.tmp / "new") == 1 and leftovers(world.tmp, "new") == []
+
+
+def test_ctrl_c_between_the_renames_of_force_without_a_swap_puts_the_old_model_back(world, monkeypatch, capsys):
+    monkeypatch.setattr("gqa_uptrain.convert.converter.exchange_paths", lambda first, second: False)
+    rename = os.rename
+
+    def interrupted_rename(source, target):
+        if ".partial-" in os.fspath(source):  # the second rename: the new model into place
+            raise KeyboardInterrupt
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", interrupted_rename)
+    before = tree(world.old)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(world.source), "-g", "2", "-o", str(world.old), "--force"])
+    assert exit_info.value.code == 130 and capsys.readouterr().err.splitlines()[-1] == "gqa-convert: interrupted"
+    assert tree(world.old) == before and leftovers(world.tmp, "old") == []
+
+
+def test_force_without_a_swap_still_replaces(world, monkeypatch):
+    monkeypatch.setattr("gqa_uptrain.convert.converter.exchange_paths", lambda first, second: False)
+    main([str(world.source), "-g", "2", "-o", str(world.old), "--force"])
+    assert kv_heads(world.old) == 2 and leftovers(world.tmp, "old") == []

@@ -1,0 +1,142 @@
+"""Crashes and a full disk leave a run that the same command resumes, and a full disk ends in one line."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gqa_uptrain.train import metrics
+from gqa_uptrain.train.cli import main
+from gqa_uptrain.train.loop import reset_accelerate_state, run
+from gqa_uptrain.train.recipe import load_recipe
+
+from .conftest import TINY_RECIPE, overrides
+
+RUN = ["budget.steps=20", "checkpoint.every=5", "eval.every=10", "log.every=5", "log.trackers=[]"]
+
+
+def losses_by_step(output):
+    return [r["step"] for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_history_drops_a_torn_last_line_with_one_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "loss": 3.0}\n{"step": 10, "loss": 2.0}\n{"step": 15, "lo')
+    history = metrics.History(path, type("Main", (), {"is_main_process": True})())
+    history.truncate(10)
+    assert path.read_text() == '{"step": 5, "loss": 3.0}\n{"step": 10, "loss": 2.0}\n'
+    assert capsys.readouterr().err.count("warning") == 1
+    history.truncate(10)  # whole now: nothing to say
+    assert capsys.readouterr().err == ""
+    path.write_bytes(path.read_bytes() + b'\xff\xfe{"nope"\n{"step": 10, "val_loss": 1.0}')  # not UTF-8, no step
+    assert [r["step"] for r in history.records()] == [5, 10, 10]
+
+
+def test_a_failed_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    metrics.append_line(path, '{"step": 1}')
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError):
+        metrics.append_line(path, '{"step": 2, "loss": 1.0}')
+    assert path.read_text() == '{"step": 1}\n'
+
+
+def test_full_disk_mid_run_is_one_line_and_a_torn_history_still_resumes(
+    tmp_path, tiny_llama_gqa2, shakespeare, monkeypatch, capsys, fresh_accelerate
+):
+    """The disk fills as step 15's record is written (after the checkpoint of step 10): one line, exit 2. A crash
+    there could also leave half a line (kill -9, or files from before the fix): the same command resumes anyway."""
+    output = tmp_path / "run"
+    argv = [str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, output, *RUN)]
+    real_write = os.write
+
+    def full_at_step_15(fd, data):
+        if b'"step": 15,' in data and os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            real_write(fd, data[:20])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_at_step_15)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"gqa-uptrain: error: disk full while writing the run in {output} (")
+    assert "the next checkpoint needs about " in last
+    assert "(the size of step-00000010; with checkpoint.keep=2, 3 exist while it is written)" in last
+    assert "run the same command again" in last
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
+    assert not (output / "gqa-uptrain.lock").exists()  # released on the way out
+    monkeypatch.setattr(os, "write", real_write)
+    reset_accelerate_state()
+
+    with (output / "metrics.jsonl").open("a") as file:  # what a kill -9 in the middle of a write leaves
+        file.write('{"step": 15, "loss": 4.1')
+    assert run(load_recipe(TINY_RECIPE, argv[1:])) == output / "model"
+    assert capsys.readouterr().err.count("torn or unreadable line") == 1
+    assert losses_by_step(output) == [5, 10, 15, 20]  # each once: the torn and the stale records were dropped
+
+
+def test_simulated_enospc_in_a_checkpoint_is_one_line(tmp_path, tiny_llama_gqa2, shakespeare, monkeypatch, capsys,
+                                                      fresh_accelerate):
+    import accelerate
+
+    def no_space(self, output_dir=None, **kwargs):
+        (tmp_path / "run" / "checkpoints" / ".incomplete-step-00000005" / "model.safetensors").write_bytes(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", no_space)
+    with pytest.raises(SystemExit):
+        main([str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "run", *RUN)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("gqa-uptrain: error: disk full while writing the run in ")
+    assert "weights and AdamW state in fp32" in lines[-1]  # no checkpoint yet: the estimate
+    assert not any(line.startswith("gqa-uptrain: error") for line in lines[:-1])
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # the half-written checkpoint is gone
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 120 MiB tmpfs (root only): a tiny run's first checkpoint (about 78 MB) fits, a second beside it does not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_says_what_to_free_and_resumes_after(tmp_path, tiny_llama_gqa2, shakespeare, small_disk):
+    output = small_disk / "run"
+    argv = [sys.executable, "-m", "gqa_uptrain.train", str(TINY_RECIPE),
+            *overrides(tiny_llama_gqa2, shakespeare, output, "budget.steps=10", "checkpoint.every=5",
+                       "checkpoint.keep=2", "eval.every=5", "log.every=5", "log.trackers=[]")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    full = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"gqa-uptrain: error: disk full while writing the run in {output}"), last
+    assert "the next checkpoint needs about " in last and "(the size of step-00000005;" in last
+
+    subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)  # space freed
+    resumed = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert losses_by_step(output) == [5, 10]
+    assert (output / "model" / "model.safetensors").is_file()

@@ -1,0 +1,99 @@
+"""A full disk during a run, told as one line: which folder to free, and how much the next checkpoint needs.
+
+A full disk shows up in many forms: OSError ENOSPC (or EDQUOT, a quota) from Python's own writes, a safetensors
+error whose text says "No space left on device (os error 28)", and torch.save's bare RuntimeError from its zip
+writer ("file write failed", "unexpected pos ..."), which says nothing of the disk: that one counts only when the
+output's file system is indeed nearly full. Nothing half-written is resumed from (checkpoints are renamed into
+place when complete, metrics.jsonl lines are whole), so after freeing space the same command resumes.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterator
+
+from gqa_uptrain.errors import DiskFullError
+
+from . import checkpoint
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "StorageFull")
+_TORCH_WRITER_TEXTS = ("file write failed", "unexpected pos", "PytorchStreamWriter")
+_NEARLY_FULL = 1 << 30  # bytes free under which torch's mute writer errors are taken for a full disk
+
+
+@dataclass
+class Space:
+    """What the message needs to know, filled in as the run learns it."""
+
+    output: Path
+    checkpoint_bytes: int | None = None  # an estimate until a checkpoint exists: fp32 weights + AdamW moments
+    keep: int = 1
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether `error` (or what caused it) is a full disk or quota while writing under `folder`."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+            return True
+        text = str(error)
+        if any(marker in text for marker in _FULL_TEXTS):
+            return True
+        if isinstance(error, RuntimeError) and any(marker in text for marker in _TORCH_WRITER_TEXTS):
+            return _free_bytes(folder) < _NEARLY_FULL
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def full_disk_message(space: Space) -> str:
+    """One line: where space ran out, what is free, what to free and how much the next checkpoint needs."""
+    output = space.output
+    free = _free_bytes(output)
+    latest = checkpoint.latest_checkpoint(output / "checkpoints")
+    measured = _folder_bytes(latest) if latest is not None else None
+    need = measured or space.checkpoint_bytes
+    parts = [f"disk full while writing the run in {output} ({_size(free)} free on its file system)"]
+    if need is not None:
+        what = f"the size of {latest.name}" if measured else "weights and AdamW state in fp32"
+        kept = f"; with checkpoint.keep={space.keep}, {space.keep + 1} exist while it is written" if latest else ""
+        parts.append(f"the next checkpoint needs about {_size(need)} ({what}{kept})")
+    parts.append("free space there (old runs, the Hugging Face and datasets caches) and run the same command "
+                 "again: it resumes from the newest checkpoint")
+    return "; ".join(parts)
+
+
+@contextmanager
+def explained(space: Space) -> Iterator[None]:
+    """Turn a full disk inside the block into one DiskFullError line; every other error passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not is_disk_full(error, space.output):
+            raise
+        raise DiskFullError(full_disk_message(space)) from error
+
+
+def _free_bytes(folder: Path) -> int:
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
