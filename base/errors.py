@@ -48,6 +48,10 @@ class DiskFullError(GqaError):
     """There is not enough free space to write the output."""
 
 
+class DivergedError(GqaError):
+    """Training produced a non-finite loss; nothing was exported and the last good checkpoint is kept."""
+
+
 class PublishError(GqaError):
     """Nothing to publish, or no way to upload it."""
 

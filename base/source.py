@@ -40,6 +40,11 @@ def looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~"))
 
 
+def could_be_hub_id(source: str) -> bool:
+    """Whether SOURCE is written as a Hub id (`name` or `owner/name`) and not as a path."""
+    return not looks_local(source) and _REPO_ID.match(source) is not None
+
+
 def resolve_source(source: str, revision: str | None = None) -> Source:
     """A local folder as is; otherwise download (or find in the cache) the Hub repository's files."""
     path = Path(source).expanduser()
@@ -47,7 +52,7 @@ def resolve_source(source: str, revision: str | None = None) -> Source:
         if not path.is_dir():
             raise CheckpointError(f"{source}: not a folder")
         return _local(path)
-    if looks_local(source) or not _REPO_ID.match(source):
+    if not could_be_hub_id(source):
         raise CheckpointError(f"{source}: no such folder, and not a Hugging Face Hub id")
     folder = _download(source, revision, ignore=[*_NEVER, "*.bin"])
     if not any(folder.glob("*.safetensors")):  # an older repository with PyTorch .bin weights only

@@ -5,27 +5,64 @@ model built on the meta device, `gqa_uptrain.kv_heads`), `plan.py` decides every
 `pooling.py` pools one tensor with a method from `methods/` (`METHODS` is the one list of them),
 `checkpoint_io.py` reads and writes safetensors lazily, `converter.py` runs the plan atomically, and `card.py`
 writes the model card from the provenance record (`gqa_uptrain.provenance`).
+
+`convert_checkpoint` is the Python API; `gqa-convert` (cli.py) only parses flags and calls it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
+
+from transformers.utils.hub import convert_file_size_to_int
 
 from gqa_uptrain.convert.converter import convert, default_output
-from gqa_uptrain.convert.plan import CalibrationOptions, build_plan
+from gqa_uptrain.convert.plan import CalibrationOptions, after_writing, build_plan, describe, refuse_no_op
+from gqa_uptrain.errors import GqaError
 from gqa_uptrain.source import resolve_source
+
+DEFAULT_CALIBRATION_TOKENS = 32_768
 
 
 def convert_checkpoint(source: str | Path, groups: int, output: str | Path | None = None, *, method: str = "mean",
-                       seed: int = 0, revision: str | None = None, max_shard_bytes: int = 5_000_000_000,
+                       seed: int = 0, revision: str | None = None, max_shard_bytes: int | str = 5_000_000_000,
                        force: bool = False, progress: bool = True, calibration: str | None = None,
-                       calibration_tokens: int = 32_768) -> Path:
+                       calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS, dry_run: bool = False,
+                       context: int = 4096, say: Callable[[str], None] | None = print) -> Path:
     """Convert `source` (folder or Hub id) to `groups` KV heads; returns the output folder.
 
-    `calibration` and `calibration_tokens` are the calibrated method's text (None: the default) and its size.
+    Every `gqa-convert` flag is an argument: `method` (mean, first, random, calibrated), `calibration` and
+    `calibration_tokens` (the calibrated method's text, None: the default, and its size), `seed`, `revision`,
+    `max_shard_bytes` (bytes, or a size such as "500MB"), `force`. With `dry_run` nothing is written: the plan
+    (KV-cache bytes at `context` tokens) goes to `say` and the folder it would write is returned. After writing,
+    `say` gets the line that says how to measure the damage. Mistakes raise `gqa_uptrain.errors` classes.
     """
+    shard_bytes = _max_shard_bytes(max_shard_bytes)
+    if method != "calibrated" and (calibration or calibration_tokens != DEFAULT_CALIBRATION_TOKENS):
+        raise GqaError("--calibration and --calibration-tokens apply to --method calibrated only")
+    if calibration_tokens < 1:
+        raise GqaError(f"--calibration-tokens must be positive, got {calibration_tokens}")
     resolved = resolve_source(str(source), revision)
-    plan = build_plan(resolved.folder, groups, method, seed, max_shard_bytes,
+    plan = build_plan(resolved.folder, groups, method, seed, shard_bytes,
                       CalibrationOptions(calibration, calibration_tokens))
+    refuse_no_op(plan)
     target = Path(output) if output is not None else default_output(resolved.name, groups)
-    return convert(plan, resolved, target, force=force, progress=progress)
+    say = say or (lambda line: None)
+    if dry_run:
+        say("\n".join([*describe(plan, context), f"output        {target} (not written: --dry-run)"]))
+        return target
+    written = convert(plan, resolved, target, force=force, progress=progress)
+    say("\n".join([f"gqa-convert: wrote {written} ({plan.layout.kv_heads} -> {plan.layout.groups} KV heads, "
+                   f"{plan.method})", *after_writing(plan, str(source), written)]))
+    return written
+
+
+def _max_shard_bytes(size: int | str) -> int:
+    """5_000_000 or '5MB' -> bytes; GqaError for anything else."""
+    try:
+        value = size if isinstance(size, int) else convert_file_size_to_int(str(size))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise GqaError(f"--max-shard-size: '{size}' is not a size like 5GB or 500MB")
+    return value

@@ -67,20 +67,38 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + header_len
     infos = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        begin, end = entry["data_offsets"]
+        begin, end, shape = _header_entry(path, name, entry)
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        info = TensorInfo(name, path, dtype, tuple(entry["shape"]), data_start + begin)
+        info = TensorInfo(name, path, dtype, shape, data_start + begin)
         if end - begin != info.nbytes or data_start + end > size:
             raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
         infos[name] = info
     return infos
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(path: Path, name: str, entry) -> tuple[int, int, tuple[int, ...]]:
+    """(begin, end, shape) of one header entry, checked: valid JSON can still be a malformed header."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets))
+            or offsets[0] > offsets[1] or not isinstance(shape, list) or not all(map(_is_count, shape))
+            or not isinstance(entry.get("dtype"), str)):
+        raise CheckpointError(f"{path}: corrupt safetensors header (tensor {name} needs a dtype string, a shape "
+                              "of whole numbers and two data_offsets)")
+    return offsets[0], offsets[1], tuple(shape)
 
 
 class CheckpointReader:

@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers.utils.hub import convert_file_size_to_int
-
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.convert.converter import convert, default_output
+from gqa_uptrain.convert import DEFAULT_CALIBRATION_TOKENS, convert_checkpoint
 from gqa_uptrain.convert.methods import METHODS
-from gqa_uptrain.convert.plan import CalibrationOptions, build_plan, describe
-from gqa_uptrain.source import resolve_source
-from gqa_uptrain.errors import GqaError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
                    help="text for --method calibrated: a local .txt/.jsonl/.parquet file (optionally compressed), "
                         "folder or glob, or a Hub dataset id; rows with input_ids are used as they are (default: "
                         "the docstrings of Python's standard library, offline)")
-    p.add_argument("--calibration-tokens", type=int, default=32_768, metavar="N",
+    p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                    help="calibration tokens for --method calibrated, as whole sequences of up to 512 tokens "
                         "(default: 32768; more fits more closely and takes longer)")
     p.add_argument("--seed", type=int, default=0,
@@ -66,31 +61,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _max_shard_bytes(text: str) -> int:
-    try:
-        size = convert_file_size_to_int(text)
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise GqaError(f"--max-shard-size: '{text}' is not a size like 5GB or 500MB")
-    return size
-
-
 def run(args: argparse.Namespace) -> None:
-    max_shard = _max_shard_bytes(args.max_shard_size)
-    source = resolve_source(args.source, args.revision)
-    if args.method != "calibrated" and (args.calibration or args.calibration_tokens != 32_768):
-        raise GqaError("--calibration and --calibration-tokens apply to --method calibrated only")
-    if args.calibration_tokens < 1:
-        raise GqaError(f"--calibration-tokens must be positive, got {args.calibration_tokens}")
-    plan = build_plan(source.folder, args.groups, args.method, args.seed, max_shard,
-                      CalibrationOptions(args.calibration, args.calibration_tokens))
-    output = args.output or default_output(source.name, args.groups)
-    if args.dry_run:
-        print("\n".join([*describe(plan, args.context), f"output        {output} (not written: --dry-run)"]))
-        return
-    convert(plan, source, output, force=args.force)
-    print(f"gqa-convert: wrote {output} ({plan.layout.kv_heads} -> {plan.layout.groups} KV heads, {plan.method})")
+    """The flags, handed to the Python API one to one."""
+    convert_checkpoint(args.source, args.groups, args.output, method=args.method, seed=args.seed,
+                       revision=args.revision, max_shard_bytes=args.max_shard_size, force=args.force,
+                       calibration=args.calibration, calibration_tokens=args.calibration_tokens,
+                       dry_run=args.dry_run, context=args.context)
 
 
 def main(argv: list[str] | None = None) -> None:

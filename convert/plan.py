@@ -19,8 +19,8 @@ from gqa_uptrain.convert.checkpoint_io import CheckpointReader, OutputTensor, Te
 from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, find_layout
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.pooling import pooled_shape
-from gqa_uptrain.errors import CheckpointError, UnsupportedModelError
-from gqa_uptrain.kv_heads import kv_cache_bytes_per_token, with_kv_heads
+from gqa_uptrain.errors import CheckpointError, InvalidGroupsError, UnsupportedModelError
+from gqa_uptrain.kv_heads import kv_cache_bytes_per_token, meta_model, with_kv_heads
 from gqa_uptrain.model_folder import require_inside
 
 
@@ -78,6 +78,14 @@ def load_config(folder: Path) -> tuple[dict, PretrainedConfig]:
         raise CheckpointError(f"{path}: missing; not a Hugging Face model folder") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    _check_sizes(path, raw)
+    if "quantization_config" in raw or "quantization_config" in (raw.get("text_config") or {}):
+        method = (raw.get("quantization_config") or raw["text_config"]["quantization_config"] or {})
+        method = method.get("quant_method", "unknown") if isinstance(method, dict) else "unknown"
+        raise UnsupportedModelError(f"{path}: a quantized checkpoint ({method}); its K/V weights cannot be pooled "
+                                    "exactly beside their scales: convert the unquantized model, then quantize")
     if "auto_map" in raw:
         raise UnsupportedModelError(f"{path}: the model needs custom code (auto_map); only architectures built "
                                     "into transformers are supported")
@@ -86,6 +94,23 @@ def load_config(folder: Path) -> tuple[dict, PretrainedConfig]:
     except (ValueError, KeyError) as e:
         raise UnsupportedModelError(f"{path}: transformers does not know this model ({e})") from None
     return raw, config
+
+
+# Sizes the attention layout is computed from: whole numbers above zero wherever a config names them.
+_SIZES = ("num_attention_heads", "num_key_value_heads", "hidden_size", "num_hidden_layers", "head_dim")
+
+
+def _check_sizes(path: Path, raw: dict) -> None:
+    """Refuse a config whose head counts or sizes are not positive whole numbers (`"4"`, 0, 2.5), at the edge."""
+    for where, values in (("", raw), ("text_config.", raw.get("text_config"))):
+        if not isinstance(values, dict):
+            continue
+        for key in _SIZES:
+            value = values.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{path}: {where}{key} must be a whole number above 0, got {value!r}")
 
 
 def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
@@ -100,7 +125,9 @@ def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
     except AttributeError as e:  # e.g. configs whose head counts vary per layer
         raise UnsupportedModelError(f"{folder}: cannot read the attention layout ({e})") from None
     reader = CheckpointReader(folder)
+    _check_complete(config, reader.tensors)
     steps = _steps(reader, layout)
+    _check_exact(reader.tensors, steps)
     fitted = method == "calibrated" and bool(layout.changes)
     if fitted:
         check_supported(config, layout, reader.tensors)
@@ -109,6 +136,62 @@ def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
     return ConversionPlan(folder, raw, config, layout, method, seed, reader, steps,
                           assign_shards([s.output for s in steps], max_shard_bytes),
                           (calibration or CalibrationOptions()) if fitted else None)
+
+
+def _check_complete(config: PretrainedConfig, tensors: dict[str, TensorInfo]) -> None:
+    """Every parameter the model class has must be in the checkpoint: one left out (an index that forgot a shard)
+    would be randomly initialised when the output is loaded. Tied parameters (lm_head tied to the embeddings) are
+    one tensor, present under any of their names; buffers are not weights and are not asked for."""
+    renamed, converted = _stored_names(config.model_type)
+    names_of: dict[int, list[str]] = {}
+    for name, param in meta_model(config).named_parameters(remove_duplicate=False):
+        if not any(target in name for target in converted):  # stored as other tensors (MoE experts): not checked
+            names_of.setdefault(id(param), []).append(name)
+    def stored(name: str) -> bool:
+        for target, source in renamed:
+            name = name.replace(target, source) if name.replace(target, source) in tensors else name
+        return name in tensors or name.split(".", 1)[-1] in tensors
+    missing = [names[0] for names in names_of.values() if not any(map(stored, names))]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"tensor(s) {', '.join(missing[:3])}{more} missing from the checkpoint, though the "
+                              "model has them (an index or shard left out?)")
+
+
+def _stored_names(model_type: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """How transformers maps this architecture's checkpoint names to its modules: (renamed parts as (module's,
+    checkpoint's), parts of parameters built from several stored tensors)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    renamed, converted = [], []
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        sources, targets = list(rule.source_patterns), list(rule.target_patterns)
+        plain = [re.sub(r"\\(.)", r"\1", source) for source in sources]  # the patterns are regexes
+        if (type(rule).__name__ == "WeightRenaming" and len(sources) == len(targets) == 1
+                and not re.search(r"[*+?()\[\]|^$]", plain[0])):
+            renamed.append((targets[0], plain[0]))
+        else:
+            converted += targets
+    return renamed, converted
+
+
+# Tensor names that hold a quantization's scales or packed integers beside (or instead of) the weights.
+_QUANTIZED = re.compile(r"(weight_scale(_inv)?|input_scale|qweight|qzeros|scales|absmax|quant_map)$")
+
+
+def _check_exact(tensors: dict[str, TensorInfo], steps: list[Step]) -> None:
+    """Pool only what pooling can convert exactly: floating-point weights of 16 bits or more, no scales."""
+    scaled = next((name for name in tensors if _QUANTIZED.search(name)), None)
+    if scaled is not None:
+        raise UnsupportedModelError(f"tensor {scaled}: a quantized checkpoint (weights with scales); convert the "
+                                    "unquantized model, then quantize")
+    for step in steps:
+        for name in step.sources if step.change is not None else ():
+            dtype = tensors[name].dtype
+            if not dtype.is_floating_point or dtype.itemsize < 2:
+                raise UnsupportedModelError(f"tensor {name} is stored as {str(dtype).removeprefix('torch.')}; only "
+                                            "16- and 32-bit float K/V weights can be pooled exactly: convert the "
+                                            "unquantized model, then quantize")
 
 
 def _is_attention_projection(name: str) -> bool:
@@ -189,7 +272,7 @@ def describe(plan: ConversionPlan, context: int) -> list[str]:
     params_before = sum(info.nbytes // info.dtype.itemsize for info in plan.reader.tensors.values())
     params_after = sum(s.output.nbytes // s.output.dtype.itemsize for s in plan.steps)
     changed = sum(step.change is not None or step.fitted for step in plan.steps)
-    how = "rewritten"
+    how = CHANGED_HOW.get(plan.method, "rewritten")
     if plan.calibration is not None:
         how = (f"fitted on {plan.calibration.data or 'Python standard-library docstrings'} "
                f"({plan.calibration.tokens:,} tokens)")
@@ -202,7 +285,65 @@ def describe(plan: ConversionPlan, context: int) -> list[str]:
         f"weights       {human_size(plan.source_bytes)} -> {human_size(plan.output_bytes)} in {len(plan.shards)} "
         f"safetensors file(s)",
         f"tensors       {changed} {how}, {len(plan.steps) - changed} copied unchanged",
+        *notes(plan),
     ]
+
+
+# What the dry run says a method did to the tensors it changed.
+CHANGED_HOW = {"mean": "mean-pooled", "first": "cut to each group's first head", "random": "drawn afresh"}
+POOLING_METHODS = ("mean", "first", "random")
+TENSOR_PARALLEL = (2, 4, 8)  # common tensor-parallel degrees of serving engines (vLLM, TGI, SGLang)
+
+
+def splits_over(kv_heads: int, degree: int) -> bool:
+    """Whether `kv_heads` KV heads shard over `degree` tensor-parallel ranks as serving engines do it: whole heads
+    per rank (degree divides kv_heads), or each head replicated on degree / kv_heads ranks (kv_heads divides it)."""
+    return kv_heads % degree == 0 or degree % kv_heads == 0
+
+
+def tensor_parallel_note(plan: ConversionPlan) -> str | None:
+    """One line when the new KV-head count cannot shard over a common TP degree the query heads allow, naming the
+    group counts that would (the divisors of the source's KV heads that shard over all of them)."""
+    layout = plan.layout
+    degrees = [t for t in TENSOR_PARALLEL if layout.query_heads % t == 0]
+    bad = [t for t in degrees if not splits_over(layout.groups, t)]
+    if not bad:
+        return None
+    good = [g for g in range(1, layout.kv_heads + 1)
+            if layout.kv_heads % g == 0 and all(splits_over(g, t) for t in degrees)]
+    return (f"tensor parallel: {layout.groups} KV heads do not shard over {' or '.join(map(str, bad))} GPUs; "
+            f"--groups {' or '.join(map(str, good))} would")
+
+
+def notes(plan: ConversionPlan) -> list[str]:
+    """Warnings the dry run and the run both print: a conversion that changes nothing, an unfriendly TP count."""
+    layout = plan.layout
+    lines = []
+    if layout.groups == layout.kv_heads:
+        lines.append(f"note: --groups {layout.groups} is the source's KV-head count: nothing changes, the output is "
+                     "a copy of the source")
+    tp = tensor_parallel_note(plan)
+    if tp:
+        lines.append(f"warning: {tp}")
+    return lines
+
+
+def refuse_no_op(plan: ConversionPlan) -> None:
+    """--method random at G = the source's KV heads would copy the source, not draw new projections: refuse."""
+    if plan.method == "random" and plan.layout.groups == plan.layout.kv_heads:
+        raise InvalidGroupsError(f"--method random with --groups {plan.layout.groups}, the source's KV heads, would "
+                                 "copy the source unchanged (nothing is re-initialised when no heads merge); "
+                                 "choose a smaller --groups")
+
+
+def after_writing(plan: ConversionPlan, source: str, output: Path) -> list[str]:
+    """What the run prints after writing: the notes, how to measure the damage, and what to expect by method."""
+    layout = plan.layout
+    lines = [*notes(plan), f"measure it: gqa-eval --base {source} --model {output} --perplexity TEXT"]
+    if plan.method in POOLING_METHODS and layout.groups < layout.kv_heads:
+        lines.append(f"expect a large loss before uptraining: {plan.method} pooling can lose much (a real model's "
+                     "perplexity rose from 24 to 30,853 at one KV head); --method calibrated keeps more")
+    return lines
 
 
 def human_size(nbytes: float) -> str:

@@ -10,5 +10,38 @@ with the split-KV Triton kernel of `decode_kernels.py`, and `speed.py` times it 
 memory-bound floor; `report.py` computes deltas, standard errors and tables and writes the report files;
 `plots.py` draws the report's PNGs.
 
-Importing this package imports nothing else: `gqa-eval --help` stays fast.
+`evaluate` is the Python API; `gqa-eval` (cli.py) only parses flags and calls it. Importing this package imports
+nothing heavy: `gqa-eval --help` stays fast.
 """
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def evaluate(base: str | Path, models: str | Path | Sequence[str | Path] = (), **options: Any) -> dict:
+    """Evaluate `base` and each of `models` (folders or Hub ids) and return the report (what report.json holds:
+    settings, base, candidates, comparisons against the base), also written to `output` (default
+    ./gqa-eval-report). `options` are gqa-eval's flags as keyword arguments, named as `EvalOptions`' fields:
+    tasks="gqa_lastword", perplexity="held_out.txt", perplexity_max_tokens=2048, speed=True, batch_size=8,
+    device="cpu", output="reports/x", use_cache=False, ... Bad options raise ConfigError before anything loads;
+    if a candidate fails, EvaluationError is raised once the others are done (its `report` holds their results).
+    """
+    from gqa_uptrain.errors import EvaluationError
+
+    from .options import EvalOptions
+
+    refs = [models] if isinstance(models, (str, Path)) else list(models)
+    options.setdefault("output", Path("gqa-eval-report"))
+    settings = EvalOptions(base=str(base), models=[str(ref) for ref in refs], **options)
+    from .runner import run_report  # torch, transformers and lm-eval take seconds to import
+
+    report, errors = run_report(settings)
+    if errors:
+        error = EvaluationError(f"{len(errors)} of {len(refs)} candidates failed (the report has the others): "
+                                + "; ".join(errors))
+        error.report = report
+        raise error
+    return report

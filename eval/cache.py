@@ -51,7 +51,11 @@ class ResultCache:
         path = self._entry(key)
         if not self.enabled or not path.is_file():
             return None
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_bytes())
+        except ValueError:  # torn or empty (a crash, a full disk, an older version): measured again, rewritten
+            path.unlink(missing_ok=True)
+            return None
 
     def put(self, key: str, value: Any) -> None:
         if self.enabled:
@@ -62,13 +66,22 @@ class ResultCache:
         stat = path.stat()
         memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         if self._file_hashes is None:
-            known = self._file_hashes_path.is_file() and self.enabled
-            self._file_hashes = json.loads(self._file_hashes_path.read_text()) if known else {}
+            self._file_hashes = self._read_file_hashes()
         if memo_key not in self._file_hashes:
             self._file_hashes[memo_key] = sha256_file(path)
             if self.enabled:
                 _write_json_atomically(self._file_hashes_path, self._file_hashes)
         return self._file_hashes[memo_key]
+
+    def _read_file_hashes(self) -> dict[str, str]:
+        """The remembered file hashes; an unreadable memo is forgotten (the hashes are computed again)."""
+        if not (self.enabled and self._file_hashes_path.is_file()):
+            return {}
+        try:
+            known = json.loads(self._file_hashes_path.read_bytes())
+        except ValueError:
+            return {}
+        return known if isinstance(known, dict) else {}
 
     def model_fingerprint(self, ref: str) -> str:
         """Content hash of a local model folder; for a Hub id, the commit it resolved to (which pins content)."""

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.errors import EvaluationError
 
 from .cache import default_cache_dir
 from .local_tasks import shipped_task_names
@@ -128,13 +127,11 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    options = options_from_args(args)  # bad values fail here, before the slow imports
-    from .runner import run  # torch, transformers and lm-eval take seconds to import: not for --help
+    """The flags, handed to the Python API (bad values fail in EvalOptions, before the slow imports)."""
+    from . import evaluate as evaluate_api
 
-    errors = run(options)
-    if errors:
-        raise EvaluationError(f"{len(errors)} of {len(args.models)} candidates failed (the report has the others): "
-                              + "; ".join(errors))
+    fields = {k: v for k, v in vars(args).items() if k not in ("verbose", "base", "models") and v is not None}
+    evaluate_api(args.base, args.models, **fields)
 
 
 def main(argv: list[str] | None = None) -> None:

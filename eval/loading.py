@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from gqa_uptrain.errors import CheckpointError, TokenizerMismatchError, one_line
 from gqa_uptrain.provenance import read_provenance
+from gqa_uptrain.source import could_be_hub_id
 from gqa_uptrain.tokenizer_identity import tokenizer_difference
 
 
@@ -32,6 +33,8 @@ def open_model(ref: str, label: str) -> OpenedModel:
     path = Path(ref)
     if path.exists() and not (path / "config.json").is_file():
         raise CheckpointError(f"model {ref}: no config.json in {path}")
+    if not path.exists() and not could_be_hub_id(ref):
+        raise CheckpointError(f"model {ref}: no such folder, and not a Hugging Face Hub id")
     try:
         config = AutoConfig.from_pretrained(ref)
     except Exception as error:  # noqa: BLE001 - any failure here means this model cannot be loaded

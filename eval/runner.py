@@ -8,6 +8,7 @@ cache and in the report.
 
 import gc
 import hashlib
+import math
 import sys
 import tempfile
 import traceback
@@ -227,6 +228,29 @@ def evaluate_model(record: dict, spec: OpenedModel, plan: EvaluationPlan) -> Non
                               "(try a smaller one, or --device auto to spread it over several GPUs)") from error
     finally:
         model.release()
+    check_finite(record, spec)
+
+
+def _numbers(value, path: str = ""):
+    """(where, number) for every number in a result, metric standard errors left out (lm-eval writes NaN there
+    when it cannot estimate one)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "stderr" not in str(key):
+                yield from _numbers(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, value
+
+
+def check_finite(record: dict, spec: OpenedModel) -> None:
+    """A NaN or infinite perplexity or score means a broken model (a diverged run, overflow in its dtype), not a
+    result: the model is marked failed instead of ok."""
+    measured = {"perplexity": record.get("perplexity") or {},
+                "tasks": {name: result.get("results", {}) for name, result in record["tasks"].items()}}
+    for where, number in _numbers(measured):
+        if not math.isfinite(number):
+            raise EvaluationError(f"model {spec.ref}: {where} is {number}, not a finite number (a diverged or "
+                                  "broken model, or overflow in --dtype)")
 
 
 def write_report(plan: EvaluationPlan, base: dict, candidates: list[dict]) -> dict:
@@ -239,6 +263,11 @@ def write_report(plan: EvaluationPlan, base: dict, candidates: list[dict]) -> di
 
 def run(options: EvalOptions) -> list[str]:
     """Evaluate base and candidates, write the report; returns the candidates' errors (empty: all went well)."""
+    return run_report(options)[1]
+
+
+def run_report(options: EvalOptions) -> tuple[dict, list[str]]:
+    """`run`, also returning the report it wrote (report.json's content)."""
     labels = unique_labels([options.base, *options.models])
     base = open_model(options.base, labels[0])
     candidates = [open_model(ref, label) for ref, label in zip(options.models, labels[1:])]
@@ -263,4 +292,4 @@ def run(options: EvalOptions) -> list[str]:
                 errors.append(f"candidate {spec.ref}: {record['error']}")
             report = write_report(plan, base_record, records)
     print(report_io.markdown(report, images=[]))
-    return errors
+    return report, errors

@@ -37,7 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the recipe, the models' configs and the budget, print the plan (steps, tokens, FLOPs, "
         "fraction of pretraining) and stop before loading data or weights",
     )
+    estimate = parser.add_argument_group("estimates (with --dry-run)")
+    estimate.add_argument("--num-processes", type=int, default=None, metavar="N",
+                          help="processes (GPUs) to estimate for (default: the local GPU count, at least 1)")
+    estimate.add_argument("--gpu", default="h100", help="GPU the time and fit are estimated for: "
+                          "h100, h200, a100, l40s or 4090 (default h100)")
+    estimate.add_argument("--mfu", type=float, default=0.40,
+                          help="model FLOPs utilisation assumed for the time (default 0.40, the eager loop's)")
+    estimate.add_argument("--parallel", choices=["single", "ddp", "fsdp"], default=None,
+                          help="how the model states are held (default: from the recipe's accelerate_config; "
+                          "fsdp for FSDP and DeepSpeed ZeRO-3, else ddp, or single on one process)")
     return parser
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
 
     def command() -> None:
-        from .loop import run  # heavy imports after --help
-        from .recipe import load_recipe
+        from . import load, uptrain  # heavy imports after --help
 
-        run(load_recipe(args.recipe, args.overrides), dry_run=args.dry_run)
+        if not args.dry_run:
+            uptrain(args.recipe, args.overrides)
+            return
+        from . import estimate
+        from .loop import run
+
+        recipe = load(args.recipe, args.overrides)
+        run(recipe, dry_run=True)
+        processes = args.num_processes or _local_gpus()
+        kind = {"single": None, "ddp": "MULTI_GPU", "fsdp": "FSDP"}[args.parallel] if args.parallel else (
+            estimate.accelerate_distributed_type(args.recipe))
+        print(estimate.for_recipe(recipe, processes, args.gpu, args.mfu, kind))
 
     run_cli("gqa-uptrain", command)
     return 0

@@ -185,6 +185,7 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
     if peak is not None:
         accelerator.print(f"MFU is against {peak.description}")
     losses = metrics.LossWindow(accelerator.device)
+    divergence = metrics.Divergence(accelerator.device)  # checked before anything is logged, saved or exported
     clip = recipe.train.grad_clip or float("inf")
     grad_norm = None
     progress = stack.enter_context(tqdm(  # closed on an error too, so that its message starts a line
@@ -202,12 +203,15 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.add(lm_loss, kd_loss)
+            divergence.add(objective, step + 1)
         scheduler.step()
         step += 1
         tokens += plan.tokens_per_step
         throughput.add(plan.tokens_per_step)
         progress.update()
 
+        if cadence.log(step) or cadence.evaluate(step) or cadence.save(step) or step == plan.steps:
+            divergence.check(accelerator, checkpoints)
         if cadence.log(step):
             loss, kd_loss = losses.report(accelerator)
             record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens, **throughput.report()}

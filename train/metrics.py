@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from gqa_uptrain.cli import warn
 from gqa_uptrain.dicts import flatten
-from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.errors import ConfigError, DivergedError
 from gqa_uptrain.files import write_atomically
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, SXM parts).
@@ -116,6 +116,32 @@ class LossWindow:
         self.kd.zero_()
         self.micro_batches = 0
         return lm, kd
+
+
+class Divergence:
+    """The first optimizer step whose loss was NaN or infinite, kept on the device so that watching costs no sync.
+
+    `check` (a collective: call it on every process) raises before a checkpoint, an evaluation or the export would
+    be made from a diverged model, naming the step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((1,), -1, dtype=torch.long, device=device)
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach().float()) & (self.first < 0)
+        self.first = torch.where(bad, torch.full_like(self.first, step), self.first)
+
+    def check(self, accelerator: Accelerator, checkpoints: Path) -> None:
+        steps = [s for s in accelerator.gather(self.first).tolist() if s >= 0]
+        if not steps:
+            return
+        kept = sorted(p.name for p in checkpoints.glob("step-*")) if checkpoints.is_dir() else []
+        last = f"the last good checkpoint, {checkpoints / kept[-1]}, is kept" if kept else "no checkpoint was saved"
+        raise DivergedError(
+            f"training diverged: the loss was not finite (NaN or inf) at step {min(steps):,}; nothing was exported "
+            f"and {last} (lower train.lr or set train.grad_clip, then run again)"
+        )
 
 
 def check_trackers(trackers: list[str]) -> None:

@@ -10,6 +10,7 @@ with them and validates the whole file.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import types
 import typing
@@ -164,17 +165,25 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
         raise ConfigError(f"recipe {path} does not exist") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({one_line(error)})") from None
+    return recipe_from_tree(tree, overrides, schema, origin=path)
+
+
+def recipe_from_tree(tree: Any, overrides: list[str] | tuple[str, ...] = (), schema: type[R] = Recipe,
+                     origin: str | Path = "recipe") -> R:
+    """A recipe from its YAML tree (a dict, as the Python API takes it), overridden and validated like a file;
+    `origin` names it in messages. The tree is not modified."""
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
+        raise ConfigError(f"{origin}: a recipe is a mapping of sections, got {type(tree).__name__}")
+    tree = copy.deepcopy(tree)
     for override in overrides:
-        _apply_override(tree, override, path)
+        _apply_override(tree, override, origin)
     try:
         return schema.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(f"{path}: " + "; ".join(_describe(item, schema) for item in error.errors())) from None
+        raise ConfigError(f"{origin}: " + "; ".join(_describe(item, schema) for item in error.errors())) from None
 
 
-def _apply_override(tree: dict, override: str, path: Path) -> None:
+def _apply_override(tree: dict, override: str, path: str | Path) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} for {path}: write it as dotted.key=value")

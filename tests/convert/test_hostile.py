@@ -201,6 +201,71 @@ def cut_between_renames(w: World) -> list:
     return ["-o", w.old, "--force"]
 
 
+# ---- silent wrong results and tracebacks: sources that must be refused in one line ----
+
+def edit_config(**values) -> Callable[[World], list]:
+    def prepare(w: World) -> list:
+        config = json.loads((w.source / "config.json").read_text())
+        (w.source / "config.json").write_text(json.dumps({**config, **values}))
+        return ["-o", w.tmp / "new"]
+    return prepare
+
+
+def edit_weights(change: Callable[[dict], dict]) -> Callable[[World], list]:
+    """The source's weights rewritten by `change` (a dict of tensors in, a dict of tensors out)."""
+    def prepare(w: World) -> list:
+        from safetensors.torch import load_file, save_file
+        weights = w.source / "model.safetensors"
+        save_file(change(load_file(weights)), weights, metadata={"format": "pt"})
+        return ["-o", w.tmp / "new"]
+    return prepare
+
+
+def with_fp8_scales(tensors: dict) -> dict:
+    import torch
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith("k_proj.weight"):
+            out[name] = tensor.to(torch.float8_e4m3fn)
+            out[name.replace(".weight", ".weight_scale")] = torch.ones(())
+        else:
+            out[name] = tensor
+    return out
+
+
+def with_int8_kv(tensors: dict) -> dict:
+    import torch
+    return {name: (t * 100).to(torch.int8) if name.endswith(("k_proj.weight", "v_proj.weight")) else t
+            for name, t in tensors.items()}
+
+
+def index_leaving_out_a_shard(w: World) -> list:
+    """Two shards, and an index that names only the first one's tensors."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(w.source / "model.safetensors")
+    names = sorted(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    save_file({n: tensors[n] for n in first}, w.source / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file({n: tensors[n] for n in second}, w.source / "model-00002-of-00002.safetensors",
+              metadata={"format": "pt"})
+    (w.source / "model.safetensors").unlink()
+    (w.source / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00002.safetensors" for n in first}}))
+    return ["-o", w.tmp / "new"]
+
+
+def header_with_offsets_not_a_list(w: World) -> list:
+    weights = w.source / "model.safetensors"
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    name = next(n for n in header if n != "__metadata__")
+    header[name]["data_offsets"] = "0-16"
+    raw = json.dumps(header).encode()
+    weights.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + length:])  # offsets are from the data
+    return ["-o", w.tmp / "new"]
+
+
 def source_intact(w: World) -> bool:
     return tree(w.source) == w.source_files and (w.tmp / "models" / "sibling" / "keep.txt").is_file()
 
@@ -271,6 +336,29 @@ CASES = {
     "a named pipe": Case(fifo, 0, "pipe not copied: it is not a regular file",
                          lambda w: new_model(w) and not (w.tmp / "new" / "pipe").exists()),
     "a broken link": Case(broken_link, 0, "gone.txt not copied: it is a broken link", new_model),
+    # Silent wrong results: what cannot be converted exactly is refused.
+    "a quantized config": Case(edit_config(quantization_config={"quant_method": "fp8"}), 2,
+                               "a quantized checkpoint (fp8)", nothing_written),
+    "fp8 weights with weight_scale": Case(edit_weights(with_fp8_scales), 2,
+                                          "weight_scale: a quantized checkpoint (weights with scales)",
+                                          nothing_written),
+    "integer K/V weights": Case(edit_weights(with_int8_kv), 2, "is stored as int8; only 16- and 32-bit float",
+                                nothing_written),
+    "an index leaving out a shard": Case(index_leaving_out_a_shard, 2, "missing from the checkpoint, though the "
+                                         "model has them", nothing_written),
+    "a tensor left out": Case(edit_weights(lambda t: {n: v for n, v in t.items() if "layers.1.mlp.up" not in n}), 2,
+                              "tensor(s) model.layers.1.mlp.up_proj.weight missing from the checkpoint",
+                              nothing_written),
+    # Tracebacks where one line was promised.
+    "a header with data_offsets not a list": Case(header_with_offsets_not_a_list, 2,
+                                                  "corrupt safetensors header (tensor ", nothing_written),
+    "num_key_value_heads a string": Case(edit_config(num_key_value_heads="4"), 2,
+                                         "num_key_value_heads must be a whole number above 0, got '4'",
+                                         nothing_written),
+    "0 attention heads": Case(edit_config(num_attention_heads=0), 2,
+                              "num_attention_heads must be a whole number above 0, got 0", nothing_written),
+    "a config that is a list": Case(lambda w: ((w.source / "config.json").write_text("[1]"), ["-o", w.tmp / "new"])[1],
+                                    2, "config.json: not a JSON object", nothing_written),
     # Leftovers of runs killed outright.
     "a killed run's partial folder": Case(killed_run_leftovers, 0, "left by an interrupted run", new_model),
     "a file system without locks": Case(no_locks_and_a_partial_folder, 0, "not removed without a lock",

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gqa_uptrain.errors import DataError
-from gqa_uptrain.eval.perplexity import chunk_tokens, load_documents, perplexity, tokenize_documents, windows
+from gqa_uptrain.eval.perplexity import (_batch_tensors, chunk_tokens, load_documents, perplexity, tokenize_documents,
+                                         windows)
 
 
 @pytest.mark.parametrize("length,window,stride", [(100, 32, 16), (100, 32, 32), (33, 32, 8), (5, 32, 16)])
@@ -112,15 +113,7 @@ def whole_batch_perplexity(model, documents, window, stride, batch_size) -> floa
     spans = [span for ids in documents for span in windows(ids, window, stride)]
     nll, count = 0.0, 0
     for i in range(0, len(spans), batch_size):
-        batch = spans[i : i + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, (ids, n_scored) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-            labels[row, len(ids) - n_scored : len(ids)] = torch.tensor(ids[len(ids) - n_scored :])
+        input_ids, mask, labels = _batch_tensors(spans[i : i + batch_size])  # the batching is not under test
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=mask).logits
         nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

@@ -1,0 +1,109 @@
+"""gqa-uptrain against faults that used to give silent wrong results or tracebacks: each ends in one line.
+
+The table holds every case as (the fault, the overrides after the tiny recipe, the one line it must print, what
+must hold in the output folder afterwards). Runs are in-process through the CLI's `main`, as a user calls it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from gqa_uptrain.train import loop
+from gqa_uptrain.train.cli import main
+
+from .conftest import TINY_RECIPE, overrides
+
+RUN = ["budget.steps=12", "checkpoint.every=5", "eval.every=5", "log.every=1", "log.trackers=[]"]
+
+
+@dataclass
+class World:
+    tmp: Path
+    model: Path
+    text: Path
+    monkeypatch: pytest.MonkeyPatch
+
+    @property
+    def output(self) -> Path:
+        return self.tmp / "run"
+
+
+def checkpoints(w: World) -> list[str]:
+    folder = w.output / "checkpoints"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def nothing_exported(w: World) -> bool:
+    return not (w.output / "model").exists()
+
+
+# ---- faults: each changes the world and returns the overrides after the recipe ----
+
+def loss_becomes_nan_at_step_8(w: World) -> list[str]:
+    """The objective of every micro-batch from step 8 on is NaN (2 micro-batches a step): a diverged run."""
+    real_forward, calls = loop._forward, [0]
+
+    def diverging(model, teacher, input_ids, recipe):
+        objective, lm_loss, kd_loss = real_forward(model, teacher, input_ids, recipe)
+        calls[0] += 1
+        if calls[0] > 14:
+            objective = objective * float("nan")
+            lm_loss = lm_loss * float("nan")
+        return objective, lm_loss, kd_loss
+
+    w.monkeypatch.setattr(loop, "_forward", diverging)
+    return []
+
+
+def loss_becomes_inf_at_step_1(w: World) -> list[str]:
+    real_forward = loop._forward
+
+    def infinite(model, teacher, input_ids, recipe):
+        objective, lm_loss, kd_loss = real_forward(model, teacher, input_ids, recipe)
+        return objective * float("inf"), lm_loss * float("inf"), kd_loss
+
+    w.monkeypatch.setattr(loop, "_forward", infinite)
+    return []
+
+
+@dataclass(frozen=True)
+class Case:
+    fault: Callable[[World], list[str]]
+    line: str
+    holds: Callable[[World], bool]
+
+
+CASES = {
+    "loss NaN at step 8": Case(
+        loss_becomes_nan_at_step_8,
+        "training diverged: the loss was not finite (NaN or inf) at step 8; nothing was exported and the last "
+        "good checkpoint, ",
+        lambda w: nothing_exported(w) and checkpoints(w) == ["step-00000005"]
+        and max(json.loads(line)["step"] for line in (w.output / "metrics.jsonl").read_text().splitlines()) == 7,
+    ),
+    "loss inf at step 1": Case(
+        loss_becomes_inf_at_step_1, "at step 1; nothing was exported and no checkpoint was saved",
+        lambda w: nothing_exported(w) and checkpoints(w) == [],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CASES, ids=str)
+def test_fault_ends_in_one_line(name, tmp_path, tiny_llama_gqa2, shakespeare, monkeypatch, capsys, fresh_accelerate):
+    world = World(tmp_path, tiny_llama_gqa2, shakespeare, monkeypatch)
+    case = CASES[name]
+    extra = case.fault(world)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(TINY_RECIPE), *overrides(world.model, world.text, world.output, *RUN, *extra)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    said = [line for line in err.splitlines() if line.startswith("gqa-uptrain: error")]
+    assert len(said) == 1 and case.line in said[0], err[-2000:]
+    assert err.strip().splitlines()[-1] == said[0]
+    assert case.holds(world)

@@ -1,0 +1,221 @@
+"""What a run needs before it starts: memory per GPU, time, and how many GPUs it takes to fit (`--dry-run`).
+
+Memory per GPU, as gqa-uptrain trains (fp32 master weights, bf16 autocast, AdamW, SDPA attention, HF Llama-style
+decoder layers):
+- model states, 16 bytes a parameter: fp32 weights 4, fp32 gradients 4, AdamW's two fp32 moments 8; split over
+  the processes under FSDP / ZeRO-3, whole on every GPU under DDP or on one GPU;
+- bf16 weights: autocast's cached bf16 copy of every weight (2 bytes a parameter) on one GPU or under DDP; under
+  FSDP the bf16 weights of the layers being gathered (two layers at a time);
+- activations of one micro-batch, per token and layer, in bytes: 36 x hidden (two RMSNorms on the fp32 residual
+  stream, the bf16 casts, q, rotated q, attention output, o_proj input) + 6 x KV width (k, v, rotated k) +
+  8 x intermediate (gate, up, SiLU, product); with activation checkpointing only each layer's fp32 input is kept,
+  plus one layer's activations while it is recomputed;
+- the LM head and loss: 10 bytes per token and vocabulary entry (bf16 logits, their fp32 copy, log-softmax); a
+  teacher adds its bf16 logits and the distillation loss's two fp32 distributions (8 more);
+- the teacher: bf16 weights, whole or split over the processes as `teacher.placement` says.
+
+Checked against measurements (issue 13; 2 x H200, torch 2.11, accelerate 1.15): a 1.34B MHA Llama converted to
+GQA-4 (1.175B parameters: hidden 2048, 22 layers, 32 heads, intermediate 5632, vocab 50257), seq 2048, micro-batch 8,
+bf16, eager: the estimate is 67.8 GiB on one GPU (measured 70.0: -3%) and 57.0 GiB per GPU under FSDP2 on two
+(measured 54.6: +4%). tests/train/test_estimate.py holds both figures. Compiled runs use less (44.9 GiB measured
+under FSDP2): the estimate is for eager runs, an upper bound for compiled ones.
+
+Time: the budget's FLOPs (6 x matmul parameters + attention, `budget.py`; a teacher's forward adds 2 x its matmul
+parameters a token) over the GPUs' datasheet dense bf16 peak at an assumed MFU (40% by default, about what the
+eager loop reaches: docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import PretrainedConfig
+
+from gqa_uptrain.errors import ConfigError
+
+from .budget import matmul_params
+
+Parallel = Literal["single", "ddp", "fsdp"]
+GIB = 2**30
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s per GPU (SXM parts; the 4090's with fp32
+# accumulation), and memory in GiB.
+GPUS: dict[str, tuple[float, float]] = {
+    "h100": (989.4, 79.6), "h200": (989.4, 139.8), "a100": (312.0, 79.3), "l40s": (362.1, 44.4),
+    "4090": (165.2, 23.6),
+}
+DEFAULT_MFU = 0.40
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What memory depends on, read from a model config."""
+
+    params: int
+    layers: int
+    hidden: int
+    kv_width: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config: PretrainedConfig, params: int | None = None) -> Shape:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+        if params is None:
+            from gqa_uptrain.kv_heads import meta_model
+
+            params = sum(p.numel() for p in meta_model(config).parameters())
+        return cls(params, config.num_hidden_layers, config.hidden_size, kv_heads * head_dim, intermediate,
+                   config.vocab_size)
+
+    def activation_bytes_per_token_layer(self) -> int:
+        return 36 * self.hidden + 6 * self.kv_width + 8 * self.intermediate
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU, by what holds them."""
+
+    weights: float  # fp32 master weights (this GPU's share)
+    gradients: float
+    optimizer: float  # AdamW moments
+    bf16_weights: float  # autocast's cache, or FSDP's gathered layers
+    activations: float  # one micro-batch, no activation checkpointing
+    activations_checkpointed: float  # one micro-batch, with it
+    logits: float  # LM head and loss (and distillation's)
+    teacher: float  # teacher weights
+
+    def total(self, checkpointing: bool) -> float:
+        acts = self.activations_checkpointed if checkpointing else self.activations
+        return (self.weights + self.gradients + self.optimizer + self.bf16_weights + acts + self.logits
+                + self.teacher)
+
+
+def estimate_memory(student: Shape, micro_batch: int, seq_len: int, parallel: Parallel, processes: int,
+                    teacher: Shape | None = None, teacher_sharded: bool = False) -> MemoryEstimate:
+    """Per-GPU memory of training `student` (the module docstring says what each term counts and how well it fits)."""
+    shards = processes if parallel == "fsdp" else 1
+    tokens = micro_batch * seq_len
+    per_layer = student.activation_bytes_per_token_layer() * tokens
+    bf16 = 2 * student.params if parallel != "fsdp" else 2 * 2 * student.params / max(student.layers, 1)
+    logits = 10 * student.vocab * tokens + (8 * teacher.vocab * tokens if teacher else 0)
+    return MemoryEstimate(
+        weights=4 * student.params / shards,
+        gradients=4 * student.params / shards,
+        optimizer=8 * student.params / shards,
+        bf16_weights=bf16,
+        activations=per_layer * student.layers,
+        activations_checkpointed=4 * student.hidden * tokens * student.layers + per_layer,
+        logits=logits,
+        teacher=(2 * teacher.params / (processes if teacher_sharded else 1)) if teacher else 0.0,
+    )
+
+
+def gpus_to_fit(student: Shape, micro_batch: int, seq_len: int, gpu_bytes: float, checkpointing: bool,
+                teacher: Shape | None = None, limit: int = 1024) -> int | None:
+    """The fewest GPUs (FSDP, teacher sharded) on which a micro-batch fits in `gpu_bytes`; None: not even `limit`."""
+    for n in (1, *(2**k for k in range(1, int(math.log2(limit)) + 1))):
+        parallel: Parallel = "single" if n == 1 else "fsdp"
+        need = estimate_memory(student, micro_batch, seq_len, parallel, n, teacher, teacher_sharded=n > 1)
+        if need.total(checkpointing) <= gpu_bytes:
+            return n
+    return None
+
+
+def training_seconds(flops: float, gpu: str, processes: int, mfu: float = DEFAULT_MFU) -> float:
+    """Wall time of `flops` on `processes` GPUs of kind `gpu` at model FLOPs utilisation `mfu`."""
+    return flops / (peak(gpu) * 1e12 * processes * mfu)
+
+
+def peak(gpu: str) -> float:
+    """The datasheet dense bf16 TFLOP/s of `gpu` (a key of GPUS); ConfigError naming the known ones."""
+    if gpu.lower() not in GPUS:
+        raise ConfigError(f"--gpu {gpu}: unknown GPU; choose one of {', '.join(GPUS)}")
+    return GPUS[gpu.lower()][0]
+
+
+def parallel_of_accelerate_config(distributed_type: str | None, processes: int) -> Parallel:
+    """accelerate's distributed_type -> how the model states are held (ZeRO-3 splits them as FSDP does)."""
+    if distributed_type in ("FSDP", "DEEPSPEED"):
+        return "fsdp"
+    return "ddp" if processes > 1 else "single"
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GiB"
+
+
+def describe(student: Shape, micro_batch: int, seq_len: int, parallel: Parallel, processes: int, flops: float,
+             gpu: str, mfu: float, checkpointing: bool, teacher: Shape | None = None,
+             teacher_sharded: bool = False, teacher_flops: float = 0.0) -> str:
+    """The estimate block of the dry run."""
+    m = estimate_memory(student, micro_batch, seq_len, parallel, processes, teacher, teacher_sharded)
+    tflops, gpu_gib = GPUS[gpu.lower()]
+    seconds = training_seconds(flops + teacher_flops, gpu, processes, mfu)
+    on = "with" if checkpointing else "without"
+    lines = [
+        f"memory per GPU       {parallel} over {processes} process(es), micro-batch {micro_batch} x {seq_len}:",
+        f"  weights (fp32)     {gib(m.weights)}; gradients {gib(m.gradients)}; AdamW {gib(m.optimizer)}; "
+        f"bf16 copies {gib(m.bf16_weights)}",
+        f"  activations        {gib(m.activations)} without activation checkpointing, "
+        f"{gib(m.activations_checkpointed)} with; logits and loss {gib(m.logits)}",
+    ]
+    if teacher is not None:
+        lines.append(f"  teacher (bf16)     {gib(m.teacher)} ({'sharded' if teacher_sharded else 'replicated'})")
+    lines.append(f"  total              {gib(m.total(checkpointing))} ({on} activation checkpointing, as the recipe "
+                 f"says; {gib(m.total(not checkpointing))} {'without' if checkpointing else 'with'}); "
+                 f"estimate within about 5% of measured eager runs")
+    fits = [gpus_to_fit(student, micro_batch, seq_len, gpu_gib * GIB, c, teacher) for c in (checkpointing, True)]
+    needed = "more than 1024" if fits[0] is None else str(fits[0])
+    line = f"GPUs to fit          {needed} x {gpu} ({gpu_gib:g} GiB) under FSDP"
+    if not checkpointing and fits[1] is not None and fits[1] != fits[0]:
+        line += f"; {fits[1]} with activation checkpointing"
+    lines.append(line)
+    lines.append(f"time                 {seconds / 3600:.2f} h on {processes} x {gpu} ({tflops:g} TFLOP/s bf16 "
+                 f"datasheet peak) at {mfu:.0%} MFU")
+    return "\n".join(lines)
+
+
+def for_recipe(recipe, processes: int, gpu: str, mfu: float, distributed_type: str | None) -> str:
+    """The estimate block for a validated Recipe on `processes` GPUs (reads configs only, no weights)."""
+    from .budget import original_config, plan_budget
+    from .export import source_provenance
+    from .preflight import check_models
+
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
+    peak(gpu)
+    if processes < 1:
+        raise ConfigError(f"--num-processes must be at least 1, got {processes}")
+    models = check_models(recipe)
+    original = models.teacher_config or original_config(models.config, source_provenance(models.folder))
+    budget = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, processes, models.config, original)
+    parallel = parallel_of_accelerate_config(distributed_type, processes)
+    teacher = Shape.of(models.teacher_config) if recipe.teacher and models.teacher_config else None
+    placement = recipe.teacher.placement if recipe.teacher else "auto"
+    sharded = teacher is not None and processes > 1 and (
+        placement == "shard" or (placement == "auto" and parallel == "fsdp"))
+    teacher_flops = 2.0 * matmul_params(models.teacher_config) * budget.tokens if teacher else 0.0
+    return describe(Shape.of(models.config), recipe.batch.micro_batch, recipe.data.seq_len, parallel, processes,
+                    budget.flops, gpu, mfu, recipe.model.gradient_checkpointing, teacher, sharded, teacher_flops)
+
+
+def accelerate_distributed_type(recipe_path: str) -> str | None:
+    """distributed_type of the accelerate config a recipe names (its `accelerate_config` key), or None."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(Path(recipe_path).read_text()) or {}
+        name = tree.get("accelerate_config") if isinstance(tree, dict) else None
+        if not name:
+            return None
+        config = Path(name) if Path(name).is_absolute() else Path(recipe_path).parent / name
+        if not config.is_file():
+            config = Path(name)
+        return (yaml.safe_load(config.read_text()) or {}).get("distributed_type")
+    except (OSError, yaml.YAMLError):
+        return None
