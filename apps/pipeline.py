@@ -7,7 +7,8 @@
 The recipe's `convert`, `evaluate` and `publish` sections say what the steps do (recipes/template.yaml;
 validated in pipeline_recipe.py); training runs as scripts/launch.sh would run it: one process per local GPU
 through `accelerate launch` with the recipe's `accelerate_config`, or one plain process where there is no GPU. The recipe and everything the steps need are
-checked before the first step starts. A step whose result exists is skipped, and training and evaluation resume
+checked before the first step starts. A step whose result exists is skipped (the conversion only when the
+folder's gqa_provenance.json records the recipe's source, groups and method), and training and evaluation resume
 by themselves, so running the same command again continues where it stopped.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from gqa_uptrain.apps.pipeline_recipe import PipelineRecipe, load_pipeline_recipe
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.provenance import PROVENANCE, read_provenance
 from gqa_uptrain.source import looks_local
 
 
@@ -42,9 +44,11 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
     steps = []
     if recipe.convert:
         c = recipe.convert
+        done = (model / "config.json").is_file()
+        if done:
+            check_converted(recipe_path, model, c.source, c.groups, c.method)
         steps.append(Step("convert", [*python, "gqa_uptrain.convert", c.source, "--groups", str(c.groups),
-                                      "--method", c.method, "--output", str(model)],
-                          (model / "config.json").is_file()))
+                                      "--method", c.method, "--output", str(model)], done))
     steps.append(Step("uptrain", uptrain_argv(recipe_path, overrides, recipe.accelerate_config),
                       (uptrained / "config.json").is_file()))
     if recipe.evaluate:
@@ -66,6 +70,35 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
         argv += ["--dry-run"] if publish_dry_run else []
         steps.append(Step("publish", argv, False))
     return steps
+
+
+def _source_ids(source: str) -> set[str]:
+    """The ids gqa-convert may have recorded for SOURCE: the Hub id as written, or the folder's absolute path."""
+    ids = {source}
+    path = Path(source).expanduser()
+    if looks_local(source) or path.is_dir():
+        ids.add(str(path.resolve()))
+    return ids
+
+
+def check_converted(recipe_path: Path, model: Path, source: str, groups: int, method: str) -> None:
+    """Refuse to skip the conversion when MODEL exists but is not the conversion the recipe asks for, as its
+    gqa_provenance.json records it: the uptraining would otherwise train another model under the recipe's name."""
+    try:
+        record = read_provenance(model)
+    except (OSError, UnicodeDecodeError, ValueError):
+        record = "unreadable"
+    fix = f"remove {model} or change model.path, then run the same command again"
+    if not isinstance(record, dict) or not isinstance(record.get("conversion"), dict):
+        state = "an unreadable" if record == "unreadable" else "no"
+        raise ConfigError(f"{recipe_path}: model.path {model} exists but holds {state} {PROVENANCE} record of a "
+                          f"conversion, so it may not be the conversion of {source} the recipe asks for; {fix}")
+    conversion, recorded_source = record["conversion"], (record.get("source") or {}).get("id")
+    if (recorded_source not in _source_ids(source) or conversion.get("groups") != groups
+            or conversion.get("method") != method):
+        raise ConfigError(f"{recipe_path}: model.path {model} holds another conversion ({recorded_source}, "
+                          f"groups {conversion.get('groups')}, method {conversion.get('method')}), not the recipe's "
+                          f"({source}, groups {groups}, method {method}); {fix}")
 
 
 def uptrain_argv(recipe_path: Path, overrides: list[str], accelerate_config: str | None) -> list[str]:

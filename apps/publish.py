@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+from huggingface_hub.utils import validate_repo_id
 
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.convert.card import is_generated_card, model_card
@@ -65,13 +66,38 @@ def upload_plan(folder: Path, files: list[str], card: str | None) -> list[tuple[
     return sorted(sizes + ([(CARD, len(card.encode()))] if card is not None else []))
 
 
+def check_repo_id(repo_id: str) -> None:
+    """A Hub repository id, NAME or OWNER/NAME, before anything is read or sent."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PublishError(f"--repo-id {repo_id!r} is not a Hub repository id (use NAME or OWNER/NAME): "
+                           f"{one_line(error, 160)}") from None
+
+
+def read_report(path: Path) -> dict:
+    """A gqa-eval report.json, or one PublishError line when it is not one (truncated, not JSON, another file)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise PublishError(f"{path}: not a readable gqa-eval report ({one_line(error, 160)}); run gqa-eval again "
+                           "or leave out --report") from None
+    if not (isinstance(report, dict) and isinstance(report.get("candidates"), list)
+            and isinstance(report.get("comparisons"), dict)
+            and all(isinstance(c, dict) and "label" in c for c in report["candidates"])):
+        raise PublishError(f"{path}: not a gqa-eval report (no candidates and comparisons); run gqa-eval again or "
+                           "leave out --report")
+    return report
+
+
 def publish(folder: Path, repo_id: str, report_path: Path | None, label: str | None, private: bool,
             dry_run: bool) -> None:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a model folder (no config.json)")
     if report_path and not report_path.is_file():
         raise PublishError(f"{report_path}: no such gqa-eval report")
-    report = json.loads(report_path.read_text()) if report_path else None
+    check_repo_id(repo_id)
+    report = read_report(report_path) if report_path else None
     token = get_token()
     if token is None and not dry_run:
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")

@@ -46,10 +46,14 @@ def load_rows(*, path: str | None = None, dataset: str | None = None, name: str 
     if len(builders) > 1:
         raise DataError(f"data path {path} mixes file types ({', '.join(sorted(builders))})")
     builder = builders.pop()
+    if all(Path(file).stat().st_size == 0 for file in files):
+        raise DataError(f"data path {path} holds no rows (its files are empty)")
     kwargs = {"sample_by": sample_by} if builder == "text" else {}
     try:
         return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
     except StopIteration:  # what the json builder raises on empty files
         raise DataError(f"data path {path} holds no rows") from None
     except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
+        if "Please pass `features` or at least one example" in str(error.__cause__ or error):
+            raise DataError(f"data path {path} holds no rows") from None  # e.g. a text file of blank lines only
         raise DataError(f"data path {path}: {error.__cause__ or error}") from None

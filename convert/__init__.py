@@ -2,7 +2,8 @@
 
 Where things happen: `gqa_uptrain.source` finds the files, `layout.py` finds which tensors hold KV heads (on a
 model built on the meta device, `gqa_uptrain.kv_heads`), `plan.py` decides every output tensor (`ConversionPlan`),
-`pooling.py` pools one tensor with a method from `methods/` (`METHODS` is the one list of them),
+`pooling.py` pools one tensor with a method from `methods/` (`METHODS` is the one list of them), `calibration/`
+fits whole attention layers for `--method calibrated` (the fitted tensors are streamed like pooled ones),
 `checkpoint_io.py` reads and writes safetensors lazily, `converter.py` runs the plan atomically, and `card.py`
 writes the model card from the provenance record (`gqa_uptrain.provenance`).
 

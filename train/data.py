@@ -73,11 +73,13 @@ def _packed_fingerprint(
 
 def pack(
     rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int, num_proc: int | None,
-    part: str = "all",
+    part: str = "all", vocab_size: int | None = None,
 ) -> Rows:
     """Rows of exactly `seq_len` token ids: documents joined with EOS, cut without padding.
 
     `part` says which rows of the loaded source these are ("all", or a slice such as "first 200"), for the cache.
+    A document whose text is not a string (`null`), or whose given `input_ids` fall outside the model's
+    `vocab_size`, is one DataError line, not a tokenizer's TypeError or an index error deep inside the model.
     """
     columns = _columns(rows)
     pretokenized = "input_ids" in columns
@@ -88,22 +90,45 @@ def pack(
     if eos is None:
         raise DataError("the tokenizer has no EOS token to put between documents")
 
+    where = source.path or source.dataset
+
     def pack_batch(batch: dict) -> dict:
-        ids = batch["input_ids"] if pretokenized else tokenizer(batch[source.text_field], verbose=False)["input_ids"]
+        if pretokenized:
+            ids = batch["input_ids"]
+            _check_ids(ids, vocab_size, where)
+        else:
+            texts = batch[source.text_field]
+            bad = next((text for text in texts if not isinstance(text, str)), "")
+            if not isinstance(bad, str):
+                kind = "null" if bad is None else f"a {type(bad).__name__}, not a string"
+                raise DataError(f"{where}: a row's {source.text_field!r} is {kind}: give every row a string of text, "
+                                "or drop the row")
+            ids = tokenizer(texts, verbose=False)["input_ids"]
         stream = list(chain.from_iterable(doc if doc[-1:] == [eos] else doc + [eos] for doc in ids if doc))
         return {"input_ids": [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]}
 
     streaming = isinstance(rows, datasets.IterableDataset)
     kwargs = {} if streaming else {
         "num_proc": num_proc, "desc": "Tokenising and packing",
-        "new_fingerprint": _packed_fingerprint(rows, part, tokenizer, source.text_field, seq_len),
+        "new_fingerprint": _packed_fingerprint(rows, part, tokenizer, source.text_field, seq_len, vocab_size),
     }
     return rows.map(pack_batch, batched=True, batch_size=_PACK_BATCH, remove_columns=columns, **kwargs)
 
 
+def _check_ids(docs: list, vocab_size: int | None, where: str | None) -> None:
+    """Given token ids must be ids of the model's vocabulary (an embedding row each)."""
+    for doc in docs:
+        if doc is None or any(not isinstance(i, int) or isinstance(i, bool) for i in doc):
+            raise DataError(f"{where}: a row's 'input_ids' is not a list of integer token ids")
+        if doc and vocab_size is not None and (max(doc) >= vocab_size or min(doc) < 0):
+            bad = max(doc) if max(doc) >= vocab_size else min(doc)
+            raise DataError(f"{where}: token id {bad} is outside the model's vocabulary of {vocab_size} ids "
+                            f"(0-{vocab_size - 1}): were these ids made with another tokenizer?")
+
+
 def pack_enough(
     rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int,
-    num_proc: int | None, part: str, needed: int,
+    num_proc: int | None, part: str, needed: int, vocab_size: int | None = None,
 ) -> tuple[datasets.Dataset, int]:
     """(packed rows, documents read): the first documents' rows, `needed` x 1.1 of them where there are that many.
 
@@ -118,7 +143,7 @@ def pack_enough(
         count = max(_PACK_BATCH, math.ceil(estimate / _PACK_BATCH) * _PACK_BATCH)
         end = min(total, taken + count)
         packed = pack(rows.select(range(taken, end)), tokenizer, source, seq_len, num_proc,
-                      f"{part}, documents {taken}-{end}")
+                      f"{part}, documents {taken}-{end}", vocab_size)
         portions.append(packed)
         have, taken = have + len(packed), end
     return (datasets.concatenate_datasets(portions) if len(portions) > 1 else portions[0]), taken
@@ -126,12 +151,12 @@ def pack_enough(
 
 def _pack_for(
     rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, spec: DataSpec, part: str,
-    needed: int | None, what: str, say: Callable[[str], None],
+    needed: int | None, what: str, say: Callable[[str], None], vocab_size: int | None = None,
 ) -> Rows:
     """`pack` all documents, or (map-style, `needed` given) only the first ones that cover `needed` rows."""
     if needed is None or not isinstance(rows, datasets.Dataset) or len(rows) == 0:
-        return pack(rows, tokenizer, source, spec.seq_len, spec.num_proc, part)
-    packed, read = pack_enough(rows, tokenizer, source, spec.seq_len, spec.num_proc, part, needed)
+        return pack(rows, tokenizer, source, spec.seq_len, spec.num_proc, part, vocab_size)
+    packed, read = pack_enough(rows, tokenizer, source, spec.seq_len, spec.num_proc, part, needed, vocab_size)
     if read < len(rows):
         say(f"data: tokenised the first {read:,} of {len(rows):,} {what} documents, {len(packed):,} sequences "
             f"for the {needed:,} the run reads")
@@ -159,9 +184,10 @@ def _require_rows(rows: Rows, what: str, source: SourceSpec, seq_len: int, hint:
 
 def build_datasets(
     spec: DataSpec, tokenizer: PreTrainedTokenizerBase, seed: int, train_rows: int | None = None,
-    val_rows: int | None = None, say: Callable[[str], None] = print,
+    val_rows: int | None = None, say: Callable[[str], None] = print, vocab_size: int | None = None,
 ) -> tuple[Rows, Rows]:
-    """Packed (train, validation) rows; DataError if either is empty.
+    """Packed (train, validation) rows; DataError if either is empty, or if given token ids fall outside the
+    model's `vocab_size` (None: not checked).
 
     `train_rows` and `val_rows` are the rows the run will read (None: all): map-style sources are tokenised only
     as far as they cover them (see the module docstring). `say` prints a line about what was decided.
@@ -180,8 +206,8 @@ def build_datasets(
     if spec.streaming:
         train_docs = train_docs.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
     val_source = spec.validation or spec.train
-    train = _pack_for(train_docs, tokenizer, spec.train, spec, train_part, train_rows, "training", say)
-    val = _pack_for(val_docs, tokenizer, val_source, spec, val_part, val_rows, "validation", say)
+    train = _pack_for(train_docs, tokenizer, spec.train, spec, train_part, train_rows, "training", say, vocab_size)
+    val = _pack_for(val_docs, tokenizer, val_source, spec, val_part, val_rows, "validation", say, vocab_size)
     _require_rows(train, "training", spec.train, spec.seq_len, train_hint)
     _require_rows(val, "validation", val_source, spec.seq_len, val_hint)
     return train.with_format("torch"), val.with_format("torch")

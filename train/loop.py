@@ -35,7 +35,8 @@ from .cadence import Cadence
 from .export import export_model, source_provenance
 from .launcher import watch_launcher
 from .optim import build_optimizer, build_schedule
-from .preflight import Models, check_models, check_output_dir, write_snapshot
+from .preflight import (Models, check_model_unchanged, check_models, check_output_dir, write_model_fingerprint,
+                        write_snapshot)
 from .recipe import Recipe
 from .teacher import place_teacher
 
@@ -140,6 +141,8 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
     if status == "complete":
         state.print(f"{output} already holds the finished run ({output / 'model'}): nothing to do")
         return output / "model"
+    if status == "resume":
+        check_model_unchanged(recipe, models.folder)
 
     set_seed(recipe.seed)
     accelerator = _accelerator(recipe, plan)
@@ -147,9 +150,11 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
         train_rows, val_rows = data.build_datasets(
             recipe.data, models.tokenizer, recipe.seed, train_rows=plan.steps * recipe.batch.global_batch,
             val_rows=recipe.eval.batches * recipe.batch.micro_batch * accelerator.num_processes, say=accelerator.print,
+            vocab_size=models.config.vocab_size,
         )
     if accelerator.is_main_process:
         write_snapshot(recipe)
+        write_model_fingerprint(recipe, models.folder)
 
     # -- model, teacher, optimizer, schedule, loaders -------------------------------------------------
     model = _load_model(models.folder, recipe, torch.float32)

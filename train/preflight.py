@@ -8,20 +8,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 import yaml
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from gqa_uptrain.dicts import flatten
 from gqa_uptrain.errors import CheckpointError, ConfigError, one_line
-from gqa_uptrain.files import write_atomically
+from gqa_uptrain.files import _hub_cache_sha256, sha256_file, write_atomically
 from gqa_uptrain.provenance import PROVENANCE
 from gqa_uptrain.source import resolve_source
 from gqa_uptrain.tokenizer_identity import tokenizer_difference
 
+from .checkpoint import complete_checkpoints
 from .recipe import Recipe
 from .run_lock import LOCK_FILE
 
 RECIPE_SNAPSHOT = "recipe.yaml"
+MODEL_FINGERPRINT = "model_fingerprint.json"
+_SMALL_FILE = 1 << 20  # hashed whole; larger ones are known by size and modification time (or their Hub cache hash)
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,51 @@ def write_snapshot(recipe: Recipe) -> None:
     snapshot = output / RECIPE_SNAPSHOT
     if not snapshot.exists():
         write_atomically(snapshot, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+
+
+def model_fingerprint(folder: Path) -> dict[str, str]:
+    """What the model a run trains is made of: each file of its folder (its card aside) by SHA-256 where that is
+    cheap (small files, files in the Hugging Face cache), else by size and modification time, so that a model
+    converted again in place, whose files are all written anew, is told apart without reading gigabytes."""
+    prints = {}
+    for file in sorted(Path(folder).iterdir()):
+        if file.name.startswith(".") or file.name == "README.md" or not file.is_file():
+            continue
+        stat = file.stat()
+        digest = _hub_cache_sha256(file) or (sha256_file(file) if stat.st_size <= _SMALL_FILE else None)
+        prints[file.name] = f"sha256:{digest}" if digest else f"size:{stat.st_size},mtime_ns:{stat.st_mtime_ns}"
+    return prints
+
+
+def _recorded_fingerprint(output: Path) -> dict[str, str] | None:
+    try:
+        recorded = json.loads((output / MODEL_FINGERPRINT).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # a run started before fingerprints were recorded, or a torn file: nothing to compare with
+    return recorded if isinstance(recorded, dict) else None
+
+
+def check_model_unchanged(recipe: Recipe, folder: Path) -> None:
+    """Refuse to resume a run whose checkpoints were trained from another model than the one model.path holds
+    now (a folder converted again in place keeps its path, so the recipe alone cannot tell)."""
+    output = Path(recipe.output_dir)
+    recorded = _recorded_fingerprint(output)
+    if recorded is None or not complete_checkpoints(output / "checkpoints"):
+        return
+    now = model_fingerprint(folder)
+    changed = sorted(name for name in recorded.keys() | now.keys() if recorded.get(name) != now.get(name))
+    if changed:
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ConfigError(
+            f"output_dir {output} holds a run started from another model than {recipe.model.path} holds now "
+            f"({shown} changed since, e.g. converted again in place): use a new output_dir, or restore the model "
+            "that run was started from"
+        )
+
+
+def write_model_fingerprint(recipe: Recipe, folder: Path) -> None:
+    """Record what the run trains, at its start (kept while a checkpoint of it exists)."""
+    output = Path(recipe.output_dir)
+    if _recorded_fingerprint(output) is not None and complete_checkpoints(output / "checkpoints"):
+        return
+    write_atomically(output / MODEL_FINGERPRINT, json.dumps(model_fingerprint(folder), indent=1) + "\n")

@@ -60,3 +60,45 @@ def test_missing_source_fails_before_any_step(recipe, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "convert.source /nonexistent/model is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "tiny-gqa2").exists()
+
+
+@pytest.mark.parametrize("override, recorded", [
+    ("convert.groups=1", "groups 2"),
+    ("convert.method=first", "method mean"),
+    ("convert.source=SIBLING", "groups 2"),
+])
+def test_existing_folder_of_another_conversion_is_not_skipped(recipe, tmp_path, tiny_llama, capsys, override,
+                                                              recorded):
+    from gqa_uptrain.convert import convert_checkpoint
+
+    convert_checkpoint(tiny_llama, 2, tmp_path / "tiny-gqa2", progress=False, say=None)
+    if "SIBLING" in override:  # the same model, copied elsewhere: another source all the same
+        import shutil
+        shutil.copytree(tiny_llama, tmp_path / "sibling")
+        override = override.replace("SIBLING", str(tmp_path / "sibling"))
+    before = sorted(p.name for p in (tmp_path / "tiny-gqa2").iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main([str(recipe), override, "--dry-run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds another conversion" in err and recorded in err
+    assert f"remove {tmp_path / 'tiny-gqa2'} or change model.path" in err
+    assert sorted(p.name for p in (tmp_path / "tiny-gqa2").iterdir()) == before
+
+
+def test_existing_folder_of_the_same_conversion_is_skipped(recipe, tmp_path, tiny_llama, capsys):
+    from gqa_uptrain.convert import convert_checkpoint
+
+    convert_checkpoint(tiny_llama, 2, tmp_path / "tiny-gqa2", progress=False, say=None)
+    pipeline.main([str(recipe), "--dry-run"])
+    assert "[1/4] convert (done, skipped)" in capsys.readouterr().out
+
+
+def test_existing_folder_without_a_conversion_record_is_not_skipped(recipe, tmp_path, tiny_llama, capsys):
+    import shutil
+    shutil.copytree(tiny_llama, tmp_path / "tiny-gqa2")
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main([str(recipe), "--dry-run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no gqa_provenance.json record of a conversion" in err

@@ -186,3 +186,31 @@ def test_hostile_folders(case, converted, tmp_path, no_upload, monkeypatch, caps
         assert snapshot(converted) == before  # a dry run or a failed upload changes nothing
     commits = [c for c in no_upload if c[0] == "create_commit"]
     assert holds(converted, dict(commits[0][1][1]) if commits else {})
+
+
+# Bad arguments, as a table: (the repo id, what --report holds (None: no --report), the one line it must print).
+BAD_ARGUMENTS = {
+    "repo id of three parts": ("a/b/c", None, "--repo-id 'a/b/c' is not a Hub repository id (use NAME or OWNER/NAME)"),
+    "repo id with a space": ("me/my model", None, "--repo-id 'me/my model' is not a Hub repository id"),
+    "truncated report": ("me/x", '{"candidates": [{"label": "mq', "report.json: not a readable gqa-eval report ("),
+    "report not JSON": ("me/x", "\x00\xff garbage", "report.json: not a readable gqa-eval report ("),
+    "report of another shape": ("me/x", "[1, 2, 3]", "report.json: not a gqa-eval report (no candidates"),
+    "empty report": ("me/x", "", "report.json: not a readable gqa-eval report ("),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS, ids=str)
+def test_bad_arguments_are_one_line_and_change_nothing(case, converted, tmp_path, no_upload, monkeypatch, capsys):
+    repo_id, report, line = BAD_ARGUMENTS[case]
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    argv = [str(converted), "--repo-id", repo_id]
+    if report is not None:
+        (tmp_path / "report.json").write_text(report)
+        argv += ["--report", str(tmp_path / "report.json")]
+    before = snapshot(converted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and no_upload == []
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gqa-publish: error: ") and line in err, err
+    assert snapshot(converted) == before

@@ -71,6 +71,19 @@ def loss_becomes_inf_at_step_1(w: World) -> list[str]:
     return []
 
 
+def data_file(name: str, text: str) -> Callable[[World], list[str]]:
+    """The training data is NAME holding TEXT."""
+    def fault(w: World) -> list[str]:
+        (w.tmp / name).write_text(text)
+        return [f"data.train.path={w.tmp / name}"]
+    fault.__name__ = f"data_file_{name}"
+    return fault
+
+
+def run_folder_untouched(w: World) -> bool:
+    return not w.output.exists() or not any(p.name not in {".run.lock", "recipe.yaml"} for p in w.output.iterdir())
+
+
 @dataclass(frozen=True)
 class Case:
     fault: Callable[[World], list[str]]
@@ -90,6 +103,23 @@ CASES = {
         loss_becomes_inf_at_step_1, "at step 1; nothing was exported and no checkpoint was saved",
         lambda w: nothing_exported(w) and checkpoints(w) == [],
     ),
+    "JSONL rows with text null": Case(
+        data_file("null.jsonl", '{"text": "To be, or not to be"}\n{"text": null}\n' * 50),
+        "null.jsonl: a row's 'text' is null: give every row a string of text, or drop the row",
+        run_folder_untouched,
+    ),
+    "empty JSONL file": Case(
+        data_file("empty.jsonl", ""), "empty.jsonl holds no rows (its files are empty)", run_folder_untouched,
+    ),
+    "empty text file": Case(
+        data_file("empty.txt", ""), "empty.txt holds no rows (its files are empty)", run_folder_untouched,
+    ),
+    "input_ids beyond the vocabulary": Case(
+        data_file("ids.jsonl", '{"input_ids": [1, 2, 3, 50257, 4]}\n' * 400),
+        "ids.jsonl: token id 50257 is outside the model's vocabulary of 50257 ids (0-50256): "
+        "were these ids made with another tokenizer?",
+        run_folder_untouched,
+    ),
 }
 
 
@@ -107,3 +137,34 @@ def test_fault_ends_in_one_line(name, tmp_path, tiny_llama_gqa2, shakespeare, mo
     assert len(said) == 1 and case.line in said[0], err[-2000:]
     assert err.strip().splitlines()[-1] == said[0]
     assert case.holds(world)
+
+
+def test_resume_on_a_model_converted_again_in_place_is_refused(tmp_path, tiny_llama_gqa2, shakespeare, gpt2_tokenizer,
+                                                               monkeypatch, capsys, fresh_accelerate):
+    """A run stopped after its step-5 checkpoint; then model.path is written anew (another conversion, same shapes
+    and path, so the recipe is the same): resuming would train the old checkpoint's weights under the new model's
+    name, so the run refuses, and keeps its checkpoint."""
+    import shutil
+
+    from tests.conftest import save_tiny_llama
+
+    model = shutil.copytree(tiny_llama_gqa2, tmp_path / "model")
+    world = World(tmp_path, model, shakespeare, monkeypatch)
+    argv = [str(TINY_RECIPE), *overrides(model, shakespeare, world.output, *RUN)]
+    with monkeypatch.context() as patch:
+        patch.setattr(world, "monkeypatch", patch)
+        loss_becomes_nan_at_step_8(world)
+        with pytest.raises(SystemExit):
+            main(argv)
+    loop.reset_accelerate_state()
+    assert checkpoints(world) == ["step-00000005"] and (world.output / "model_fingerprint.json").is_file()
+    capsys.readouterr()
+    save_tiny_llama(model, gpt2_tokenizer, kv_heads=2, seed=7)  # converted again, in place
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("gqa-uptrain: error")]
+    assert len(said) == 1 and "holds a run started from another model than" in said[0], err[-2000:]
+    assert "model.safetensors" in said[0] and "use a new output_dir, or restore the model" in said[0]
+    assert "Traceback" not in err and checkpoints(world) == ["step-00000005"] and nothing_exported(world)
