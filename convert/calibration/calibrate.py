@@ -109,7 +109,7 @@ def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, t
               progress: Callable[[int, LayerReport], None] = lambda i, r: None) -> list[LayerReport]:
     """Convert every decoder layer; `save_layer(prefix, tensors)` receives its new q/k/v/o parameters (fp32)."""
     embedder = Embedder.build(config, reader, device)
-    still = fit.still_share(embedder.inv_freq, tokens.shape[1]).to(device) if embedder.inv_freq is not None else None
+    still = fit.still_share(embedder.inv_freq, tokens.shape[1]) if embedder.inv_freq is not None else None
     batch = _batch_size(tokens.shape[0])
     original = torch.cat([embedder(chunk.to(device)) for chunk in tokens.split(batch)])
     kwargs = embedder.kwargs
