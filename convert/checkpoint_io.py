@@ -15,7 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable, Collection, Iterable
 
 import torch
 
@@ -99,6 +99,15 @@ def _header_entry(path: Path, name: str, entry) -> tuple[int, int, tuple[int, ..
         raise CheckpointError(f"{path}: corrupt safetensors header (tensor {name} needs a dtype string, a shape "
                               "of whole numbers and two data_offsets)")
     return offsets[0], offsets[1], tuple(shape)
+
+
+def stored_name(name: str, tensors: Collection[str]) -> str | None:
+    """The checkpoint's name for a model parameter, or None when it has none: checkpoints of a bare base model
+    store its parameters without the head's prefix (`layers.0...` for `model.layers.0...`)."""
+    for candidate in (name, name.split(".", 1)[-1]):
+        if candidate in tensors:
+            return candidate
+    return None
 
 
 class CheckpointReader:

@@ -15,7 +15,8 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 
 from gqa_uptrain.convert.calibration.support import check_supported
-from gqa_uptrain.convert.checkpoint_io import CheckpointReader, OutputTensor, TensorInfo, assign_shards
+from gqa_uptrain.convert.checkpoint_io import (CheckpointReader, OutputTensor, TensorInfo, assign_shards,
+                                               stored_name)
 from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, find_layout
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.pooling import pooled_shape
@@ -150,7 +151,7 @@ def _check_complete(config: PretrainedConfig, tensors: dict[str, TensorInfo]) ->
     def stored(name: str) -> bool:
         for target, source in renamed:
             name = name.replace(target, source) if name.replace(target, source) in tensors else name
-        return name in tensors or name.split(".", 1)[-1] in tensors
+        return stored_name(name, tensors) is not None
     missing = [names[0] for names in names_of.values() if not any(map(stored, names))]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -248,11 +249,9 @@ def _targets(tensors: dict[str, TensorInfo], layout: KVLayout) -> dict[str, _Tar
 
 def _in_checkpoint(module_name: str, tensors: dict[str, TensorInfo]) -> str:
     """The checkpoint's name for a model parameter (checkpoints of a bare base model lack its prefix)."""
-    if module_name in tensors:
-        return module_name
-    unprefixed = module_name.split(".", 1)[-1]
-    if unprefixed in tensors:
-        return unprefixed
+    name = stored_name(module_name, tensors)
+    if name is not None:
+        return name
     raise CheckpointError(f"tensor {module_name} is missing from the checkpoint, though the config says the "
                           "model has it")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from gqa_uptrain.convert.checkpoint_io import CheckpointReader
+from gqa_uptrain.convert.checkpoint_io import CheckpointReader, stored_name
 from gqa_uptrain.errors import UnsupportedModelError
 
 
@@ -38,8 +38,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def checkpoint_name(name: str, reader: CheckpointReader) -> str:
-    """The checkpoint's name for a parameter (checkpoints of a bare base model lack the head's prefix)."""
-    return name if name in reader.tensors else name.split(".", 1)[-1]
+    """The checkpoint's name for a parameter (the plan has checked that every parameter is stored)."""
+    return stored_name(name, reader.tensors) or name
 
 
 def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device: torch.device) -> nn.Module:

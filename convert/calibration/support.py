@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from gqa_uptrain.convert.calibration.layers import decoder_layers, skeleton
+from gqa_uptrain.convert.checkpoint_io import stored_name
 from gqa_uptrain.convert.layout import HeadsAxis, KVLayout
 from gqa_uptrain.errors import UnsupportedModelError
 
@@ -34,7 +35,7 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
         return "it clips q/k/v after the projection"
     prefix, layers = decoder_layers(skeleton(config))
     names = [f"{prefix}.0.{name}" for name, _ in layers[0].named_parameters()]
-    if not all(name in stored or name.split(".", 1)[-1] in stored for name in names):
+    if not all(stored_name(name, stored) is not None for name in names):
         return "its checkpoint stores the layers under other names than its modules (e.g. fused MoE experts)"
     attention = layers[0].self_attn
     others = {name.split(".")[0] for name, _ in attention.named_parameters()} - set(_PROJECTIONS)
