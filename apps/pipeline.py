@@ -7,9 +7,11 @@
 The recipe's `convert`, `evaluate` and `publish` sections say what the steps do (recipes/template.yaml;
 validated in pipeline_recipe.py); training runs as scripts/launch.sh would run it: one process per local GPU
 through `accelerate launch` with the recipe's `accelerate_config`, or one plain process where there is no GPU. The recipe and everything the steps need are
-checked before the first step starts. A step whose result exists is skipped (the conversion only when the
-folder's gqa_provenance.json records the recipe's source, groups and method), and training and evaluation resume
-by themselves, so running the same command again continues where it stopped.
+checked before the first step starts. A step is skipped when its result exists and was made from what the recipe
+says now: the conversion when the folder's gqa_provenance.json records the recipe's source, groups and method, the
+uptraining when output_dir's run has the recipe's training sections and started from the model model.path holds;
+anything else there is refused in one line, never replaced. Training and evaluation resume by themselves, so
+running the same command again continues where it stopped.
 """
 
 from __future__ import annotations
@@ -42,15 +44,17 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
     model, output = Path(recipe.model.path), Path(recipe.output_dir)
     uptrained, report = output / "model", output / "eval"
     steps = []
+    converting = False
     if recipe.convert:
         c = recipe.convert
         done = (model / "config.json").is_file()
         if done:
             check_converted(recipe_path, model, c.source, c.groups, c.method)
+        converting = not done
         steps.append(Step("convert", [*python, "gqa_uptrain.convert", c.source, "--groups", str(c.groups),
                                       "--method", c.method, "--output", str(model)], done))
     steps.append(Step("uptrain", uptrain_argv(recipe_path, overrides, recipe.accelerate_config),
-                      (uptrained / "config.json").is_file()))
+                      check_uptrained(recipe_path, recipe, converting)))
     if recipe.evaluate:
         e = recipe.evaluate
         if not recipe.convert:
@@ -99,6 +103,31 @@ def check_converted(recipe_path: Path, model: Path, source: str, groups: int, me
         raise ConfigError(f"{recipe_path}: model.path {model} holds another conversion ({recorded_source}, "
                           f"groups {conversion.get('groups')}, method {conversion.get('method')}), not the recipe's "
                           f"({source}, groups {groups}, method {method}); {fix}")
+
+
+def check_uptrained(recipe_path: Path, recipe: PipelineRecipe, converting: bool) -> bool:
+    """Whether output_dir holds the finished uptraining of this recipe, from the model model.path holds now (as
+    gqa-uptrain tells: the recipe it saved, the model fingerprint it recorded at its start). A run of another
+    training recipe, or from another model (model.path converted again, or about to be), is refused in one line
+    rather than skipped, resumed or overwritten: it is another model, and replacing it would delete its
+    checkpoints. A Hub model.path is left to gqa-uptrain, which checks the same at its start."""
+    from gqa_uptrain.train.preflight import check_model_unchanged, check_output_dir, started_from
+
+    model = Path(recipe.model.path).expanduser()
+    try:
+        status = check_output_dir(recipe)
+        if status == "fresh":
+            return False
+        if converting and started_from(recipe, finished=status == "complete") is not None:
+            raise ConfigError(f"output_dir {recipe.output_dir} holds a run started from the model at {model}, which is "
+                              "not there now; the convert step would make it anew, another model as far as that run "
+                              "can tell: restore the model it was started from, or use a new output_dir")
+        if converting or not looks_local(recipe.model.path):
+            return False
+        check_model_unchanged(recipe, model, finished=status == "complete")
+    except ConfigError as error:
+        raise ConfigError(f"{recipe_path}: {error}") from None
+    return status == "complete"
 
 
 def uptrain_argv(recipe_path: Path, overrides: list[str], accelerate_config: str | None) -> list[str]:

@@ -6,11 +6,14 @@ huggingface_hub honours HF_TOKEN, the local cache and offline mode (HF_HUB_OFFLI
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
 
 from gqa_uptrain.errors import CheckpointError, one_line
 
@@ -69,10 +72,33 @@ def _local(path: Path) -> Source:
 
 
 def _download(repo_id: str, revision: str | None, ignore: list[str]) -> Path:
-    try:
+    with hub_errors(repo_id, revision):
         return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
-                              "(offline mode or no network)") from None
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Turn what the Hub answers (no such repository, gated, no network) into one CheckpointError line."""
+    try:
+        yield
+    except GatedRepoError:
+        raise CheckpointError(f"{repo_id}: a gated repository; accept its terms on huggingface.co, then log in "
+                              "(HF_TOKEN or `hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such repository on the Hugging Face Hub (or a private one: log in "
+                              "with HF_TOKEN or `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id}: has no revision {revision!r} on the Hugging Face Hub") from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"{repo_id}: cannot be fetched from the Hugging Face Hub ({one_line(e)})") from None
+    except Exception as e:
+        if not isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) and not _unreachable(e):
+            raise
+        raise CheckpointError(f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
+                              "(offline mode or no network)") from None
+
+
+def _unreachable(error: Exception) -> bool:
+    """A connection that failed (no network, DNS, a timeout): a TransportError of whichever HTTP library
+    huggingface_hub uses (httpx in 1.x, httpx2 since 2.x), which it passes on from header requests."""
+    return any(cls.__name__ == "TransportError" for cls in type(error).__mro__)

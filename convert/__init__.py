@@ -1,6 +1,7 @@
 """Convert a Hugging Face checkpoint to fewer KV heads (`gqa-convert`), one tensor at a time.
 
-Where things happen: `gqa_uptrain.source` finds the files, `layout.py` finds which tensors hold KV heads (on a
+Where things happen: `gqa_uptrain.source` finds the files (`hub_headers.py` reads only a Hub model's config and
+safetensors headers, for a dry run), `layout.py` finds which tensors hold KV heads (on a
 model built on the meta device, `gqa_uptrain.kv_heads`), `plan.py` decides every output tensor (`ConversionPlan`),
 `pooling.py` pools one tensor with a method from `methods/` (`METHODS` is the one list of them), `calibration/`
 fits whole attention layers for `--method calibrated` (the fitted tensors are streamed like pooled ones),
@@ -12,15 +13,16 @@ writes the model card from the provenance record (`gqa_uptrain.provenance`).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from transformers.utils.hub import convert_file_size_to_int
-
-from gqa_uptrain.convert.converter import convert, default_output
-from gqa_uptrain.convert.plan import CalibrationOptions, after_writing, build_plan, describe, refuse_no_op
 from gqa_uptrain.errors import GqaError
+from gqa_uptrain.files import BackgroundHashes
 from gqa_uptrain.source import resolve_source
+
+if TYPE_CHECKING:
+    from gqa_uptrain.convert.checkpoint_io import CheckpointReader
 
 DEFAULT_CALIBRATION_TOKENS = 32_768
 
@@ -35,7 +37,8 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
     Every `gqa-convert` flag is an argument: `method` (mean, first, random, calibrated), `calibration` and
     `calibration_tokens` (the calibrated method's text, None: the default, and its size), `seed`, `revision`,
     `max_shard_bytes` (bytes, or a size such as "500MB"), `force`. With `dry_run` nothing is written: the plan
-    (KV-cache bytes at `context` tokens) goes to `say` and the folder it would write is returned. After writing,
+    (KV-cache bytes at `context` tokens) goes to `say` and the folder it would write is returned; a Hub id is planned
+    from its config and safetensors headers, without downloading its weights. After writing,
     `say` gets the line that says how to measure the damage. Mistakes raise `gqa_uptrain.errors` classes.
     """
     shard_bytes = _max_shard_bytes(max_shard_bytes)
@@ -43,23 +46,48 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
         raise GqaError("--calibration and --calibration-tokens apply to --method calibrated only")
     if calibration_tokens < 1:
         raise GqaError(f"--calibration-tokens must be positive, got {calibration_tokens}")
-    resolved = resolve_source(str(source), revision)
-    plan = build_plan(resolved.folder, groups, method, seed, shard_bytes,
-                      CalibrationOptions(calibration, calibration_tokens))
-    refuse_no_op(plan)
-    target = Path(output) if output is not None else default_output(resolved.name, groups)
-    say = say or (lambda line: None)
-    if dry_run:
-        say("\n".join([*describe(plan, context), f"output        {target} (not written: --dry-run)"]))
-        return target
-    written = convert(plan, resolved, target, force=force, progress=progress)
+    from gqa_uptrain.convert.hub_headers import hub_checkpoint, plans_from_hub
+
+    if dry_run and plans_from_hub(str(source)):  # headers by range requests: no weights downloaded
+        resolved, reader = hub_checkpoint(str(source), revision)
+    else:
+        resolved = resolve_source(str(source), revision)
+        reader = None if dry_run else _early_reader(resolved.folder)
+    # The weight files are hashed for the provenance record from here on, by other processes, while this one imports
+    # transformers' model classes and plans: most of a small conversion's time, and much of a large one's.
+    with BackgroundHashes(reader.files) if reader is not None and not dry_run else nullcontext() as hashes:
+        from gqa_uptrain.convert.converter import convert, default_output
+        from gqa_uptrain.convert.plan import CalibrationOptions, after_writing, build_plan, describe, refuse_no_op
+
+        plan = build_plan(resolved.folder, groups, method, seed, shard_bytes,
+                          CalibrationOptions(calibration, calibration_tokens), reader)
+        refuse_no_op(plan)
+        target = Path(output) if output is not None else default_output(resolved.name, groups)
+        say = say or (lambda line: None)
+        if dry_run:
+            say("\n".join([*describe(plan, context), f"output        {target} (not written: --dry-run)"]))
+            return target
+        written = convert(plan, resolved, target, force=force, progress=progress, hashes=hashes)
     say("\n".join([f"gqa-convert: wrote {written} ({plan.layout.kv_heads} -> {plan.layout.groups} KV heads, "
                    f"{plan.method})", *after_writing(plan, str(source), written)]))
     return written
 
 
+def _early_reader(folder: Path) -> CheckpointReader | None:
+    """The checkpoint's headers, read before the heavy imports so that its files can be hashed beside them; None when
+    they cannot be read: the plan then says why, in its own order (a missing config.json first)."""
+    from gqa_uptrain.convert.checkpoint_io import CheckpointReader
+
+    try:
+        return CheckpointReader(folder)
+    except (GqaError, OSError):
+        return None
+
+
 def _max_shard_bytes(size: int | str) -> int:
     """5_000_000 or '5MB' -> bytes; GqaError for anything else."""
+    from transformers.utils.hub import convert_file_size_to_int
+
     try:
         value = size if isinstance(size, int) else convert_file_size_to_int(str(size))
     except ValueError:

@@ -69,7 +69,9 @@ def _is_hub_id(source_id: str) -> bool:
 
 
 def _reference(base_id: str) -> str:
-    return f"[{base_id}](https://huggingface.co/{base_id})" if _is_hub_id(base_id) else f"`{base_id}`"
+    """A Hub id links to its page; a local folder is named alone, never by its absolute path (a card is published,
+    and a path tells where and under which user the model was made)."""
+    return f"[{base_id}](https://huggingface.co/{base_id})" if _is_hub_id(base_id) else f"`{Path(base_id).name}`"
 
 
 def _percent(value: float | None) -> str:

@@ -69,7 +69,13 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_start = 8 + header_len
+    return header_tensors(path, header, 8 + header_len, size)
+
+
+def header_tensors(path: Path, header: dict, data_start: int, size: int | None) -> dict[str, TensorInfo]:
+    """The tensors a parsed safetensors header lists, each checked. `size` None: the file is not here (a Hub model's
+    header, read by range requests), so only the entries themselves are checked, and offsets counted from the data
+    section (`data_start` 0) still give the tensors' order."""
     infos = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -79,7 +85,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
         info = TensorInfo(name, path, dtype, shape, data_start + begin)
-        if end - begin != info.nbytes or data_start + end > size:
+        if end - begin != info.nbytes or (size is not None and data_start + end > size):
             raise CheckpointError(f"{path}: tensor {name} lies outside the file (truncated or corrupt)")
         infos[name] = info
     return infos
@@ -113,11 +119,17 @@ def stored_name(name: str, tensors: Collection[str]) -> str | None:
 class CheckpointReader:
     """The tensors of a checkpoint folder (safetensors or .bin, single or sharded), read on demand."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, headers: dict[str, TensorInfo] | None = None):
+        """`headers`: the tensors, known already (a Hub model's headers, to plan from): nothing is scanned, and as
+        their files are not here, nothing can be read."""
         self.folder = folder
+        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        if headers is not None:
+            self.tensors = headers
+            self.files = list(dict.fromkeys(info.file for info in headers.values()))
+            return
         self.files = _weight_files(folder)
         self.tensors: dict[str, TensorInfo] = {}
-        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         for file in self.files:
             self.tensors.update(self._scan(file))
         self._check_index()

@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
                    help="context length at which --dry-run reports the KV-cache size of one sequence "
                         "(default: 4096)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (KV heads, KV-cache bytes, parameters, files) and write nothing")
+                   help="print the plan (KV heads, KV-cache bytes, parameters, files) and write nothing; a Hub id is "
+                        "planned from its config and safetensors headers, without downloading the weights")
     p.add_argument("--force", action="store_true",
                    help="replace OUTPUT if it is a model folder that gqa-convert or gqa-uptrain wrote (its "
                         "gqa_provenance.json says so), swapping the new one in once it is complete; any other "

@@ -22,8 +22,7 @@ import pwd
 import re
 import shutil
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 
@@ -31,15 +30,14 @@ from tqdm.auto import tqdm
 
 from gqa_uptrain.cli import warn
 from gqa_uptrain.convert.card import card_license, model_card
-from gqa_uptrain.convert.calibration.calibrate import fit_checkpoint
 from gqa_uptrain.convert.checkpoint_io import (CheckpointReader, ShardedWriter, is_model_file, is_weight_file,
                                                write_tensor)
 from gqa_uptrain.convert.methods import PoolContext
-from gqa_uptrain.convert.plan import ConversionPlan, Step, human_size
+from gqa_uptrain.convert.plan import ConversionPlan, Step, human_size, output_config
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
 from gqa_uptrain.source import Source
 from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError
-from gqa_uptrain.files import exchange_paths, output_lock, rename_no_replace, sha256_file
+from gqa_uptrain.files import BackgroundHashes, exchange_paths, output_lock, rename_no_replace
 from gqa_uptrain.model_folder import model_root, readable_files
 from gqa_uptrain.provenance import (PROVENANCE, Conversion, SourceRecord, conversion_record, read_provenance,
                                    why_not_converted_here, write_provenance)
@@ -87,8 +85,9 @@ def default_output(name: str, groups: int) -> Path:
 
 
 def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = False,
-            progress: bool = True) -> Path:
-    """Write the converted model to `output` and return it."""
+            progress: bool = True, hashes: BackgroundHashes | None = None) -> Path:
+    """Write the converted model to `output` and return it. `hashes`: the source's weight files being hashed
+    already (`convert_checkpoint` starts them before its imports); by default they are hashed from here on."""
     check_output(output, source.folder, force)
     # What is copied besides the weights; a folder whose provenance record links out of it is refused here.
     others = [name for name in readable_files(source.folder, is_model_file, PROG, "copied")
@@ -102,43 +101,53 @@ def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = Fa
         _clear_leftovers(target, locked)
         check_output(target, source.folder, force)  # again: another run may have written it before we locked it
         _check_space(plan, target.parent)
-        _write(plan, source, others, target, force, progress)
+        try:
+            _write(plan, source, others, target, force, progress, hashes)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise _filled_up(plan, target.parent) from None
     return output
 
 
 def _write(plan: ConversionPlan, source: Source, others: list[str], output: Path, force: bool,
-           progress: bool) -> None:
+           progress: bool, hashes: BackgroundHashes | None) -> None:
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     work.chmod(0o755)  # mkdtemp makes it private; the finished model folder should not be
-    cancel = threading.Event()
-    # Source files are hashed for the provenance record beside the conversion, several at a time where cores allow.
-    hasher = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1))
-    try:
-        pending = {file.name: hasher.submit(sha256_file, file, cancel) for file in plan.reader.files}
-        fitted, calibration = None, None
-        if plan.calibration is not None:
-            fitted, calibration = fit_checkpoint(plan, work / ".calibration", progress)
-        _write_weights(plan, work, progress, fitted)
-        shutil.rmtree(work / ".calibration", ignore_errors=True)
-        for name in others:  # tokenizer, generation config, chat template, license...
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source.folder / name, work / name)
-        _write_config(plan, work)
-        hashes = {name: digest.result() for name, digest in pending.items()}
-        source_record: SourceRecord = {"id": source.label, "revision": source.revision,
-                                       "license": card_license(source.folder), "sha256": hashes}
-        write_provenance(work, conversion_record(source_record, _conversion(plan, calibration),
-                                                 read_provenance(source.folder)))
-        model_card(work, output.name).save(work / "README.md")
-        _flush_to_disk(work)
-        check_output(output, source.folder, force)
-        _move_into_place(work, output, force)
-    except BaseException:
-        cancel.set()
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        hasher.shutdown(cancel_futures=True)
+    # The source files are hashed for the provenance record by other processes, beside the conversion.
+    with hashes or BackgroundHashes(plan.reader.files) as hashing:
+        try:
+            _write_into(work, output.name, plan, source, others, progress, hashing)
+            check_output(output, source.folder, force)
+            _move_into_place(work, output, force)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, others: list[str], progress: bool,
+                hashing: BackgroundHashes) -> None:
+    """Every file of the converted model `title`, on disk (fsynced), in the temporary folder `work`."""
+    fitted, calibration = None, None
+    if plan.calibration is not None:
+        from gqa_uptrain.convert.calibration.calibrate import fit_checkpoint  # datasets, tokenizers: only for this
+
+        fitted, calibration = fit_checkpoint(plan, work / ".calibration", progress)
+    _write_weights(plan, work, progress, fitted)
+    shutil.rmtree(work / ".calibration", ignore_errors=True)
+    for name in others:  # tokenizer, generation config, chat template, license...
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source.folder / name, work / name)
+    _write_config(plan, work)
+    _flush_to_disk(work.rglob("*"))  # the weights go to disk while the last source files are hashed
+    digests = hashing.results()
+    source_record: SourceRecord = {"id": source.label, "revision": source.revision,
+                                   "license": card_license(source.folder),
+                                   "sha256": {file.name: digests[file] for file in plan.reader.files}}
+    write_provenance(work, conversion_record(source_record, _conversion(plan, calibration),
+                                             read_provenance(source.folder)))
+    model_card(work, title).save(work / "README.md")
+    _flush_to_disk([work / PROVENANCE, work / "README.md"])
 
 
 def _make_parent(parent: Path) -> None:
@@ -209,7 +218,7 @@ def _tensor_source(plan: ConversionPlan, step: Step, init_std: float, fitted: Ch
 
 def _write_config(plan: ConversionPlan, folder: Path) -> None:
     """The source's config.json, key for key, with the new KV head count."""
-    config = {**plan.raw_config, "num_key_value_heads": plan.layout.groups}
+    config = output_config(plan)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -221,9 +230,19 @@ def _check_space(plan: ConversionPlan, parent: Path) -> None:
                             "another output")
 
 
-def _flush_to_disk(folder: Path) -> None:
-    """fsync every file before the rename, so a crash cannot leave a complete-looking but empty output."""
-    for path in folder.rglob("*"):
+def _filled_up(plan: ConversionPlan, parent: Path) -> DiskFullError:
+    """The disk filled while the model was written (another program took the space after _check_space): what to
+    free, measured once the partial folder is gone."""
+    free, need = shutil.disk_usage(parent).free, plan.output_bytes + _SPACE_MARGIN
+    then = (f"free {human_size(need - free)} or choose another output" if free < need
+            else "there is room again: run the same command again")
+    return DiskFullError(f"disk full while writing the converted model in {parent}, and nothing of it was kept "
+                         f"({human_size(free)} free now, the model needs {human_size(need)} with a margin); {then}")
+
+
+def _flush_to_disk(paths: Iterable[Path]) -> None:
+    """fsync the output's files before the rename, so a crash cannot leave a complete-looking but empty output."""
+    for path in paths:
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from gqa_uptrain.errors import InvalidGroupsError, UnsupportedModelError
-from gqa_uptrain.kv_heads import kv_heads_of, meta_model, with_kv_heads
+from gqa_uptrain.kv_heads import auto_model_class, kv_heads_of, meta_model, text_config, with_kv_heads
 
 Role = Literal["projection", "bias", "norm"]
 
@@ -71,13 +71,14 @@ class KVLayout:
 def find_layout(config: PretrainedConfig, groups: int) -> KVLayout:
     """Check that `config`'s architecture can hold `groups` KV heads and list the tensors that change."""
     model_type = config.model_type
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if auto_model_class(config) is AutoModelForCausalLM and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(f"model type '{model_type}' is not a decoder-only causal language model "
                                     "in transformers")
-    if "num_key_value_heads" not in config.to_dict():
+    if "num_key_value_heads" not in text_config(config).to_dict():
         raise UnsupportedModelError(f"model type '{model_type}' cannot express grouped-query attention in "
                                     "transformers (its config has no num_key_value_heads)")
-    query_heads = config.num_attention_heads
+    _check_one_head_layout(text_config(config), model_type)
+    query_heads = text_config(config).num_attention_heads
     kv_heads = kv_heads_of(config)
     _check_groups(groups, kv_heads, model_type)
     if groups == kv_heads:
@@ -89,6 +90,25 @@ def find_layout(config: PretrainedConfig, groups: int) -> KVLayout:
         raise UnsupportedModelError(f"model type '{model_type}' cannot express grouped-query attention in "
                                     "transformers (num_key_value_heads changes none of its weights)")
     return KVLayout(model_type, query_heads, kv_heads, groups, tuple(changes))
+
+
+# Attention sizes that transformers' heterogeneous configs (`per_layer_config`) may set layer by layer.
+_HEAD_SIZES = ("num_key_value_heads", "num_attention_heads", "head_dim")
+
+
+def _check_one_head_layout(config: PretrainedConfig, model_type: str) -> None:
+    """Refuse, naming the first layer that differs, a config whose attention layers differ in head counts or sizes
+    (`per_layer_config`, as Gemma 4 has): one --groups would pool them unlike, and num_key_value_heads names only
+    some of them. Per-layer overrides of other sizes, and layers without attention, are fine."""
+    varying = sorted(set(getattr(config, "per_layer_attributes", None) or ()) & set(_HEAD_SIZES))
+    layers = config.per_layer_config if varying else []
+    for key in varying:
+        values = [getattr(layer, key) for layer in layers]
+        differs = next((i for i, value in enumerate(values) if value != values[0]), None)
+        if differs is not None:
+            raise UnsupportedModelError(f"model type '{model_type}': layer {differs} has {key} {values[differs]} "
+                                        f"where layer 0 has {values[0]} (per-layer attention sizes); gqa-convert "
+                                        "converts models whose attention layers all share one head layout")
 
 
 def _check_groups(groups: int, kv_heads: int, model_type: str) -> None:

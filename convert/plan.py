@@ -11,17 +11,17 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Collection
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from gqa_uptrain.convert.calibration.support import check_supported
-from gqa_uptrain.convert.checkpoint_io import (CheckpointReader, OutputTensor, TensorInfo, assign_shards,
-                                               stored_name)
+from gqa_uptrain.convert.checkpoint_io import CheckpointReader, OutputTensor, TensorInfo, assign_shards
 from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, find_layout
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.pooling import pooled_shape
 from gqa_uptrain.errors import CheckpointError, InvalidGroupsError, UnsupportedModelError
-from gqa_uptrain.kv_heads import kv_cache_bytes_per_token, meta_model, with_kv_heads
+from gqa_uptrain.kv_heads import kv_cache_bytes_per_token, meta_model, text_config_key, with_kv_heads
 from gqa_uptrain.model_folder import require_inside
 
 
@@ -115,9 +115,10 @@ def _check_sizes(path: Path, raw: dict) -> None:
 
 
 def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
-               max_shard_bytes: int = 5_000_000_000,
-               calibration: CalibrationOptions | None = None) -> ConversionPlan:
-    """Everything the conversion will do, checked against the checkpoint's headers."""
+               max_shard_bytes: int = 5_000_000_000, calibration: CalibrationOptions | None = None,
+               reader: CheckpointReader | None = None) -> ConversionPlan:
+    """Everything the conversion will do, checked against the checkpoint's headers: those of `folder`'s weight
+    files, or `reader`'s when given (a Hub model's, read without downloading its weights)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method}")
     raw, config = load_config(folder)
@@ -125,9 +126,10 @@ def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
         layout = find_layout(config, groups)
     except AttributeError as e:  # e.g. configs whose head counts vary per layer
         raise UnsupportedModelError(f"{folder}: cannot read the attention layout ({e})") from None
-    reader = CheckpointReader(folder)
-    _check_complete(config, reader.tensors)
-    steps = _steps(reader, layout)
+    reader = reader or CheckpointReader(folder)
+    names = checkpoint_names(meta_model(config), reader.tensors)
+    _check_complete(names)
+    steps = _steps(reader, layout, names)
     _check_exact(reader.tensors, steps)
     fitted = method == "calibrated" and bool(layout.changes)
     if fitted:
@@ -139,41 +141,52 @@ def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
                           (calibration or CalibrationOptions()) if fitted else None)
 
 
-def _check_complete(config: PretrainedConfig, tensors: dict[str, TensorInfo]) -> None:
+@dataclass(frozen=True)
+class CheckpointNames:
+    """How transformers loads a checkpoint into its model class: each parameter's stored name, and the parameters
+    it builds from several stored tensors (fused MoE experts), which are not pooled."""
+
+    model: PreTrainedModel  # on the meta device
+    stored: dict[str, str]  # parameter name -> checkpoint name
+    fused: frozenset[str]
+
+
+def checkpoint_names(model: PreTrainedModel, tensors: Collection[str]) -> CheckpointNames:
+    """Rename the checkpoint's tensors as `from_pretrained` does: with the architecture's own renaming rules (a
+    multimodal checkpoint's `language_model.model.*` is the module's `model.language_model.*`) and with or without
+    the base model's prefix (a bare base model's checkpoint)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    rules = get_model_conversion_mapping(model)
+    renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]
+    converters = [rule for rule in rules if isinstance(rule, WeightConverter)]
+    params = model.state_dict()
+    stored, fused = {}, set()
+    for name in tensors:
+        renamed, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
+        if renamed not in params and name in params:  # as transformers does: a name the rules should not touch
+            renamed, converter = rename_source_key(name, [], [], model.base_model_prefix, params)
+        if converter is not None:
+            fused.add(renamed)
+        else:
+            stored[renamed] = name
+    return CheckpointNames(model, stored, frozenset(fused))
+
+
+def _check_complete(names: CheckpointNames) -> None:
     """Every parameter the model class has must be in the checkpoint: one left out (an index that forgot a shard)
     would be randomly initialised when the output is loaded. Tied parameters (lm_head tied to the embeddings) are
     one tensor, present under any of their names; buffers are not weights and are not asked for."""
-    renamed, converted = _stored_names(config.model_type)
     names_of: dict[int, list[str]] = {}
-    for name, param in meta_model(config).named_parameters(remove_duplicate=False):
-        if not any(target in name for target in converted):  # stored as other tensors (MoE experts): not checked
+    for name, param in names.model.named_parameters(remove_duplicate=False):
+        if name not in names.fused:  # built from other stored tensors (MoE experts): not checked here
             names_of.setdefault(id(param), []).append(name)
-    def stored(name: str) -> bool:
-        for target, source in renamed:
-            name = name.replace(target, source) if name.replace(target, source) in tensors else name
-        return stored_name(name, tensors) is not None
-    missing = [names[0] for names in names_of.values() if not any(map(stored, names))]
+    missing = [tied[0] for tied in names_of.values() if not any(name in names.stored for name in tied)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"tensor(s) {', '.join(missing[:3])}{more} missing from the checkpoint, though the "
                               "model has them (an index or shard left out?)")
-
-
-def _stored_names(model_type: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """How transformers maps this architecture's checkpoint names to its modules: (renamed parts as (module's,
-    checkpoint's), parts of parameters built from several stored tensors)."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    renamed, converted = [], []
-    for rule in get_checkpoint_conversion_mapping(model_type) or []:
-        sources, targets = list(rule.source_patterns), list(rule.target_patterns)
-        plain = [re.sub(r"\\(.)", r"\1", source) for source in sources]  # the patterns are regexes
-        if (type(rule).__name__ == "WeightRenaming" and len(sources) == len(targets) == 1
-                and not re.search(r"[*+?()\[\]|^$]", plain[0])):
-            renamed.append((targets[0], plain[0]))
-        else:
-            converted += targets
-    return renamed, converted
 
 
 # Tensor names that hold a quantization's scales or packed integers beside (or instead of) the weights.
@@ -210,9 +223,9 @@ class _Target:
     sources: tuple[str, ...]
 
 
-def _steps(reader: CheckpointReader, layout: KVLayout) -> list[Step]:
+def _steps(reader: CheckpointReader, layout: KVLayout, names: CheckpointNames) -> list[Step]:
     """Output tensors in the order the source stores them, so reads run front to back through each file."""
-    targets = _targets(reader.tensors, layout)
+    targets = _targets(layout, names)
     ordered = sorted(reader.tensors.values(), key=lambda t: (str(t.file), t.offset or 0))
     steps = []
     for info in ordered:
@@ -227,7 +240,7 @@ def _steps(reader: CheckpointReader, layout: KVLayout) -> list[Step]:
     return steps
 
 
-def _targets(tensors: dict[str, TensorInfo], layout: KVLayout) -> dict[str, _Target]:
+def _targets(layout: KVLayout, names: CheckpointNames) -> dict[str, _Target]:
     """Checkpoint name -> its target, for every tensor a change touches.
 
     Per-head modules: group g's heads pool into module g, written where the group's first head was read.
@@ -236,20 +249,20 @@ def _targets(tensors: dict[str, TensorInfo], layout: KVLayout) -> dict[str, _Tar
     ratio = layout.kv_heads // layout.groups
     for change in layout.changes:
         if isinstance(change, PerHeadModules):
-            names = [_in_checkpoint(change.pattern.format(i), tensors) for i in range(layout.kv_heads)]
+            heads = [_in_checkpoint(change.pattern.format(i), names) for i in range(layout.kv_heads)]
             for g in range(layout.groups):
-                group = tuple(names[g * ratio:(g + 1) * ratio])
-                targets[group[0]] = _Target(change, names[g], group)
+                group = tuple(heads[g * ratio:(g + 1) * ratio])
+                targets[group[0]] = _Target(change, heads[g], group)
                 targets.update({name: _Target(change, None, ()) for name in group[1:]})
         else:
-            name = _in_checkpoint(change.name, tensors)
+            name = _in_checkpoint(change.name, names)
             targets[name] = _Target(change, name, (name,))
     return targets
 
 
-def _in_checkpoint(module_name: str, tensors: dict[str, TensorInfo]) -> str:
-    """The checkpoint's name for a model parameter (checkpoints of a bare base model lack its prefix)."""
-    name = stored_name(module_name, tensors)
+def _in_checkpoint(module_name: str, names: CheckpointNames) -> str:
+    """The checkpoint's name for a model parameter."""
+    name = names.stored.get(module_name)
     if name is not None:
         return name
     raise CheckpointError(f"tensor {module_name} is missing from the checkpoint, though the config says the "
@@ -343,6 +356,15 @@ def after_writing(plan: ConversionPlan, source: str, output: Path) -> list[str]:
         lines.append(f"expect a large loss before uptraining: {plan.method} pooling can lose much (a real model's "
                      "perplexity rose from 24 to 30,853 at one KV head); --method calibrated keeps more")
     return lines
+
+
+def output_config(plan: ConversionPlan) -> dict:
+    """The source's config.json as written, with the new KV head count where the decoder's config keeps it (under
+    `text_config` for a multimodal wrapper, whose vision config keeps its own heads)."""
+    key = text_config_key(plan.config)
+    if key is None:
+        return {**plan.raw_config, "num_key_value_heads": plan.layout.groups}
+    return {**plan.raw_config, key: {**plan.raw_config.get(key, {}), "num_key_value_heads": plan.layout.groups}}
 
 
 def human_size(nbytes: float) -> str:

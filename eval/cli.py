@@ -10,7 +10,7 @@ from gqa_uptrain.cli import run_cli
 
 from .cache import default_cache_dir
 from .local_tasks import shipped_task_names
-from .options import DTYPE_NAMES, EvalOptions
+from .options import DTYPE_NAMES, KV_CACHE_NAMES, EvalOptions
 
 EPILOG = """\
 examples:
@@ -18,6 +18,7 @@ examples:
            --tasks hellaswag,arc_easy,arc_challenge,piqa,winogrande,lambada_openai --output reports/llama2
   gqa-eval --base ./tiny --model ./tiny-gqa2 --tasks gqa_lastword,gqa_nextsentence \\
            --perplexity held_out.txt --speed --output reports/tiny
+  gqa-eval --base ./tiny --model ./tiny-gqa2 --perplexity held_out.txt --kv-cache none int4 --output reports/kv
 
 tasks: shipped offline tasks ({shipped}), a folder or YAML file of lm-eval task configs, or any lm-eval
 task/group/tag name (those download their data from the Hugging Face Hub).
@@ -99,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "tokens of context (default: window/2)")
     ppl.add_argument("--perplexity-max-tokens", type=int, default=None,
                      help="score only the first N tokens of the source")
+
+    kv = parser.add_argument_group("quantized KV cache (quality with K/V stored as a quantized cache stores them)")
+    kv.add_argument("--kv-cache", nargs="+", default=None, metavar="{%s}" % ",".join(KV_CACHE_NAMES),
+                    help="KV caches to evaluate every model with (default none: the model's own). intN quantizes K "
+                    "and V as transformers' QuantizedCache does (N-bit integers, a scale and a zero-point per group "
+                    "of each token's head vector; the newest tokens in full precision) and counts KV-cache bytes "
+                    "the same way; each model gets a row per cache, e.g. --kv-cache none int4. Applies to --tasks "
+                    "and --perplexity; --speed runs on the unquantized cache only")
+    kv.add_argument("--kv-group-size", type=int, default=None,
+                    help="elements per quantization group along head_dim (default 64, transformers' q_group_size)")
+    kv.add_argument("--kv-residual", type=int, default=None,
+                    help="newest positions of each sequence kept in full precision (default 128, transformers' "
+                    "residual_length; 0 quantizes every position)")
 
     speed = parser.add_argument_group("KV cache and decode speed")
     speed.add_argument("--speed", action="store_true",

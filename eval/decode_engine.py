@@ -4,6 +4,8 @@ Two pieces:
 - attention that reads each KV head once (`packed_gqa_sdpa`; `packed_gqa_split_kv` hands one-token steps on a GPU
   to the split-KV Triton kernel of `decode_kernels`). `register_attention` makes both known to transformers'
   `AttentionInterface` by name; `packed_gqa_attention` calls it and switches a model over for a block.
+- `fused_projections`: the projections a block takes of one input (q/k/v, gate/up) as one matrix product each, so a
+  decode step launches three fewer skinny matrix products per layer.
 - `StaticDecoder`: a preallocated `StaticCache`, and a decode step (forward, greedy pick, cache write) that runs on
   the device with no host round trip, so on a GPU it is captured once in a CUDA graph and replayed.
 
@@ -19,6 +21,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AttentionInterface, PreTrainedModel, StaticCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -126,22 +129,129 @@ def attention_implementation(model: PreTrainedModel) -> str | None:
 
 
 @contextmanager
-def packed_gqa_attention(model: PreTrainedModel, split_kv: bool = False) -> Iterator[None]:
-    """Run `model` with `packed_gqa_sdpa` (or `packed_gqa_split_kv`) inside the block, its own attention after it."""
-    register_attention()
+def switched_attention(model: PreTrainedModel, wanted: str, purpose: str) -> Iterator[None]:
+    """Run `model` with the registered attention `wanted` inside the block, its own after it (also after an error);
+    a model that cannot switch is refused in one line that starts with `purpose`."""
     previous = attention_implementation(model)
-    wanted = SPLIT_KV_ATTENTION if split_kv else PACKED_GQA_ATTENTION
     try:
         model.set_attn_implementation(wanted)
-    except ValueError as error:  # e.g. Gemma-2: soft-capped attention logits, which SDPA cannot compute
-        reason = one_line(error)
-        raise UnsupportedModelError(f"engine-style decode needs SDPA attention: {reason}") from error
+    except (ValueError, KeyError) as error:  # e.g. Gemma-2: soft-capped attention logits, which SDPA cannot compute
+        raise UnsupportedModelError(f"{purpose}: {one_line(error)}") from error
     if attention_implementation(model) != wanted:
         raise UnsupportedModelError(f"{type(model).__name__} cannot switch its attention implementation")
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+@contextmanager
+def packed_gqa_attention(model: PreTrainedModel, split_kv: bool = False) -> Iterator[None]:
+    """Run `model` with `packed_gqa_sdpa` (or `packed_gqa_split_kv`) inside the block, its own attention after it."""
+    register_attention()
+    wanted = SPLIT_KV_ATTENTION if split_kv else PACKED_GQA_ATTENTION
+    with switched_attention(model, wanted, "engine-style decode needs SDPA attention"):
+        yield
+
+
+# Sibling projections that a block applies to one input, in the order its forward calls them.
+FUSABLE_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+FUSED_TOLERANCE = 0.05  # relative logit difference above which the fused model is not the same model
+
+
+class _Outputs:
+    """The split result of the last fused product, handed from the first projection called to its siblings."""
+
+    parts: tuple[torch.Tensor, ...] = ()
+
+
+class _FusedPart(nn.Module):
+    """Stands in for one projection of a fused group: the first computes the group's product, the others read it.
+
+    A decode step is a chain of skinny matrix products (a few rows against a whole weight), each paying a launch
+    and a ramp-up and tail on the GPU; one product over the concatenated weights pays them once. The split relies on
+    the block calling its projections in `FUSABLE_PROJECTIONS` order, which `fused_projections` checks.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], index: int,
+                 outputs: _Outputs) -> None:
+        super().__init__()
+        self.fused_weight, self.fused_bias, self.sizes, self.index, self.outputs = weight, bias, sizes, index, outputs
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.index == 0:
+            self.outputs.parts = F.linear(hidden, self.fused_weight, self.fused_bias).split(self.sizes, dim=-1)
+        return self.outputs.parts[self.index]
+
+
+def _fusable_groups(model: nn.Module) -> Iterator[tuple[nn.Module, tuple[str, ...]]]:
+    """(block, names) for every block whose sibling projections are plain linears of one input size and dtype."""
+    for block in model.modules():
+        for names in FUSABLE_PROJECTIONS:
+            linears = [getattr(block, name, None) for name in names]
+            if not all(type(linear) is nn.Linear for linear in linears):
+                continue
+            if len({(lin.in_features, lin.weight.dtype, lin.bias is None) for lin in linears}) == 1:
+                yield block, names
+
+
+def _fuse(block: nn.Module, names: tuple[str, ...]) -> list[nn.Linear]:
+    """Swap `names` of `block` for the parts of one fused product; returns the linears taken out."""
+    linears = [getattr(block, name) for name in names]
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+    sizes, outputs = [lin.out_features for lin in linears], _Outputs()
+    for index, name in enumerate(names):
+        setattr(block, name, _FusedPart(weight, bias, sizes, index, outputs))
+    return linears
+
+
+@contextmanager
+def fused_projections(model: PreTrainedModel, probe: torch.Tensor | None = None) -> Iterator[int]:
+    """Run `model` with each block's q/k/v and gate/up projections as one matrix product each, inside the block.
+
+    Yields the number of groups fused. The fused weights are copies, freed on exit, so the model's own parameters
+    stay untouched for anything else that holds them; they cost the size of those projections again while the
+    block runs (7.4 GB for a 7B Llama in bf16). With
+    `probe` (token ids), the logits are compared with the unfused model's first: a block that calls its projections
+    in another order would give other logits, and is refused in one line rather than decoded wrongly.
+    """
+    expected = None if probe is None else _probe_logits(model, probe)
+    taken = [(block, names, _fuse(block, names)) for block, names in list(_fusable_groups(model))]
+    try:
+        difference = None if expected is None else _relative_difference(model, probe, expected)
+        if difference is not None and difference > FUSED_TOLERANCE:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not call its projections in the order {FUSABLE_PROJECTIONS} "
+                f"(fused logits differ by {difference:.2g} relative): cannot fuse them"
+            )
+        yield len(taken)
+    finally:
+        for block, names, linears in taken:
+            for name, linear in zip(names, linears):
+                _release_part(getattr(block, name))
+                setattr(block, name, linear)
+
+
+def _release_part(part: _FusedPart) -> None:
+    """Drop what a part holds (the fused weights, the last product, which may live in a CUDA graph's memory pool),
+    so that nothing a compiled step's caches still reference keeps them alive after the block."""
+    part.outputs.parts, part.fused_weight, part.fused_bias = (), None, None
+
+
+@torch.no_grad()
+def _probe_logits(model: PreTrainedModel, probe: torch.Tensor) -> torch.Tensor:
+    return model(probe, use_cache=False).logits.float()
+
+
+def _relative_difference(model: PreTrainedModel, probe: torch.Tensor, expected: torch.Tensor) -> float:
+    """How far the fused model's logits on `probe` are from `expected`, relative to their size (a norm ratio: bf16
+    rounds one product over the concatenated weights differently from several, elementwise, by more than any fixed
+    tolerance over a 32-layer model). A sibling called before the first of its group finds no product: infinite."""
+    try:
+        return float((_probe_logits(model, probe) - expected).norm() / expected.norm().clamp_min(1e-12))
+    except IndexError:
+        return float("inf")
 
 
 def cache_argument(model: PreTrainedModel) -> str:
@@ -214,10 +324,11 @@ class StaticDecoder:
             self._step()
 
     @torch.no_grad()
-    def step(self) -> None:
-        """One decode step: a graph replay once captured, otherwise the step itself."""
+    def step(self, replay: bool = True) -> None:
+        """One decode step: a graph replay once captured (unless `replay` is off: then its kernels are launched one
+        by one, as a profiler needs to see them), otherwise the step itself."""
         self._advance()
-        if self._graph is not None:
+        if self._graph is not None and replay:
             self._graph.replay()
         else:
             self._step()
@@ -225,10 +336,10 @@ class StaticDecoder:
 
 def engine_generate(
     model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *,
-    cuda_graph: bool | None = None, compile: bool = False, split_kv: bool = False,
+    cuda_graph: bool | None = None, compile: bool = False, split_kv: bool = False, fuse: bool = False,
 ) -> torch.Tensor:
     """Greedy continuation of `input_ids` by `StaticDecoder`: prompt plus `new_tokens` tokens, like `generate()`."""
-    with packed_gqa_attention(model, split_kv):
+    with engine(model, input_ids, split_kv, fuse):
         decoder = StaticDecoder(model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile)
         if new_tokens > 1:
             decoder.warm_up(min(WARMUP_STEPS, new_tokens - 1))
@@ -237,8 +348,18 @@ def engine_generate(
     return decoder.tokens
 
 
-def engine_name(device: torch.device, cuda_graph: bool, compile: bool, split_kv: bool) -> str:
+@contextmanager
+def engine(model: PreTrainedModel, input_ids: torch.Tensor, split_kv: bool, fuse: bool) -> Iterator[None]:
+    """The engine's model inside the block: packed-GQA attention and, if `fuse`, fused projections (checked on a
+    few tokens of `input_ids`)."""
+    with packed_gqa_attention(model, split_kv), (
+        fused_projections(model, probe=input_ids[:1, :8]) if fuse else nullcontext()
+    ):
+        yield
+
+
+def engine_name(device: torch.device, cuda_graph: bool, compile: bool, split_kv: bool, fuse: bool = False) -> str:
     """How the engine-style decode ran, for the report."""
     kernel = "split-KV Triton decode attention" if split_kv and split_kv_available() and device.type == "cuda" else None
-    return ", ".join(["static KV cache", kernel or "packed-GQA SDPA"] + ["CUDA graph"] * cuda_graph
-                     + ["torch.compile"] * compile)
+    return ", ".join(["static KV cache", kernel or "packed-GQA SDPA"] + ["fused projections"] * fuse
+                     + ["CUDA graph"] * cuda_graph + ["torch.compile"] * compile)

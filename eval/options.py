@@ -17,6 +17,8 @@ from .cache import default_cache_dir
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]  # auto: the base checkpoint's own dtype
 DTYPE_NAMES = get_args(DType)
+KVCache = Literal["none", "int8", "int4"]  # none: the model's own cache; intN: quantized as transformers' QuantizedCache
+KV_CACHE_NAMES = get_args(KVCache)
 # Fields whose flag is not `--` + the field name with dashes.
 FLAGS = {"models": "--model", "include_paths": "--include-path", "use_cache": "--no-cache"}
 
@@ -58,6 +60,9 @@ class EvalOptions(BaseModel):
     speed_batch_sizes: list[Positive] = Field([1, 8], min_length=1)
     speed_contexts: list[Positive] = Field([512, 2048], min_length=1)
     speed_new_tokens: Positive = 64
+    kv_cache: list[KVCache] = Field(["none"], min_length=1)
+    kv_group_size: Positive = 64  # transformers' QuantizedCache defaults (q_group_size, residual_length)
+    kv_residual: int = Field(128, ge=0)
     cache_dir: Path = Field(default_factory=default_cache_dir)
     use_cache: bool = True
 
@@ -72,6 +77,13 @@ class EvalOptions(BaseModel):
     def _positive_limit(cls, value: int | float | None) -> int | float | None:
         if value is not None and value <= 0:
             raise ValueError(f"must be positive, got {value}")
+        return value
+
+    @field_validator("kv_cache")
+    @classmethod
+    def _distinct_kv_caches(cls, value: list[str]) -> list[str]:
+        if len(set(value)) < len(value):
+            raise ValueError(f"names a cache twice: {' '.join(value)}")
         return value
 
     @model_validator(mode="after")

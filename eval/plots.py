@@ -97,7 +97,7 @@ def quality_vs_kv_figure(panels: list[tuple[str, list[Point]]]):
         ax.set_xlabel("KV cache per token")
         ax.set_ylabel(name)
         markers = [Line2D([], [], marker="s", linestyle="", color="black", label=f"base ({p.label})")
-                   for p in points if p.base]
+                   for p in points if p.base][:1]  # the base's quantized-cache rows share its marker
         if any(not p.base for p in points):
             markers.append(Line2D([], [], marker="o", linestyle="", color="grey", label="candidates (labelled)"))
         ax.legend(handles=markers, fontsize=8)

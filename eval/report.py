@@ -168,12 +168,12 @@ def models_table(report: dict) -> str:
         kv = model.get("kv_cache_bytes_per_token")
         ppl = (model.get("perplexity") or {}).get("token_perplexity")
         rows.append([
-            model["label"], model.get("num_key_value_heads"), _bytes(kv),
+            model["label"], model.get("num_key_value_heads"), model.get("kv_cache", "none"), _bytes(kv),
             f"{kv / base_kv:.3f}" if kv and base_kv else "", _bytes(model.get("measured_kv_cache_bytes_per_token")),
             average_score(model), ppl, model.get("error") or "ok",
         ])
-    header = ["model", "KV heads", "KV cache / token", "vs base", "measured / token", "avg score", "perplexity",
-              "status"]
+    header = ["model", "KV heads", "KV quant", "KV cache / token", "vs base", "measured / token", "avg score",
+              "perplexity", "status"]
     return markdown_table(header, rows)
 
 
@@ -212,6 +212,12 @@ def _settings_lines(report: dict) -> list[str]:
         ppl = settings["perplexity"]
         lines.append(f"Perplexity: `{ppl['source']}`, {ppl['tokens']} tokens in {ppl['documents']} document(s), "
                      f"window {ppl['window']}, stride {ppl['stride']}.")
+    if settings.get("kv_cache"):
+        kv = settings["kv_cache"]
+        lines.append(f"KV caches: {', '.join(kv['caches'])}; intN: K and V quantized as transformers' QuantizedCache "
+                     f"stores them (N-bit, a scale and a zero-point per group of {kv['group_size']} along head_dim), "
+                     f"the last {kv['residual_length']} positions of each sequence in full precision; KV cache / "
+                     "token counts the quantized storage. Decode speed is measured on the unquantized cache.")
     return lines
 
 
@@ -270,16 +276,22 @@ def delta_series(report: dict) -> dict[str, list[dict]]:
 
 
 def quality_vs_kv_panels(report: dict, colors: dict[str, str]) -> list[tuple[str, list[plots.Point]]]:
-    """quality_vs_kv_cache.png: average headline score and perplexity, a panel each where measured, per model."""
+    """quality_vs_kv_cache.png: average headline score and perplexity, a panel each where measured, per model. A
+    model's quantized-cache rows take its colour (and the base's square) and are labelled by their cache only."""
     models = [m for m in [report["base"], *report["candidates"]] if m.get("kv_cache_bytes_per_token")]
+    base_ref = report["base"]["ref"]
+    model_colors: dict[str, str] = {}
+    for m in models:
+        model_colors.setdefault(m["ref"], "black" if m["ref"] == base_ref else colors[m["label"]])
     measures = (
         ("average score", average_score),
         ("token perplexity (lower is better)", lambda m: (m.get("perplexity") or {}).get("token_perplexity")),
     )
     panels = []
     for name, measure in measures:
-        points = [plots.Point(m["label"], m["kv_cache_bytes_per_token"], _bytes(m["kv_cache_bytes_per_token"]), y,
-                              m["role"] == "base", "black" if m["role"] == "base" else colors[m["label"]])
+        points = [plots.Point(m["label"] if m.get("kv_cache", "none") == "none" else m["kv_cache"],
+                              m["kv_cache_bytes_per_token"], _bytes(m["kv_cache_bytes_per_token"]), y,
+                              m["ref"] == base_ref, model_colors[m["ref"]])
                   for m in models if (y := measure(m)) is not None]
         if points:
             panels.append((name, points))

@@ -12,17 +12,18 @@ import math
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from gqa_uptrain.errors import ConfigError, EvaluationError, GqaError
-from gqa_uptrain.kv_heads import kv_cache_bytes_per_token
+from gqa_uptrain.kv_heads import KVQuantization, kv_cache_bytes_per_token, kv_heads_and_head_dim
 
 from . import report as report_io
 from .cache import ResultCache, result_key
 from .harness import HarnessSettings, check_task_loads, evaluate_task
+from .kv_quant import kv_quantization, quantized_kv_attention
 from .loading import OpenedModel, adds_bos, check_same_tokenizer, load_weights, open_model
 from .local_tasks import TaskSelection, resolve_tasks
 from .options import EvalOptions
@@ -74,6 +75,7 @@ class EvaluationPlan:
     tasks: TaskSelection | None
     perplexity_ids: list[list[int]] | None
     perplexity_settings: dict | None
+    kv_caches: list[KVQuantization | None]  # every model is measured with each; None: the model's own cache
     bandwidth: float | None = None  # bytes/s, measured once so every model's floor uses the same figure
 
     def settings(self) -> dict:
@@ -85,6 +87,9 @@ class EvaluationPlan:
             out["dtype"] = str(self.dtype).removeprefix("torch.")
         if self.perplexity_settings:
             out["perplexity"] = self.perplexity_settings
+        if any(self.kv_caches):
+            out["kv_cache"] = {"caches": self.options.kv_cache, "group_size": self.options.kv_group_size,
+                               "residual_length": self.options.kv_residual}
         if self.options.speed:
             out["speed"] = {"batch_sizes": self.options.speed_batch_sizes, "contexts": self.options.speed_contexts,
                             "new_tokens": self.options.speed_new_tokens}
@@ -118,23 +123,34 @@ def make_plan(options: EvalOptions, base: OpenedModel, staging_dir: Path) -> Eva
                                   limit=options.limit, seed=options.seed, dtype=str(dtype).removeprefix("torch."),
                                   add_bos_token=add_bos, bootstrap_iters=options.bootstrap_iters)
     ids, ppl_settings = perplexity_plan(options, base, dtype) if options.perplexity else (None, None)
-    return EvaluationPlan(options, cache, dtype, harness, tasks, ids, ppl_settings)
+    kv_caches = [kv_quantization(name, options.kv_group_size, options.kv_residual) for name in options.kv_cache]
+    for quant in filter(None, kv_caches):  # a group size that does not fit the head size fails before any model
+        quant.group(kv_heads_and_head_dim(base.config)[1])
+    return EvaluationPlan(options, cache, dtype, harness, tasks, ids, ppl_settings, kv_caches)
 
 
-def new_record(spec: OpenedModel, role: str) -> dict:
-    """The model's entry in the report, filled in as measurements arrive (kept, with its error, on failure)."""
-    return {"label": spec.label, "ref": spec.ref, "role": role, "provenance": spec.provenance, "tasks": {},
-            "perplexity": None, "speed": None, "error": None}
+def new_record(spec: OpenedModel, role: str, quant: KVQuantization | None = None) -> dict:
+    """The model's entry in the report, filled in as measurements arrive (kept, with its error, on failure); with
+    a quantized KV cache, its label says which."""
+    label = spec.label if quant is None else f"{spec.label} ({quant.name} KV)"
+    return {"label": label, "ref": spec.ref, "role": role, "kv_cache": quant.name if quant else "none",
+            "provenance": spec.provenance, "tasks": {}, "perplexity": None, "speed": None, "error": None}
 
 
-def describe(spec: OpenedModel, dtype: torch.dtype) -> dict:
-    """What the config says: heads and KV-cache bytes per token in the evaluation dtype."""
+def describe(spec: OpenedModel, dtype: torch.dtype, quant: KVQuantization | None = None) -> dict:
+    """What the config says: heads and KV-cache bytes per token in the evaluation dtype (quantized as `quant`)."""
     config = spec.config.get_text_config(decoder=True)
     return {
         "num_attention_heads": getattr(config, "num_attention_heads", None),
         "num_key_value_heads": getattr(config, "num_key_value_heads", None),
-        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(spec.config, dtype),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(spec.config, dtype, quant),
     }
+
+
+def with_kv_cache(settings: dict, quant: KVQuantization | None) -> dict:
+    """A measurement's cache-key settings, with the KV-cache quantization when there is one (so results measured
+    on the model's own cache keep their keys)."""
+    return settings if quant is None else {**settings, "kv_cache": asdict(quant)}
 
 
 class LazyModel:
@@ -157,42 +173,46 @@ class LazyModel:
             torch.cuda.empty_cache()
 
 
-def task_key(plan: EvaluationPlan, fingerprint: str, name: str) -> str:
-    return result_key(fingerprint, f"lm-eval:{name}", {**plan.harness.as_dict(), "task": plan.tasks.fingerprints[name]})
+def task_key(plan: EvaluationPlan, fingerprint: str, name: str, quant: KVQuantization | None) -> str:
+    settings = {**plan.harness.as_dict(), "task": plan.tasks.fingerprints[name]}
+    return result_key(fingerprint, f"lm-eval:{name}", with_kv_cache(settings, quant))
 
 
 def check_task_data(plan: EvaluationPlan, specs: list[OpenedModel]) -> None:
     """Load the data of every task some model still has to run, so a missing dataset fails before the first model."""
     fingerprints = [plan.cache.model_fingerprint(spec.ref) for spec in specs]
     for name in plan.tasks.names:
-        if any(plan.cache.get(task_key(plan, fingerprint, name)) is None for fingerprint in fingerprints):
+        if any(plan.cache.get(task_key(plan, fingerprint, name, quant)) is None
+               for fingerprint in fingerprints for quant in plan.kv_caches):
             check_task_loads(plan.tasks, name)
 
 
-def measure_tasks(record: dict, model: LazyModel, fingerprint: str, plan: EvaluationPlan) -> None:
+def measure_tasks(record: dict, model: LazyModel, quant: KVQuantization | None, plan: EvaluationPlan) -> None:
     for name in plan.tasks.names:
-        key = task_key(plan, fingerprint, name)
+        key = task_key(plan, record["fingerprint"], name, quant)
         cached = plan.cache.get(key)
         if cached is None:
-            log(f"[{model.spec.label}] lm-eval task {name}")
-            cached = evaluate_task(model.get(), model.spec.tokenizer, name, plan.tasks, plan.harness)
+            log(f"[{record['label']}] lm-eval task {name}")
+            with quantized_kv_attention(loaded := model.get(), quant):
+                cached = evaluate_task(loaded, model.spec.tokenizer, name, plan.tasks, plan.harness)
             plan.cache.put(key, cached)
         else:
-            log(f"[{model.spec.label}] lm-eval task {name}: cached")
+            log(f"[{record['label']}] lm-eval task {name}: cached")
         record["tasks"][name] = cached
 
 
-def measure_perplexity(record: dict, model: LazyModel, fingerprint: str, plan: EvaluationPlan) -> None:
+def measure_perplexity(record: dict, model: LazyModel, quant: KVQuantization | None, plan: EvaluationPlan) -> None:
     settings = {k: v for k, v in plan.perplexity_settings.items() if k != "source"}  # the ids hash stands for it
-    key = result_key(fingerprint, "perplexity", settings)
+    key = result_key(record["fingerprint"], "perplexity", with_kv_cache(settings, quant))
     result = plan.cache.get(key)
     if result is None:
-        log(f"[{model.spec.label}] perplexity on {plan.options.perplexity}")
-        result = perplexity(model.get(), plan.perplexity_ids, settings["window"], settings["stride"],
-                            plan.options.batch_size)
+        log(f"[{record['label']}] perplexity on {plan.options.perplexity}")
+        with quantized_kv_attention(loaded := model.get(), quant):
+            result = perplexity(loaded, plan.perplexity_ids, settings["window"], settings["stride"],
+                                plan.options.batch_size)
         plan.cache.put(key, result)
     else:
-        log(f"[{model.spec.label}] perplexity: cached")
+        log(f"[{record['label']}] perplexity: cached")
     record["perplexity"] = result
 
 
@@ -211,24 +231,36 @@ def measure_speed(record: dict, model: LazyModel, plan: EvaluationPlan) -> None:
                                      options.speed_new_tokens, bandwidth=plan.bandwidth)
 
 
-def evaluate_model(record: dict, spec: OpenedModel, plan: EvaluationPlan) -> None:
-    """Every requested measurement of one model into `record`, from the cache where possible."""
-    record.update(describe(spec, plan.dtype))
+def evaluate_model(record: dict, model: LazyModel, quant: KVQuantization | None, plan: EvaluationPlan) -> None:
+    """Every requested measurement of one model with one KV cache into `record`, from the cache where possible.
+    Decode speed is measured on the model's own cache only (the decode engine does not quantize)."""
+    spec = model.spec
+    record.update(describe(spec, plan.dtype, quant))
     record["fingerprint"] = plan.cache.model_fingerprint(spec.ref)
-    model = LazyModel(spec, plan)
     try:
         if plan.tasks:
-            measure_tasks(record, model, record["fingerprint"], plan)
+            measure_tasks(record, model, quant, plan)
         if plan.perplexity_ids:
-            measure_perplexity(record, model, record["fingerprint"], plan)
-        if plan.options.speed:
+            measure_perplexity(record, model, quant, plan)
+        if plan.options.speed and quant is None:
             measure_speed(record, model, plan)
     except torch.OutOfMemoryError as error:
         raise EvaluationError(f"model {spec.ref}: out of memory at --batch-size {plan.options.batch_size} "
                               "(try a smaller one, or --device auto to spread it over several GPUs)") from error
-    finally:
-        model.release()
     check_finite(record, spec)
+
+
+def evaluate_candidate(record: dict, model: LazyModel, quant: KVQuantization | None, plan: EvaluationPlan,
+                       errors: list[str]) -> None:
+    """`evaluate_model`, a failure kept in `record` and `errors` instead of raised: it must not cost the others."""
+    try:
+        evaluate_model(record, model, quant, plan)
+    except Exception as error:  # noqa: BLE001 - one failing candidate must not cost the others
+        if not isinstance(error, GqaError):
+            traceback.print_exc()
+        record["error"] = str(error) if isinstance(error, GqaError) else f"{type(error).__name__}: {error}"
+        kv = "" if quant is None else f" ({quant.name} KV)"
+        errors.append(f"candidate {record['ref']}{kv}: {record['error']}")
 
 
 def _numbers(value, path: str = ""):
@@ -276,20 +308,24 @@ def run_report(options: EvalOptions) -> tuple[dict, list[str]]:
         plan = make_plan(options, base, Path(staging))
         if plan.tasks:
             check_task_data(plan, [base, *candidates])
-        base_record = new_record(base, "base")
-        evaluate_model(base_record, base, plan)
+        first, *other_caches = plan.kv_caches
+        base_model = LazyModel(base, plan)
+        base_record = new_record(base, "base", first)
+        try:
+            evaluate_model(base_record, base_model, first, plan)
+        except BaseException:
+            base_model.release()
+            raise
         records: list[dict] = []
         errors: list[str] = []
         report = write_report(plan, base_record, records)
-        for spec in candidates:
-            records.append(record := new_record(spec, "candidate"))
-            try:
-                evaluate_model(record, spec, plan)
-            except Exception as error:  # noqa: BLE001 - one failing candidate must not cost the others
-                if not isinstance(error, GqaError):
-                    traceback.print_exc()
-                record["error"] = str(error) if isinstance(error, GqaError) else f"{type(error).__name__}: {error}"
-                errors.append(f"candidate {spec.ref}: {record['error']}")
-            report = write_report(plan, base_record, records)
+        # the base with its other KV caches, then each candidate with every one: weights loaded once per model
+        runs = [(base_model, other_caches)] + [(LazyModel(spec, plan), plan.kv_caches) for spec in candidates]
+        for model, quants in runs:
+            for quant in quants:
+                records.append(record := new_record(model.spec, "candidate", quant))
+                evaluate_candidate(record, model, quant, plan, errors)
+                report = write_report(plan, base_record, records)
+            model.release()
     print(report_io.markdown(report, images=[]))
     return report, errors

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from gqa_uptrain.errors import ConfigError
 from gqa_uptrain.kv_heads import kv_cache_bytes, kv_cache_bytes_per_token
 
-from .decode_engine import WARMUP_STEPS, StaticDecoder, engine_name, packed_gqa_attention, split_kv_available
+from .decode_engine import WARMUP_STEPS, StaticDecoder, engine, engine_name, split_kv_available
 
 
 def _synchronize(device: torch.device) -> None:
@@ -106,14 +106,51 @@ def generate_seconds_per_step(model: PreTrainedModel, input_ids: torch.Tensor, s
     return (clock.stamps[-1] - clock.stamps[0]) / (len(clock.stamps) - 1)
 
 
+# Kernel-name fragments that say what a kernel does, first match wins; the rest is elementwise work, norms, RoPE.
+KERNEL_CLASSES = (
+    ("attention", ("_split_kernel", "_merge_kernel", "flash", "fmha", "attention", "decode", "sdpa")),
+    ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+)
+SHORT_KERNEL_SECONDS = 5e-6  # a kernel this short is bound by its launch and ramp-up, not by the bytes it reads
+
+
+def kernel_class(name: str) -> str:
+    """'attention', 'matmul' or 'other', from a CUDA kernel's name."""
+    lowered = name.lower()
+    return next((kind for kind, parts in KERNEL_CLASSES if any(part in lowered for part in parts)), "other")
+
+
+def profile_steps(decoder: StaticDecoder, steps: int) -> dict:
+    """What the GPU does in one decode step: kernels launched, and seconds of kernel time by class.
+
+    The steps are launched kernel by kernel (a CUDA graph hides its kernels from the profiler); a kernel takes as
+    long either way, so the sum over kernels set against the step time of the graph says how much of a step the
+    GPU spends between kernels.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step(replay=False)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    seconds = {kind: 0.0 for kind in ("attention", "matmul", "other")}
+    short = 0.0
+    for event in kernels:
+        duration = event.time_range.elapsed_us() / 1e6
+        seconds[kernel_class(event.name)] += duration / steps
+        short += duration / steps if duration < SHORT_KERNEL_SECONDS else 0.0
+    return {"kernels_per_step": len(kernels) / steps, "kernel_seconds": seconds,
+            "busy_seconds": sum(seconds.values()), "short_kernel_seconds": short}
+
+
 def engine_seconds_per_step(
     model: PreTrainedModel, input_ids: torch.Tensor, steps: int, *, cuda_graph: bool | None = None,
-    compile: bool = False, split_kv: bool = False,
-) -> float:
-    """Seconds per engine-style decode step, timed over `steps` back-to-back steps after the warm-up."""
-    with packed_gqa_attention(model, split_kv):
+    compile: bool = False, split_kv: bool = False, fuse: bool = False, profile: int = 0,
+) -> tuple[float, dict | None]:
+    """Seconds per engine-style decode step, timed over `steps` back-to-back steps after the warm-up, and with
+    `profile` > 0 (CUDA only) the kernels of that many more steps (`profile_steps`)."""
+    with engine(model, input_ids, split_kv, fuse):
         decoder = StaticDecoder(
-            model, input_ids, WARMUP_STEPS + steps + 1, cuda_graph=cuda_graph, compile=compile
+            model, input_ids, WARMUP_STEPS + steps + profile + 1, cuda_graph=cuda_graph, compile=compile
         )
         decoder.warm_up()
         _synchronize(input_ids.device)
@@ -122,7 +159,8 @@ def engine_seconds_per_step(
             for _ in range(steps):
                 decoder.step()
 
-        return _seconds(run, input_ids.device) / steps
+        seconds = _seconds(run, input_ids.device) / steps
+        return seconds, profile_steps(decoder, profile) if profile and input_ids.device.type == "cuda" else None
 
 
 def _release(device: torch.device, compiled: bool) -> None:
@@ -152,6 +190,8 @@ def measure_decode(
     cuda_graph: bool | None = None,
     compile: bool | None = None,
     split_kv: bool | None = None,
+    fuse: bool = False,
+    profile: int = 0,
     stock_generate: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -163,7 +203,10 @@ def measure_decode(
     device and off elsewhere; compiling costs about a minute per case for a 7B model on an H100 and brought the
     engine from 71-79% to 85-91% of the floor there (docs/benchmarks.md). `split_kv` decodes with the split-KV
     Triton kernel (`decode_kernels`); it defaults to on for a CUDA device where Triton is installed, since it took
-    GQA-8 from 52-64% to 72-76% of the floor on an H100 (docs/benchmarks.md). Each case returns a dict:
+    GQA-8 from 52-64% to 72-76% of the floor on an H100 (docs/benchmarks.md). `fuse` runs the step with
+    `fused_projections` (q/k/v and gate/up as one product each). With `profile` > 0 on a GPU, that many more steps
+    are profiled kernel by kernel (`profile_steps`) into `kernels`, with `idle_share`: the part of a step (timed
+    in its CUDA graph) when no kernel runs, what launch gaps cost. Each case returns a dict:
     `batch`, `context`, `tokens_per_s` (engine-style), `generate_tokens_per_s`, `floor_tokens_per_s`,
     `fraction_of_floor` (engine over floor), `generate_fraction_of_floor`, and the bytes and bandwidth behind the
     floor.
@@ -180,8 +223,9 @@ def measure_decode(
     for batch, context in tqdm(cases, desc="decode speed", disable=not progress):
         input_ids = torch.randint(model.config.get_text_config().vocab_size, (batch, context), generator=generator)
         input_ids = input_ids.to(device)
-        engine_s = engine_seconds_per_step(
-            model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile, split_kv=split_kv
+        engine_s, kernels = engine_seconds_per_step(
+            model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile, split_kv=split_kv, fuse=fuse,
+            profile=profile,
         )
         _release(device, compile)
         generate_s = generate_seconds_per_step(model, input_ids, new_tokens) if stock_generate else None
@@ -196,11 +240,13 @@ def measure_decode(
             "floor_tokens_per_s": batch / floor_s,
             "fraction_of_floor": floor_s / engine_s,
             "generate_fraction_of_floor": floor_s / generate_s if generate_s else None,
-            "engine": engine_name(device, cuda_graph, compile, split_kv),
+            "engine": engine_name(device, cuda_graph, compile, split_kv, fuse),
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.config, dtype=model.dtype),
             "weight_bytes": weight_bytes_per_step(model),
             "kv_cache_bytes": kv_cache_bytes(model.config, round(context + new_tokens / 2), batch, model.dtype),
             "bandwidth_bytes_per_s": bandwidth,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+            "kernels": kernels,
+            "idle_share": 1 - kernels["busy_seconds"] / engine_s if kernels else None,
         })
     return results

@@ -30,10 +30,12 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from gqa_uptrain.eval import flashinfer_attention
 from gqa_uptrain.eval.decode_engine import packed_gqa_sdpa, packed_gqa_split_kv
 from gqa_uptrain.eval.speed import measure_bandwidth, measure_decode
 
-ENGINES = {"graph": False, "compile": True}  # engine name -> torch.compile the step (both run in a CUDA graph)
+# engine name -> (torch.compile the step, fused projections); every engine runs its step in a CUDA graph
+ENGINES = {"graph": (False, False), "compile": (True, False), "fused": (True, True), "graph-fused": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", nargs="+", type=int,
                         help="KV-head counts; the first is the base the others are compared with (default: 32 8 for "
                              "llama-2-7b, 8 4 2 1 for gqa-repro)")
-    parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=["graph", "compile"],
-                        help="engine-style variants: 'graph' (eager kernels in a CUDA graph), 'compile' "
-                             "(torch.compile, then a CUDA graph); default: both")
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=["graph", "compile"],
+                        help="engine-style variants, each in a CUDA graph: 'graph' (eager kernels), 'compile' "
+                             "(torch.compile), 'fused' (torch.compile, q/k/v and gate/up as one product each), "
+                             "'graph-fused' (eager kernels, fused projections); default: graph compile")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many steps per case kernel by kernel: time by kernel class "
+                             "(attention, matmul, other) against each class's floor, and the step's idle share "
+                             "(default: 0, no profile)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per case (default: 64)")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's, 32 or 8)")
     parser.add_argument("--dtype", default="bfloat16", help="weight and cache dtype (default: bfloat16)")
@@ -84,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-generate", action="store_true", help="do not time stock generate()")
     parser.add_argument("--no-split-kv", dest="split_kv", action="store_false",
                         help="decode attention with packed SDPA instead of the split-KV Triton kernel (the default)")
+    parser.add_argument("--parts", nargs="+", choices=["attention", "decode"], default=["attention", "decode"],
+                        help="what to measure: the decode attention alone, whole decode steps (default: both)")
     parser.add_argument("--output", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
@@ -108,8 +117,9 @@ def shaped_model(shape: Shape, kv_heads: int, layers: int, dtype: torch.dtype, d
 def attention_kernel_us(
     shape: Shape, batch: int, context: int, kv_heads: int, dtype: torch.dtype, device: str
 ) -> dict[str, float]:
-    """Median microseconds of one decode-step attention call, three ways: the split-KV kernel and packed SDPA,
-    both with a boolean mask as the engine has, and SDPA `enable_gqa` without a mask."""
+    """Median microseconds of one decode-step attention call: the split-KV kernel and packed SDPA, both with a
+    boolean mask as the engine has, SDPA `enable_gqa` without a mask, and FlashInfer's batch decode over the same
+    cache (16-token pages, its default kernel choice) where it is installed."""
     query = torch.randn(batch, shape.heads, 1, shape.head_dim, dtype=dtype, device=device)
     key, value = (torch.randn(batch, kv_heads, context, shape.head_dim, dtype=dtype, device=device) for _ in range(2))
     mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
@@ -118,6 +128,16 @@ def attention_kernel_us(
         "sdpa_packed_masked": lambda: packed_gqa_sdpa(None, query, key, value, mask),
         "sdpa_enable_gqa_unmasked": lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True),
     }
+    if flashinfer_attention.available():
+        groups = shape.heads // kv_heads
+        packed = query.reshape(batch, kv_heads, groups, shape.head_dim)
+        try:
+            decode = flashinfer_attention.FlashInferDecode(batch, kv_heads, groups, shape.head_dim, context,
+                                                           shape.head_dim**-0.5, dtype=dtype, device=device)
+            decode.plan(context)
+            calls["flashinfer"] = lambda: decode.run(packed, key, value)
+        except Exception as error:  # its JIT build can fail on a machine: the other kernels' figures still count
+            print(f"FlashInfer could not run: {error!r}", flush=True)
     times = {}
     for name, call in calls.items():
         for _ in range(3):
@@ -138,19 +158,33 @@ def attention_kernel_us(
     return times
 
 
+def kernel_breakdown(row: dict) -> str:
+    """One line: a step's kernel time by class against each class's own floor (weights for the matrix products,
+    the KV cache for attention), the time between kernels, and how much runs in launch-bound short kernels."""
+    kernels, bandwidth = row["kernels"], row["bandwidth_bytes_per_s"]
+    step = row["batch"] / row["tokens_per_s"]
+    seconds = kernels["kernel_seconds"]
+    floors = {"matmul": row["weight_bytes"] / bandwidth, "attention": row["kv_cache_bytes"] / bandwidth}
+    parts = [f"{kind} {seconds[kind] * 1e3:.2f} ms" + (f" ({floors[kind] / seconds[kind]:.0%} of its floor)"
+                                                        if kind in floors and seconds[kind] else "")
+             for kind in ("matmul", "attention", "other")]
+    return (f"step {step * 1e3:.2f} ms: {kernels['kernels_per_step']:.0f} kernels; " + ", ".join(parts)
+            + f"; idle {row['idle_share']:.0%}; kernels under 5 us {kernels['short_kernel_seconds'] * 1e3:.2f} ms")
+
+
 def print_table(rows: list[dict], base_kv: int) -> None:
     """One line per case, engine and model; speedups are over the base model measured in this run."""
     engine = {(r["case"], r["engine_name"], r["kv_heads"]): r["tokens_per_s"] for r in rows}
     generate = {(r["case"], r["kv_heads"]): r["generate_tokens_per_s"] for r in rows if r["generate_tokens_per_s"]}
     floor = {(r["case"], r["kv_heads"]): r["floor_tokens_per_s"] for r in rows}
     nan = float("nan")
-    print(f"\n{'case':>9} {'engine':>8} {'kv':>3} {'tok/s':>7} {'floor':>7} {'of floor':>8} {'generate':>8} "
+    print(f"\n{'case':>9} {'engine':>11} {'kv':>3} {'tok/s':>7} {'floor':>7} {'of floor':>8} {'generate':>8} "
           f"{'of floor':>8} {'speedup':>8} {'generate':>8} {'floor':>7}")
     for row in rows:
         case, kv = row["case"], row["kv_heads"]
         gen = generate.get((case, kv), nan)
         speedup = row["tokens_per_s"] / engine.get((case, row["engine_name"], base_kv), nan)
-        print(f"{case:>9} {row['engine_name']:>8} {kv:>3} {row['tokens_per_s']:>7.0f} {floor[case, kv]:>7.0f} "
+        print(f"{case:>9} {row['engine_name']:>11} {kv:>3} {row['tokens_per_s']:>7.0f} {floor[case, kv]:>7.0f} "
               f"{row['fraction_of_floor']:>8.1%} {gen:>8.0f} {gen / floor[case, kv]:>8.1%} {speedup:>7.2f}x "
               f"{gen / generate.get((case, base_kv), nan):>7.2f}x "
               f"{floor[case, kv] / floor.get((case, base_kv), nan):>6.2f}x")
@@ -180,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.output:
             args.output.write_text(json.dumps(report, indent=2) + "\n")
 
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda") and "attention" in args.parts:
         itemsize = dtype.itemsize
         for (batch, context), kv_heads in ((c, k) for c in cases for k in args.kv_heads):
             times = attention_kernel_us(shape, batch, context, kv_heads, dtype, args.device)
@@ -191,39 +225,40 @@ def main(argv: list[str] | None = None) -> None:
                   + ", ".join(f"{name} {us:.1f} us ({floor_us / us:.0%})" for name, us in times.items()), flush=True)
         save()
 
-    for engine in args.engines:
-        for kv_heads in args.kv_heads:
+    for kv_heads in args.kv_heads if "decode" in args.parts else ():
+        if time.monotonic() - started > args.time_limit:
+            print(f"time limit reached: skipping {kv_heads} KV heads", flush=True)
+            continue
+        model = shaped_model(shape, kv_heads, args.layers, dtype, args.device)
+        for engine, (batch, context) in ((e, c) for e in args.engines for c in cases):
             if time.monotonic() - started > args.time_limit:
-                print(f"time limit reached: skipping {engine} with {kv_heads} KV heads", flush=True)
+                print(f"time limit reached: skipping {engine} {kv_heads} KV heads {batch}x{context}", flush=True)
                 continue
-            model = shaped_model(shape, kv_heads, args.layers, dtype, args.device)
-            for batch, context in cases:
-                if time.monotonic() - started > args.time_limit:
-                    print(f"time limit reached: skipping {engine} {batch}x{context}", flush=True)
-                    continue
-                tic = time.monotonic()
-                try:
-                    (row,) = measure_decode(
-                        model, [batch], [context], args.new_tokens, bandwidth=bandwidth,
-                        compile=ENGINES[engine], split_kv=args.split_kv,
-                        stock_generate=engine == args.engines[0] and not args.skip_generate,
-                        progress=False,
-                    )
-                except Exception as error:  # keep the other cases' figures; say what failed
-                    print(f"FAILED {engine} {kv_heads} KV heads {batch}x{context}: {error!r}", flush=True)
-                    continue
-                row.update(case=f"{batch}x{context}", engine_name=engine, kv_heads=kv_heads,
-                           wall_seconds=time.monotonic() - tic)
-                report["decode"].append(row)
-                save()
-                generate = row["generate_tokens_per_s"]
-                print(f"{engine:>8} {kv_heads:>2} KV heads {batch}x{context}: {row['tokens_per_s']:.0f} tok/s "
-                      f"({row['fraction_of_floor']:.0%} of floor {row['floor_tokens_per_s']:.0f})"
-                      + (f"; generate {generate:.0f} tok/s" if generate else "")
-                      + f"  [{row['wall_seconds']:.0f} s]", flush=True)
-            del model
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            compile, fuse = ENGINES[engine]
+            tic = time.monotonic()
+            try:
+                (row,) = measure_decode(
+                    model, [batch], [context], args.new_tokens, bandwidth=bandwidth, compile=compile,
+                    split_kv=args.split_kv, fuse=fuse, profile=args.profile,
+                    stock_generate=engine == args.engines[0] and not args.skip_generate, progress=False,
+                )
+            except Exception as error:  # keep the other cases' figures; say what failed
+                print(f"FAILED {engine} {kv_heads} KV heads {batch}x{context}: {error!r}", flush=True)
+                continue
+            row.update(case=f"{batch}x{context}", engine_name=engine, kv_heads=kv_heads,
+                       wall_seconds=time.monotonic() - tic)
+            report["decode"].append(row)
+            save()
+            generate = row["generate_tokens_per_s"]
+            print(f"{engine:>11} {kv_heads:>2} KV heads {batch}x{context}: {row['tokens_per_s']:.0f} tok/s "
+                  f"({row['fraction_of_floor']:.0%} of floor {row['floor_tokens_per_s']:.0f})"
+                  + (f"; generate {generate:.0f} tok/s" if generate else "")
+                  + f"  [{row['wall_seconds']:.0f} s]", flush=True)
+            if row["kernels"]:
+                print("   " + kernel_breakdown(row), flush=True)
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     print_table(report["decode"], args.kv_heads[0])
     save()

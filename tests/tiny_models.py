@@ -11,7 +11,9 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from gqa_uptrain.kv_heads import auto_model_class, with_kv_heads
 
 # model_type -> what its tiny config needs beyond the shared shape; the README lists these architectures.
 ARCHITECTURES: dict[str, dict] = {
@@ -39,23 +41,48 @@ ARCHITECTURES: dict[str, dict] = {
     "ministral": {},
 }
 
+# Hybrid models: some layers have no attention (short convolutions, Mamba), the others plain GQA-capable attention.
+HYBRID: dict[str, dict] = {
+    "lfm2": {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "full_attention"]},
+    "granitemoehybrid": {"num_hidden_layers": 3, "layer_types": ["mamba", "attention", "attention"],
+                         "num_local_experts": 2, "num_experts_per_tok": 1, "mamba_n_heads": 8, "mamba_d_head": 16,
+                         "mamba_d_state": 8, "mamba_n_groups": 1},
+}
+
+# Multimodal wrappers whose language model sits under `text_config`: model_type -> (the decoder's model_type, the
+# vision tower's, what the wrapper needs). The vision towers have 4 attention heads of their own, which must stay.
+MULTIMODAL: dict[str, tuple[str, str, dict]] = {
+    "gemma3": ("gemma3_text", "siglip_vision_model", {"mm_tokens_per_image": 4}),
+    "mistral3": ("mistral", "pixtral", {}),
+    "llava": ("llama", "clip_vision_model", {}),
+}
+VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "image_size": 28, "patch_size": 14}
+
 QUERY_HEADS = 4
 VOCAB = 96
 
 
 def tiny_config(model_type: str, kv_heads: int) -> PretrainedConfig:
-    return AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=QUERY_HEADS, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-        **ARCHITECTURES[model_type],
-    )
+    if model_type in MULTIMODAL:
+        text, vision, extra = MULTIMODAL[model_type]
+        return AutoConfig.for_model(model_type, text_config={"model_type": text, **_text_sizes(text, kv_heads)},
+                                    vision_config={"model_type": vision, **VISION}, **extra)
+    return AutoConfig.for_model(model_type, **_text_sizes(model_type, kv_heads))
+
+
+def _text_sizes(model_type: str, kv_heads: int) -> dict:
+    shared = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=QUERY_HEADS, num_key_value_heads=kv_heads, head_dim=16,
+                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return {**shared, **{**ARCHITECTURES, **HYBRID}[model_type]}
 
 
 def random_model(model_type: str, kv_heads: int, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised fp32 model, with every norm and bias perturbed so that none is trivial."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, kv_heads), dtype=torch.float32).eval()
+    config = tiny_config(model_type, kv_heads)
+    model = auto_model_class(config).from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 1 or "norm" in name:
@@ -65,12 +92,10 @@ def random_model(model_type: str, kv_heads: int, seed: int = 0) -> PreTrainedMod
 
 def repeat_kv_heads(small: PreTrainedModel, kv_heads: int) -> PreTrainedModel:
     """`small` with each of its G KV heads copied kv_heads // G times, consecutively."""
-    groups = small.config.num_key_value_heads
+    groups = small.config.get_text_config(decoder=True).num_key_value_heads
     ratio = kv_heads // groups
-    config = small.config.to_dict()
-    config.pop("model_type")
-    big = AutoModelForCausalLM.from_config(type(small.config)(**{**config, "num_key_value_heads": kv_heads}),
-                                           dtype=torch.float32).eval()
+    config = with_kv_heads(small.config, kv_heads)
+    big = auto_model_class(config).from_config(config, dtype=torch.float32).eval()
     small_state = small.state_dict()
     per_head = {_module_list_pattern(name) for name in big.state_dict() if name not in small_state}
     state = {}
@@ -98,9 +123,14 @@ def _repeat_rows(tensor: torch.Tensor, groups: int, ratio: int) -> torch.Tensor:
     return heads.repeat_interleave(ratio, dim=0).reshape(-1, *tensor.shape[1:])
 
 
+def load(path: Path) -> PreTrainedModel:
+    """A saved model in fp32, loaded by stock transformers with the auto class of its kind."""
+    return auto_model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=torch.float32).eval()
+
+
 def logits(model_or_path: PreTrainedModel | Path, tokens: torch.Tensor) -> torch.Tensor:
     model = model_or_path
     if isinstance(model_or_path, Path):
-        model = AutoModelForCausalLM.from_pretrained(model_or_path, dtype=torch.float32).eval()
+        model = load(model_or_path)
     with torch.no_grad():
         return model(tokens).logits

@@ -1,7 +1,9 @@
 """Checkpoints: accelerate's full training state plus our position, written atomically, newest K kept.
 
-A checkpoint is `checkpoints/step-XXXXXXXX/`: what `Accelerator.save_state` writes (model, optimizer, scheduler,
-RNG states of every process) and `trainer_state.json` (step, tokens, data position). It is written under a
+A checkpoint is `checkpoints/step-XXXXXXXX/`: what `Accelerator.save_state` writes (model, optimizer, RNG states
+of every process, all read back with weights_only=True) and `trainer_state.json` (step, tokens, data position, the
+learning-rate scheduler's state: kept in JSON, as accelerate would unpickle a registered object with
+weights_only=False, running whatever code a planted file holds). It is written under a
 temporary name and renamed when complete, so a crash during a save leaves the previous checkpoints intact and
 a half-written one is never resumed from.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +22,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from gqa_uptrain.errors import CheckpointError
+from gqa_uptrain.errors import CheckpointError, one_line
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"
@@ -93,11 +96,22 @@ def save_checkpoint(accelerator: Accelerator, root: Path, state: dict[str, Any],
     return final
 
 
+def size_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (a checkpoint folder)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote into the prepared objects; return the trainer state."""
+    pickles = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickles:  # accelerate would unpickle it with weights_only=False: whoever wrote it would run code here
+        raise CheckpointError(f"cannot resume from {path}: it holds {pickles[0]}, a pickle gqa-uptrain does not read "
+                              "(unpickling it could run any code; earlier versions kept the learning-rate schedule "
+                              "there): start the run again in a new output_dir")
     try:
         state = json.loads((path / STATE_FILE).read_text())
         accelerator.load_state(str(path))
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise CheckpointError(f"cannot resume from {path}: {error}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
+        # UnpicklingError: a file that is no plain tensor data (torch.load with weights_only=True runs no code)
+        raise CheckpointError(f"cannot resume from {path}: {one_line(error)}") from None
     return state

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
 
+import torch
+from accelerate import Accelerator
+
 from gqa_uptrain.errors import DiskFullError
 
 from . import checkpoint
@@ -35,8 +38,10 @@ class Space:
     keep: int = 1
 
 
-def is_disk_full(error: BaseException, folder: Path) -> bool:
-    """Whether `error` (or what caused it) is a full disk or quota while writing under `folder`."""
+def is_disk_full(error: BaseException, folder: Path, need: int | None = None) -> bool:
+    """Whether `error` (or what caused it) is a full disk or quota while writing under `folder`, where `need` bytes
+    were being written (torch's mute writer errors count when less than that is free: a failed checkpoint is
+    deleted before this is asked, which frees what it had written)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -46,7 +51,7 @@ def is_disk_full(error: BaseException, folder: Path) -> bool:
         if any(marker in text for marker in _FULL_TEXTS):
             return True
         if isinstance(error, RuntimeError) and any(marker in text for marker in _TORCH_WRITER_TEXTS):
-            return _free_bytes(folder) < _NEARLY_FULL
+            return _free_bytes(folder) < max(need or 0, _NEARLY_FULL)
         error = error.__cause__ or error.__context__
     return False
 
@@ -56,7 +61,7 @@ def full_disk_message(space: Space) -> str:
     output = space.output
     free = _free_bytes(output)
     latest = checkpoint.latest_checkpoint(output / "checkpoints")
-    measured = _folder_bytes(latest) if latest is not None else None
+    measured = checkpoint.size_bytes(latest) if latest is not None else None
     need = measured or space.checkpoint_bytes
     parts = [f"disk full while writing the run in {output} ({_size(free)} free on its file system)"]
     if need is not None:
@@ -68,6 +73,25 @@ def full_disk_message(space: Space) -> str:
     return "; ".join(parts)
 
 
+def checkpoint_need(space: Space) -> int | None:
+    """Bytes the next checkpoint will take: the newest one's size, else the estimate, else unknown."""
+    latest = checkpoint.latest_checkpoint(space.output / "checkpoints")
+    return checkpoint.size_bytes(latest) if latest is not None else space.checkpoint_bytes
+
+
+def check_room(space: Space, accelerator: Accelerator) -> None:
+    """Refuse in one line, before a checkpoint is written, if its file system cannot hold it, rather than fail
+    tens of gigabytes into the write (the newest checkpoint is deleted only once the new one is complete).
+
+    Every process asks its own file system (nodes may have their own disks) and all stop if one lacks room:
+    a process that stopped alone would leave the others waiting in the checkpoint's collectives.
+    """
+    need = checkpoint_need(space)
+    short = need is not None and _free_bytes(space.output) < need
+    if accelerator.reduce(torch.tensor(float(short), device=accelerator.device), "max").item():
+        raise DiskFullError(full_disk_message(space))
+
+
 @contextmanager
 def explained(space: Space) -> Iterator[None]:
     """Turn a full disk inside the block into one DiskFullError line; every other error passes unchanged."""
@@ -76,7 +100,7 @@ def explained(space: Space) -> Iterator[None]:
     except DiskFullError:
         raise
     except Exception as error:
-        if not is_disk_full(error, space.output):
+        if not is_disk_full(error, space.output, checkpoint_need(space)):
             raise
         raise DiskFullError(full_disk_message(space)) from error
 
@@ -86,10 +110,6 @@ def _free_bytes(folder: Path) -> int:
         if candidate.exists():
             return shutil.disk_usage(candidate).free
     return 0
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def _size(count: int) -> str:

@@ -9,6 +9,7 @@ checkpoint.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from accelerate.utils import (
     set_seed,
 )
 from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.errors import CheckpointError, ConfigError
 from gqa_uptrain.provenance import Provenance
 
 from . import checkpoint, data, disk, distill, metrics, run_lock
@@ -35,8 +37,8 @@ from .cadence import Cadence
 from .export import export_model, source_provenance
 from .launcher import watch_launcher
 from .optim import build_optimizer, build_schedule
-from .preflight import (Models, check_model_unchanged, check_models, check_output_dir, write_model_fingerprint,
-                        write_snapshot)
+from .preflight import (Models, check_attention, check_model_unchanged, check_models, check_output_dir,
+                        write_model_fingerprint, write_snapshot)
 from .recipe import Recipe
 from .teacher import place_teacher
 
@@ -136,9 +138,11 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
     state.print(f"gqa-uptrain plan for {recipe.model.path} on {state.num_processes} process(es):\n{plan.describe()}")
     if dry_run:
         return None
+    check_attention(recipe)
     output = Path(recipe.output_dir)
     status = check_output_dir(recipe)
     if status == "complete":
+        check_model_unchanged(recipe, models.folder, finished=True)
         state.print(f"{output} already holds the finished run ({output / 'model'}): nothing to do")
         return output / "model"
     if status == "resume":
@@ -170,12 +174,13 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
         data.train_loader(train_rows, recipe.batch.micro_batch),
         data.val_loader(val_rows, recipe.batch.micro_batch, recipe.eval.batches, accelerator.num_processes),
     )
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by us
+    # The scheduler's state goes into the checkpoint's JSON (below), not through register_for_checkpointing:
+    # accelerate unpickles registered objects with weights_only=False, so a planted file would run code on resume.
     teacher = place_teacher(accelerator, recipe, models.teacher_folder) if recipe.teacher else None
 
     # -- resume -------------------------------------------------------------------------------------------
     checkpoints = output / "checkpoints"
-    step, tokens, position = _resume(accelerator, checkpoints, status, plan.steps)
+    step, tokens, position = _resume(accelerator, checkpoints, status, plan.steps, scheduler)
     history = metrics.History(output / "metrics.jsonl", accelerator)
     history.truncate(step if step else -1)  # a fresh start keeps no record, not even a step-0 validation
     batches = data.Batches(accelerator, train_loader, **position)
@@ -219,7 +224,8 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
             divergence.check(accelerator, checkpoints)
         if cadence.log(step):
             loss, kd_loss = losses.report(accelerator)
-            record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens, **throughput.report()}
+            record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens, **throughput.report(),
+                      **metrics.peak_memory(accelerator.device)}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             if kd_loss is not None:
@@ -235,8 +241,14 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
             _validate(accelerator, model, val_loader, history, step, tokens)
             throughput.restart()
         if cadence.save(step):
-            state_record = {"step": step, "tokens": tokens, "data": batches.state()}
-            checkpoint.save_checkpoint(accelerator, checkpoints, state_record, recipe.checkpoint.keep)
+            state_record = {"step": step, "tokens": tokens, "data": batches.state(),
+                            "scheduler": scheduler.state_dict()}
+            if space is not None:
+                disk.check_room(space, accelerator)
+            started = time.perf_counter()
+            saved = checkpoint.save_checkpoint(accelerator, checkpoints, state_record, recipe.checkpoint.keep)
+            accelerator.print(f"checkpoint {saved.name}: {checkpoint.size_bytes(saved) / 1e9:.1f} GB "
+                              f"in {time.perf_counter() - started:.1f} s")
             throughput.restart()
     progress.close()
 
@@ -258,13 +270,20 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def _resume(accelerator: Accelerator, checkpoints: Path, status: str, steps: int) -> tuple[int, int, dict[str, int]]:
-    """(step, tokens, data position) to start from: the latest checkpoint's when resuming, else the beginning."""
+def _resume(accelerator: Accelerator, checkpoints: Path, status: str, steps: int,
+            scheduler: LambdaLR) -> tuple[int, int, dict[str, int]]:
+    """(step, tokens, data position) to start from: the latest checkpoint's when resuming, else the beginning; the
+    scheduler is put back where it was."""
     latest = checkpoint.latest_checkpoint(checkpoints) if status == "resume" else None
     if latest is None:
         return 0, 0, {"epoch": 0, "batches": 0}
+    started = time.perf_counter()
     saved = checkpoint.load_checkpoint(accelerator, latest)
-    accelerator.print(f"resumed from {latest} (step {saved['step']:,} of {steps:,})")
+    if not isinstance(saved.get("scheduler"), dict):
+        raise CheckpointError(f"cannot resume from {latest}: its {checkpoint.STATE_FILE} holds no scheduler state")
+    scheduler.load_state_dict(saved["scheduler"])
+    accelerator.print(f"resumed from {latest} (step {saved['step']:,} of {steps:,}) "
+                      f"in {time.perf_counter() - started:.1f} s")
     return saved["step"], saved["tokens"], saved["data"]
 
 

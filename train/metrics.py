@@ -65,6 +65,15 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float, devices
     return tokens_per_s * flops_per_token / (peak_tflops * 1e12 * devices)
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The most GPU memory this process has held so far, in GiB (allocated by tensors, and reserved by PyTorch's
+    caching allocator: what the GPU must have free); nothing on a CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "max_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
 class Throughput:
     """Tokens per second and MFU over the window since the last report (time spent saving or evaluating excluded)."""
 

@@ -10,13 +10,23 @@ from torch.optim.lr_scheduler import LambdaLR
 from .recipe import TrainSpec
 
 
+def _dims(parameter: torch.Tensor) -> int:
+    """A parameter's true dimensionality. Under DeepSpeed ZeRO-3's partitioned construction a parameter is an empty
+    placeholder of shape (0,) and its shape is `ds_shape`: read naively, every matrix would look like a norm."""
+    return len(getattr(parameter, "ds_shape", parameter.shape))
+
+
 def build_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.AdamW:
-    """Weight decay on weight matrices and embeddings; none on norms and biases (as GPT-2/Llama training did)."""
+    """Weight decay on weight matrices and embeddings; none on norms and biases (as GPT-2/Llama training did).
+
+    An empty group is left out: DeepSpeed drops it, and the schedule would then have one learning rate too many.
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": spec.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in trainable if _dims(p) >= 2], "weight_decay": spec.weight_decay},
+        {"params": [p for p in trainable if _dims(p) < 2], "weight_decay": 0.0},
     ]
+    groups = [group for group in groups if group["params"]]
     return torch.optim.AdamW(
         groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, fused=torch.cuda.is_available() or None
     )

@@ -52,6 +52,19 @@ def _check_seq_len(config: PretrainedConfig, seq_len: int, role: str, path: str)
         raise ConfigError(f"data.seq_len={seq_len} is above the {role}'s limit of {limit} positions ({path})")
 
 
+def check_attention(recipe: Recipe) -> None:
+    """The attention implementation the recipe asks for can be loaded here (transformers would fail at the weights,
+    in a traceback, after the run's folder is written). Not for a dry run, which may plan for other machines."""
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+    need = recipe.model.attn_implementation
+    available = {"flash_attention_2": is_flash_attn_2_available, "flex_attention": is_torch_flex_attn_available}
+    if need in available and not available[need]():
+        what = "the flash-attn package and a CUDA GPU" if need == "flash_attention_2" else "a newer torch"
+        raise ConfigError(f"model.attn_implementation={need} cannot be used here (it needs {what}): install it, or "
+                          "set model.attn_implementation=sdpa")
+
+
 def check_models(recipe: Recipe) -> Models:
     """Configs and tokenizers of the model and teacher; the weights are not read yet."""
     folder, config, tokenizer = _load_config_and_tokenizer(recipe.model.path, "model")
@@ -125,12 +138,23 @@ def _recorded_fingerprint(output: Path) -> dict[str, str] | None:
     return recorded if isinstance(recorded, dict) else None
 
 
-def check_model_unchanged(recipe: Recipe, folder: Path) -> None:
-    """Refuse to resume a run whose checkpoints were trained from another model than the one model.path holds
-    now (a folder converted again in place keeps its path, so the recipe alone cannot tell)."""
+def started_from(recipe: Recipe, finished: bool = False) -> dict[str, str] | None:
+    """The fingerprint of the model the run in output_dir was started from, where something of that run depends on
+    it (a checkpoint, or the finished model); None where nothing does, or nothing was recorded."""
     output = Path(recipe.output_dir)
     recorded = _recorded_fingerprint(output)
-    if recorded is None or not complete_checkpoints(output / "checkpoints"):
+    if recorded is None or not (finished or complete_checkpoints(output / "checkpoints")):
+        return None
+    return recorded
+
+
+def check_model_unchanged(recipe: Recipe, folder: Path, finished: bool = False) -> None:
+    """Refuse to resume a run whose checkpoints were trained from another model than the one model.path holds
+    now (a folder converted again in place keeps its path, so the recipe alone cannot tell), and to take a
+    `finished` run for the uptraining of that other model."""
+    output = Path(recipe.output_dir)
+    recorded = started_from(recipe, finished)
+    if recorded is None:
         return
     now = model_fingerprint(folder)
     changed = sorted(name for name in recorded.keys() | now.keys() if recorded.get(name) != now.get(name))

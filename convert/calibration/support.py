@@ -19,6 +19,7 @@ from gqa_uptrain.convert.calibration.layers import decoder_layers, skeleton
 from gqa_uptrain.convert.checkpoint_io import stored_name
 from gqa_uptrain.convert.layout import HeadsAxis, KVLayout
 from gqa_uptrain.errors import UnsupportedModelError
+from gqa_uptrain.kv_heads import text_config_key
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -26,6 +27,8 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> str | None:
     """Why `--method calibrated` cannot convert this model, or None when it can. `stored`: the checkpoint's
     tensor names (layers are loaded one at a time by their module names)."""
+    if text_config_key(config) is not None:
+        return "a multimodal wrapper (its language model under text_config), which the calibration does not run"
     if not all(isinstance(c, HeadsAxis) and c.name.rsplit(".", 2)[-2] in ("k_proj", "v_proj")
                for c in layout.changes):
         return "its KV heads live outside plain k_proj/v_proj tensors (fused qkv or per-head norms)"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from gqa_uptrain.convert.layout import Role
+if TYPE_CHECKING:  # layout imports transformers' model classes, which gqa-convert's flags need not wait for
+    from gqa_uptrain.convert.layout import Role
 
 
 @dataclass(frozen=True)

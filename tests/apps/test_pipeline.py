@@ -102,3 +102,132 @@ def test_existing_folder_without_a_conversion_record_is_not_skipped(recipe, tmp_
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no gqa_provenance.json record of a conversion" in err
+
+
+# ---- a finished uptraining is recognised by what it was made from, not by its folder ----
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_llama, shared_data):
+    """A pipeline run of convert and uptrain to the end (evaluation and publishing left out); its model.path kept
+    aside, modification times included, so that a test can put the very model back."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("finished")
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": str(tmp / "run"),
+        "model": {"path": str(tmp / "tiny-gqa2")},
+        "data": {"train": {"path": str(shared_data / "tinyshakespeare.txt")}, "holdout_docs": 8, "seq_len": 32},
+        "batch": {"micro_batch": 2, "global_batch": 2},
+        "train": {"lr": 1e-3, "precision": "fp32"},
+        "budget": {"steps": 2},
+        "checkpoint": {"every": 1},
+        "log": {"trackers": []},
+        "convert": {"source": str(tiny_llama), "groups": 2},
+    }))
+    pipeline.main([str(path)])
+    assert (tmp / "run" / "model" / "gqa_provenance.json").is_file()
+    shutil.copytree(tmp / "tiny-gqa2", tmp / "pristine")  # copy2: same bytes, same modification times
+    return path
+
+
+def restore_model(recipe: Path) -> Path:
+    import shutil
+
+    model = recipe.parent / "tiny-gqa2"
+    shutil.rmtree(model, ignore_errors=True)
+    shutil.copytree(recipe.parent / "pristine", model)
+    return model
+
+
+def run_files(recipe: Path) -> dict[str, int]:
+    """Every file of the run and the converted model, by modification time: proof that nothing was touched."""
+    return {str(p): p.stat().st_mtime_ns for folder in ("run", "tiny-gqa2") if (recipe.parent / folder).is_dir()
+            for p in sorted((recipe.parent / folder).rglob("*"))}
+
+
+def refused(recipe: Path, capsys, *argv: str) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main([str(recipe), *argv])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gqa-pipeline: error: {recipe}: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("changes", [[], ["checkpoint.every=2", "log.every=2", "eval.every=2"]])
+def test_a_finished_uptraining_of_the_same_recipe_and_model_is_skipped(finished, changes, capsys):
+    """Folder, cadence and logging decide no weight: the finished run is still this recipe's."""
+    restore_model(finished)
+    capsys.readouterr()
+    pipeline.main([str(finished), *changes, "--dry-run"])
+    out = capsys.readouterr().out
+    assert "[1/2] convert (done, skipped)" in out and "[2/2] uptrain (done, skipped)" in out
+
+
+@pytest.mark.parametrize("override, differs", [
+    ("train.lr=2e-3", "train.lr"),
+    ("budget.steps=3", "budget.steps"),
+    ("data.seq_len=16", "data.seq_len"),
+    ("seed=1", "seed"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_finished_uptraining_of_another_training_recipe_is_refused(finished, capsys, override, differs, dry_run):
+    """The recipe's training section changed since the run: the pipeline neither skips the step (the model would not
+    be the recipe's) nor redoes it over the old run (its checkpoints and model would be lost). One line, before any
+    step runs, naming what differs and what to do."""
+    restore_model(finished)
+    before = run_files(finished)
+    line = refused(finished, capsys, override, *(["--dry-run"] if dry_run else []))
+    assert f"holds a run of a different recipe (differs in {differs})" in line
+    assert "use a new output_dir, or the recipe that run was started with" in line
+    assert run_files(finished) == before
+
+
+def test_a_finished_uptraining_of_a_model_converted_again_in_place_is_refused(finished, capsys):
+    """model.path holds the recipe's conversion (the convert step is rightly skipped), but not the one the run was
+    trained from: the uptrained model is not this conversion's uptraining."""
+    from gqa_uptrain.convert import convert_checkpoint
+
+    restore_model(finished)
+    recipe = yaml.safe_load(finished.read_text())
+    convert_checkpoint(Path(recipe["convert"]["source"]), 2, finished.parent / "tiny-gqa2", force=True,
+                       progress=False, say=None)
+    before = run_files(finished)
+    line = refused(finished, capsys, "--dry-run")
+    assert "holds a run started from another model than" in line and "model.safetensors" in line
+    assert "use a new output_dir, or restore the model that run was started from" in line
+    assert run_files(finished) == before
+
+
+def test_a_finished_uptraining_whose_model_is_gone_is_refused_before_converting_again(finished, capsys):
+    import shutil
+
+    shutil.rmtree(finished.parent / "tiny-gqa2", ignore_errors=True)
+    before = run_files(finished)
+    line = refused(finished, capsys)  # not a dry run: nothing may be converted either
+    assert f"holds a run started from the model at {finished.parent / 'tiny-gqa2'}, which is not there now" in line
+    assert "restore the model it was started from, or use a new output_dir" in line
+    assert run_files(finished) == before and not (finished.parent / "tiny-gqa2").exists()
+
+
+def test_gqa_uptrain_itself_refuses_a_finished_run_once_its_model_changed(finished, capsys):
+    """Run alone (as scripts/launch.sh does), gqa-uptrain does not call a finished run of another model done."""
+    import subprocess
+    import sys
+
+    from gqa_uptrain.convert import convert_checkpoint
+
+    recipe = yaml.safe_load(finished.read_text())
+    convert_checkpoint(Path(recipe["convert"]["source"]), 2, finished.parent / "tiny-gqa2", force=True,
+                       progress=False, say=None)
+    before = run_files(finished)
+    done = subprocess.run([sys.executable, "-m", "gqa_uptrain.train", str(finished)], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if line.startswith("gqa-uptrain: ")]
+    assert len(said) == 1 and "holds a run started from another model than" in said[0], done.stderr[-2000:]
+    assert "nothing to do" not in done.stdout + done.stderr
+    assert run_files(finished) == before

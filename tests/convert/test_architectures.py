@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from gqa_uptrain.convert import convert_checkpoint
-from tiny_models import ARCHITECTURES, logits, random_model, repeat_kv_heads
+from gqa_uptrain.errors import UnsupportedModelError
+from gqa_uptrain.kv_heads import text_config
+from tiny_models import ARCHITECTURES, HYBRID, MULTIMODAL, load, logits, random_model, repeat_kv_heads
 
-ARCHS = sorted(ARCHITECTURES)
+ARCHS = sorted(ARCHITECTURES) + sorted(MULTIMODAL) + sorted(HYBRID)
 
 
 def save(model, path: Path) -> Path:
@@ -43,8 +45,8 @@ def test_identical_heads_pool_without_loss(arch, kv_heads, groups, tmp_path, tok
     source = save(big, tmp_path / "src")
     for method in ("mean", "first"):
         out = convert(source, groups, tmp_path, method)
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        assert model.config.num_key_value_heads == groups
+        model = load(out)
+        assert text_config(model.config).num_key_value_heads == groups
         assert torch.allclose(logits(model, tokens), expected, atol=1e-4), method
 
 
@@ -55,10 +57,10 @@ def test_random_method_keeps_shapes_and_runs(arch, tmp_path, tokens):
     source = save(random_model(arch, kv_heads=4), tmp_path / "src")
     native = save(random_model(arch, kv_heads=2), tmp_path / "native")
     out, mean = convert(source, 2, tmp_path, "random"), convert(source, 2, tmp_path, "mean")
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert model.config.num_key_value_heads == 2
+    model = load(out)
+    assert text_config(model.config).num_key_value_heads == 2
     assert torch.isfinite(logits(model, tokens)).all()
-    std = getattr(model.config, "initializer_range", 0.02)
+    std = getattr(text_config(model.config), "initializer_range", 0.02)
     files = (safe_open(path / "model.safetensors", "pt") for path in (source, native, out, mean))
     with next(files) as src, next(files) as nat, next(files) as got, next(files) as pooled:
         assert {k: got.get_slice(k).get_shape() for k in got.keys()} == {
@@ -93,8 +95,40 @@ def test_kv_cache_shrinks_by_groups_over_heads(arch, tmp_path, tokens):
 
 
 def _generated_cache_bytes(path: Path, tokens: torch.Tensor) -> int:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    result = model.generate(tokens, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+    result = load(path).generate(tokens, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                             pad_token_id=0)
     cache = result.past_key_values
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    kv_layers = [layer for layer in cache.layers if hasattr(layer, "keys")]  # a hybrid's conv/Mamba states are not K/V
+    return sum(t.numel() * t.element_size() for layer in kv_layers for t in (layer.keys, layer.values))
+
+
+@pytest.mark.parametrize("arch", sorted(MULTIMODAL))
+def test_multimodal_wrappers_keep_their_vision_tower(arch, tmp_path):
+    """Only the language model's K/V heads are pooled: the vision tower's attention (4 heads of its own), the
+    projector and the vision config are copied unchanged."""
+    source = save(random_model(arch, kv_heads=4), tmp_path / "src")
+    out = convert(source, 1, tmp_path)
+    with safe_open(source / "model.safetensors", "pt") as a, safe_open(out / "model.safetensors", "pt") as b:
+        changed = {k for k in a.keys() if a.get_slice(k).get_shape() != b.get_slice(k).get_shape()}
+        assert changed == {f"language_model.model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in "kv"}
+        kept = [k for k in a.keys() if "language_model" not in k]
+        assert kept and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in kept)
+    before, after = load(source).config, load(out).config
+    assert after.vision_config.to_dict() == before.vision_config.to_dict()
+    assert text_config(after).num_key_value_heads == 1 and text_config(before).num_key_value_heads == 4
+
+
+def test_per_layer_attention_sizes_are_refused_naming_the_layer(tmp_path):
+    """Gemma 4's full-attention layers have their own head size and KV heads (transformers' per_layer_config):
+    one --groups cannot convert its layers alike, so it is refused in one line that names the layer."""
+    config = AutoConfig.for_model("gemma4_text", vocab_size=96, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                  global_head_dim=32, layer_types=["sliding_attention", "full_attention"],
+                                  sliding_window=8)
+    source = save(AutoModelForCausalLM.from_config(config), tmp_path / "src")
+    with pytest.raises(UnsupportedModelError) as error:
+        convert(source, 2, tmp_path)
+    assert str(error.value) == ("model type 'gemma4_text': layer 1 has head_dim 32 where layer 0 has 16 (per-layer "
+                                "attention sizes); gqa-convert converts models whose attention layers all share one "
+                                "head layout")
+    assert not (tmp_path / "out-mean-2").exists()

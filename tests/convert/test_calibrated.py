@@ -13,7 +13,7 @@ from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration import fit
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.provenance import read_provenance
-from tiny_models import ARCHITECTURES, VOCAB, logits, random_model, repeat_kv_heads
+from tiny_models import ARCHITECTURES, MULTIMODAL, VOCAB, logits, random_model, repeat_kv_heads
 
 HEAD_DIM = 16
 
@@ -146,7 +146,7 @@ def test_output_refit_is_kept_only_when_held_out_text_improves():
     assert exact is truth
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES) + sorted(MULTIMODAL))
 def test_every_architecture_converts_or_is_refused_in_one_line(arch, tmp_path, tokens, calibration):
     small = random_model(arch, kv_heads=2, seed=1)
     repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")

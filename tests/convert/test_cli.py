@@ -69,6 +69,14 @@ def test_output_folder_is_complete_and_faithful(source, tmp_path):
     assert "base_model" not in card  # a local folder is no Hub repository to name (a Hub id is: see below)
 
 
+def test_the_card_names_a_local_source_by_its_folder_name_alone(source, tmp_path):
+    """A card is published: it names a local source `tiny`, never by the absolute path it was converted from."""
+    run(source, "-g", 2, "-o", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`tiny` converted by gqa-uptrain" in card
+    assert str(source.resolve()) not in card and str(tmp_path) not in card
+
+
 def test_default_output_name(source, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run(source, "-g", 2)

@@ -11,6 +11,8 @@ import errno
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +30,7 @@ from gqa_uptrain.convert.checkpoint_io import read_safetensors_header
 from gqa_uptrain.convert.cli import main
 from gqa_uptrain.files import output_lock
 from gqa_uptrain.provenance import pretraining_record, write_provenance
+from mounts import small_tmpfs
 from tiny_models import random_model
 
 
@@ -488,3 +491,83 @@ def test_force_without_a_swap_still_replaces(world, monkeypatch):
     monkeypatch.setattr("gqa_uptrain.convert.converter.exchange_paths", lambda first, second: False)
     main([str(world.source), "-g", "2", "-o", str(world.old), "--force"])
     assert kv_heads(world.old) == 2 and leftovers(world.tmp, "old") == []
+
+
+# ---- a real full disk: a small tmpfs (root only) ----
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 80 MiB tmpfs: room for the tiny model and _check_space's 64 MiB margin, little more."""
+    with small_tmpfs(tmp_path / "disk", "80m") as mount:
+        yield mount
+
+
+FILL_AFTER_CHECK = """
+import shutil, sys
+from gqa_uptrain.convert import converter
+from gqa_uptrain.convert.cli import main
+
+real_check = converter._check_space
+
+def check_then_fill(plan, parent):
+    real_check(plan, parent)  # room enough at the check; another program takes all but LEFT bytes right after
+    with open(sys.argv[1], "wb") as filler:
+        filler.write(bytes(shutil.disk_usage(parent).free - int(sys.argv[2])))
+
+converter._check_space = check_then_fill
+main(sys.argv[3:])
+"""
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if line.startswith("gqa-convert: ")]
+    assert len(said) == 1 and said[0].startswith("gqa-convert: error: "), done.stderr[-3000:]
+    return said[0]
+
+
+def test_a_disk_too_small_is_refused_before_writing(world, small_disk):
+    (small_disk / "other.bin").write_bytes(bytes(40 << 20))  # half the disk is someone else's
+    done = subprocess.run([sys.executable, "-m", "gqa_uptrain.convert", str(world.source), "-g", "2",
+                           "-o", str(small_disk / "new")], capture_output=True, text=True)
+    line = one_error_line(done)
+    assert f"{small_disk}: not enough free disk space (" in line and "; free " in line, line
+    sizes = r"\(\d\d\.\d MiB free, the converted model needs 6\d\.\d MiB with a margin\); free \d\d\.\d MiB "
+    assert re.search(sizes, line), line  # sizes a person can act on, never "0.0 GiB free, need 0.0 GiB"
+    assert "or choose another output" in line
+    assert sorted(p.name for p in small_disk.iterdir()) == ["other.bin"]
+
+
+def test_a_disk_that_fills_while_writing_says_what_to_free_and_keeps_nothing(world, small_disk):
+    """Enough room at the start, then another program takes it: a real ENOSPC in the middle of the weights."""
+    done = subprocess.run([sys.executable, "-c", FILL_AFTER_CHECK, str(small_disk / "filler"), str(64 << 10),
+                           str(world.source), "-g", "2", "-o", str(small_disk / "new")], capture_output=True, text=True)
+    line = one_error_line(done)
+    assert line.startswith(f"gqa-convert: error: disk full while writing the converted model in {small_disk}, and "
+                           "nothing of it was kept ("), line
+    assert "free now, the model needs " in line and "; free " in line and "or choose another output" in line
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no partial folder, no lock, no output
+    (small_disk / "filler").unlink()  # space freed: the same command succeeds
+    main([str(world.source), "-g", "2", "-o", str(small_disk / "new")])
+    assert kv_heads(small_disk / "new") == 2 and sorted(p.name for p in small_disk.iterdir()) == ["new"]
+
+
+@pytest.mark.parametrize("below, line", [
+    ("new", "cannot write there (no permission, or a read-only file system)"),
+    ("sub/new", "cannot create the output's folder (Read-only file system)"),
+])
+def test_a_read_only_output_parent_is_one_line(world, tmp_path, below, line):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a read-only tmpfs needs root (and root may write to any folder chmod'ed read-only)")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        done = subprocess.run([sys.executable, "-m", "gqa_uptrain.convert", str(world.source), "-g", "2",
+                               "-o", str(mount / below)], capture_output=True, text=True)
+        assert line in one_error_line(done)
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

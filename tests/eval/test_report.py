@@ -66,7 +66,7 @@ def test_failed_candidate_is_listed_but_not_compared(sample):
     assert list(sample["comparisons"]) == ["gqa8", "mqa"]
     table = report.models_table(sample)
     assert "model ./broken does not load: bad header" in table
-    assert "| gqa8 | 4 | 1.0 KiB | 0.250 |" in table
+    assert "| gqa8 | 4 | none | 1.0 KiB | 0.250 |" in table
 
 
 def test_markdown_marks_significant_deltas(sample):

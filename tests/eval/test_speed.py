@@ -20,6 +20,7 @@ from gqa_uptrain.eval.decode_engine import (
     StaticDecoder,
     attention_implementation,
     engine_generate,
+    fused_projections,
     packed_gqa_attention,
     packed_gqa_sdpa,
     packed_gqa_split_kv,
@@ -68,7 +69,45 @@ def test_engine_decode_gives_the_greedy_tokens_of_generate(kv_heads, device, cud
 def test_engine_decode_runs_every_covered_architecture(model_type):
     model = random_model(model_type, kv_heads=2)
     input_ids = prompt(2, 12)
-    assert torch.equal(engine_generate(model, input_ids, 5), stock_greedy(model, input_ids, 5))
+    expected = stock_greedy(model, input_ids, 5)
+    assert torch.equal(engine_generate(model, input_ids, 5), expected)
+    assert torch.equal(engine_generate(model, input_ids, 5, fuse=True), expected)
+
+
+@pytest.mark.parametrize("device,cuda_graph,compile,split_kv", ENGINES)
+def test_fused_projections_decode_the_same_tokens_and_give_the_model_back(device, cuda_graph, compile, split_kv):
+    model = tiny_llama(2).to(device)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    input_ids = prompt().to(device)
+    expected = stock_greedy(model, input_ids, 8)
+    got = engine_generate(model, input_ids, 8, cuda_graph=cuda_graph, compile=compile, split_kv=split_kv, fuse=True)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert [type(model.model.layers[0].self_attn.q_proj), type(model.model.layers[0].mlp.up_proj)] == [
+        torch.nn.Linear, torch.nn.Linear]
+
+
+def test_fused_projections_fuse_each_layer_s_two_groups():
+    model = tiny_llama(2)
+    with fused_projections(model) as fused:
+        attention = model.model.layers[0].self_attn
+        assert fused == 2 * model.config.num_hidden_layers
+        assert type(attention.q_proj).__name__ == "_FusedPart"
+
+
+def test_fused_projections_refuse_a_block_that_calls_them_in_another_order(monkeypatch):
+    model = tiny_llama(2)
+    attention_type = type(model.model.layers[0].self_attn)
+    original = attention_type.forward
+
+    def value_first(self, hidden_states, *args, **kwargs):
+        self.v_proj(hidden_states)
+        return original(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(attention_type, "forward", value_first)
+    with pytest.raises(UnsupportedModelError, match="cannot fuse"), fused_projections(model, probe=prompt(1, 5)):
+        pass
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
 def test_soft_capped_attention_is_refused_in_one_line():

@@ -80,6 +80,12 @@ def data_file(name: str, text: str) -> Callable[[World], list[str]]:
     return fault
 
 
+def attention_not_installed(w: World) -> list[str]:
+    """flash-attn is not installed (on a CPU it never is; patched so that a GPU machine with it sees the same)."""
+    w.monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
+    return ["model.attn_implementation=flash_attention_2"]
+
+
 def run_folder_untouched(w: World) -> bool:
     return not w.output.exists() or not any(p.name not in {".run.lock", "recipe.yaml"} for p in w.output.iterdir())
 
@@ -119,6 +125,11 @@ CASES = {
         "ids.jsonl: token id 50257 is outside the model's vocabulary of 50257 ids (0-50256): "
         "were these ids made with another tokenizer?",
         run_folder_untouched,
+    ),
+    "an attention implementation not installed": Case(
+        attention_not_installed, "model.attn_implementation=flash_attention_2 cannot be used here (it needs the "
+        "flash-attn package and a CUDA GPU): install it, or set model.attn_implementation=sdpa",
+        lambda w: not w.output.exists(),  # nothing written, so the fixed recipe starts the same output_dir afresh
     ),
 }
 
@@ -168,3 +179,48 @@ def test_resume_on_a_model_converted_again_in_place_is_refused(tmp_path, tiny_ll
     assert len(said) == 1 and "holds a run started from another model than" in said[0], err[-2000:]
     assert "model.safetensors" in said[0] and "use a new output_dir, or restore the model" in said[0]
     assert "Traceback" not in err and checkpoints(world) == ["step-00000005"] and nothing_exported(world)
+
+
+class _RunsCode:
+    """Unpickled, it creates `marker`: what whoever can write an output folder could plant in a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("planted, line", [
+    ("custom_checkpoint_0.pkl", "it holds custom_checkpoint_0.pkl, a pickle gqa-uptrain does not read"),
+    ("optimizer.bin", "Weights only load failed"),
+])
+def test_resume_runs_no_code_planted_in_a_checkpoint(planted, line, tmp_path, tiny_llama_gqa2, shakespeare, capsys,
+                                                     fresh_accelerate):
+    """A pickle that runs code, planted in the checkpoint a rerun resumes from, is refused in one line and never
+    run: the scheduler's state is in the checkpoint's JSON, so no custom_checkpoint_*.pkl (which accelerate unpickles
+    with weights_only=False) is written or read, and the files accelerate reads with weights_only=True refuse it.
+    (tests/train/test_resume.py proves the resume exact, learning-rate schedule included.)"""
+    import pickle
+    import shutil
+
+    output, marker = tmp_path / "run", tmp_path / "code-ran"
+    argv = [str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, output, "budget.steps=10",
+                                         "checkpoint.every=5", "checkpoint.keep=2", "eval.every=5", "log.every=5",
+                                         "log.trackers=[]")]
+    main(argv)
+    assert not list(output.rglob("custom_checkpoint_*"))
+    shutil.rmtree(output / "model")  # as if killed after its step-5 checkpoint
+    shutil.rmtree(output / "checkpoints" / "step-00000010")
+    (output / "checkpoints" / "step-00000005" / planted).write_bytes(pickle.dumps(_RunsCode(marker)))
+    loop.reset_accelerate_state()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    said = [text for text in err.splitlines() if text.startswith("gqa-uptrain: ")]
+    assert len(said) == 1 and said[0].startswith("gqa-uptrain: error: cannot resume from "), err[-2000:]
+    assert line in said[0] and "Traceback" not in err
+    assert not marker.exists() and not (output / "model").exists()
