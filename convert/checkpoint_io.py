@@ -116,6 +116,24 @@ def stored_name(name: str, tensors: Collection[str]) -> str | None:
     return None
 
 
+def check_index(index: Path, weight_map: dict[str, str], held: dict[str, Collection[str]]) -> None:
+    """Refuse a sharded checkpoint whose index and shards disagree, tensor for tensor: the index names a tensor its
+    shard does not hold, or a shard holds a tensor the index does not name there (unnamed, or named in another
+    shard: a duplicate). `held`: each shard the index names (as the index spells it) -> the tensors its header
+    lists. Local folders and Hub headers (`hub_headers`) are checked alike."""
+    held_sets = {file: set(names) for file, names in held.items()}
+    for name, file in weight_map.items():
+        if name not in held_sets[file]:
+            raise CheckpointError(f"{index}: names tensor {name}, which is not in {file}")
+    for file, names in held.items():
+        for name in names:
+            if name not in weight_map:
+                raise CheckpointError(f"{index}: does not name tensor {name}, which {file} holds")
+            if weight_map[name] != file:
+                raise CheckpointError(f"{index}: names tensor {name} in {weight_map[name]}, but {file} holds it "
+                                      "too")
+
+
 class CheckpointReader:
     """The tensors of a checkpoint folder (safetensors or .bin, single or sharded), read on demand."""
 
@@ -130,23 +148,22 @@ class CheckpointReader:
             return
         self.files = _weight_files(folder)
         self.tensors: dict[str, TensorInfo] = {}
+        held: dict[Path, list[str]] = {}
         for file in self.files:
-            self.tensors.update(self._scan(file))
-        self._check_index()
+            scanned = self._scan(file)
+            held[file] = list(scanned)
+            self.tensors.update(scanned)
+        index = _index_path(folder)
+        if index is not None:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            check_index(index, weight_map, {shard: held[_shard_path(folder, index, shard)]
+                                            for shard in weight_map.values()})
 
     def _scan(self, file: Path) -> dict[str, TensorInfo]:
         if file.suffix == ".safetensors":
             return read_safetensors_header(file)
         state = self._load_bin(file)
         return {name: TensorInfo(name, file, t.dtype, tuple(t.shape)) for name, t in state.items()}
-
-    def _check_index(self) -> None:
-        index = _index_path(self.folder)
-        if index is None:
-            return
-        for name, file in json.loads(index.read_text())["weight_map"].items():
-            if name not in self.tensors:
-                raise CheckpointError(f"{index}: names tensor {name}, which is not in {file}")
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
         """Memory-map a .bin file (one at a time) so its tensors are paged in only when touched."""

@@ -12,7 +12,8 @@ from pathlib import Path
 from huggingface_hub import get_safetensors_metadata, hf_hub_download, is_offline_mode
 from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 
-from gqa_uptrain.convert.checkpoint_io import CheckpointReader, TensorInfo, header_tensors
+from gqa_uptrain.convert.checkpoint_io import (SAFETENSORS_INDEX, CheckpointReader, TensorInfo, check_index,
+                                                header_tensors)
 from gqa_uptrain.errors import CheckpointError, one_line
 from gqa_uptrain.source import Source, could_be_hub_id, hub_errors
 
@@ -34,8 +35,13 @@ def hub_checkpoint(repo_id: str, revision: str | None) -> tuple[Source, Checkpoi
         except SafetensorsParsingError as e:
             raise CheckpointError(f"{repo_id}: corrupt safetensors header ({one_line(e)})") from None
     tensors: dict[str, TensorInfo] = {}
+    held: dict[str, list[str]] = {}
     for file, header in sorted(metadata.files_metadata.items()):
         entries = {name: {"dtype": t.dtype, "shape": t.shape, "data_offsets": list(t.data_offsets)}
                    for name, t in header.tensors.items()}
-        tensors.update(header_tensors(folder / file, entries, 0, None))
+        scanned = header_tensors(folder / file, entries, 0, None)
+        held[file] = list(scanned)
+        tensors.update(scanned)
+    if metadata.sharded:  # the index (which get_safetensors_metadata put in the cache) against the headers
+        check_index(folder / SAFETENSORS_INDEX, metadata.weight_map, held)
     return Source(folder, repo_id, folder.name), CheckpointReader(folder, tensors)

@@ -111,6 +111,23 @@ def _check_one_head_layout(config: PretrainedConfig, model_type: str) -> None:
                                         "converts models whose attention layers all share one head layout")
 
 
+def check_written_config(written: PretrainedConfig, expected: PretrainedConfig, model_type: str) -> None:
+    """Refuse, naming the first layer that differs, an output config.json that does not describe the converted
+    weights (`expected`, from `with_kv_heads`): a config can set some layers' KV heads under another key than
+    num_key_value_heads (Gemma 4's num_global_key_value_heads, an explicit per_layer_config), equal to it in the
+    source, so the model has one head layout, but left at the old count when only num_key_value_heads is rewritten."""
+    written, expected = text_config(written), text_config(expected)
+    varying = sorted(set(getattr(written, "per_layer_attributes", None) or ()) & set(_HEAD_SIZES))
+    for i in range(expected.num_hidden_layers if varying else 0):  # transformers without per-layer configs: none
+        for key in varying:
+            got, want = (getattr(config.per_layer_config[i], key, None) for config in (written, expected))
+            if got != want:
+                raise UnsupportedModelError(f"model type '{model_type}': config.json sets layer {i}'s {key} apart "
+                                            f"from num_key_value_heads, so the output would give it {got} where its "
+                                            f"converted weights have {want}; gqa-convert rewrites only "
+                                            "num_key_value_heads")
+
+
 def _check_groups(groups: int, kv_heads: int, model_type: str) -> None:
     if groups < 1:
         raise InvalidGroupsError(f"--groups must be at least 1, got {groups}")

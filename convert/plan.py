@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Collection
@@ -17,7 +18,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from gqa_uptrain.convert.calibration.support import check_supported
 from gqa_uptrain.convert.checkpoint_io import CheckpointReader, OutputTensor, TensorInfo, assign_shards
-from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, find_layout
+from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, check_written_config, find_layout
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.pooling import pooled_shape
 from gqa_uptrain.errors import CheckpointError, InvalidGroupsError, UnsupportedModelError
@@ -126,6 +127,8 @@ def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
         layout = find_layout(config, groups)
     except AttributeError as e:  # e.g. configs whose head counts vary per layer
         raise UnsupportedModelError(f"{folder}: cannot read the attention layout ({e})") from None
+    check_written_config(_read_back(_written_config(raw, config, groups)), with_kv_heads(config, groups),
+                         layout.model_type)
     reader = reader or CheckpointReader(folder)
     names = checkpoint_names(meta_model(config), reader.tensors)
     _check_complete(names)
@@ -359,12 +362,24 @@ def after_writing(plan: ConversionPlan, source: str, output: Path) -> list[str]:
 
 
 def output_config(plan: ConversionPlan) -> dict:
+    """The config.json the conversion writes (`build_plan` checked that it describes the converted weights)."""
+    return _written_config(plan.raw_config, plan.config, plan.layout.groups)
+
+
+def _read_back(raw: dict) -> PretrainedConfig:
+    """A config.json as transformers will read it once written (AutoConfig decodes what JSON cannot hold, Infinity)."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(raw))
+        return AutoConfig.from_pretrained(folder)
+
+
+def _written_config(raw: dict, config: PretrainedConfig, groups: int) -> dict:
     """The source's config.json as written, with the new KV head count where the decoder's config keeps it (under
     `text_config` for a multimodal wrapper, whose vision config keeps its own heads)."""
-    key = text_config_key(plan.config)
+    key = text_config_key(config)
     if key is None:
-        return {**plan.raw_config, "num_key_value_heads": plan.layout.groups}
-    return {**plan.raw_config, key: {**plan.raw_config.get(key, {}), "num_key_value_heads": plan.layout.groups}}
+        return {**raw, "num_key_value_heads": groups}
+    return {**raw, key: {**raw.get(key, {}), "num_key_value_heads": groups}}
 
 
 def human_size(nbytes: float) -> str:

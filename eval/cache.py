@@ -5,14 +5,18 @@ once for any number of candidates, and a rerun with the same models and settings
 written atomically, one per model and task, as they finish, so an interrupted run resumes where it stopped.
 """
 
+import errno
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 
+from gqa_uptrain.errors import DiskFullError
 from gqa_uptrain.files import sha256_file, write_atomically
 from gqa_uptrain.provenance import PROVENANCE
 
@@ -29,6 +33,18 @@ def default_cache_dir() -> Path:
 def digest(value: Any) -> str:
     """A stable hash of JSON-able settings."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextmanager
+def full_disk_said(what: str, folder: Path, then: str) -> Iterator[None]:
+    """A full disk (ENOSPC, or EDQUOT: a quota) inside the block as one DiskFullError naming `what` and `folder`:
+    Python's writes and matplotlib's raise it with no file name, so the line would not say where."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(f"disk full while writing {what} in {folder}: {then}") from None
 
 
 def _write_json_atomically(path: Path, value: Any) -> None:
@@ -59,7 +75,13 @@ class ResultCache:
 
     def put(self, key: str, value: Any) -> None:
         if self.enabled:
-            _write_json_atomically(self._entry(key), value)
+            self._write(self._entry(key), value)
+
+    def _write(self, path: Path, value: Any) -> None:
+        """Write one file of the cache atomically (a crash leaves the old entry or none, never a torn one)."""
+        with full_disk_said("the results cache", self.root, "free space there or choose another --cache-dir, then "
+                            "run the same command again (results cached before are kept)"):
+            _write_json_atomically(path, value)
 
     def file_hash(self, path: Path) -> str:
         """SHA-256 of a file's bytes, remembered by (path, size, mtime) so a large checkpoint is read once."""
@@ -70,7 +92,7 @@ class ResultCache:
         if memo_key not in self._file_hashes:
             self._file_hashes[memo_key] = sha256_file(path)
             if self.enabled:
-                _write_json_atomically(self._file_hashes_path, self._file_hashes)
+                self._write(self._file_hashes_path, self._file_hashes)
         return self._file_hashes[memo_key]
 
     def _read_file_hashes(self) -> dict[str, str]:

@@ -195,11 +195,12 @@ def speed_table(report: dict) -> str | None:
                 ratio(case["tokens_per_s"], case.get("floor_tokens_per_s")),
                 ratio(case["tokens_per_s"], base.get("tokens_per_s")),
                 ratio(case.get("generate_tokens_per_s"), base.get("generate_tokens_per_s")),
+                case.get("launch_bound_share"),
             ])
     if not rows:
         return None
     header = ["model", "batch", "context", "tokens/s", "generate() tokens/s", "floor tokens/s", "of floor",
-              "speedup", "generate() speedup"]
+              "speedup", "generate() speedup", "launch-bound"]
     return markdown_table(header, rows)
 
 
@@ -235,7 +236,9 @@ def markdown(report: dict, images: list[str]) -> str:
         engine = next((case["engine"] for case in cases if case.get("engine")), "engine-style decode")
         parts += ["", "## Decode speed", "", table, "",
                   f"tokens/s: {engine}; generate(): stock transformers generate(); floor: (weight bytes + KV-cache "
-                  "bytes) / measured memory bandwidth, per decode step; speedups against the base, same case."]
+                  "bytes) / measured memory bandwidth, per decode step; speedups against the base, same case; "
+                  "launch-bound (GPU only): the share of a step with no kernel running or in kernels under 5 us, "
+                  "which fewer KV heads cannot shorten."]
     parts += [""] + [f"![{name}]({name})" for name in images]
     return "\n".join(parts) + "\n"
 
@@ -314,8 +317,12 @@ def write_report(report: dict, output_dir: Path) -> list[Path]:
         if not data:  # nothing to plot: no file written (one from an earlier run is left as it was)
             continue
         tmp = output_dir / f".{name}.tmp.png"
-        draw(data, tmp)
-        os.replace(tmp, output_dir / name)
+        try:
+            draw(data, tmp)
+            os.replace(tmp, output_dir / name)
+        except BaseException:  # a full disk, Ctrl-C: no half-drawn image is left in the report folder
+            tmp.unlink(missing_ok=True)
+            raise
         images.append(name)
     write_atomically(output_dir / "report.json", json.dumps(report, indent=1, default=str))
     write_atomically(output_dir / "report.csv", csv_text(report))

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from gqa_uptrain.errors import ConfigError, EvaluationError, GqaError
+from gqa_uptrain.cli import ctrl_c_pressed
+from gqa_uptrain.errors import ConfigError, DiskFullError, EvaluationError, GqaError
 from gqa_uptrain.kv_heads import KVQuantization, kv_cache_bytes_per_token, kv_heads_and_head_dim
 
 from . import report as report_io
-from .cache import ResultCache, result_key
+from .cache import ResultCache, full_disk_said, result_key
 from .harness import HarnessSettings, check_task_loads, evaluate_task
 from .kv_quant import kv_quantization, quantized_kv_attention
 from .loading import OpenedModel, adds_bos, check_same_tokenizer, load_weights, open_model
@@ -255,7 +256,11 @@ def evaluate_candidate(record: dict, model: LazyModel, quant: KVQuantization | N
     """`evaluate_model`, a failure kept in `record` and `errors` instead of raised: it must not cost the others."""
     try:
         evaluate_model(record, model, quant, plan)
+    except DiskFullError:  # not the candidate's fault: every model after it would fail the same way
+        raise
     except Exception as error:  # noqa: BLE001 - one failing candidate must not cost the others
+        if ctrl_c_pressed():  # Ctrl-C, turned into another error by a library: the user stops the run
+            raise
         if not isinstance(error, GqaError):
             traceback.print_exc()
         record["error"] = str(error) if isinstance(error, GqaError) else f"{type(error).__name__}: {error}"
@@ -288,7 +293,10 @@ def check_finite(record: dict, spec: OpenedModel) -> None:
 def write_report(plan: EvaluationPlan, base: dict, candidates: list[dict]) -> dict:
     """Rewrite the whole report from the results so far (each file replaced atomically)."""
     report = report_io.build_report(plan.settings(), base, candidates)
-    report_io.write_report(report, plan.options.output)
+    cached = " (the results measured so far are cached)" if plan.cache.enabled else ""
+    with full_disk_said("the report", plan.options.output, "free space there or choose another --output, then run "
+                        f"the same command again{cached}"):
+        report_io.write_report(report, plan.options.output)
     log(f"report written to {plan.options.output}")
     return report
 

@@ -120,8 +120,9 @@ def kernel_class(name: str) -> str:
     return next((kind for kind, parts in KERNEL_CLASSES if any(part in lowered for part in parts)), "other")
 
 
-def profile_steps(decoder: StaticDecoder, steps: int) -> dict:
-    """What the GPU does in one decode step: kernels launched, and seconds of kernel time by class.
+def profile_steps(decoder: StaticDecoder, steps: int) -> dict | None:
+    """What the GPU does in one decode step: kernels launched, and seconds of kernel time by class; None where the
+    profiler sees no kernels (no CUPTI access), rather than a step that seems to be all gaps.
 
     The steps are launched kernel by kernel (a CUDA graph hides its kernels from the profiler); a kernel takes as
     long either way, so the sum over kernels set against the step time of the graph says how much of a step the
@@ -132,6 +133,8 @@ def profile_steps(decoder: StaticDecoder, steps: int) -> dict:
             decoder.step(replay=False)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        return None
     seconds = {kind: 0.0 for kind in ("attention", "matmul", "other")}
     short = 0.0
     for event in kernels:
@@ -140,6 +143,16 @@ def profile_steps(decoder: StaticDecoder, steps: int) -> dict:
         short += duration / steps if duration < SHORT_KERNEL_SECONDS else 0.0
     return {"kernels_per_step": len(kernels) / steps, "kernel_seconds": seconds,
             "busy_seconds": sum(seconds.values()), "short_kernel_seconds": short}
+
+
+def launch_bound_share(kernels: dict | None, step_seconds: float) -> float | None:
+    """The part of a step bound by launching kernels, not by reading bytes: the time no kernel runs plus the time
+    in kernels too short to reach full bandwidth. Where it is large, fewer KV heads buy little (a small model, MQA
+    at a small batch): the bytes they save were not what the step waited for."""
+    if not kernels:
+        return None
+    idle = max(0.0, step_seconds - kernels["busy_seconds"])
+    return min(1.0, (idle + kernels["short_kernel_seconds"]) / step_seconds)
 
 
 def engine_seconds_per_step(
@@ -191,7 +204,7 @@ def measure_decode(
     compile: bool | None = None,
     split_kv: bool | None = None,
     fuse: bool = False,
-    profile: int = 0,
+    profile: int = 3,
     stock_generate: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -204,9 +217,10 @@ def measure_decode(
     engine from 71-79% to 85-91% of the floor there (docs/benchmarks.md). `split_kv` decodes with the split-KV
     Triton kernel (`decode_kernels`); it defaults to on for a CUDA device where Triton is installed, since it took
     GQA-8 from 52-64% to 72-76% of the floor on an H100 (docs/benchmarks.md). `fuse` runs the step with
-    `fused_projections` (q/k/v and gate/up as one product each). With `profile` > 0 on a GPU, that many more steps
-    are profiled kernel by kernel (`profile_steps`) into `kernels`, with `idle_share`: the part of a step (timed
-    in its CUDA graph) when no kernel runs, what launch gaps cost. Each case returns a dict:
+    `fused_projections` (q/k/v and gate/up as one product each). On a GPU, `profile` more steps are profiled kernel
+    by kernel (`profile_steps`) into `kernels`, with `idle_share` (the part of a step, timed in its CUDA graph, when
+    no kernel runs) and `launch_bound_share` (that plus the time in kernels too short to reach full bandwidth). Each
+    case returns a dict:
     `batch`, `context`, `tokens_per_s` (engine-style), `generate_tokens_per_s`, `floor_tokens_per_s`,
     `fraction_of_floor` (engine over floor), `generate_fraction_of_floor`, and the bytes and bandwidth behind the
     floor.
@@ -248,5 +262,6 @@ def measure_decode(
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
             "kernels": kernels,
             "idle_share": 1 - kernels["busy_seconds"] / engine_s if kernels else None,
+            "launch_bound_share": launch_bound_share(kernels, engine_s),
         })
     return results

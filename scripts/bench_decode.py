@@ -169,7 +169,8 @@ def kernel_breakdown(row: dict) -> str:
                                                         if kind in floors and seconds[kind] else "")
              for kind in ("matmul", "attention", "other")]
     return (f"step {step * 1e3:.2f} ms: {kernels['kernels_per_step']:.0f} kernels; " + ", ".join(parts)
-            + f"; idle {row['idle_share']:.0%}; kernels under 5 us {kernels['short_kernel_seconds'] * 1e3:.2f} ms")
+            + f"; idle {row['idle_share']:.0%}; kernels under 5 us {kernels['short_kernel_seconds'] * 1e3:.2f} ms"
+            + f"; launch-bound {row['launch_bound_share']:.0%}")
 
 
 def print_table(rows: list[dict], base_kv: int) -> None:

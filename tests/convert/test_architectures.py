@@ -1,5 +1,6 @@
 """Exact properties of a conversion, on every covered architecture (tiny random fp32 models, CPU)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,49 @@ def test_per_layer_attention_sizes_are_refused_naming_the_layer(tmp_path):
                                 "attention sizes); gqa-convert converts models whose attention layers all share one "
                                 "head layout")
     assert not (tmp_path / "out-mean-2").exists()
+
+
+# A tiny Gemma 4 whose layers all have 4 KV heads of 16 dimensions; layer 1 is a full-attention layer whose keys are
+# also its values (attention_k_eq_v), the layers that `num_global_key_value_heads` sets.
+GEMMA4 = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, head_dim=16, global_head_dim=16, attention_k_eq_v=True,
+              layer_types=["sliding_attention", "full_attention"], sliding_window=8, vocab_size_per_layer_input=96,
+              hidden_size_per_layer_input=8)
+
+
+def test_global_layers_with_their_own_kv_heads_are_refused(tmp_path):
+    """Gemma 4's full-attention ("global") layers may have fewer KV heads than its sliding layers, at the same head
+    size (`num_global_key_value_heads`): refused in one line, not pooled alike with one num_key_value_heads."""
+    config = AutoConfig.for_model("gemma4_text", **GEMMA4, num_global_key_value_heads=2)
+    source = save(AutoModelForCausalLM.from_config(config), tmp_path / "src")
+    with pytest.raises(UnsupportedModelError) as error:
+        convert(source, 2, tmp_path)
+    assert str(error.value) == ("model type 'gemma4_text': layer 1 has num_key_value_heads 2 where layer 0 has 4 "
+                                "(per-layer attention sizes); gqa-convert converts models whose attention layers "
+                                "all share one head layout")
+    assert not (tmp_path / "out-mean-2").exists()
+
+
+@pytest.mark.parametrize("per_layer", [
+    {"num_global_key_value_heads": 4, "global_head_dim": 16},  # as Gemma 4's config.json on the Hub says it
+    {"per_layer_config": {"1": {"num_key_value_heads": 4}}},  # as transformers' explicit per-layer config says it
+], ids=["global-keys", "per-layer-config"])
+def test_kv_heads_set_apart_from_num_key_value_heads_are_refused(per_layer, tmp_path, tokens):
+    """A config.json can give layers the same KV heads as num_key_value_heads under another key: the model loads as
+    one head layout, but writing only num_key_value_heads would leave layer 1 at 4 KV heads over 2-head weights.
+    Refused in one line, by the dry run too, before anything is written."""
+    config = AutoConfig.for_model("gemma4_text", **GEMMA4)
+    source = save(AutoModelForCausalLM.from_config(config), tmp_path / "src")
+    raw = json.loads((source / "config.json").read_text())
+    raw.pop("per_layer_config", None)
+    (source / "config.json").write_text(json.dumps({**raw, **per_layer}))
+    message = ("model type 'gemma4_text': config.json sets layer 1's num_key_value_heads apart from "
+               "num_key_value_heads, so the output would give it 4 where its converted weights have 2; gqa-convert "
+               "rewrites only num_key_value_heads")
+    for dry_run in (True, False):
+        with pytest.raises(UnsupportedModelError) as error:
+            convert_checkpoint(source, 2, tmp_path / "out", dry_run=dry_run, progress=False)
+        assert str(error.value) == message
+    assert not (tmp_path / "out").exists()
+    same = convert_checkpoint(source, 4, tmp_path / "same", progress=False)  # nothing pooled: nothing to refuse
+    assert torch.equal(logits(same, tokens), logits(source, tokens))

@@ -42,6 +42,8 @@ def serve(monkeypatch, model: Path, tmp_path: Path) -> None:
     shutil.copy(model / "config.json", snapshot)
     files = sorted(model.glob("*.safetensors"))
     weight_map = {name: file.name for file in files for name in _headers(file).tensors}
+    if (model / "model.safetensors.index.json").exists():  # the Hub serves the index as it is, right or wrong
+        weight_map = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
 
     def download(repo_id, filename, revision=None):
         assert filename == "config.json"
@@ -49,7 +51,8 @@ def serve(monkeypatch, model: Path, tmp_path: Path) -> None:
 
     def metadata(repo_id, revision=None):
         assert revision == COMMIT  # the headers of the commit the config came from
-        return SafetensorsRepoMetadata(None, len(files) > 1, weight_map, {f.name: _headers(f) for f in files})
+        return SafetensorsRepoMetadata(None, len(files) > 1, weight_map,
+                                       {f.name: _headers(f) for f in files if f.name in weight_map.values()})
 
     monkeypatch.setattr(f"{HUB}.hf_hub_download", download)
     monkeypatch.setattr(f"{HUB}.get_safetensors_metadata", metadata)
@@ -154,3 +157,34 @@ def test_repository_without_safetensors_is_refused(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(f"{HUB}.get_safetensors_metadata", no_safetensors)
     assert "has no safetensors weights on the Hub" in fails(capsys, "org/tiny", "-g", "2")
+
+
+def _name_a_missing_tensor(weight_map: dict) -> None:
+    weight_map["model.layers.9.self_attn.k_proj.weight"] = weight_map["model.layers.0.self_attn.k_proj.weight"]
+
+
+def _leave_a_tensor_unnamed(weight_map: dict) -> None:
+    del weight_map["model.layers.1.self_attn.v_proj.weight"]
+
+
+def _name_a_tensor_in_another_shard(weight_map: dict) -> None:
+    name = "model.layers.1.self_attn.v_proj.weight"
+    weight_map[name] = next(file for file in weight_map.values() if file != weight_map[name])
+
+
+@pytest.mark.parametrize("tamper", [_name_a_missing_tensor, _leave_a_tensor_unnamed, _name_a_tensor_in_another_shard],
+                         ids=["named-not-held", "held-not-named", "other-shard"])
+def test_index_that_disagrees_with_the_shards_is_refused_as_locally(tamper, tmp_path, capsys, monkeypatch):
+    """The safetensors index and the shards' headers must agree, tensor for tensor: the Hub's dry run refuses an
+    index that does not in the one line that a local folder with the same files gets."""
+    local = twelve_heads(tmp_path / "tiny")
+    index = local / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    tamper(content["weight_map"])
+    index.write_text(json.dumps(content))
+    local_error = fails(capsys, local, "-g", "2")
+    serve(monkeypatch, local, tmp_path)
+    hub_error = fails(capsys, "org/tiny", "-g", "2")
+    snapshot = tmp_path / "cache" / "snapshots" / COMMIT
+    assert local_error.startswith(f"gqa-convert: error: {index}: ")
+    assert hub_error == local_error.replace(str(local), str(snapshot))

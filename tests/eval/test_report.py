@@ -92,10 +92,20 @@ def test_speed_table_gives_speedup_over_base(sample):
     sample["base"]["speed"] = [{"batch": 8, "context": 4096, "tokens_per_s": 260.0, "generate_tokens_per_s": 130.0,
                                 "floor_tokens_per_s": 769.0}]
     sample["candidates"][0]["speed"] = [{"batch": 8, "context": 4096, "tokens_per_s": 373.0,
-                                         "generate_tokens_per_s": 143.0, "floor_tokens_per_s": 1340.0}]
+                                         "generate_tokens_per_s": 143.0, "floor_tokens_per_s": 1340.0,
+                                         "launch_bound_share": 0.25}]
     table = report.speed_table(sample)
-    assert "| base | 8 | 4096 | 260.0 | 130.0 | 769.0 | 0.3381 | 1.0000 | 1.0000 |" in table
-    assert "| gqa8 | 8 | 4096 | 373.0 | 143.0 | 1340.0 | 0.2784 | 1.4346 | 1.1000 |" in table
+    assert "| base | 8 | 4096 | 260.0 | 130.0 | 769.0 | 0.3381 | 1.0000 | 1.0000 |  |" in table  # CPU: no profile
+    assert "| gqa8 | 8 | 4096 | 373.0 | 143.0 | 1340.0 | 0.2784 | 1.4346 | 1.1000 | 0.2500 |" in table
+
+
+def test_the_launch_bound_share_is_idle_time_plus_short_kernels():
+    from gqa_uptrain.eval.speed import launch_bound_share
+
+    kernels = {"busy_seconds": 8e-3, "short_kernel_seconds": 1e-3}
+    assert launch_bound_share(kernels, 10e-3) == pytest.approx(0.3)  # 2 ms idle + 1 ms in short kernels
+    assert launch_bound_share(kernels, 7.9e-3) == pytest.approx(1e-3 / 7.9e-3)  # timing noise: never negative idle
+    assert launch_bound_share(None, 10e-3) is None
 
 
 def test_matplotlib_is_set_up_only_when_a_plot_is_drawn():

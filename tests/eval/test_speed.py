@@ -277,3 +277,19 @@ def test_decoding_passes_the_cache_under_its_current_name(monkeypatch):
         measure_decode(model, [1], [8], 3, bandwidth=1e10, progress=False)
         measured_kv_cache_bytes_per_token(model, prompt(1, 5))
     assert not [args for args in logged if "past_key_values" in str(args)]
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "matmul"),
+    ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "matmul"),
+    ("_split_kernel", "attention"),
+    ("_merge_kernel", "attention"),
+    ("pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>", "attention"),
+    ("BatchDecodeWithPagedKVCacheKernel<...>", "attention"),
+    ("triton_poi_fused__to_copy_add_mean_mul_pow_rsqrt_0", "other"),
+    ("Memcpy DtoD (Device -> Device)", "other"),
+])
+def test_kernels_are_classed_by_name_as_the_breakdown_reports_them(name, kind):
+    from gqa_uptrain.eval.speed import kernel_class
+
+    assert kernel_class(name) == kind
