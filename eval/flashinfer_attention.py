@@ -135,7 +135,7 @@ class FlashInferDecode:
     ) -> None:
         flashinfer = _flashinfer()
         if flashinfer is None:
-            raise RuntimeError("flashinfer is not installed (or does not import); see .fi/README.md")
+            raise RuntimeError("flashinfer is not installed or does not import (pip install flashinfer-python)")
         page_size = default_page_size(max_len) if page_size is None else page_size
         if page_size < 1 or max_len % page_size != 0:
             raise ValueError(f"page_size {page_size} must divide max_len {max_len}")
@@ -215,21 +215,3 @@ class FlashInferDecode:
         if self.kv_len is None:
             raise ValueError("plan(kv_len) has not been called")
 
-
-def flashinfer_decode(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_len: int, scale: float,
-                      **options: Any) -> torch.Tensor:
-    """One-call form: plan (cached per shape and kv_len) and run. For checks, not for timing."""
-    batch, kv_heads, groups, head_dim = q.shape
-    attn = _planned(batch, kv_heads, groups, head_dim, key.shape[2], float(scale), q.dtype, q.device,
-                    tuple(sorted(options.items())))
-    if attn.kv_len != kv_len:
-        attn.plan(kv_len)
-    attn.check(q, key, value)
-    return attn.run(q, key, value)
-
-
-@functools.lru_cache(maxsize=8)
-def _planned(batch: int, kv_heads: int, groups: int, head_dim: int, max_len: int, scale: float,
-             dtype: torch.dtype, device: torch.device, options: tuple) -> FlashInferDecode:
-    return FlashInferDecode(batch, kv_heads, groups, head_dim, max_len, scale, dtype=dtype, device=device,
-                            **dict(options))
