@@ -20,6 +20,14 @@ from gqa_uptrain import locks
 _HASH_CHUNK = 1 << 20
 
 
+_FULL_DISK = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_full_disk(error: BaseException) -> bool:
+    """Whether `error` is a write refused for want of space: a full file system (ENOSPC) or a quota (EDQUOT)."""
+    return isinstance(error, OSError) and error.errno in _FULL_DISK
+
+
 def write_atomically(path: Path, data: str | bytes) -> None:
     """Write `data` beside `path` under a hidden name, then rename it over `path` (parents created).
 

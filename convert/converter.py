@@ -37,7 +37,7 @@ from gqa_uptrain.convert.plan import ConversionPlan, Step, human_size, output_co
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
 from gqa_uptrain.source import Source
 from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError
-from gqa_uptrain.files import BackgroundHashes, exchange_paths, output_lock, rename_no_replace
+from gqa_uptrain.files import BackgroundHashes, exchange_paths, is_full_disk, output_lock, rename_no_replace
 from gqa_uptrain.model_folder import model_root, readable_files
 from gqa_uptrain.provenance import (PROVENANCE, Conversion, SourceRecord, conversion_record, read_provenance,
                                    why_not_converted_here, write_provenance)
@@ -104,7 +104,7 @@ def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = Fa
         try:
             _write(plan, source, others, target, force, progress, hashes)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_full_disk(e):
                 raise
             raise _filled_up(plan, target.parent) from None
     return output

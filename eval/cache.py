@@ -5,7 +5,6 @@ once for any number of candidates, and a rerun with the same models and settings
 written atomically, one per model and task, as they finish, so an interrupted run resumes where it stopped.
 """
 
-import errno
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ from typing import Any
 from huggingface_hub import try_to_load_from_cache
 
 from gqa_uptrain.errors import DiskFullError
-from gqa_uptrain.files import sha256_file, write_atomically
+from gqa_uptrain.files import is_full_disk, sha256_file, write_atomically
 from gqa_uptrain.provenance import PROVENANCE
 
 # Files that decide a model's outputs; docs, model cards and provenance notes do not.
@@ -42,7 +41,7 @@ def full_disk_said(what: str, folder: Path, then: str) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_full_disk(error):
             raise
         raise DiskFullError(f"disk full while writing {what} in {folder}: {then}") from None
 

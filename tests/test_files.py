@@ -9,7 +9,7 @@ import socket
 import pytest
 from gqa_uptrain import files, locks
 from gqa_uptrain.errors import OutputBusyError
-from gqa_uptrain.files import exchange_paths, lock_path, output_lock, rename_no_replace
+from gqa_uptrain.files import exchange_paths, is_full_disk, lock_path, output_lock, rename_no_replace
 
 
 @pytest.fixture(params=["renameat2", "portable"])
@@ -89,3 +89,10 @@ def test_a_file_system_that_cannot_lock_is_written_without_the_lock(tmp_path, mo
     with output_lock(tmp_path / "model", "gqa-convert") as held:
         assert held is False and lock_path(tmp_path / "model").is_file()
     assert not lock_path(tmp_path / "model").exists()
+
+
+def test_a_full_disk_is_a_full_file_system_or_a_quota_and_nothing_else():
+    assert is_full_disk(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_full_disk(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_full_disk(OSError(errno.EACCES, "Permission denied"))
+    assert not is_full_disk(RuntimeError("No space left on device"))  # a text alone is train/disk.py's business

@@ -9,7 +9,6 @@ place when complete, metrics.jsonl lines are whole), so after freeing space the 
 
 from __future__ import annotations
 
-import errno
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ import torch
 from accelerate import Accelerator
 
 from gqa_uptrain.errors import DiskFullError
+from gqa_uptrain.files import is_full_disk
 
 from . import checkpoint
 
-_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "StorageFull")
 _TORCH_WRITER_TEXTS = ("file write failed", "unexpected pos", "PytorchStreamWriter")
 _NEARLY_FULL = 1 << 30  # bytes free under which torch's mute writer errors are taken for a full disk
@@ -45,7 +44,7 @@ def is_disk_full(error: BaseException, folder: Path, need: int | None = None) ->
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+        if is_full_disk(error):
             return True
         text = str(error)
         if any(marker in text for marker in _FULL_TEXTS):
