@@ -51,8 +51,9 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
         if done:
             check_converted(recipe_path, model, c.source, c.groups, c.method)
         converting = not done
+        calibration = ["--calibration", c.calibration] if c.calibration else []
         steps.append(Step("convert", [*python, "gqa_uptrain.convert", c.source, "--groups", str(c.groups),
-                                      "--method", c.method, "--output", str(model)], done))
+                                      "--method", c.method, *calibration, "--output", str(model)], done))
     steps.append(Step("uptrain", uptrain_argv(recipe_path, overrides, recipe.accelerate_config),
                       check_uptrained(recipe_path, recipe, converting)))
     if recipe.evaluate:

@@ -26,6 +26,7 @@ class ConvertSpec(_Section):
     source: str  # the original MHA (or GQA) checkpoint: a local folder or a Hub id
     groups: int = Field(ge=1)
     method: str = "mean"  # a gqa-convert --method
+    calibration: str | None = None  # --calibration DATA for method calibrated (text like the model's pretraining data)
 
     @field_validator("method")
     @classmethod

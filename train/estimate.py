@@ -59,18 +59,22 @@ class Shape:
     kv_width: int
     intermediate: int
     vocab: int
+    attention_params: int = 0  # of the attention projections: what `train.trainable: attention` trains
 
     @classmethod
-    def of(cls, config: PretrainedConfig, params: int | None = None) -> Shape:
+    def of(cls, config: PretrainedConfig) -> Shape:
+        from gqa_uptrain.kv_heads import meta_model
+
+        from .trainable import attention_parameter_names
+
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-        if params is None:
-            from gqa_uptrain.kv_heads import meta_model
-
-            params = sum(p.numel() for p in meta_model(config).parameters())
-        return cls(params, config.num_hidden_layers, config.hidden_size, kv_heads * head_dim, intermediate,
-                   config.vocab_size)
+        model = meta_model(config)
+        attention = attention_parameter_names(model)
+        named = dict(model.named_parameters())
+        return cls(sum(p.numel() for p in named.values()), config.num_hidden_layers, config.hidden_size,
+                   kv_heads * head_dim, intermediate, config.vocab_size, sum(named[n].numel() for n in attention))
 
     def activation_bytes_per_token_layer(self) -> int:
         return 36 * self.hidden + 6 * self.kv_width + 8 * self.intermediate
@@ -96,31 +100,48 @@ class MemoryEstimate:
 
 
 def estimate_memory(student: Shape, micro_batch: int, seq_len: int, parallel: Parallel, processes: int,
-                    teacher: Shape | None = None, teacher_sharded: bool = False) -> MemoryEstimate:
-    """Per-GPU memory of training `student` (the module docstring says what each term counts and how well it fits)."""
+                    teacher: Shape | None = None, teacher_sharded: bool = False, *, attention_only: bool = False,
+                    frozen_bytes: int = 4, teacher_shared: bool = False) -> MemoryEstimate:
+    """Per-GPU memory of training `student` (the module docstring says what each term counts and how well it fits).
+
+    `attention_only`: only the attention projections learn; the frozen rest takes `frozen_bytes` a parameter (the
+    checkpoint's dtype; fp32 under FSDP, which flattens it with the trainable fp32 weights). `teacher_shared`: the
+    teacher shares the student's frozen body and adds its attention weights alone, in the same dtype.
+    """
     shards = processes if parallel == "fsdp" else 1
     tokens = micro_batch * seq_len
     per_layer = student.activation_bytes_per_token_layer() * tokens
-    bf16 = 2 * student.params if parallel != "fsdp" else 2 * 2 * student.params / max(student.layers, 1)
+    learn = student.attention_params if attention_only else student.params
+    frozen = (student.params - learn) * (4 if parallel == "fsdp" else frozen_bytes)
+    bf16 = 2 * learn if parallel != "fsdp" else 2 * 2 * student.params / max(student.layers, 1)
     logits = 10 * student.vocab * tokens + (8 * teacher.vocab * tokens if teacher else 0)
+    if teacher is None:
+        teacher_bytes = 0.0
+    elif teacher_shared:
+        teacher_bytes = frozen_bytes * teacher.attention_params
+    else:
+        teacher_bytes = 2 * teacher.params / (processes if teacher_sharded else 1)
     return MemoryEstimate(
-        weights=4 * student.params / shards,
-        gradients=4 * student.params / shards,
-        optimizer=8 * student.params / shards,
+        weights=(4 * learn + frozen) / shards,
+        gradients=4 * learn / shards,
+        optimizer=8 * learn / shards,
         bf16_weights=bf16,
         activations=per_layer * student.layers,
         activations_checkpointed=4 * student.hidden * tokens * student.layers + per_layer,
         logits=logits,
-        teacher=(2 * teacher.params / (processes if teacher_sharded else 1)) if teacher else 0.0,
+        teacher=teacher_bytes,
     )
 
 
 def gpus_to_fit(student: Shape, micro_batch: int, seq_len: int, gpu_bytes: float, checkpointing: bool,
-                teacher: Shape | None = None, limit: int = 1024) -> int | None:
-    """The fewest GPUs (FSDP, teacher sharded) on which a micro-batch fits in `gpu_bytes`; None: not even `limit`."""
+                teacher: Shape | None = None, limit: int = 1024, **setup) -> int | None:
+    """The fewest GPUs (FSDP, teacher sharded) on which a micro-batch fits in `gpu_bytes`; None: not even `limit`.
+    `setup`: estimate_memory's keywords (the trainable set; a teacher shares the body on one GPU only)."""
+    shared = setup.pop("teacher_shared", False)
     for n in (1, *(2**k for k in range(1, int(math.log2(limit)) + 1))):
         parallel: Parallel = "single" if n == 1 else "fsdp"
-        need = estimate_memory(student, micro_batch, seq_len, parallel, n, teacher, teacher_sharded=n > 1)
+        need = estimate_memory(student, micro_batch, seq_len, parallel, n, teacher, teacher_sharded=n > 1,
+                               teacher_shared=shared and n == 1, **setup)
         if need.total(checkpointing) <= gpu_bytes:
             return n
     return None
@@ -149,33 +170,67 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f} GiB"
 
 
-def describe(student: Shape, micro_batch: int, seq_len: int, parallel: Parallel, processes: int, flops: float,
-             gpu: str, mfu: float, checkpointing: bool, teacher: Shape | None = None,
-             teacher_sharded: bool = False, teacher_flops: float = 0.0) -> str:
-    """The estimate block of the dry run."""
-    m = estimate_memory(student, micro_batch, seq_len, parallel, processes, teacher, teacher_sharded)
+@dataclass(frozen=True)
+class Setup:
+    """How a run holds what it trains: the launch, the batch, what learns and where the teacher lives."""
+
+    micro_batch: int
+    seq_len: int
+    parallel: Parallel
+    processes: int
+    checkpointing: bool
+    attention_only: bool = False
+    frozen_bytes: int = 4  # a frozen parameter, in the checkpoint's dtype
+    teacher: Shape | None = None
+    teacher_sharded: bool = False
+    teacher_shared: bool = False  # built around the student's frozen body (train/shared_teacher.py)
+
+    def memory(self, student: Shape) -> MemoryEstimate:
+        return estimate_memory(student, self.micro_batch, self.seq_len, self.parallel, self.processes, self.teacher,
+                               self.teacher_sharded, attention_only=self.attention_only,
+                               frozen_bytes=self.frozen_bytes, teacher_shared=self.teacher_shared)
+
+    def gpus_to_fit(self, student: Shape, gpu_bytes: float, checkpointing: bool) -> int | None:
+        return gpus_to_fit(student, self.micro_batch, self.seq_len, gpu_bytes, checkpointing, self.teacher,
+                           attention_only=self.attention_only, frozen_bytes=self.frozen_bytes,
+                           teacher_shared=self.teacher_shared)
+
+
+def describe(student: Shape, setup: Setup, flops: float, gpu: str, mfu: float) -> str:
+    """The estimate block of the dry run; `flops` of the whole run, teacher forwards included."""
+    m = setup.memory(student)
     tflops, gpu_gib = GPUS[gpu.lower()]
-    seconds = training_seconds(flops + teacher_flops, gpu, processes, mfu)
+    seconds = training_seconds(flops, gpu, setup.processes, mfu)
+    checkpointing = setup.checkpointing
     on = "with" if checkpointing else "without"
+    learn = student.attention_params if setup.attention_only else student.params
     lines = [
-        f"memory per GPU       {parallel} over {processes} process(es), micro-batch {micro_batch} x {seq_len}:",
-        f"  weights (fp32)     {gib(m.weights)}; gradients {gib(m.gradients)}; AdamW {gib(m.optimizer)}; "
+        f"memory per GPU       {setup.parallel} over {setup.processes} process(es), micro-batch "
+        f"{setup.micro_batch} x {setup.seq_len}, {learn:,} of {student.params:,} parameters trained:",
+        f"  weights            {gib(m.weights)}; gradients {gib(m.gradients)}; AdamW {gib(m.optimizer)}; "
         f"bf16 copies {gib(m.bf16_weights)}",
         f"  activations        {gib(m.activations)} without activation checkpointing, "
         f"{gib(m.activations_checkpointed)} with; logits and loss {gib(m.logits)}",
     ]
-    if teacher is not None:
-        lines.append(f"  teacher (bf16)     {gib(m.teacher)} ({'sharded' if teacher_sharded else 'replicated'})")
+    if setup.teacher is not None:
+        where = ("shares the student's frozen body: its attention only" if setup.teacher_shared
+                 else "sharded" if setup.teacher_sharded else "replicated")
+        lines.append(f"  teacher            {gib(m.teacher)} ({where})")
     lines.append(f"  total              {gib(m.total(checkpointing))} ({on} activation checkpointing, as the recipe "
                  f"says; {gib(m.total(not checkpointing))} {'without' if checkpointing else 'with'}); "
                  f"estimate within about 5% of measured eager runs")
-    fits = [gpus_to_fit(student, micro_batch, seq_len, gpu_gib * GIB, c, teacher) for c in (checkpointing, True)]
+    alone = Setup(**{**vars(setup), "parallel": "single", "processes": 1, "teacher_sharded": False,
+                     "teacher_shared": setup.teacher is not None and setup.attention_only})
+    need = alone.memory(student).total(checkpointing)
+    verdict = "fits" if need <= gpu_gib * GIB else "does not fit"
+    lines.append(f"{'one ' + gpu:<21}{verdict}: {gib(need)} of its {gpu_gib:g} GiB, as one process")
+    fits = [setup.gpus_to_fit(student, gpu_gib * GIB, c) for c in (checkpointing, True)]
     needed = "more than 1024" if fits[0] is None else str(fits[0])
     line = f"GPUs to fit          {needed} x {gpu} ({gpu_gib:g} GiB) under FSDP"
     if not checkpointing and fits[1] is not None and fits[1] != fits[0]:
         line += f"; {fits[1]} with activation checkpointing"
     lines.append(line)
-    lines.append(f"time                 {seconds / 3600:.2f} h on {processes} x {gpu} ({tflops:g} TFLOP/s bf16 "
+    lines.append(f"time                 {seconds / 3600:.2f} h on {setup.processes} x {gpu} ({tflops:g} TFLOP/s bf16 "
                  f"datasheet peak) at {mfu:.0%} MFU")
     return "\n".join(lines)
 
@@ -195,13 +250,29 @@ def for_recipe(recipe, processes: int, gpu: str, mfu: float, distributed_type: s
     original = models.teacher_config or original_config(models.config, source_provenance(models.folder))
     budget = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, processes, models.config, original)
     parallel = parallel_of_accelerate_config(distributed_type, processes)
+    student = Shape.of(models.config)
     teacher = Shape.of(models.teacher_config) if recipe.teacher and models.teacher_config else None
     placement = recipe.teacher.placement if recipe.teacher else "auto"
     sharded = teacher is not None and processes > 1 and (
         placement == "shard" or (placement == "auto" and parallel == "fsdp"))
-    teacher_flops = 2.0 * matmul_params(models.teacher_config) * budget.tokens if teacher else 0.0
-    return describe(Shape.of(models.config), recipe.batch.micro_batch, recipe.data.seq_len, parallel, processes,
-                    budget.flops, gpu, mfu, recipe.model.gradient_checkpointing, teacher, sharded, teacher_flops)
+    attention_only = recipe.train.trainable == "attention"
+    setup = Setup(recipe.batch.micro_batch, recipe.data.seq_len, parallel, processes,
+                  recipe.model.gradient_checkpointing, attention_only, _dtype_bytes(models.config.dtype), teacher,
+                  sharded, teacher_shared=teacher is not None and attention_only and parallel != "fsdp"
+                  and placement != "shard")
+    flops = budget.flops
+    if attention_only:  # frozen weights take no weight-gradient product: 4 x N + 2 x trained, not 6 x N
+        linear = matmul_params(models.config)
+        flops *= (4 * linear + 2 * student.attention_params) / (6 * linear)
+    if teacher is not None:
+        flops += 2.0 * matmul_params(models.teacher_config) * budget.tokens
+    return describe(student, setup, flops, gpu, mfu)
+
+
+def _dtype_bytes(dtype) -> int:
+    """Bytes a parameter of the checkpoint's dtype (a name or a torch dtype; fp32 when the config says none)."""
+    name = str(dtype or "float32").removeprefix("torch.")
+    return 2 if name in ("bfloat16", "float16") else 4
 
 
 def accelerate_distributed_type(recipe_path: str) -> str | None:

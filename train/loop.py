@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
     DataLoaderConfiguration,
@@ -40,7 +40,8 @@ from .optim import build_optimizer, build_schedule
 from .preflight import (Models, check_attention, check_model_unchanged, check_models, check_output_dir,
                         write_model_fingerprint, write_snapshot)
 from .recipe import Recipe
-from .teacher import place_teacher
+from .teacher import place_teacher, shared_teacher
+from .trainable import select_trainable
 
 
 def _precision(recipe: Recipe) -> str:
@@ -74,12 +75,24 @@ def _load_model(path: Path, recipe: Recipe, dtype: torch.dtype) -> PreTrainedMod
     return model
 
 
-def _forward(model, teacher, input_ids: torch.Tensor, recipe: Recipe) -> tuple[Tensor, Tensor, Tensor | None]:
+def _frozen_dtype(recipe: Recipe, accelerator: Accelerator, checkpoint_dtype) -> torch.dtype | None:
+    """The dtype frozen parameters are held in: the checkpoint's, unless FSDP or ZeRO-3 flatten them with the
+    trainable fp32 ones (then None: everything fp32) or everything learns."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if recipe.train.trainable == "all" or sharded:
+        return None
+    dtype = getattr(torch, checkpoint_dtype) if isinstance(checkpoint_dtype, str) else checkpoint_dtype
+    return dtype or torch.float32
+
+
+def _forward(model, teacher, input_ids: torch.Tensor, recipe: Recipe,
+             accelerator: Accelerator) -> tuple[Tensor, Tensor, Tensor | None]:
     """(objective, LM loss, distillation loss or None) for one micro-batch."""
     out = model(input_ids=input_ids, labels=input_ids)
     if teacher is None:
         return out.loss, out.loss, None
-    target = distill.teacher_logits(teacher, input_ids)
+    with accelerator.autocast():  # the student's forward runs under it too (accelerate wraps it)
+        target = distill.teacher_logits(teacher, input_ids)
     kd_loss = distill.distillation_loss(out.logits, target, recipe.teacher.temperature)
     return distill.mix(out.loss, kd_loss, recipe.teacher.weight), out.loss, kd_loss
 
@@ -161,11 +174,15 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
         write_model_fingerprint(recipe, models.folder)
 
     # -- model, teacher, optimizer, schedule, loaders -------------------------------------------------
-    model = _load_model(models.folder, recipe, torch.float32)
+    frozen_dtype = _frozen_dtype(recipe, accelerator, models.config.dtype)
+    model = _load_model(models.folder, recipe, frozen_dtype or torch.float32)
+    learning = select_trainable(model, recipe.train.trainable, frozen_dtype)
+    accelerator.print(learning.describe())
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if space is not None:  # a checkpoint holds fp32 weights and two AdamW moments
-        space.checkpoint_bytes = 12 * sum(p.numel() for p in model.parameters())
+    if space is not None:  # a checkpoint holds the weights, and two fp32 AdamW moments of those that learn
+        space.checkpoint_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + 8 * learning.trainable
+    teacher = shared_teacher(accelerator, recipe, model, models) if recipe.teacher else None
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_schedule(optimizer, recipe.train, plan.steps)
     model, optimizer, train_loader, val_loader = accelerator.prepare(
@@ -176,7 +193,8 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
     )
     # The scheduler's state goes into the checkpoint's JSON (below), not through register_for_checkpointing:
     # accelerate unpickles registered objects with weights_only=False, so a planted file would run code on resume.
-    teacher = place_teacher(accelerator, recipe, models.teacher_folder) if recipe.teacher else None
+    if recipe.teacher and teacher is None:
+        teacher = place_teacher(accelerator, recipe, models.teacher_folder)
 
     # -- resume -------------------------------------------------------------------------------------------
     checkpoints = output / "checkpoints"
@@ -206,7 +224,7 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
         for _ in range(plan.grad_accum):
             input_ids = next(batches)["input_ids"]
             with accelerator.accumulate(model):
-                objective, lm_loss, kd_loss = _forward(model, teacher, input_ids, recipe)
+                objective, lm_loss, kd_loss = _forward(model, teacher, input_ids, recipe, accelerator)
                 accelerator.backward(objective)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)

@@ -83,6 +83,8 @@ class TrainSpec(_Section):
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float | None = Field(1.0, gt=0.0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
+    # all: every parameter learns; attention: only the attention projections the conversion changed (train/trainable.py)
+    trainable: Literal["all", "attention"] = "all"
 
 
 class BudgetSpec(_Section):

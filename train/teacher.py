@@ -34,6 +34,8 @@ from transformers import AutoModelForCausalLM
 from gqa_uptrain.errors import ConfigError
 
 from .recipe import Recipe
+from .shared_teacher import NotShared, shared_body_teacher
+from .trainable import attention_modules
 
 Placement = Literal["replicate", "shard"]
 
@@ -51,6 +53,28 @@ def choose_placement(choice: str, distributed_type: DistributedType, num_process
                           f"stage {zero_stage}): use teacher.placement=replicate, or recipes/accelerate/"
                           "deepspeed-zero3.yaml")
     return choice  # type: ignore[return-value]
+
+
+def shared_teacher(accelerator: Accelerator, recipe: Recipe, student: torch.nn.Module, models) -> torch.nn.Module | None:
+    """The teacher built around the student's frozen body (shared_teacher.py), where `train.trainable: attention`
+    and the launch allow it; None (with the reason, where sharing was possible in principle) to place it apart.
+    Call it before the student is prepared: preparing moves the shared modules in place, teacher and all."""
+    if recipe.train.trainable != "attention" or recipe.teacher.placement == "shard":
+        return None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        accelerator.print(f"teacher {recipe.teacher.path}: placed apart from the student, whose frozen body "
+                          f"{accelerator.distributed_type.value} shards layer by layer")
+        return None
+    try:
+        teacher = shared_body_teacher(student, models.teacher_folder, models.teacher_config,
+                                      recipe.model.attn_implementation, accelerator.device)
+    except NotShared as reason:
+        accelerator.print(f"teacher {recipe.teacher.path}: placed apart from the student ({reason})")
+        return None
+    own = sum(p.numel() for _, m in attention_modules(teacher) for p in m.parameters())
+    accelerator.print(f"teacher {recipe.teacher.path}: shares the student's frozen body; its own attention "
+                      f"weights are {own:,} parameters")
+    return compile_regions(teacher) if recipe.model.compile else teacher
 
 
 def place_teacher(accelerator: Accelerator, recipe: Recipe, folder: Path) -> torch.nn.Module:

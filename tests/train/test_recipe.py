@@ -46,7 +46,10 @@ def test_every_shipped_recipe_validates(path):
         recipe.seed = 1
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if p.name.startswith("llama-2-7b")], ids=lambda p: p.name)
+PAPER_RECIPES = [p for p in RECIPES if p.name.startswith("llama-2-7b") and "1gpu" not in p.name]
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.name)
 def test_paper_recipes_spend_five_percent_of_llama2_pretraining(path):
     recipe = load_recipe(path)
     assert recipe.budget.fraction == pytest.approx(0.05)
@@ -138,3 +141,22 @@ def test_a_misspelt_key_gets_a_suggestion_in_one_line(tmp_path, override, expect
     with pytest.raises(ConfigError) as error:
         load_recipe(path, [override])
     assert str(error.value) == f"{path}: {expected}"
+
+
+def test_the_one_gpu_recipe_trains_attention_only_distilling_from_its_source_and_fits_an_h100():
+    from transformers import LlamaConfig
+
+    from gqa_uptrain.apps.pipeline_recipe import PipelineRecipe
+    from gqa_uptrain.train.estimate import GIB, Setup, Shape
+
+    recipe = load_recipe(REPO / "recipes" / "llama-2-7b-gqa8-1gpu.yaml", schema=PipelineRecipe)
+    assert recipe.train.trainable == "attention" and recipe.convert.method == "calibrated"
+    assert recipe.teacher.path == recipe.convert.source and recipe.accelerate_config is None
+    llama2 = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096)
+    student = Shape.of(LlamaConfig(**llama2, num_key_value_heads=recipe.convert.groups))
+    teacher = Shape.of(LlamaConfig(**llama2, num_key_value_heads=32))
+    assert student.attention_params == 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024)
+    setup = Setup(recipe.batch.micro_batch, recipe.data.seq_len, "single", 1, recipe.model.gradient_checkpointing,
+                  attention_only=True, frozen_bytes=2, teacher=teacher, teacher_shared=True)
+    assert setup.memory(student).total(setup.checkpointing) < 72 * GIB  # the bound for an 80 GB GPU
