@@ -9,9 +9,9 @@ converted to one KV head by mean pooling and by `--method calibrated` (fitted on
 of public-domain books and the standard library's docstrings (never on evaluation text). The arms are {mean,
 calibrated} x {all, attention} (`train.trainable`) x {LM loss, distillation from the original}, and the original
 itself continued on the same tokens (the fair baseline). Every point of a curve is a whole run of that many tokens,
-its learning rate schedule finished, not a mid-run checkpoint. Runs go several at a time on one GPU (a 135M model
-leaves most of an H100 idle in one process), longest first, and each is a plain `gqa-uptrain` command, so the
-script resumes: finished runs are kept, a killed one resumes from its checkpoint.
+its learning rate schedule finished, not a mid-run checkpoint. Runs go longest first (`--parallel` runs several
+at once, which measured slower in all on one H100: docs/experiments/real-model-recovery.md), and each is a plain
+`gqa-uptrain` command, so the script resumes: finished runs are kept, a killed one resumes from its checkpoint.
 
 Measured for every model with gqa-eval against the original: loss on WikiText-2 test and on held-out books (the
 validation authors, who appear nowhere in train), and zero-shot arc_easy, piqa, lambada_openai and winogrande from
@@ -46,10 +46,10 @@ class Scale:
     seq_len: int
     micro_batch: int
     global_batch: int
-    budgets: tuple[float, ...]  # tokens; every arm runs the first ones, the recommended arm and baseline all
-    full_grid_budgets: int  # how many of `budgets` every arm runs
+    budgets: tuple[float, ...]  # tokens: every arm runs the first `full_grid_budgets`, KEY_ARMS the others but the
+    full_grid_budgets: int  # last, and the recommended arm and the baseline all of them
     lr: float
-    parallel: int  # runs at a time on the one device
+    parallel: int  # runs at a time on the one device (on an H100, 6 at a time were slower in all than 1)
     train_chars: int  # characters of training text written (books and docstrings)
     heldout_chars: int  # of validation books and of wikitext, each
     calibration_tokens: int
@@ -58,8 +58,8 @@ class Scale:
 
 
 SCALES = {
-    "gpu": Scale(seq_len=2048, micro_batch=2, global_batch=32, budgets=(2.5e6, 10e6, 40e6), full_grid_budgets=2,
-                 lr=3e-4, parallel=6, train_chars=190_000_000, heldout_chars=600_000, calibration_tokens=131_072,
+    "gpu": Scale(seq_len=2048, micro_batch=2, global_batch=32, budgets=(2.5e6, 10e6, 40e6), full_grid_budgets=1,
+                 lr=3e-4, parallel=1, train_chars=190_000_000, heldout_chars=600_000, calibration_tokens=131_072,
                  eval_limit=500, eval_batch=32),
     "smoke": Scale(seq_len=64, micro_batch=2, global_batch=4, budgets=(512, 1024), full_grid_budgets=1, lr=1e-3,
                    parallel=2, train_chars=120_000, heldout_chars=8_000, calibration_tokens=1024, eval_limit=8,
@@ -95,6 +95,11 @@ class Arm:
 
 RECOMMENDED = Arm("calibrated", "attention", "distill")
 BASELINE = Arm("original", "all", "lm")
+PAPER = Arm("mean", "all", "lm")  # the GQA paper's recipe
+# Beyond the first budget, the arms that answer the issue's questions: the paper's recipe (how many tokens the
+# recommended path saves), each single change from the recommended path (start, trainable set, objective).
+KEY_ARMS = (RECOMMENDED, BASELINE, PAPER, Arm("mean", "attention", "distill"), Arm("calibrated", "all", "distill"),
+            Arm("calibrated", "attention", "lm"))
 
 
 def arms() -> list[Arm]:
@@ -104,8 +109,11 @@ def arms() -> list[Arm]:
 
 def runs(scale: Scale) -> list[tuple[Arm, float]]:
     """(arm, tokens) of every training run, longest first (they set the wall time, so they start first)."""
-    plan = [(arm, tokens) for tokens in scale.budgets[: scale.full_grid_budgets] for arm in arms()]
-    plan += [(arm, tokens) for tokens in scale.budgets[scale.full_grid_budgets:] for arm in (RECOMMENDED, BASELINE)]
+    grid, middle, last = (scale.budgets[: scale.full_grid_budgets], scale.budgets[scale.full_grid_budgets:-1],
+                          scale.budgets[-1:] if len(scale.budgets) > scale.full_grid_budgets else ())
+    plan = [(arm, tokens) for tokens in grid for arm in arms()]
+    plan += [(arm, tokens) for tokens in middle for arm in KEY_ARMS]
+    plan += [(arm, tokens) for tokens in last for arm in (RECOMMENDED, BASELINE)]
     plan.append((replace(RECOMMENDED, data="books"), scale.budgets[0]))  # what the docstrings in the mix buy
     return sorted(plan, key=lambda run: -run[1])
 
@@ -312,13 +320,15 @@ def goals(records: list[dict], scale: Scale) -> dict:
     def at(arm: Arm, tokens: float) -> dict | None:
         return next((r for r in records if r["arm"] == arm.name and r["tokens"] == tokens), None)
 
-    longest, grid = scale.budgets[-1], scale.budgets[: scale.full_grid_budgets]
-    mean_full = at(Arm("mean", "all", "lm"), grid[-1])
-    cheaper = [t for t in grid if t <= grid[-1] / 4]
-    rec_quarter = at(RECOMMENDED, cheaper[-1]) if cheaper else None
-    out = {"mean_full_ft_final": mean_full and mean_full["wikitext_loss"],
-           "recommended_at_quarter_tokens": rec_quarter and rec_quarter["wikitext_loss"],
-           "quarter_tokens": cheaper[-1] if cheaper else None}
+    longest = scale.budgets[-1]
+    paper_tokens = max((r["tokens"] for r in records if r["arm"] == PAPER.name), default=0.0)
+    paper = at(PAPER, paper_tokens)
+    quarter = max((r["tokens"] for r in records if r["arm"] == RECOMMENDED.name and 0 < r["tokens"] <= paper_tokens / 4),
+                  default=None)
+    recommended = at(RECOMMENDED, quarter) if quarter else None
+    out = {"paper_recipe": paper and {k: paper[k] for k in ("tokens", "wikitext_loss", "books_loss")},
+           "recommended_at_a_quarter": recommended and {k: recommended[k] for k in
+                                                        ("tokens", "wikitext_loss", "books_loss")}}
     rec, base = at(RECOMMENDED, longest), at(BASELINE, longest)
     if rec and base:
         out["gap_wikitext_at_longest"] = rec["wikitext_loss"] - base["wikitext_loss"]
@@ -327,7 +337,7 @@ def goals(records: list[dict], scale: Scale) -> dict:
     costs = []
     for start in ("mean", "calibrated"):
         for objective in ("lm", "distill"):
-            for tokens in grid:
+            for tokens in scale.budgets:
                 a, f = at(Arm(start, "attention", objective), tokens), at(Arm(start, "all", objective), tokens)
                 if a and f:
                     costs.append({"start": start, "objective": objective, "tokens": tokens,
@@ -365,6 +375,8 @@ def plot(records: list[dict], path: Path) -> None:
     for ax, key, title in ((axes[0], "wikitext_loss", "WikiText-2 test"), (axes[1], "books_loss", "held-out books")):
         for arm in dict.fromkeys(r["arm"] for r in records):
             points = sorted((r["tokens"] or zero, r[key]) for r in records if r["arm"] == arm and r[key] is not None)
+            if len(points) < 2:  # an arm whose runs are not measured yet: its start is another arm's too
+                continue
             style = "-" if "attention" in arm else "--"
             ax.plot(*zip(*points), style, marker="o", label=arm, linewidth=2.5 if arm == RECOMMENDED.name else 1.2)
         ax.set_xscale("log")
@@ -387,18 +399,23 @@ def run(args: argparse.Namespace) -> None:
     write_tasks(args.eval_data, out / "eval-tasks")
     print("== convert", flush=True)
     starts = convert(args.model, out, scale)
+    if args.prepare_only:
+        return
     plan = runs(scale)
     print(f"== train: {len(plan)} runs, {args.parallel or scale.parallel} at a time", flush=True)
     models = {f"start:{name}": path for name, path in starts.items()}
     longest = scale.budgets[-1]
     with ThreadPoolExecutor(args.parallel or scale.parallel) as pool:
         futures = {(a, t): pool.submit(train, a, t, starts, out, scale) for a, t in plan}
-        for final in (False, True):  # the shorter runs are measured while the longest still train
+        for final in (False, True):  # the shorter runs are measured (and reported) while the longest still train
             models |= {run_name(a, t): f.result() for (a, t), f in futures.items() if final or t < longest}
             print(f"== measure {len(models)} models", flush=True)
             measured = measure(models, starts["original"], out, scale, tasks=not args.no_tasks,
                                task_models=_task_models(models, plan))
-    records = results(plan, starts, measured)
+            report(results(plan, starts, measured), scale, out)
+
+
+def report(records: list[dict], scale: Scale, out: Path) -> None:
     summary = {"scale": asdict(scale), "records": records, "goals": goals(records, scale)}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(table(records))
@@ -417,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="gpu", help="gpu (one H100) or smoke (CPU, CI)")
     p.add_argument("--parallel", type=int, default=None, help="training runs at a time (default: the scale's)")
     p.add_argument("--no-tasks", action="store_true", help="losses only, no lm-eval tasks")
+    p.add_argument("--prepare-only", action="store_true", help="write the data and the conversions, then stop")
     args = p.parse_args(argv)
     run_cli("real_model_recovery", lambda: run(args))
 
