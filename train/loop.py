@@ -76,10 +76,12 @@ def _load_model(path: Path, recipe: Recipe, dtype: torch.dtype) -> PreTrainedMod
 
 
 def _frozen_dtype(recipe: Recipe, accelerator: Accelerator, checkpoint_dtype) -> torch.dtype | None:
-    """The dtype frozen parameters are held in: the checkpoint's, unless FSDP or ZeRO-3 flatten them with the
-    trainable fp32 ones (then None: everything fp32) or everything learns."""
+    """The dtype frozen parameters are held in: the checkpoint's, where autocast runs the matrix products in half
+    precision anyway; None (everything fp32) where everything learns, where FSDP or ZeRO-3 flatten frozen and
+    trainable parameters into one buffer of one dtype, or where the run is in fp32 (a bf16 weight would meet fp32
+    activations without autocast)."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if recipe.train.trainable == "all" or sharded:
+    if recipe.train.trainable == "all" or sharded or accelerator.mixed_precision == "no":
         return None
     dtype = getattr(torch, checkpoint_dtype) if isinstance(checkpoint_dtype, str) else checkpoint_dtype
     return dtype or torch.float32

@@ -16,7 +16,7 @@ parameters exist only while the layer's own forward gathers them, and the teache
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ class NotShared(Exception):
     """Why the teacher cannot share the student's body (said in one line; a separate teacher is placed)."""
 
 
-def _stored_tensors(folder: Path) -> Iterator[tuple[str, callable]]:
+def _stored_tensors(folder: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(name, loader) of every tensor in a safetensors checkpoint folder, one file open at a time."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():

@@ -23,7 +23,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -36,6 +36,9 @@ from gqa_uptrain.errors import ConfigError
 from .recipe import Recipe
 from .shared_teacher import NotShared, shared_body_teacher
 from .trainable import attention_modules
+
+if TYPE_CHECKING:
+    from .preflight import Models
 
 Placement = Literal["replicate", "shard"]
 
@@ -55,7 +58,8 @@ def choose_placement(choice: str, distributed_type: DistributedType, num_process
     return choice  # type: ignore[return-value]
 
 
-def shared_teacher(accelerator: Accelerator, recipe: Recipe, student: torch.nn.Module, models) -> torch.nn.Module | None:
+def shared_teacher(accelerator: Accelerator, recipe: Recipe, student: torch.nn.Module,
+                   models: Models) -> torch.nn.Module | None:
     """The teacher built around the student's frozen body (shared_teacher.py), where `train.trainable: attention`
     and the launch allow it; None (with the reason, where sharing was possible in principle) to place it apart.
     Call it before the student is prepared: preparing moves the shared modules in place, teacher and all."""

@@ -18,7 +18,7 @@ from torch import nn
 from gqa_uptrain.errors import ConfigError
 
 # The attribute names under which transformers' decoder layers hold their attention module.
-ATTENTION_ATTRIBUTES = ("self_attn", "attention", "attn")
+ATTENTION_ATTRIBUTES = ("self_attn", "self_attention", "attention", "attn")
 
 
 def _decoder(model: nn.Module) -> tuple[str, nn.Module]:

@@ -35,6 +35,29 @@ def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture(scope="session")
+def converted_tiny_llama(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama (4 KV heads) converted to 2 by mean pooling: its body is the original's, so tiny_llama can be a
+    teacher that shares it."""
+    from gqa_uptrain.convert import convert_checkpoint
+
+    return convert_checkpoint(tiny_llama, groups=2, output=tmp_path_factory.mktemp("converted") / "gqa2")
+
+
+# What `train.trainable: attention` changes in a checkpoint: the attention projections.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "dense")
+
+
+def changed_tensors(before: Path, after: Path) -> set[str]:
+    """Names of the tensors that differ between two model folders' model.safetensors (same names in both)."""
+    from safetensors.torch import load_file
+    import torch
+
+    old, new = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
+    assert old.keys() == new.keys()
+    return {name for name in old if not torch.equal(old[name], new[name])}
+
+
 @pytest.fixture
 def fresh_accelerate():
     """In-process runs share accelerate's singletons; give each test a clean state."""

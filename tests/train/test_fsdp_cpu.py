@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import TINY_RECIPE, overrides
+from .conftest import PROJECTIONS, TINY_RECIPE, changed_tensors, overrides
+
+pytestmark = pytest.mark.slow  # launches two training processes
 
 HERE = Path(__file__).parent
 RUN = ["budget.steps=4", "checkpoint.every=2", "eval.every=2", "log.every=2"]
@@ -42,3 +44,20 @@ def test_two_process_fsdp2_run_on_the_cpu(tmp_path, tiny_llama, tiny_llama_gqa2,
     key = "model.layers.0.self_attn.k_proj.weight"
     assert exported[key].shape == start[key].shape and not torch.equal(exported[key], start[key])
     assert all(torch.isfinite(tensor).all() for tensor in exported.values())
+
+
+def test_attention_only_under_fsdp2_on_the_cpu(tmp_path, tiny_llama, converted_tiny_llama, shakespeare):
+    """Frozen and trainable parameters in one fully_shard unit: only the projections move, bit for bit, and the
+    teacher is placed apart (a layer's weights exist only inside its own forward under FSDP2)."""
+    extra = ["train.trainable=attention", f"teacher.path={tiny_llama}"]
+    args = [str(TINY_RECIPE), *overrides(converted_tiny_llama, shakespeare, tmp_path / "run", *RUN, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(HERE / "fsdp_cpu_worker.py"), *args],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "placed apart from the student" in result.stdout
+    changed = changed_tensors(converted_tiny_llama, tmp_path / "run" / "model")
+    assert changed and all(name.split(".")[-2] in PROJECTIONS for name in changed)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,12 +15,23 @@ from .conftest import TINY_RECIPE, overrides, run_cli
 RUN = ["budget.steps=20", "batch.global_batch=2", "checkpoint.every=5", "eval.every=10", "log.every=5"]
 
 
-def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_llama_gqa2, shakespeare):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = run_cli(str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, straight, *RUN))
-    assert done.returncode == 0, done.stderr[-2000:]
+@pytest.fixture(params=["all", "attention-shared-teacher"])
+def trained(request, tiny_llama, tiny_llama_gqa2, converted_tiny_llama) -> tuple:
+    """(model, extra overrides): full training, or attention-only with a teacher that shares the frozen body."""
+    if request.param == "all":
+        return tiny_llama_gqa2, []
+    return converted_tiny_llama, ["train.trainable=attention", f"teacher.path={tiny_llama}"]
 
-    args = [str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, killed, *RUN)]
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, trained, shakespeare):
+    model, extra = trained
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = run_cli(str(TINY_RECIPE), *overrides(model, shakespeare, straight, *RUN, *extra))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("shares the student's frozen body" in done.stdout) == bool(extra)
+
+    args = [str(TINY_RECIPE), *overrides(model, shakespeare, killed, *RUN, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "gqa_uptrain.train", *args], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
