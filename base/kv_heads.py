@@ -41,6 +41,17 @@ def kv_heads_of(config: PretrainedConfig) -> int:
     return heads if heads is not None else config.num_attention_heads
 
 
+# Decoder configs that derive num_key_value_heads from a key of their own, the one a new count must be written to.
+_KV_HEADS_DERIVED_FROM = {"falcon": "num_kv_heads"}
+
+
+def kv_heads_keys(config: PretrainedConfig) -> tuple[str, ...]:
+    """The keys of a decoder config that hold its KV-head count: num_key_value_heads, and the key the config derives
+    it from where it derives it (Falcon's num_kv_heads)."""
+    derived_from = _KV_HEADS_DERIVED_FROM.get(config.model_type)
+    return ("num_key_value_heads",) if derived_from is None else (derived_from, "num_key_value_heads")
+
+
 def with_kv_heads(config: PretrainedConfig, kv_heads: int) -> PretrainedConfig:
     """A copy of `config` with another KV head count in its decoder; a multimodal wrapper's vision config and the
     rest are kept as they are."""
@@ -51,7 +62,7 @@ def with_kv_heads(config: PretrainedConfig, kv_heads: int) -> PretrainedConfig:
         return outer
     values = config.to_dict()
     values.pop("model_type", None)
-    values["num_key_value_heads"] = kv_heads
+    values.update(dict.fromkeys(kv_heads_keys(config), kv_heads))
     return type(config)(**values)
 
 

@@ -6,6 +6,8 @@ architecture is refused:
 - `HeadsAxis`: one axis holds the KV heads back to back (k/v projections and their biases, a k-norm over
   the whole projection as in OLMo-2, a per-head norm weight of shape [heads, head_dim] as in Cohere);
 - `FusedQKV`: rows [q | k | v] of one fused projection (Phi-3's `qkv_proj`);
+- `GroupedQKV`: one fused projection whose rows go KV head by KV head, [its queries, k, v] (Falcon's new decoder
+  architecture, `query_key_value`), which shapes alone would take for `FusedQKV`: named by model type;
 - `PerHeadModules`: one module per KV head in a ModuleList (StableLM's per-head k-norms).
 """
 
@@ -46,6 +48,21 @@ class FusedQKV:
 
 
 @dataclass(frozen=True)
+class GroupedQKV:
+    """`name` holds one block of rows per KV head: its query heads, its key, its value (`head_dim` rows each). An
+    output group's block gathers the queries of its heads and pools their keys and values."""
+
+    name: str
+    shape: tuple[int, ...]
+    head_dim: int
+    role: Role
+
+
+# Model types whose fused projection interleaves the heads as GroupedQKV does, not [q | k | v].
+GROUPED_QKV_TYPES = frozenset({"falcon"})
+
+
+@dataclass(frozen=True)
 class PerHeadModules:
     """Parameters `pattern.format(i)` for each KV head i; the output keeps indices below `groups`."""
 
@@ -54,7 +71,7 @@ class PerHeadModules:
     role: Role
 
 
-Change = HeadsAxis | FusedQKV | PerHeadModules
+Change = HeadsAxis | FusedQKV | GroupedQKV | PerHeadModules
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,7 @@ def find_layout(config: PretrainedConfig, groups: int) -> KVLayout:
     if "num_key_value_heads" not in text_config(config).to_dict():
         raise UnsupportedModelError(f"model type '{model_type}' cannot express grouped-query attention in "
                                     "transformers (its config has no num_key_value_heads)")
+    _check_falcon_architecture(text_config(config))
     _check_one_head_layout(text_config(config), model_type)
     query_heads = text_config(config).num_attention_heads
     kv_heads = kv_heads_of(config)
@@ -85,11 +103,21 @@ def find_layout(config: PretrainedConfig, groups: int) -> KVLayout:
         return KVLayout(model_type, query_heads, kv_heads, groups, ())
     old = _meta_parameters(config)
     new = _meta_parameters(with_kv_heads(config, groups))
-    changes = _explain(old, new, kv_heads, groups, query_heads)
+    changes = _explain(old, new, kv_heads, groups, query_heads, grouped_qkv=model_type in GROUPED_QKV_TYPES)
     if not changes:
         raise UnsupportedModelError(f"model type '{model_type}' cannot express grouped-query attention in "
                                     "transformers (num_key_value_heads changes none of its weights)")
     return KVLayout(model_type, query_heads, kv_heads, groups, tuple(changes))
+
+
+def _check_falcon_architecture(config: PretrainedConfig) -> None:
+    """Falcon holds a KV-head count only in its new decoder architecture (Falcon-40B, Falcon-180B); the old one
+    (Falcon-7B, Falcon-RW) has one KV head (multi_query) or one per query head, whatever num_kv_heads says."""
+    if config.model_type == "falcon" and not config.new_decoder_architecture:
+        heads = "one KV head (multi_query)" if config.multi_query else "one KV head per query head"
+        raise UnsupportedModelError("model type 'falcon' cannot express grouped-query attention in transformers "
+                                    f"without its new decoder architecture (new_decoder_architecture: true, as "
+                                    f"Falcon-40B has); this config has the old one, with {heads}")
 
 
 # Attention sizes that transformers' heterogeneous configs (`per_layer_config`) may set layer by layer.
@@ -164,8 +192,8 @@ def _role(module: nn.Module, param_name: str) -> Role | None:
     return None
 
 
-def _explain(old: dict[str, _Param], new: dict[str, _Param], kv_heads: int, groups: int,
-             query_heads: int) -> list[Change]:
+def _explain(old: dict[str, _Param], new: dict[str, _Param], kv_heads: int, groups: int, query_heads: int,
+             grouped_qkv: bool) -> list[Change]:
     changes: list[Change] = []
     vanished = sorted(set(old) - set(new))
     if set(new) - set(old):
@@ -173,13 +201,14 @@ def _explain(old: dict[str, _Param], new: dict[str, _Param], kv_heads: int, grou
                                     "this layout is not understood")
     for name in old:
         if name in new and old[name].shape != new[name].shape:
-            changes.append(_explain_reshaped(name, old[name], new[name].shape, kv_heads, groups, query_heads))
+            changes.append(_explain_reshaped(name, old[name], new[name].shape, kv_heads, groups, query_heads,
+                                             grouped_qkv))
     changes.extend(_explain_vanished(vanished, old, kv_heads, groups))
     return changes
 
 
 def _explain_reshaped(name: str, old: _Param, new_shape: tuple[int, ...], kv_heads: int, groups: int,
-                      query_heads: int) -> Change:
+                      query_heads: int, grouped_qkv: bool) -> Change:
     axes = [i for i, (a, b) in enumerate(zip(old.shape, new_shape)) if a != b]
     if old.role is not None and len(axes) == 1 and axes[0] == 0:
         before, after = old.shape[0], new_shape[0]
@@ -187,6 +216,8 @@ def _explain_reshaped(name: str, old: _Param, new_shape: tuple[int, ...], kv_hea
             return HeadsAxis(name, old.shape, old.role)
         head_dim = (before - after) // (2 * (kv_heads - groups))
         if old.role != "norm" and before == (query_heads + 2 * kv_heads) * head_dim:
+            if grouped_qkv:
+                return GroupedQKV(name, old.shape, head_dim, old.role)
             return FusedQKV(name, old.shape, query_heads * head_dim, old.role)
     raise UnsupportedModelError(f"tensor {name} changes from {list(old.shape)} to {list(new_shape)} with fewer "
                                 "KV heads, in a layout gqa-convert does not understand")

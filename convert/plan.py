@@ -22,7 +22,8 @@ from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, check_w
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.pooling import pooled_shape
 from gqa_uptrain.errors import CheckpointError, InvalidGroupsError, UnsupportedModelError
-from gqa_uptrain.kv_heads import kv_cache_bytes_per_token, meta_model, text_config_key, with_kv_heads
+from gqa_uptrain.kv_heads import (kv_cache_bytes_per_token, kv_heads_keys, meta_model, text_config, text_config_key,
+                                  with_kv_heads)
 from gqa_uptrain.model_folder import require_inside
 
 
@@ -376,10 +377,11 @@ def _read_back(raw: dict) -> PretrainedConfig:
 def _written_config(raw: dict, config: PretrainedConfig, groups: int) -> dict:
     """The source's config.json as written, with the new KV head count where the decoder's config keeps it (under
     `text_config` for a multimodal wrapper, whose vision config keeps its own heads)."""
+    heads = dict.fromkeys(kv_heads_keys(text_config(config)), groups)
     key = text_config_key(config)
     if key is None:
-        return {**raw, "num_key_value_heads": groups}
-    return {**raw, key: {**raw.get(key, {}), "num_key_value_heads": groups}}
+        return {**raw, **heads}
+    return {**raw, key: {**raw.get(key, {}), **heads}}
 
 
 def human_size(nbytes: float) -> str:

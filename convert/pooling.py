@@ -9,7 +9,7 @@ import zlib
 
 import torch
 
-from gqa_uptrain.convert.layout import Change, FusedQKV, HeadsAxis, PerHeadModules
+from gqa_uptrain.convert.layout import Change, FusedQKV, GroupedQKV, HeadsAxis, PerHeadModules
 from gqa_uptrain.convert.methods import METHODS, PoolContext
 
 
@@ -34,6 +34,11 @@ def pool_tensor(change: Change, sources: list[torch.Tensor], kv_heads: int, grou
         k, v = kv.chunk(2)
         pooled = [_pool_rows(part, kv_heads, groups, pool, context) for part in (k, v)]
         return torch.cat([q, *pooled]).to(dtype)
+    if isinstance(change, GroupedQKV):  # [H, its queries + k + v, head_dim, ...] -> [G, their queries + k + v, ...]
+        blocks = tensor.reshape(kv_heads, -1, change.head_dim, *tensor.shape[1:])
+        queries = blocks[:, :-2].reshape(groups, -1, *blocks.shape[2:])
+        k, v = (pool(blocks[:, i], groups, context)[:, None] for i in (-2, -1))
+        return torch.cat([queries, k, v], dim=1).reshape(-1, *tensor.shape[1:]).to(dtype)
     raise TypeError(f"unknown change {change!r}")
 
 
@@ -52,4 +57,6 @@ def pooled_shape(change: Change, kv_heads: int, groups: int) -> tuple[int, ...]:
     if isinstance(change, FusedQKV):
         kv_rows = (shape[0] - change.q_rows) // 2
         return (change.q_rows + 2 * (kv_rows // kv_heads * groups), *shape[1:])
+    if isinstance(change, GroupedQKV):
+        return (shape[0] - 2 * (kv_heads - groups) * change.head_dim, *shape[1:])
     return shape

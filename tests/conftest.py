@@ -1,25 +1,41 @@
-"""Shared fixtures: tiny random models built in-process with the real transformers classes."""
+"""Shared fixtures: the small real data the tests read (tests/data), GPT-2's tokenizer rebuilt from it, and tiny
+random models built in-process with the real transformers classes. Nothing here reads beyond the repository."""
 
+import json
+import lzma
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real text and tokenizer files that sit beside the project (../shared/data)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is missing")
-    return SHARED_DATA
+    """The real text the tests share, shipped in tests/data (its README says where each file comes from)."""
+    return DATA
+
+
+def gpt2_vocab(merges: list[str]) -> dict[str, int]:
+    """GPT-2's vocabulary, which its merges determine: the 256 byte symbols, one token per merge in merge order,
+    then <|endoftext|>."""
+    symbols = [*bytes_to_unicode().values(), *("".join(merge.split()) for merge in merges), "<|endoftext|>"]
+    return {symbol: i for i, symbol in enumerate(symbols)}
 
 
 @pytest.fixture(scope="session")
-def gpt2_tokenizer(shared_data: Path) -> GPT2TokenizerFast:
-    tokenizer = GPT2TokenizerFast.from_pretrained(shared_data / "tokenizers" / "gpt2")
+def gpt2_tokenizer(tmp_path_factory) -> GPT2TokenizerFast:
+    """GPT-2's tokenizer (50,257 tokens, <|endoftext|> as BOS and EOS), loaded from a folder as a user's is."""
+    folder = tmp_path_factory.mktemp("gpt2")
+    with lzma.open(DATA / "gpt2-merges.txt.xz", "rt", encoding="utf-8") as file:
+        merges = file.read()
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    vocab = gpt2_vocab([line for line in merges.splitlines()[1:] if line])  # after the "#version" line
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    tokenizer = GPT2TokenizerFast.from_pretrained(folder)
     tokenizer.model_max_length = 256
     return tokenizer
 

@@ -22,6 +22,7 @@ def tiny_recipe(model: Path, text: Path, output: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_convert_uptrain_evaluate(tiny_llama, shared_data, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text((shared_data / "tinyshakespeare.txt").read_text()[:40_000])

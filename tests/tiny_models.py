@@ -39,6 +39,12 @@ ARCHITECTURES: dict[str, dict] = {
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "helium": {},
     "ministral": {},
+    "falcon": {"new_decoder_architecture": True, "bias": True},  # fused query_key_value, KV head by KV head
+}
+
+# Configs that name a shared size otherwise: model_type -> {shared key: its own key, or None where it derives it}.
+OWN_KEYS: dict[str, dict[str, str | None]] = {
+    "falcon": {"num_key_value_heads": "num_kv_heads", "intermediate_size": "ffn_hidden_size", "head_dim": None},
 }
 
 # Hybrid models: some layers have no attention (short convolutions, Mamba), the others plain GQA-capable attention.
@@ -61,6 +67,8 @@ VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "n
 
 QUERY_HEADS = 4
 VOCAB = 96
+# Falcon's fused projection: one block of rows per KV head, [its query heads, its key, its value], 16 rows a head.
+GROUPED_QKV = "query_key_value"
 
 
 def tiny_config(model_type: str, kv_heads: int) -> PretrainedConfig:
@@ -75,6 +83,10 @@ def _text_sizes(model_type: str, kv_heads: int) -> dict:
     shared = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=QUERY_HEADS, num_key_value_heads=kv_heads, head_dim=16,
                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    for key, own in OWN_KEYS.get(model_type, {}).items():
+        value = shared.pop(key)
+        if own is not None:
+            shared[own] = value
     return {**shared, **{**ARCHITECTURES, **HYBRID}[model_type]}
 
 
@@ -108,10 +120,29 @@ def repeat_kv_heads(small: PreTrainedModel, kv_heads: int) -> PreTrainedModel:
         elif name.endswith("qkv_proj.weight"):
             q, k, v = small_state[name].split([QUERY_HEADS * 16, groups * 16, groups * 16])
             state[name] = torch.cat([q, _repeat_rows(k, groups, ratio), _repeat_rows(v, groups, ratio)])
+        elif GROUPED_QKV in name:  # each KV head's block splits its queries over `ratio` blocks that share its k, v
+            blocks = _kv_head_blocks(small_state[name], groups)
+            queries = blocks[:, :-2].reshape(kv_heads, -1, *blocks.shape[2:])
+            state[name] = torch.cat([queries, blocks[:, -2:].repeat_interleave(ratio, dim=0)], dim=1).reshape(
+                target.shape)
         else:
             state[name] = _repeat_rows(small_state[name], groups, ratio)
     big.load_state_dict(state)
     return big
+
+
+def split_fused_qkv(name: str, tensor: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A fused q/k/v projection's query rows (in head order) and its key and value rows; None for other tensors."""
+    if name.endswith("qkv_proj.weight"):  # Phi-3: [q | k | v]
+        return tensor[: QUERY_HEADS * 16], tensor[QUERY_HEADS * 16:]
+    if GROUPED_QKV in name:
+        blocks = _kv_head_blocks(tensor, kv_heads)
+        return blocks[:, :-2].reshape(-1, *tensor.shape[1:]), blocks[:, -2:].reshape(-1, *tensor.shape[1:])
+    return None
+
+
+def _kv_head_blocks(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    return tensor.reshape(kv_heads, -1, 16, *tensor.shape[1:])
 
 
 def _module_list_pattern(name: str) -> str:

@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.kv_heads import text_config
-from tiny_models import ARCHITECTURES, HYBRID, MULTIMODAL, load, logits, random_model, repeat_kv_heads
+from tiny_models import (ARCHITECTURES, HYBRID, MULTIMODAL, load, logits, random_model, repeat_kv_heads,
+                         split_fused_qkv)
 
 ARCHS = sorted(ARCHITECTURES) + sorted(MULTIMODAL) + sorted(HYBRID)
 
@@ -75,10 +76,10 @@ def test_random_method_keeps_shapes_and_runs(arch, tmp_path, tokens):
             if before is not None and before.shape == tensor.shape:  # no KV-head axis: copied
                 assert torch.equal(tensor, before), name
                 continue
-            if "qkv" in name:  # fused [q | k | v]: the query rows are kept
-                rows = model.config.num_attention_heads * model.config.head_dim
-                assert torch.equal(tensor[:rows], before[:rows]), name
-                tensor = tensor[rows:]
+            fused = split_fused_qkv(name, tensor, kv_heads=2)
+            if fused is not None:  # fused q/k/v: the query rows are kept
+                queries, tensor = fused
+                assert torch.equal(queries, split_fused_qkv(name, before, kv_heads=4)[0]), name
             if name.endswith("bias"):
                 assert not tensor.any(), name
             else:

@@ -144,13 +144,27 @@ def test_bad_group_counts(source, tmp_path, capsys, groups, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "opt", "bloom", "falcon", "t5", "deepseek_v2"])
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "opt", "bloom", "t5", "deepseek_v2"])
 def test_architectures_without_gqa_are_refused(model_type, tmp_path, capsys):
     path = tmp_path / model_type
     path.mkdir()
     AutoConfig.for_model(model_type).save_pretrained(path)
     message = fails(capsys, path, "-g", 1, "-o", tmp_path / "out")
     assert f"'{model_type}'" in message and ("grouped-query" in message or "decoder-only" in message)
+
+
+@pytest.mark.parametrize(("multi_query", "heads"), [(True, "one KV head (multi_query)"),
+                                                    (False, "one KV head per query head")], ids=["7b", "rw"])
+def test_falcon_is_refused_without_its_new_decoder_architecture(multi_query, heads, tmp_path, capsys):
+    """Falcon holds a KV-head count only in its new decoder architecture (Falcon-40B; a covered architecture in
+    tests/tiny_models.py); the old one (Falcon-7B, Falcon-RW) is refused by name, before its weights are read."""
+    path = tmp_path / "falcon"
+    path.mkdir()
+    AutoConfig.for_model("falcon", multi_query=multi_query).save_pretrained(path)
+    assert fails(capsys, path, "-g", 1, "-o", tmp_path / "out") == (
+        "gqa-convert: error: model type 'falcon' cannot express grouped-query attention in transformers without its "
+        f"new decoder architecture (new_decoder_architecture: true, as Falcon-40B has); this config has the old one, "
+        f"with {heads}")
 
 
 def test_existing_output_needs_force(source, tmp_path, capsys):
@@ -260,6 +274,7 @@ def _cli(*argv: str, env: dict) -> subprocess.CompletedProcess:
                           text=True, env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_hub_id_resolves_through_the_offline_cache(source, tmp_path):
     cache, revision = _hub_cache(tmp_path, source)
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}

@@ -99,6 +99,7 @@ def test_failed_candidate_keeps_the_others(gqa_eval, full_run, eval_args, tiny_l
     assert [label for label in report["comparisons"]] == [report["candidates"][1]["label"]]
 
 
+@pytest.mark.slow
 def test_candidate_failing_midway_keeps_its_finished_tasks(gqa_eval, eval_args, tiny_llama, tiny_llama_gqa2,
         tmp_path, monkeypatch, capsys):
     calls = []
@@ -128,6 +129,7 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_unknown_task_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys):
     args = eval_args(tiny_llama, [], tmp_path / "out", tmp_path / "cache", "--tasks", "gqa_lastword,no_such_task_xyz")
     assert gqa_eval(args) == 2
@@ -135,6 +137,7 @@ def test_unknown_task_is_named(gqa_eval, eval_args, tiny_llama, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_standard_task_name_goes_to_lm_eval(gqa_eval, eval_args, tiny_llama, tmp_path, capsys, monkeypatch):
     """`arc_easy` is found in lm-eval's own index and its Hub data requested; offline, that fails in one line."""
     import datasets
@@ -178,12 +181,13 @@ def test_empty_perplexity_file_is_named(gqa_eval, eval_args, tiny_llama, tmp_pat
 
 def test_task_folder_with_real_benchmark_data(gqa_eval, eval_args, shared_data, tiny_llama, tiny_llama_gqa2,
         tmp_path):
-    """A user's own task folder (here ARC-Easy from ../shared, named by absolute path), run by folder path."""
+    """A user's own task folder (here COPA from tests/data, named by absolute path), run by folder path."""
+    data = shared_data / "eval" / "copa.jsonl"
     folder = tmp_path / "my_tasks"
     folder.mkdir()
-    (folder / "arc_easy_local.yaml").write_text(
-        "task: arc_easy_local\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {shared_data / 'eval' / 'arc_easy.jsonl'}\n"
+    (folder / "copa_local.yaml").write_text(
+        "task: copa_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{query}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
@@ -191,11 +195,11 @@ def test_task_folder_with_real_benchmark_data(gqa_eval, eval_args, shared_data, 
     args = eval_args(tiny_llama, [tiny_llama_gqa2], tmp_path / "out", tmp_path / "cache", "--tasks", str(folder))
     assert gqa_eval(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["settings"]["tasks"] == ["arc_easy_local"]
+    assert report["settings"]["tasks"] == ["copa_local"]
     rows = next(iter(report["comparisons"].values()))
-    assert {r["metric"] for r in rows if r["task"] == "arc_easy_local"} == {"acc", "acc_norm"}
-    n_samples = report["base"]["tasks"]["arc_easy_local"]["n-samples"]["arc_easy_local"]
-    assert n_samples == {"original": 2376, "effective": 6}
+    assert {r["metric"] for r in rows if r["task"] == "copa_local"} == {"acc", "acc_norm"}
+    n_samples = report["base"]["tasks"]["copa_local"]["n-samples"]["copa_local"]
+    assert n_samples == {"original": len(data.read_text().splitlines()), "effective": 6}
 
 
 def test_help_explains_every_flag(capsys):
@@ -208,6 +212,7 @@ def test_help_explains_every_flag(capsys):
     assert "gqa_lastword" in text and "gqa_nextsentence" in text
 
 
+@pytest.mark.slow
 def test_speed_measures_kv_cache_and_decode_for_every_model(gqa_eval, eval_args, tiny_llama, tiny_llama_gqa2,
         tmp_path):
     args = eval_args(tiny_llama, [tiny_llama_gqa2], tmp_path / "out", tmp_path / "cache", "--speed",

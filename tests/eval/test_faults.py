@@ -180,6 +180,7 @@ FULL_DISKS = {
 
 
 @pytest.mark.parametrize("where", FULL_DISKS, ids=str)
+@pytest.mark.slow
 def test_a_real_full_disk_says_where_and_the_same_command_goes_on_after(where, tmp_path, tiny_llama, tiny_llama_gqa2,
                                                                         held_out_text):
     """A full disk is one line naming what could not be written and where, leaves no half-written file, and what it
@@ -208,6 +209,7 @@ def test_a_real_full_disk_says_where_and_the_same_command_goes_on_after(where, t
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_ctrl_c_at_a_random_point_is_one_line_and_the_same_command_goes_on(seed, tmp_path, tiny_llama,
                                                                            tiny_llama_gqa2):
     """SIGINT (Ctrl-C) at a seeded random moment after the base's result is cached: `gqa-eval: interrupted`, exit

@@ -126,6 +126,7 @@ print("packed_gqa_sdpa" in AttentionInterface() and "packed_gqa_split_kv" in Att
 """
 
 
+@pytest.mark.slow
 def test_attention_is_registered_by_the_engine_not_by_an_import():
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(REGISTRATION)], capture_output=True, text=True,
                          timeout=300)

@@ -9,6 +9,7 @@ import json
 import pytest
 
 
+@pytest.mark.slow
 def test_smoke_scale_runs_every_arm_and_resumes(reproduce, tmp_path, shared_data):
     out = tmp_path / "experiment"
     argv = ["--data", str(shared_data / "gutenberg"), "--output", str(out), "--scale", "smoke"]
@@ -35,6 +36,7 @@ def test_smoke_scale_runs_every_arm_and_resumes(reproduce, tmp_path, shared_data
     assert json.loads((out / "results.json").read_text()) == results
 
 
+@pytest.mark.slow
 def test_speed_stage_times_each_kv_head_count_once(reproduce, tiny_llama, tiny_llama_gqa2, tmp_path, monkeypatch):
     """On the CPU the figures mean nothing; what is checked is one timing per shape, kept for a rerun."""
     import gqa_uptrain.eval.speed

@@ -49,6 +49,7 @@ def test_parquet_text_and_pretokenised_sources(tmp_path, gpt2_tokenizer):
     assert as_lists[0] == as_lists[1] == as_lists[2] and len(as_lists[0]) > 10
 
 
+@pytest.mark.slow
 def test_tokenised_rows_are_reused_across_tokenizer_folders(jsonl, gpt2_tokenizer, tmp_path):
     """A converted model's tokenizer is a copy in a new folder: its run must not tokenise the corpus again."""
     copy = tmp_path / "copy"
@@ -152,6 +153,7 @@ def ids(rows) -> list[list[int]]:
     return [row["input_ids"].tolist() for row in rows]
 
 
+@pytest.mark.slow
 def test_only_the_documents_the_budget_reads_are_tokenised(tmp_path, gpt2_tokenizer, monkeypatch):
     path = tmp_path / "large.jsonl"
     path.write_text("".join(json.dumps({"text": f"{DOCS[i % 60]} ({i})"}) + "\n" for i in range(8000)))

@@ -42,6 +42,7 @@ def test_against_the_measured_runs():
     assert gpus_to_fit(shape, 8, 2048, 23.6 * GIB, checkpointing=True) == 2  # 21.2 GiB each
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_estimate(tiny_llama_gqa2, shared_data, tmp_path):
     result = run_cli(str(REPO / "recipes" / "tiny-cpu.yaml"), *overrides(
         tiny_llama_gqa2, shared_data / "tinyshakespeare.txt", tmp_path / "run"), "--dry-run",

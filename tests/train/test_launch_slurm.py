@@ -151,6 +151,7 @@ def test_two_nodes_get_one_rendezvous_and_ranks_0_and_1(slurm):
         assert torchrun["cmd"][-4:] == ["-m", "gqa_uptrain.train", "recipes/llama-2-7b-gqa8.yaml", "train.lr=1e-5"]
 
 
+@pytest.mark.slow
 def test_two_nodes_on_this_host_really_meet(slurm):
     """The same launch lines, run by the real accelerate (torchrun, static rendezvous) on the CPU: one gloo group of
     2 processes, group rank = SLURM_NODEID."""

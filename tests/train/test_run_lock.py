@@ -129,6 +129,7 @@ def test_no_watch_without_a_launcher(monkeypatch):
     assert not launcher.launched_by_a_launcher()
 
 
+@pytest.mark.slow
 def test_a_live_run_refuses_a_second_and_dies_with_its_launcher(tmp_path, tiny_llama_gqa2, shakespeare, capsys):
     """torchrun starts a long run; a second run into the same folder is refused in one line naming it; killing
     torchrun alone (-9) stops the worker too; its lock is then stale and the next run takes it over."""

@@ -69,6 +69,7 @@ def test_deepspeed_teacher_config_has_no_optimizer_and_no_auto_values():
 
 
 @pytest.mark.parametrize("mode", ["fully_shard", "fsdp2"])
+@pytest.mark.slow
 def test_a_sharded_teacher_gives_the_whole_teachers_logits_on_two_cpu_processes(tiny_llama, mode):
     """2 processes, gloo: each holds half of the teacher's weights, and its forward gives the logits of the whole
     model; `fsdp2` runs accelerate's FSDP2 preparation with rank 0's weights broadcast (teacher_worker.py)."""
@@ -82,6 +83,7 @@ def test_a_sharded_teacher_gives_the_whole_teachers_logits_on_two_cpu_processes(
     assert sorted(re.findall(r"ok \d", result.stdout)) == ["ok 0", "ok 1"]
 
 
+@pytest.mark.slow
 def test_two_process_distillation_with_a_sharded_teacher_matches_a_replicated_one(
     tmp_path, tiny_llama, tiny_llama_gqa2, shakespeare
 ):

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -16,6 +17,7 @@ def records(output):
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_and_exports(tmp_path, tiny_llama_gqa2, shakespeare, fresh_accelerate):
     model = tmp_path / "converted"
     shutil.copytree(tiny_llama_gqa2, model)
@@ -57,6 +59,7 @@ def test_tiny_model_learns_and_exports(tmp_path, tiny_llama_gqa2, shakespeare, f
     assert (target / "model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_distillation_from_the_original_model(tmp_path, tiny_llama, tiny_llama_gqa2, shakespeare, fresh_accelerate):
     output = tmp_path / "distilled"
     recipe = load_recipe(
