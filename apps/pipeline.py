@@ -26,6 +26,7 @@ from pathlib import Path
 from gqa_uptrain.apps.pipeline_recipe import PipelineRecipe, load_pipeline_recipe
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.files import BackgroundHashes
 from gqa_uptrain.provenance import PROVENANCE, read_provenance
 from gqa_uptrain.source import looks_local
 
@@ -104,6 +105,25 @@ def check_converted(recipe_path: Path, model: Path, source: str, groups: int, me
         raise ConfigError(f"{recipe_path}: model.path {model} holds another conversion ({recorded_source}, "
                           f"groups {conversion.get('groups')}, method {conversion.get('method')}), not the recipe's "
                           f"({source}, groups {groups}, method {method}); {fix}")
+    changed = _source_changes(source, (record.get("source") or {}).get("sha256"))
+    if changed:
+        raise ConfigError(f"{recipe_path}: convert.source {source} changed since model.path {model} was converted from "
+                          f"it (weights {changed}: not the bytes its {PROVENANCE} records); {fix}")
+
+
+def _source_changes(source: str, recorded: object) -> str | None:
+    """The weight files of a local SOURCE whose bytes differ from the SHA-256 gqa-convert recorded for them (or
+    that are gone), None when all match. The same path may hold another model since (a newer download, a retrained
+    checkpoint): the path alone would pass it. A Hub id is left out: its content is the Hub's, pinned by the
+    revision gqa-convert resolved, and checking it would need the network."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir() or not isinstance(recorded, dict) or not recorded:
+        return None
+    present = {name: folder / name for name in recorded if (folder / name).is_file()}
+    with BackgroundHashes(list(present.values())) as hashing:  # gigabytes: hashed by every CPU at once
+        digests = hashing.results()
+    changed = sorted(name for name in recorded if name not in present or digests[present[name]] != recorded[name])
+    return ", ".join(changed) if changed else None
 
 
 def check_uptrained(recipe_path: Path, recipe: PipelineRecipe, converting: bool) -> bool:

@@ -52,6 +52,10 @@ class DivergedError(GqaError):
     """Training produced a non-finite loss; nothing was exported and the last good checkpoint is kept."""
 
 
+class CalibrationError(GqaError):
+    """A calibrated conversion met NaN or infinite statistics or fitted weights; nothing is written."""
+
+
 class PublishError(GqaError):
     """Nothing to publish, or no way to upload it."""
 

@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +46,18 @@ def write_atomically(path: Path, data: str | bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def flush_to_disk(paths: Iterable[Path]) -> None:
+    """fsync each file among `paths` (folders and the rest skipped) before the rename that publishes them: without
+    it a crash soon after can leave a complete-looking output whose files are empty or cut short."""
+    for path in paths:
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

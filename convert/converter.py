@@ -22,7 +22,6 @@ import pwd
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from gqa_uptrain.convert.plan import ConversionPlan, Step, human_size, output_co
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
 from gqa_uptrain.source import Source
 from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError
-from gqa_uptrain.files import BackgroundHashes, exchange_paths, is_full_disk, output_lock, rename_no_replace
+from gqa_uptrain.files import (BackgroundHashes, exchange_paths, flush_to_disk, is_full_disk, output_lock,
+                                rename_no_replace)
 from gqa_uptrain.model_folder import model_root, readable_files
 from gqa_uptrain.provenance import (PROVENANCE, Conversion, SourceRecord, conversion_record, read_provenance,
                                    why_not_converted_here, write_provenance)
@@ -139,7 +139,7 @@ def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, ot
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source.folder / name, work / name)
     _write_config(plan, work)
-    _flush_to_disk(work.rglob("*"))  # the weights go to disk while the last source files are hashed
+    flush_to_disk(work.rglob("*"))  # the weights go to disk while the last source files are hashed
     digests = hashing.results()
     source_record: SourceRecord = {"id": source.label, "revision": source.revision,
                                    "license": card_license(source.folder),
@@ -147,7 +147,7 @@ def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, ot
     write_provenance(work, conversion_record(source_record, _conversion(plan, calibration),
                                              read_provenance(source.folder)))
     model_card(work, title).save(work / "README.md")
-    _flush_to_disk([work / PROVENANCE, work / "README.md"])
+    flush_to_disk([work / PROVENANCE, work / "README.md"])
 
 
 def _make_parent(parent: Path) -> None:
@@ -238,17 +238,6 @@ def _filled_up(plan: ConversionPlan, parent: Path) -> DiskFullError:
             else "there is room again: run the same command again")
     return DiskFullError(f"disk full while writing the converted model in {parent}, and nothing of it was kept "
                          f"({human_size(free)} free now, the model needs {human_size(need)} with a margin); {then}")
-
-
-def _flush_to_disk(paths: Iterable[Path]) -> None:
-    """fsync the output's files before the rename, so a crash cannot leave a complete-looking but empty output."""
-    for path in paths:
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def _move_into_place(work: Path, output: Path, replace: bool) -> None:

@@ -61,6 +61,23 @@ def fake_quantize(states: torch.Tensor, nbits: int, group_size: int) -> torch.Te
     return (steps * scale - zero).reshape(states.shape).to(states.dtype)
 
 
+class QuantizedShare:
+    """How many of the positions attention read came from the quantized part of the cache: a row that quantized
+    nothing (every sequence within the residual window) must not pass for a measurement of the quantized cache."""
+
+    def __init__(self) -> None:
+        self.quantized = self.total = 0
+
+    def add(self, tokens: int, residual_length: int) -> None:
+        self.quantized += max(0, tokens - residual_length)
+        self.total += tokens
+
+    @property
+    def value(self) -> float | None:
+        """The share of positions quantized; None when nothing was read."""
+        return self.quantized / self.total if self.total else None
+
+
 def quantize_kv(states: torch.Tensor, quant: KVQuantization) -> torch.Tensor:
     """Key or value states (batch, KV heads, tokens, head_dim) as the cache holds them: quantized, except the last
     `residual_length` tokens, which are returned unchanged."""
@@ -83,10 +100,12 @@ def _inner_attention(module: torch.nn.Module, name: str) -> Callable:
     return function
 
 
-def quantized_kv_function(quant: KVQuantization, inner: str) -> Callable:
-    """An attention function that quantizes K and V as the cache would, then runs the `inner` implementation."""
+def quantized_kv_function(quant: KVQuantization, inner: str, share: QuantizedShare) -> Callable:
+    """An attention function that quantizes K and V as the cache would, then runs the `inner` implementation;
+    `share` counts the positions it quantized."""
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        share.add(key.shape[-2], quant.residual_length)
         return _inner_attention(module, inner)(
             module, query, quantize_kv(key, quant), quantize_kv(value, quant), attention_mask, *args, **kwargs
         )
@@ -94,22 +113,24 @@ def quantized_kv_function(quant: KVQuantization, inner: str) -> Callable:
     return attention
 
 
-def _register(quant: KVQuantization, inner: str) -> str:
+def _register(quant: KVQuantization, inner: str, share: QuantizedShare) -> str:
     """Register the quantizing attention under a name that says what it does, with `inner`'s mask; returns it."""
     name = f"gqa_kv_{quant.name}_g{quant.group_size}_r{quant.residual_length}_{inner}"
-    AttentionInterface.register(name, quantized_kv_function(quant, inner))
+    AttentionInterface.register(name, quantized_kv_function(quant, inner, share))
     if inner in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     return name
 
 
 @contextmanager
-def quantized_kv_attention(model: PreTrainedModel, quant: KVQuantization | None) -> Iterator[None]:
-    """Run `model` with its K/V quantized as `quant` says inside the block (nothing changes for None)."""
+def quantized_kv_attention(model: PreTrainedModel, quant: KVQuantization | None) -> Iterator[QuantizedShare | None]:
+    """Run `model` with its K/V quantized as `quant` says inside the block (nothing changes for None); yields the
+    count of what was quantized."""
     if quant is None:
-        yield
+        yield None
         return
     quant.group(kv_heads_and_head_dim(model.config)[1])  # a group size that does not fit fails here, in one line
-    wanted = _register(quant, attention_implementation(model))
+    share = QuantizedShare()
+    wanted = _register(quant, attention_implementation(model), share)
     with switched_attention(model, wanted, "a quantized KV cache needs a switchable attention"):
-        yield
+        yield share

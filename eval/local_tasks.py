@@ -7,6 +7,7 @@ own ~15,000 task configs takes seconds, so it is only done when a name is not fo
 """
 
 import difflib
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -54,7 +55,17 @@ def _local_data_files(config: dict) -> list[Path]:
     files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
     names = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
     flat = [n for item in names for n in (item if isinstance(item, list) else [item])]
-    return [Path(n) for n in flat if Path(n).is_file()]
+    return [file for name in flat if isinstance(name, str) for file in _matching(name)]
+
+
+def _matching(name: str) -> list[Path]:
+    """The local files one `data_files` entry stands for: the file itself, or those its glob matches now (sorted,
+    as datasets reads them). The glob's text alone would keep cached results after the files behind it changed."""
+    if Path(name).is_file():
+        return [Path(name)]
+    if not any(char in name for char in "*?["):
+        return []
+    return sorted(path for path in map(Path, glob.glob(name, recursive=True)) if path.is_file())
 
 
 def _fingerprint(manager: "TaskManager", name: str, file_hash: FileHash) -> str:

@@ -159,6 +159,12 @@ def _bytes(n: float | None) -> str:
     return f"{n:.0f} B" if n < 2**10 else f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
 
 
+def _kv_quant(model: dict) -> str:
+    """The KV cache a row measured, with the share of positions it quantized where that was counted."""
+    name, share = model.get("kv_cache", "none"), model.get("kv_quantized_share")
+    return name if share is None else f"{name} ({share:.0%} quantized)"
+
+
 def models_table(report: dict) -> str:
     """KV-cache size per token next to the average score and perplexity, one row per model."""
     base = report["base"]
@@ -168,7 +174,7 @@ def models_table(report: dict) -> str:
         kv = model.get("kv_cache_bytes_per_token")
         ppl = (model.get("perplexity") or {}).get("token_perplexity")
         rows.append([
-            model["label"], model.get("num_key_value_heads"), model.get("kv_cache", "none"), _bytes(kv),
+            model["label"], model.get("num_key_value_heads"), _kv_quant(model), _bytes(kv),
             f"{kv / base_kv:.3f}" if kv and base_kv else "", _bytes(model.get("measured_kv_cache_bytes_per_token")),
             average_score(model), ppl, model.get("error") or "ok",
         ])

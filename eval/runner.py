@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gqa_uptrain.cli import ctrl_c_pressed
+from gqa_uptrain.cli import ctrl_c_pressed, warn
 from gqa_uptrain.errors import ConfigError, DiskFullError, EvaluationError, GqaError
 from gqa_uptrain.kv_heads import KVQuantization, kv_cache_bytes_per_token, kv_heads_and_head_dim
 
@@ -25,6 +25,8 @@ from . import report as report_io
 from .cache import ResultCache, full_disk_said, result_key
 from .harness import HarnessSettings, check_task_loads, evaluate_task
 from .kv_quant import kv_quantization, quantized_kv_attention
+
+QUANTIZED_SHARE = "kv_quantized_share"  # of the positions attention read, those the quantized cache held
 from .loading import OpenedModel, adds_bos, check_same_tokenizer, load_weights, open_model
 from .local_tasks import TaskSelection, resolve_tasks
 from .options import EvalOptions
@@ -194,8 +196,10 @@ def measure_tasks(record: dict, model: LazyModel, quant: KVQuantization | None, 
         cached = plan.cache.get(key)
         if cached is None:
             log(f"[{record['label']}] lm-eval task {name}")
-            with quantized_kv_attention(loaded := model.get(), quant):
+            with quantized_kv_attention(loaded := model.get(), quant) as share:
                 cached = evaluate_task(loaded, model.spec.tokenizer, name, plan.tasks, plan.harness)
+            if share is not None:
+                cached[QUANTIZED_SHARE] = share.value
             plan.cache.put(key, cached)
         else:
             log(f"[{record['label']}] lm-eval task {name}: cached")
@@ -208,9 +212,11 @@ def measure_perplexity(record: dict, model: LazyModel, quant: KVQuantization | N
     result = plan.cache.get(key)
     if result is None:
         log(f"[{record['label']}] perplexity on {plan.options.perplexity}")
-        with quantized_kv_attention(loaded := model.get(), quant):
+        with quantized_kv_attention(loaded := model.get(), quant) as share:
             result = perplexity(loaded, plan.perplexity_ids, settings["window"], settings["stride"],
                                 plan.options.batch_size)
+        if share is not None:
+            result[QUANTIZED_SHARE] = share.value
         plan.cache.put(key, result)
     else:
         log(f"[{record['label']}] perplexity: cached")
@@ -249,6 +255,24 @@ def evaluate_model(record: dict, model: LazyModel, quant: KVQuantization | None,
         raise EvaluationError(f"model {spec.ref}: out of memory at --batch-size {plan.options.batch_size} "
                               "(try a smaller one, or --device auto to spread it over several GPUs)") from error
     check_finite(record, spec)
+    if quant is not None:
+        note_quantized_share(record, quant)
+
+
+def note_quantized_share(record: dict, quant: KVQuantization) -> None:
+    """The smallest share of positions the quantized cache held in any measurement, in `record`; one warning line
+    for each measurement that quantized nothing (its sequences all fit the full-precision window), whose row would
+    otherwise equal the unquantized one and pass for the quantized cache."""
+    measured = {**record.get("tasks", {}), **({"perplexity": record["perplexity"]} if record.get("perplexity") else {})}
+    shares = {name: result.get(QUANTIZED_SHARE) for name, result in measured.items()}
+    known = [share for share in shares.values() if share is not None]
+    if known:
+        record[QUANTIZED_SHARE] = min(known)
+    for name, share in shares.items():
+        if share == 0:
+            warn("gqa-eval", f"[{record['label']}] {name}: the {quant.name} KV cache quantized nothing: every sequence "
+                 f"fits the last {quant.residual_length} positions it keeps in full precision, so this row measures "
+                 "the unquantized cache (--kv-residual 0 quantizes every position)")
 
 
 def evaluate_candidate(record: dict, model: LazyModel, quant: KVQuantization | None, plan: EvaluationPlan,

@@ -4,8 +4,9 @@ A checkpoint is `checkpoints/step-XXXXXXXX/`: what `Accelerator.save_state` writ
 of every process, all read back with weights_only=True) and `trainer_state.json` (step, tokens, data position, the
 learning-rate scheduler's state: kept in JSON, as accelerate would unpickle a registered object with
 weights_only=False, running whatever code a planted file holds). It is written under a
-temporary name and renamed when complete, so a crash during a save leaves the previous checkpoints intact and
-a half-written one is never resumed from.
+temporary name, fsynced and renamed when complete, so a crash during a save leaves the previous checkpoints intact
+and a half-written one is never resumed from. One torn all the same (written before files were fsynced, or damaged
+since) is passed over for the newest whole one, with a warning.
 """
 
 from __future__ import annotations
@@ -15,18 +16,24 @@ import logging
 import os
 import pickle
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 
+from gqa_uptrain.cli import warn
 from gqa_uptrain.errors import CheckpointError, one_line
+from gqa_uptrain.files import flush_to_disk
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"
 _TEMP_PREFIX = ".incomplete-"
+_TORCH_FILES = (".bin", ".pkl", ".pt", ".pth")  # torch.save's zip archives (accelerate's optimizer, RNG states...)
+_PLANTED = "custom_checkpoint_"  # pickles load_checkpoint refuses in one line: never taken for a torn file
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -44,6 +51,47 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1] if found else None
+
+
+def damage(path: Path) -> str | None:
+    """Why a complete checkpoint cannot be resumed from (its first file that is empty, cut short or unreadable), or
+    None when it is whole. Only headers and directories are read, the same on every process, so all of a run's
+    processes pass over the same checkpoints."""
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return f"{STATE_FILE} is unreadable"
+    for file in sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith(_PLANTED)):
+        name = file.relative_to(path).as_posix()
+        if file.stat().st_size == 0:
+            return f"{name} is empty"
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, "pt"):  # checks that the header's tensors cover the file exactly
+                    pass
+            except (OSError, SafetensorError) as error:
+                return f"{name} is torn ({one_line(error)})"
+        elif file.suffix in _TORCH_FILES and not zipfile.is_zipfile(file):
+            return f"{name} is torn (not a whole torch archive)"
+    return None
+
+
+def resumable_checkpoint(root: Path, is_main_process: bool) -> Path | None:
+    """The newest whole checkpoint, after one warning line naming the newer torn ones passed over. None when none is
+    whole: the run starts over, as one killed before its first checkpoint does (a torn checkpoint holds nothing to
+    keep, and refusing would leave the user nothing to do but delete it)."""
+    torn, chosen = [], None
+    for path in reversed(complete_checkpoints(root)):
+        why = damage(path)
+        if why is None:
+            chosen = path
+            break
+        torn.append(f"{path.name} ({why})")
+    if torn and is_main_process:
+        then = f"resuming from {chosen.name}" if chosen else "starting over from step 0"
+        warn("gqa-uptrain", f"{root}: passed over checkpoint(s) that cannot be resumed from: {'; '.join(torn)}; "
+                            f"{then}")
+    return chosen
 
 
 class _SharedTensorNote(logging.Filter):
@@ -82,6 +130,7 @@ def save_checkpoint(accelerator: Accelerator, root: Path, state: dict[str, Any],
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (temp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            flush_to_disk(temp.rglob("*"))  # every process's files: on disk before the rename publishes them
     except BaseException:
         if accelerator.is_main_process:  # a full disk: give back what the half-written checkpoint holds
             shutil.rmtree(temp, ignore_errors=True)

@@ -29,7 +29,7 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from gqa_uptrain.documents import Rows, load_rows
+from gqa_uptrain.documents import Rows, check_token_ids, load_rows
 from gqa_uptrain.errors import DataError
 from gqa_uptrain.tokenizer_identity import tokenizer_fingerprint
 
@@ -95,7 +95,7 @@ def pack(
     def pack_batch(batch: dict) -> dict:
         if pretokenized:
             ids = batch["input_ids"]
-            _check_ids(ids, vocab_size, where)
+            check_token_ids(ids, vocab_size, where)
         else:
             texts = batch[source.text_field]
             bad = next((text for text in texts if not isinstance(text, str)), "")
@@ -113,17 +113,6 @@ def pack(
         "new_fingerprint": _packed_fingerprint(rows, part, tokenizer, source.text_field, seq_len, vocab_size),
     }
     return rows.map(pack_batch, batched=True, batch_size=_PACK_BATCH, remove_columns=columns, **kwargs)
-
-
-def _check_ids(docs: list, vocab_size: int | None, where: str | None) -> None:
-    """Given token ids must be ids of the model's vocabulary (an embedding row each)."""
-    for doc in docs:
-        if doc is None or any(not isinstance(i, int) or isinstance(i, bool) for i in doc):
-            raise DataError(f"{where}: a row's 'input_ids' is not a list of integer token ids")
-        if doc and vocab_size is not None and (max(doc) >= vocab_size or min(doc) < 0):
-            bad = max(doc) if max(doc) >= vocab_size else min(doc)
-            raise DataError(f"{where}: token id {bad} is outside the model's vocabulary of {vocab_size} ids "
-                            f"(0-{vocab_size - 1}): were these ids made with another tokenizer?")
 
 
 def pack_enough(

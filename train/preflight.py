@@ -14,6 +14,7 @@ import yaml
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from gqa_uptrain.dicts import flatten
+from gqa_uptrain.documents import local_files
 from gqa_uptrain.errors import CheckpointError, ConfigError, one_line
 from gqa_uptrain.files import _hub_cache_sha256, sha256_file, write_atomically
 from gqa_uptrain.provenance import PROVENANCE
@@ -26,6 +27,7 @@ from .run_lock import LOCK_FILE
 
 RECIPE_SNAPSHOT = "recipe.yaml"
 MODEL_FINGERPRINT = "model_fingerprint.json"
+DATA_FINGERPRINT = "data_fingerprint.json"
 _SMALL_FILE = 1 << 20  # hashed whole; larger ones are known by size and modification time (or their Hub cache hash)
 
 
@@ -116,60 +118,91 @@ def write_snapshot(recipe: Recipe) -> None:
         write_atomically(snapshot, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
 
 
-def model_fingerprint(folder: Path) -> dict[str, str]:
-    """What the model a run trains is made of: each file of its folder (its card aside) by SHA-256 where that is
-    cheap (small files, files in the Hugging Face cache), else by size and modification time, so that a model
-    converted again in place, whose files are all written anew, is told apart without reading gigabytes."""
+def fingerprint(files: dict[str, Path]) -> dict[str, str]:
+    """What files are made of, under the given names: each by SHA-256 where that is cheap (small files, files in the
+    Hugging Face cache), else by size and modification time, so that a file written anew (a model converted again
+    in place, a data file regenerated) is told apart without reading gigabytes."""
     prints = {}
-    for file in sorted(Path(folder).iterdir()):
-        if file.name.startswith(".") or file.name == "README.md" or not file.is_file():
-            continue
+    for name, file in files.items():
         stat = file.stat()
         digest = _hub_cache_sha256(file) or (sha256_file(file) if stat.st_size <= _SMALL_FILE else None)
-        prints[file.name] = f"sha256:{digest}" if digest else f"size:{stat.st_size},mtime_ns:{stat.st_mtime_ns}"
+        prints[name] = f"sha256:{digest}" if digest else f"size:{stat.st_size},mtime_ns:{stat.st_mtime_ns}"
     return prints
 
 
-def _recorded_fingerprint(output: Path) -> dict[str, str] | None:
+def model_fingerprint(folder: Path) -> dict[str, str]:
+    """The files of a model's folder (its card aside), by name."""
+    return fingerprint({file.name: file for file in sorted(Path(folder).iterdir())
+                        if not file.name.startswith(".") and file.name != "README.md" and file.is_file()})
+
+
+def data_fingerprint(recipe: Recipe) -> dict[str, str]:
+    """The local files the run's training and validation data are read from, by path. A Hub dataset is left out:
+    its id names no fixed content and listing its files would need the network at every start; a run that reads
+    one is not protected against the dataset changing under it."""
+    sources = [source for source in (recipe.data.train, recipe.data.validation) if source and source.path]
+    return fingerprint({file: Path(file) for source in sources for file in local_files(source.path)})
+
+
+def _recorded_fingerprint(output: Path, record: str = MODEL_FINGERPRINT) -> dict[str, str] | None:
     try:
-        recorded = json.loads((output / MODEL_FINGERPRINT).read_text())
+        recorded = json.loads((output / record).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None  # a run started before fingerprints were recorded, or a torn file: nothing to compare with
     return recorded if isinstance(recorded, dict) else None
 
 
-def started_from(recipe: Recipe, finished: bool = False) -> dict[str, str] | None:
-    """The fingerprint of the model the run in output_dir was started from, where something of that run depends on
-    it (a checkpoint, or the finished model); None where nothing does, or nothing was recorded."""
+def started_from(recipe: Recipe, finished: bool = False, record: str = MODEL_FINGERPRINT) -> dict[str, str] | None:
+    """The fingerprint `record` (of the model, or of the data) the run in output_dir was started from, where
+    something of that run depends on it (a checkpoint, or the finished model); None where nothing does, or nothing
+    was recorded."""
     output = Path(recipe.output_dir)
-    recorded = _recorded_fingerprint(output)
+    recorded = _recorded_fingerprint(output, record)
     if recorded is None or not (finished or complete_checkpoints(output / "checkpoints")):
         return None
     return recorded
+
+
+def _changed(recorded: dict[str, str], now: dict[str, str]) -> str | None:
+    """The names whose fingerprints differ (at most four shown), None when none does."""
+    changed = sorted(name for name in recorded.keys() | now.keys() if recorded.get(name) != now.get(name))
+    if not changed:
+        return None
+    return ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
 
 
 def check_model_unchanged(recipe: Recipe, folder: Path, finished: bool = False) -> None:
     """Refuse to resume a run whose checkpoints were trained from another model than the one model.path holds
     now (a folder converted again in place keeps its path, so the recipe alone cannot tell), and to take a
     `finished` run for the uptraining of that other model."""
-    output = Path(recipe.output_dir)
     recorded = started_from(recipe, finished)
-    if recorded is None:
-        return
-    now = model_fingerprint(folder)
-    changed = sorted(name for name in recorded.keys() | now.keys() if recorded.get(name) != now.get(name))
-    if changed:
-        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    shown = recorded and _changed(recorded, model_fingerprint(folder))
+    if shown:
         raise ConfigError(
-            f"output_dir {output} holds a run started from another model than {recipe.model.path} holds now "
-            f"({shown} changed since, e.g. converted again in place): use a new output_dir, or restore the model "
+            f"output_dir {recipe.output_dir} holds a run started from another model than {recipe.model.path} holds "
+            f"now ({shown} changed since, e.g. converted again in place): use a new output_dir, or restore the model "
             "that run was started from"
         )
 
 
-def write_model_fingerprint(recipe: Recipe, folder: Path) -> None:
-    """Record what the run trains, at its start (kept while a checkpoint of it exists)."""
+def check_data_unchanged(recipe: Recipe) -> None:
+    """Refuse to resume a run whose data files changed since it started (the recipe names the same paths): its
+    checkpoint's data position counts batches of the old data, so the resumed run would read neither the old
+    order nor the new one, silently."""
+    recorded = started_from(recipe, record=DATA_FINGERPRINT)
+    shown = recorded and _changed(recorded, data_fingerprint(recipe))
+    if shown:
+        raise ConfigError(
+            f"output_dir {recipe.output_dir} holds a run started on other data than its data paths hold now "
+            f"({shown} changed since): use a new output_dir, or restore the data that run was started on"
+        )
+
+
+def write_fingerprints(recipe: Recipe, folder: Path) -> None:
+    """Record the model and the local data the run trains on, at its start (each kept while a checkpoint of the run
+    exists)."""
     output = Path(recipe.output_dir)
-    if _recorded_fingerprint(output) is not None and complete_checkpoints(output / "checkpoints"):
-        return
-    write_atomically(output / MODEL_FINGERPRINT, json.dumps(model_fingerprint(folder), indent=1) + "\n")
+    for record, prints in ((MODEL_FINGERPRINT, lambda: model_fingerprint(folder)),
+                           (DATA_FINGERPRINT, lambda: data_fingerprint(recipe))):
+        if _recorded_fingerprint(output, record) is None or not complete_checkpoints(output / "checkpoints"):
+            write_atomically(output / record, json.dumps(prints(), indent=1) + "\n")

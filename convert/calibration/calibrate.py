@@ -33,6 +33,7 @@ from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention,
                                                     materialize, run_layer, skeleton)
 from gqa_uptrain.convert.calibration.data import calibration_tokens
 from gqa_uptrain.convert.checkpoint_io import SAFETENSORS_INDEX, CheckpointReader
+from gqa_uptrain.errors import CalibrationError
 from gqa_uptrain.kv_heads import with_kv_heads
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
     options = plan.calibration
     tokenizer = _tokenizer(plan.folder)
     length = min(MAX_SEQUENCE_LENGTH, getattr(plan.config, "max_position_embeddings", None) or MAX_SEQUENCE_LENGTH)
-    data = calibration_tokens(tokenizer, options.data, options.tokens, length, plan.seed)
+    data = calibration_tokens(tokenizer, options.data, options.tokens, length, plan.seed,
+                              getattr(plan.config, "vocab_size", None))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {step.output.name: step.output.dtype for step in plan.steps if step.fitted}
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,9 +123,12 @@ def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, t
     reports = []
     for i in range(len(old_layers)):
         old = materialize(old_layers[i], f"{prefix}.{i}", reader, device)
-        report, new = _calibrate_layer(old, new_layers[i], original, converted, kwargs, batch, config, groups, still)
-        save_layer(f"{prefix}.{i}", {f"self_attn.{name}": p.detach() for name, p in
-                                     new.self_attn.named_parameters()})
+        name = f"{prefix}.{i}"
+        report, new = _calibrate_layer(name, old, new_layers[i], original, converted, kwargs, batch, config, groups,
+                                       still)
+        fitted = {f"self_attn.{n}": p.detach() for n, p in new.self_attn.named_parameters()}
+        _require_finite(name, "the fitted attention weights", *fitted.values())
+        save_layer(name, fitted)
         old_layers[i], new_layers[i] = old.to("meta"), new.to("meta")
         reports.append(report)
         progress(i, report)
@@ -134,12 +139,21 @@ def _batch_size(sequences: int) -> int:
     return math.gcd(sequences, 8)
 
 
-def _calibrate_layer(old: nn.Module, new: nn.Module, original: torch.Tensor, converted: torch.Tensor,
+def _require_finite(layer: str, what: str, *tensors: torch.Tensor) -> None:
+    """Stop at the first NaN or infinity: torch's solvers and eigendecompositions pass them on without a word, and
+    the conversion would end in a model whose attention is all NaN. The source tensors are checked as they are
+    read (`read_finite`), so what is caught here is fp32 overflow in the layer's own computation."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise CalibrationError(f"calibrating {layer}: {what} are not finite (NaN or infinite); nothing was written")
+
+
+def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.Tensor, converted: torch.Tensor,
                      kwargs: dict, batch: int, config: PretrainedConfig, groups: int, still: torch.Tensor | None
                      ) -> tuple[LayerReport, nn.Module]:
     attention = old.self_attn
     with_bias = any(getattr(attention, n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
     sigma, mean, target, sample = _original_pass(old, original, kwargs, batch, with_bias)
+    _require_finite(name, "the statistics of the original attention on the calibration text", sigma, mean, target)
     head_dim = attention.head_dim
     weights = _Weights(*(fit.augment(getattr(attention, n).weight, getattr(attention, n).bias, with_bias)
                          for n in ("q_proj", "k_proj", "v_proj")), attention.o_proj.weight.double())

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from gqa_uptrain.documents import load_rows
+from gqa_uptrain.documents import check_token_ids, load_rows, naming_undecodable_files
 from gqa_uptrain.errors import DataError
 from gqa_uptrain.source import looks_local
 
@@ -66,33 +66,39 @@ def stdlib_docstrings() -> dict[str, list[str]]:
     return docs
 
 
-def _documents(data: str | None, seed: int) -> Iterator[str | list[int]]:
+def _local(data: str) -> str | None:
+    """DATA as a local path (a relative one such as runs/x/train.jsonl too), None for a Hub dataset id."""
+    return str(Path(data).expanduser()) if looks_local(data) or Path(data).expanduser().exists() else None
+
+
+def _documents(data: str | None, seed: int, vocab_size: int | None) -> Iterator[str | list[int]]:
     if data is None:
         texts = [text for module in stdlib_docstrings().values() for text in module]
         random.Random(seed).shuffle(texts)
         return iter(texts)
-    if looks_local(data) or Path(data).expanduser().exists():  # a relative path such as runs/x/train.jsonl too
-        rows = load_rows(path=str(Path(data).expanduser()), streaming=True)
-    else:
-        rows = load_rows(dataset=data, streaming=True)
+    path = _local(data)
+    rows = load_rows(path=path, streaming=True) if path else load_rows(dataset=data, streaming=True)
     rows = rows.shuffle(seed=seed, buffer_size=_SHUFFLE_BUFFER)
-    return (document for row in rows if (document := _document(row)))
+    return (document for row in rows if (document := _document(row, vocab_size, data)))
 
 
-def _document(row: dict) -> str | list[int] | None:
-    """A row's token ids, or its text (the `text` column, else its first string)."""
+def _document(row: dict, vocab_size: int | None, where: str) -> str | list[int] | None:
+    """A row's token ids (checked against the vocabulary), or its text (the `text` column, else its first string)."""
     if "input_ids" in row:
-        return list(row["input_ids"])
+        check_token_ids([row["input_ids"]], vocab_size, where)
+        return row["input_ids"]
     text = row.get("text", next((value for value in row.values() if isinstance(value, str)), None))
     return text if isinstance(text, str) and text.strip() else None
 
 
 def calibration_tokens(tokenizer: PreTrainedTokenizerBase | None, data: str | None, tokens: int, length: int,
-                       seed: int = 0) -> Calibration:
-    """At least `tokens` tokens as whole sequences of `length`, documents joined by EOS (as in pretraining)."""
+                       seed: int = 0, vocab_size: int | None = None) -> Calibration:
+    """At least `tokens` tokens as whole sequences of `length`, documents joined by EOS (as in pretraining); given
+    token ids must lie in the model's `vocab_size` (None: not checked)."""
     sequences = max(1, -(-tokens // length))
-    stream = _token_stream(tokenizer, _documents(data, seed))
-    ids = list(islice(stream, sequences * length))
+    stream = _token_stream(tokenizer, _documents(data, seed, vocab_size))
+    with naming_undecodable_files([data and _local(data)]):
+        ids = list(islice(stream, sequences * length))
     if len(ids) < sequences * length:
         raise DataError(f"calibration data {data or DEFAULT_DATA} holds {len(ids):,} tokens; "
                         f"{sequences * length:,} are needed (lower --calibration-tokens)")

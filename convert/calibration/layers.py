@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from gqa_uptrain.convert.checkpoint_io import CheckpointReader, stored_name
-from gqa_uptrain.errors import UnsupportedModelError
+from gqa_uptrain.errors import CheckpointError, UnsupportedModelError
 
 
 class _Stop(Exception):
@@ -42,12 +42,23 @@ def checkpoint_name(name: str, reader: CheckpointReader) -> str:
     return stored_name(name, reader.tensors) or name
 
 
+def read_finite(reader: CheckpointReader, name: str) -> torch.Tensor:
+    """A source tensor the calibration computes with, in fp32. A NaN or infinity in it would flow through every
+    fit (torch's solvers pass them on without a word) into q/k/v/o projections that are all NaN: refused here,
+    naming the tensor."""
+    tensor = reader.read(name).float()
+    if not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"source tensor {name} holds NaN or infinite values: a calibrated "
+                              "conversion cannot fit to it (the converted attention would be NaN)")
+    return tensor
+
+
 def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device: torch.device) -> nn.Module:
     """Give a meta module real fp32 weights from the checkpoint."""
     module.to_empty(device=device)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            param.copy_(reader.read(checkpoint_name(f"{prefix}.{name}", reader)).float())
+            param.copy_(read_finite(reader, checkpoint_name(f"{prefix}.{name}", reader)))
     return module
 
 
@@ -75,7 +86,7 @@ class Embedder:
             for name, param in model.named_parameters():
                 stored = checkpoint_name(name, reader)
                 if not name.startswith(layers_name + ".") and stored in reader.tensors:
-                    param.copy_(reader.read(stored).float())
+                    param.copy_(read_finite(reader, stored))
         return cls(model, layers[0])
 
     @torch.no_grad()

@@ -8,6 +8,8 @@ import yaml
 
 from gqa_uptrain.apps import pipeline
 
+pytestmark = pytest.mark.slow  # whole pipelines: convert, uptrain, evaluate
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -92,6 +94,31 @@ def test_existing_folder_of_the_same_conversion_is_skipped(recipe, tmp_path, tin
     convert_checkpoint(tiny_llama, 2, tmp_path / "tiny-gqa2", progress=False, say=None)
     pipeline.main([str(recipe), "--dry-run"])
     assert "[1/4] convert (done, skipped)" in capsys.readouterr().out
+
+
+def test_a_source_replaced_under_the_same_path_is_not_skipped(recipe, tmp_path, tiny_llama, gpt2_tokenizer, capsys):
+    """convert.source written anew with another model after the conversion: same path, same record of source,
+    groups and method, other weights (what gqa_provenance.json's SHA-256 per weight file tells)."""
+    import shutil
+
+    from gqa_uptrain.convert import convert_checkpoint
+    from tests.conftest import save_tiny_llama
+
+    source = shutil.copytree(tiny_llama, tmp_path / "source")
+    convert_checkpoint(source, 2, tmp_path / "tiny-gqa2", progress=False, say=None)
+    pipeline.main([str(recipe), f"convert.source={source}", "--dry-run"])
+    assert "[1/4] convert (done, skipped)" in capsys.readouterr().out
+    save_tiny_llama(source, gpt2_tokenizer, kv_heads=4, seed=7)  # another model, same shapes, same path
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "tiny-gqa2").iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main([str(recipe), f"convert.source={source}", "--dry-run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gqa-pipeline: error: "), err
+    assert f"convert.source {source} changed since model.path {tmp_path / 'tiny-gqa2'} was converted from it " \
+           "(weights model.safetensors: not the bytes its gqa_provenance.json records)" in err
+    assert sorted(p.name for p in (tmp_path / "tiny-gqa2").iterdir()) == before and not (tmp_path / "run").exists()
 
 
 def test_existing_folder_without_a_conversion_record_is_not_skipped(recipe, tmp_path, tiny_llama, capsys):

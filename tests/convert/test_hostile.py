@@ -269,6 +269,50 @@ def header_with_offsets_not_a_list(w: World) -> list:
     return ["-o", w.tmp / "new"]
 
 
+def calibrated(change: Callable[[dict], dict] | None = None) -> Callable[[World], list]:
+    """--method calibrated on token ids that use token 5 in every sequence, after `change` to the source's weights."""
+    def prepare(w: World) -> list:
+        if change is not None:
+            edit_weights(change)(w)
+        rows = [{"input_ids": [5] + [3 + (i * 7 + s) % 90 for i in range(255)]} for s in range(8)]
+        (w.tmp / "ids.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return ["-o", w.tmp / "new", "--method", "calibrated", "--calibration", w.tmp / "ids.jsonl",
+                "--calibration-tokens", 1024]
+    return prepare
+
+
+def calibration_file(name: str, data: bytes) -> Callable[[World], list]:
+    """--method calibrated on the file `name` holding `data`."""
+    def prepare(w: World) -> list:
+        (w.tmp / name).write_bytes(data)
+        return ["-o", w.tmp / "new", "--method", "calibrated", "--calibration", w.tmp / name]
+    return prepare
+
+
+def id_rows(ids) -> Callable[[World], list]:
+    return calibration_file("ids.jsonl", "".join(json.dumps({"input_ids": ids}) + "\n" for _ in range(8)).encode())
+
+
+def nan_embedding_row(tensors: dict) -> dict:
+    tensors["model.embed_tokens.weight"][5] = float("nan")
+    return tensors
+
+
+def overflowing_attention(tensors: dict) -> dict:
+    """Finite weights whose attention logits overflow fp32 in layer 1 (about 1e42)."""
+    for name in ("q_proj", "k_proj"):
+        tensors[f"model.layers.1.self_attn.{name}.weight"] *= 1e21
+    return tensors
+
+
+def nan_refit(w: World) -> list:
+    """The o_proj refit of every layer turns out NaN (a solver's failure, not the source's)."""
+    import torch
+    from gqa_uptrain.convert.calibration import fit
+    w.monkeypatch.setattr(fit, "refit_output", lambda gram, cross, prior, *rest: torch.full_like(prior, torch.nan))
+    return calibrated()(w)
+
+
 def source_intact(w: World) -> bool:
     return tree(w.source) == w.source_files and (w.tmp / "models" / "sibling" / "keep.txt").is_file()
 
@@ -352,7 +396,29 @@ CASES = {
     "a tensor left out": Case(edit_weights(lambda t: {n: v for n, v in t.items() if "layers.1.mlp.up" not in n}), 2,
                               "tensor(s) model.layers.1.mlp.up_proj.weight missing from the checkpoint",
                               nothing_written),
+    # Silent wrong results of --method calibrated: a NaN in the source or in a fit stops it, naming where.
+    "calibrated, NaN in an embedding row it reads": Case(
+        calibrated(nan_embedding_row), 2, "source tensor model.embed_tokens.weight holds NaN or infinite values",
+        nothing_written),
+    "calibrated, attention that overflows fp32": Case(
+        calibrated(overflowing_attention), 2, "calibrating model.layers.1: the statistics of the original attention "
+        "on the calibration text are not finite", nothing_written),
+    "calibrated, a fit that comes out NaN": Case(
+        nan_refit, 2, "calibrating model.layers.0: the fitted attention weights are not finite", nothing_written),
     # Tracebacks where one line was promised.
+    "calibration ids past the vocabulary": Case(id_rows([3, 96] * 64), 2, "ids.jsonl: token id 96 is outside the "
+                                                "model's vocabulary of 96 ids (0-95)", nothing_written),
+    "calibration ids negative": Case(id_rows([3, -1] * 64), 2, "token id -1 is outside the model's vocabulary",
+                                     nothing_written),
+    "calibration ids floats": Case(id_rows([3.0, 4.5] * 64), 2, "ids.jsonl: a row's 'input_ids' is not a list of "
+                                   "integer token ids", nothing_written),
+    "calibration ids null": Case(id_rows(None), 2, "a row's 'input_ids' is not a list of integer", nothing_written),
+    "calibration ids strings": Case(id_rows(["3", "4"] * 64), 2, "a row's 'input_ids' is not a list of integer",
+                                    nothing_written),
+    "calibration text not UTF-8": Case(calibration_file("text.txt", b"plain words\nthen \xff\xfe bytes\n" * 40), 2,
+                                       "text.txt: not UTF-8 text (byte offset 17: invalid start byte", nothing_written),
+    "calibration lines not UTF-8": Case(calibration_file("rows.jsonl", b'{"text": "ok \xc3("}\n' * 40), 2,
+                                        "rows.jsonl: not UTF-8 text (byte offset 13: invalid continuation", nothing_written),
     "a header with data_offsets not a list": Case(header_with_offsets_not_a_list, 2,
                                                   "corrupt safetensors header (tensor ", nothing_written),
     "num_key_value_heads a string": Case(edit_config(num_key_value_heads="4"), 2,
@@ -404,7 +470,7 @@ def slow(function, seconds):
     return slowed
 
 converter.write_tensor = slow(converter.write_tensor, float(sys.argv[1]))
-converter._flush_to_disk = slow(converter._flush_to_disk, float(sys.argv[1]))
+converter.flush_to_disk = slow(converter.flush_to_disk, float(sys.argv[1]))
 main(sys.argv[2:])
 """
 
@@ -424,6 +490,7 @@ def wait_for_partial(process: subprocess.Popen, parent: Path, name: str) -> None
 
 
 @pytest.mark.parametrize("seed", [1, 5, 0, 2])
+@pytest.mark.slow
 def test_sigkill_at_a_random_point_of_force_keeps_old_or_new_and_the_next_run_cleans_up(seed, world, capsys):
     process = start_slow_convert(0.15, world.source, "-g", 2, "-o", world.old, "--force")
     wait_for_partial(process, world.tmp, "old")
@@ -439,6 +506,7 @@ def test_sigkill_at_a_random_point_of_force_keeps_old_or_new_and_the_next_run_cl
 
 
 @pytest.mark.parametrize("seed", [1, 0])
+@pytest.mark.slow
 def test_sigint_at_a_random_point_of_force_keeps_old_or_new_and_leaves_nothing(seed, world):
     process = start_slow_convert(0.15, world.source, "-g", 2, "-o", world.old, "--force")
     wait_for_partial(process, world.tmp, "old")
@@ -526,6 +594,7 @@ def one_error_line(done: subprocess.CompletedProcess) -> str:
     return said[0]
 
 
+@pytest.mark.slow
 def test_a_disk_too_small_is_refused_before_writing(world, small_disk):
     (small_disk / "other.bin").write_bytes(bytes(40 << 20))  # half the disk is someone else's
     done = subprocess.run([sys.executable, "-m", "gqa_uptrain.convert", str(world.source), "-g", "2",
@@ -538,6 +607,7 @@ def test_a_disk_too_small_is_refused_before_writing(world, small_disk):
     assert sorted(p.name for p in small_disk.iterdir()) == ["other.bin"]
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_while_writing_says_what_to_free_and_keeps_nothing(world, small_disk):
     """Enough room at the start, then another program takes it: a real ENOSPC in the middle of the weights."""
     done = subprocess.run([sys.executable, "-c", FILL_AFTER_CHECK, str(small_disk / "filler"), str(64 << 10),
@@ -556,6 +626,7 @@ def test_a_disk_that_fills_while_writing_says_what_to_free_and_keeps_nothing(wor
     ("new", "cannot write there (no permission, or a read-only file system)"),
     ("sub/new", "cannot create the output's folder (Read-only file system)"),
 ])
+@pytest.mark.slow
 def test_a_read_only_output_parent_is_one_line(world, tmp_path, below, line):
     mount = tmp_path / "ro"
     mount.mkdir()

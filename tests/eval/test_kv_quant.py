@@ -98,6 +98,31 @@ def test_no_quantization_changes_nothing(model, documents):
     assert scored(model, documents, KVQuantization(4, residual_length=48)) == plain  # all in the window
 
 
+def test_the_share_of_quantized_positions_is_counted(model, documents):
+    with quantized_kv_attention(model, KVQuantization(4, residual_length=8)) as share:
+        perplexity(model, documents, window=48, stride=48, batch_size=4)
+    assert share.value == pytest.approx(40 / 48, abs=0.1)  # windows of 48 (the last may be shorter), 8 kept
+    with quantized_kv_attention(model, KVQuantization(4, residual_length=48)) as share:
+        perplexity(model, documents, window=48, stride=48, batch_size=4)
+    assert share.value == 0
+
+
+def test_a_cache_that_quantized_nothing_is_said_in_one_line(gqa_eval, eval_args, tiny_llama, held_out_text, tmp_path,
+                                                            capsys):
+    """The default window (128 positions in full precision) holds every 32-token window: the int4 row is the
+    unquantized one, and the user is told so instead of reading a 4x smaller cache at no cost."""
+    output = tmp_path / "report"
+    args = eval_args(tiny_llama, [], output, tmp_path / "cache", "--perplexity", str(held_out_text),
+                     "--perplexity-window", "32", "--perplexity-stride", "32", "--kv-cache", "none", "int4")
+    assert gqa_eval(args) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "quantized nothing" in line]
+    assert len(said) == 1 and said[0].startswith("gqa-eval: warning: ") and "--kv-residual 0" in said[0]
+    report = json.loads((output / "report.json").read_text())
+    assert report["candidates"][0]["kv_quantized_share"] == 0
+    assert "int4 (0% quantized)" in (output / "report.md").read_text()
+
+
 def test_int4_moves_perplexity_more_than_int8(model, documents):
     plain = perplexity(model, documents, window=48, stride=24, batch_size=4)["nll_per_token"]
     nll = {bits: scored(model, documents, KVQuantization(bits, residual_length=0))["nll_per_token"] for bits in (8, 4)}
@@ -146,6 +171,7 @@ def test_cli_refuses_a_bad_cache_in_one_line(gqa_eval, eval_args, tiny_llama, tm
         "gqa-eval: error: --kv-group-size 5 does not divide the head size 16: use a divisor of 16")
 
 
+@pytest.mark.slow
 def test_report_holds_every_model_with_every_cache(gqa_eval, eval_args, tiny_llama, tiny_llama_gqa2, held_out_text,
                                                    tmp_path):
     output = tmp_path / "report"
@@ -165,6 +191,8 @@ def test_report_holds_every_model_with_every_cache(gqa_eval, eval_args, tiny_lla
     assert set(report["comparisons"]) == {r["label"] for r in records[1:]}
     assert report["settings"]["kv_cache"] == {"caches": ["none", "int4"], "group_size": 64, "residual_length": 4}
     markdown = (output / "report.md").read_text()
-    assert f"| {base} (int4 KV) | 4 | int4 | 256 B | 0.250 |" in markdown
+    assert records[1]["kv_quantized_share"] > 0.5  # windows of 32, the last 4 positions kept: most is quantized
+    assert f"| {base} (int4 KV) | 4 | int4 ({records[1]['kv_quantized_share']:.0%} quantized) | 256 B | 0.250 |" \
+        in markdown
     assert f"## {gqa} (int4 KV) vs base" in markdown and "KV caches: none, int4" in markdown
     assert (output / "quality_vs_kv_cache.png").is_file()

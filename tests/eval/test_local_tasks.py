@@ -77,6 +77,30 @@ def test_task_fingerprint_follows_data_content_not_path(tmp_path):
     assert selection_for(tmp_path / "c", row.replace('"gold": 0', '"gold": 1')).fingerprints["t"] != first
 
 
+def test_task_fingerprint_follows_the_files_a_data_glob_matches(tmp_path):
+    """`data_files: .../parts/*.jsonl`: a file behind the glob changed, added or removed is another task."""
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    row = '{"query": "q", "choices": ["a", "b", "c", "d"], "gold": 0}\n'
+    (parts / "a.jsonl").write_text(row)
+    (parts / "b.jsonl").write_text(row)
+    config = (SHIPPED_DIR / "gqa_nextsentence.yaml").read_text().replace("task: gqa_nextsentence", "task: t")
+    (tmp_path / "t.yaml").write_text(config.replace("test: gqa_nextsentence.jsonl", f"test: '{parts}/*.jsonl'"))
+
+    def fingerprint() -> str:
+        return resolve_tasks(str(tmp_path / "t.yaml"), [], tmp_path / "stage",
+                             ResultCache(tmp_path / "cache").file_hash).fingerprints["t"]
+
+    first = fingerprint()
+    assert fingerprint() == first
+    (parts / "b.jsonl").write_text(row.replace('"gold": 0', '"gold": 1'))
+    changed = fingerprint()
+    (parts / "c.jsonl").write_text(row)
+    added = fingerprint()
+    (parts / "c.jsonl").unlink()
+    assert len({first, changed, added}) == 3 and fingerprint() == changed
+
+
 def test_a_missing_task_file_is_reported_as_no_such_file(tmp_path):
     missing = tmp_path / "tasks" / "my_task.yaml"
     with pytest.raises(ConfigError, match=f"^task file {missing}: no such file$"):
@@ -84,6 +108,7 @@ def test_a_missing_task_file_is_reported_as_no_such_file(tmp_path):
 
 
 @pytest.mark.parametrize("typo,meant", [("gqa_lastwrd", "gqa_lastword"), ("hellaswg", "hellaswag")])
+@pytest.mark.slow
 def test_a_misspelt_task_name_gets_a_suggestion(tmp_path, typo, meant):
     with pytest.raises(ConfigError, match=rf"^unknown task '{typo}' \(did you mean '{meant}'\?\): not a shipped"):
         resolve_tasks(typo, [], tmp_path / "stage", ResultCache(tmp_path).file_hash)

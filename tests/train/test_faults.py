@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mounts import small_tmpfs
@@ -51,6 +52,7 @@ def test_a_failed_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     assert path.read_text() == '{"step": 1}\n'
 
 
+@pytest.mark.slow
 def test_full_disk_mid_run_is_one_line_and_a_torn_history_still_resumes(
     tmp_path, tiny_llama_gqa2, shakespeare, monkeypatch, capsys, fresh_accelerate
 ):
@@ -114,6 +116,7 @@ def small_disk(tmp_path):
         yield mount
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_says_what_to_free_and_resumes_after(tmp_path, tiny_llama_gqa2, shakespeare, small_disk):
     output = small_disk / "run"
     argv = [sys.executable, "-m", "gqa_uptrain.train", str(TINY_RECIPE),
@@ -136,6 +139,7 @@ def test_a_real_full_disk_says_what_to_free_and_resumes_after(tmp_path, tiny_lla
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_ctrl_c_at_a_random_point_is_one_line_and_the_same_command_resumes(tmp_path, tiny_llama_gqa2, shakespeare,
                                                                           seed):
     """SIGINT (Ctrl-C) at a seeded random moment after the first checkpoint: `gqa-uptrain: interrupted`, exit 130,
@@ -194,3 +198,48 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_it_is_written(tmp_path, 
     with pytest.raises(DiskFullError, match=r"the next checkpoint needs about 68.0 GiB \(weights and AdamW state"):
         disk.check_room(space, accelerator)
     reset_accelerate_state()
+
+
+def test_every_checkpoint_file_is_on_disk_before_the_rename_publishes_it(tmp_path, monkeypatch, fresh_accelerate):
+    """Without fsync a crash soon after the rename can leave a complete-looking checkpoint with empty files."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gqa_uptrain.train import checkpoint
+
+    synced, published = set(), {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(source, target):
+        published.update({str(p): str(p) in synced for p in Path(source).rglob("*") if p.is_file()})
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    accelerator = Accelerator(cpu=True)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    checkpoint.save_checkpoint(accelerator, tmp_path, {"step": 1}, keep=1)
+    assert len(published) >= 3 and all(published.values()), published  # weights, optimizer, RNG state, our state
+
+
+@pytest.mark.parametrize("streaming", ["true", "false"])
+def test_training_text_that_is_not_utf8_is_one_line_naming_the_file(tmp_path, tiny_llama_gqa2, shakespeare, capsys,
+                                                                    fresh_accelerate, streaming):
+    """Streamed, datasets decodes as the run reads, in an error that names no file; prepared, it names the path."""
+    text = tmp_path / "books.txt"
+    text.write_bytes(shakespeare.read_bytes()[:20_000] + b"\nLatin-1 \xe9t\xe9\n" + shakespeare.read_bytes()[:20_000])
+    with pytest.raises(SystemExit) as exit:
+        main([str(TINY_RECIPE), *overrides(tiny_llama_gqa2, text, tmp_path / "run", *RUN),
+              f"data.streaming={streaming}"])
+    assert exit.value.code == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gqa-uptrain: ")]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"gqa-uptrain: error: {text}: not UTF-8 text (byte offset 20,009: "), said
+    assert not (tmp_path / "run" / "model").exists() and not list((tmp_path / "run").glob("checkpoints/step-*"))

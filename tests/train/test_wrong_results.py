@@ -48,8 +48,8 @@ def loss_becomes_nan_at_step_8(w: World) -> list[str]:
     """The objective of every micro-batch from step 8 on is NaN (2 micro-batches a step): a diverged run."""
     real_forward, calls = loop._forward, [0]
 
-    def diverging(model, teacher, input_ids, recipe):
-        objective, lm_loss, kd_loss = real_forward(model, teacher, input_ids, recipe)
+    def diverging(*args):
+        objective, lm_loss, kd_loss = real_forward(*args)
         calls[0] += 1
         if calls[0] > 14:
             objective = objective * float("nan")
@@ -63,8 +63,8 @@ def loss_becomes_nan_at_step_8(w: World) -> list[str]:
 def loss_becomes_inf_at_step_1(w: World) -> list[str]:
     real_forward = loop._forward
 
-    def infinite(model, teacher, input_ids, recipe):
-        objective, lm_loss, kd_loss = real_forward(model, teacher, input_ids, recipe)
+    def infinite(*args):
+        objective, lm_loss, kd_loss = real_forward(*args)
         return objective * float("inf"), lm_loss * float("inf"), kd_loss
 
     w.monkeypatch.setattr(loop, "_forward", infinite)
@@ -194,13 +194,15 @@ class _RunsCode:
 
 @pytest.mark.parametrize("planted, line", [
     ("custom_checkpoint_0.pkl", "it holds custom_checkpoint_0.pkl, a pickle gqa-uptrain does not read"),
-    ("optimizer.bin", "Weights only load failed"),
+    ("optimizer.bin", "optimizer.bin is torn (not a whole torch archive)"),
 ])
+@pytest.mark.slow
 def test_resume_runs_no_code_planted_in_a_checkpoint(planted, line, tmp_path, tiny_llama_gqa2, shakespeare, capsys,
                                                      fresh_accelerate):
-    """A pickle that runs code, planted in the checkpoint a rerun resumes from, is refused in one line and never
-    run: the scheduler's state is in the checkpoint's JSON, so no custom_checkpoint_*.pkl (which accelerate unpickles
-    with weights_only=False) is written or read, and the files accelerate reads with weights_only=True refuse it.
+    """A pickle that runs code, planted in the checkpoint a rerun resumes from, is never run: the scheduler's state is
+    in the checkpoint's JSON, so no custom_checkpoint_*.pkl (which accelerate unpickles with weights_only=False) is
+    written or read, and such a file is refused in one line; an optimizer.bin that is not a torch archive is a torn
+    checkpoint, passed over with one warning (here the only one: the run starts over).
     (tests/train/test_resume.py proves the resume exact, learning-rate schedule included.)"""
     import pickle
     import shutil
@@ -216,11 +218,14 @@ def test_resume_runs_no_code_planted_in_a_checkpoint(planted, line, tmp_path, ti
     (output / "checkpoints" / "step-00000005" / planted).write_bytes(pickle.dumps(_RunsCode(marker)))
     loop.reset_accelerate_state()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
+    if planted.startswith("custom_checkpoint_"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    else:
         main(argv)
-    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     said = [text for text in err.splitlines() if text.startswith("gqa-uptrain: ")]
-    assert len(said) == 1 and said[0].startswith("gqa-uptrain: error: cannot resume from "), err[-2000:]
-    assert line in said[0] and "Traceback" not in err
-    assert not marker.exists() and not (output / "model").exists()
+    assert len(said) == 1 and line in said[0] and "Traceback" not in err, err[-2000:]
+    assert not marker.exists()
+    assert (output / "model").exists() == (planted == "optimizer.bin")
