@@ -23,7 +23,6 @@ from functools import partial
 from pathlib import Path
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.convert.calibration.data import stdlib_docstrings
 from gqa_uptrain.apps.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
 
 VOCAB = 2048
@@ -34,6 +33,8 @@ CALIBRATION_TOKENS = 16_384  # for the calibrated conversions: 128 sequences of 
 
 def write_corpus(folder: Path) -> None:
     """train.jsonl (one docstring a row) and heldout.txt (modules the model never trains on)."""
+    from gqa_uptrain.convert.calibration.data import stdlib_docstrings  # torch, datasets: not for --help
+
     docs = stdlib_docstrings()
     train, heldout = [], []
     for i, texts in enumerate(docs.values()):

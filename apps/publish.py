@@ -15,28 +15,23 @@ import json
 import os
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, get_token
-from huggingface_hub.errors import HFValidationError, HfHubHTTPError
-from huggingface_hub.utils import validate_repo_id
-
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.convert.card import is_generated_card, model_card
-from gqa_uptrain.convert.checkpoint_io import is_model_file
 from gqa_uptrain.errors import CheckpointError, PublishError, one_line
-from gqa_uptrain.eval.report import comparison_table
 from gqa_uptrain.files import write_atomically
 from gqa_uptrain.model_folder import readable_files
 from gqa_uptrain.provenance import PROVENANCE
 
+# huggingface_hub, torch (checkpoint_io) and transformers (the card) are imported where they are used, so that
+# `gqa-publish --help` answers at once (tests/test_help.py).
+
 PROG = "gqa-publish"
 CARD = "README.md"
-# What a failed upload raises: the Hub's answers, the network's errors (the HTTP client's own base class, which
-# HfHubHTTPError extends), a malformed repo id (ValueError).
-_UPLOAD_ERRORS = (OSError, ValueError, *HfHubHTTPError.__bases__)
 
 
 def quality_lines(report: dict, folder: Path, label: str | None) -> list[str]:
     """The report's comparison for this model, found by label or by the path it was evaluated from."""
+    from gqa_uptrain.eval.report import comparison_table
+
     for candidate in report["candidates"]:
         if candidate["label"] == label or (label is None and Path(candidate["ref"]).resolve() == folder.resolve()):
             rows = report["comparisons"].get(candidate["label"])
@@ -50,6 +45,8 @@ def quality_lines(report: dict, folder: Path, label: str | None) -> list[str]:
 
 def choose_card(folder: Path, generated: str) -> tuple[str | None, str]:
     """The card to upload (None: the folder's own README.md, kept as it is) and one line that says which."""
+    from gqa_uptrain.convert.card import is_generated_card
+
     existing = folder / CARD
     if not os.path.lexists(existing):
         return generated, f"card: {CARD} generated (the folder has none)"
@@ -68,6 +65,9 @@ def upload_plan(folder: Path, files: list[str], card: str | None) -> list[tuple[
 
 def check_repo_id(repo_id: str) -> None:
     """A Hub repository id, NAME or OWNER/NAME, before anything is read or sent."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
@@ -92,6 +92,12 @@ def read_report(path: Path) -> dict:
 
 def publish(folder: Path, repo_id: str, report_path: Path | None, label: str | None, private: bool,
             dry_run: bool) -> None:
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from gqa_uptrain.convert.card import model_card
+    from gqa_uptrain.convert.checkpoint_io import is_model_file
+
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a model folder (no config.json)")
     if report_path and not report_path.is_file():
@@ -121,10 +127,13 @@ def publish(folder: Path, repo_id: str, report_path: Path | None, label: str | N
     operations = [CommitOperationAdd(name, card.encode() if card is not None and name == CARD else str(folder / name))
                   for name, _ in files]
     api = HfApi(token=token)
+    # What a failed upload raises: the Hub's answers, the network's errors (the HTTP client's own base class, which
+    # HfHubHTTPError extends), a malformed repo id (ValueError).
+    upload_errors = (OSError, ValueError, *HfHubHTTPError.__bases__)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.create_commit(repo_id, operations, commit_message="Upload GQA model converted with gqa-uptrain")
-    except _UPLOAD_ERRORS as e:
+    except upload_errors as e:
         raise PublishError(f"upload to {repo_id} failed, {folder} is unchanged: {one_line(e)}") from None
     if card is not None:  # only now: a failed upload leaves the folder as it was
         write_atomically(folder / CARD, card)
@@ -137,8 +146,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="a gqa-eval report.json whose delta table goes into the card")
     p.add_argument("--candidate", help="this model's label in --report (default: the candidate evaluated from FOLDER)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list what would be uploaded and print the card, without uploading or writing anything")
+    p.add_argument("--dry-run", action="store_true",  # README.md says the same (tests/test_help.py)
+                   help="list the files that would be uploaded, with their sizes, and print the model card as it "
+                        "would be uploaded; nothing is uploaded or written, and no Hugging Face token is needed")
     return p
 
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Callable
 
 from gqa_uptrain.errors import GqaError
 from gqa_uptrain.files import BackgroundHashes
-from gqa_uptrain.source import resolve_source
 
 if TYPE_CHECKING:
     from gqa_uptrain.convert.checkpoint_io import CheckpointReader
@@ -47,6 +46,7 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
     if calibration_tokens < 1:
         raise GqaError(f"--calibration-tokens must be positive, got {calibration_tokens}")
     from gqa_uptrain.convert.hub_headers import hub_checkpoint, plans_from_hub
+    from gqa_uptrain.source import resolve_source  # huggingface_hub: not for `gqa-convert --help`
 
     if dry_run and plans_from_hub(str(source)):  # headers by range requests: no weights downloaded
         resolved, reader = hub_checkpoint(str(source), revision)

@@ -6,6 +6,7 @@ the report) costs nothing and leaves matplotlib's global state alone.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,31 +37,83 @@ def cycle_colors(labels: list[str]) -> dict[str, str]:
     return {label: f"C{i % 10}" for i, label in enumerate(labels)}
 
 
+# The panels of deltas.png, one per kind of metric, so that no kind sets another's scale (a LAMBADA perplexity
+# delta of 13 million once flattened every accuracy bar to nothing): its y-axis label and whether it is a ratio.
+SCORE, RATIO, OTHER = "score", "ratio", "other"
+PANELS = {
+    SCORE: ("score: candidate - base", False),
+    RATIO: ("perplexity: candidate / base, log scale", True),
+    OTHER: ("other metrics: candidate - base", False),
+}
+
+
+def metric_kind(rows: list[dict]) -> str:
+    """The panel of one (task, metric), from its rows for every candidate: perplexities (lower is better, unbounded,
+    apart by orders of magnitude after a bad conversion) are compared as a ratio on a log axis; scores in [0, 1]
+    (accuracies, their average, exact match, F1) as a difference; anything else (BLEU, bits per byte) on an axis of
+    its own."""
+    values = [v for r in rows for v in (r["base"], r["candidate_value"])]
+    if "perplexity" in rows[0]["metric"] and all(v > 0 for v in values):
+        return RATIO
+    return SCORE if all(0 <= v <= 1 for v in values) else OTHER
+
+
+def _bar(row: dict, ratio: bool) -> tuple[float, tuple[float, float]]:
+    """A row's bar height and its whiskers (below, above) at two standard errors. A ratio's are those of its log,
+    by the delta method (sqrt of the sum of both squared relative stderrs), so that they stay above zero."""
+    if not ratio:
+        whisker = 2 * row["delta_stderr"] if row["delta_stderr"] else 0.0
+        return row["delta"], (whisker, whisker)
+    value = row["candidate_value"] / row["base"]
+    if row["base_stderr"] is None or row["candidate_stderr"] is None:
+        return value, (0.0, 0.0)
+    spread = 2 * math.hypot(row["base_stderr"] / row["base"], row["candidate_stderr"] / row["candidate_value"])
+    return value, (value - value * math.exp(-spread), value * math.exp(spread) - value)
+
+
 def deltas_figure(series: dict[str, list[dict]], colors: dict[str, str]):
     """Grouped bars: per series (a candidate), each row's delta at its (task, metric), whiskers at 2 standard errors;
-    `*` over a delta beyond them.
+    `*` over a delta beyond them. One panel per kind of metric (`metric_kind`), each with its own y axis: scores as
+    candidate - base, perplexities as candidate / base on a log axis.
 
-    A row is a comparison row of `report.compare` (task, metric, delta, delta_stderr, significant).
+    A row is a comparison row of `report.compare` (task, metric, base, candidate_value, delta, their stderrs,
+    significant).
     """
     plt = _pyplot()
-    keys = list(dict.fromkeys((r["task"], r["metric"]) for rows in series.values() for r in rows))
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for rows in series.values():
+        for r in rows:
+            by_key.setdefault((r["task"], r["metric"]), []).append(r)
+    kinds = {key: metric_kind(rows) for key, rows in by_key.items()}
+    panels = [(kind, [key for key in by_key if kinds[key] == kind]) for kind in PANELS]
+    panels = [(kind, keys) for kind, keys in panels if keys]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(keys) + 0.3 * len(keys) * len(series)), 4))
-    for i, (label, rows) in enumerate(series.items()):
-        offset = (i - (len(series) - 1) / 2) * width
-        xs = [keys.index((r["task"], r["metric"])) + offset for r in rows]
-        deltas = [r["delta"] for r in rows]
-        whiskers = [2 * r["delta_stderr"] if r["delta_stderr"] else 0.0 for r in rows]
-        ax.bar(xs, deltas, width, yerr=whiskers, capsize=3, label=label, color=colors[label])
-        for x, delta, whisker, row in zip(xs, deltas, whiskers, rows):
-            if row.get("significant"):
-                ax.annotate("*", (x, delta + (whisker if delta >= 0 else -whisker)), ha="center",
-                            va="bottom" if delta >= 0 else "top", fontsize=11)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(keys)), [f"{task}\n({metric})" for task, metric in keys], fontsize=8)
-    ax.set_ylabel("candidate - base")
-    ax.set_title("Quality delta vs base (whiskers: 2 standard errors; *: beyond them)")
-    ax.legend(fontsize=8)
+    sizes = [max(2.5, 1.1 * len(keys) + 0.3 * len(keys) * len(series)) for _, keys in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, sum(sizes)), 4), squeeze=False,
+                             gridspec_kw={"width_ratios": sizes})
+    for ax, (kind, keys) in zip(axes[0], panels):
+        ylabel, ratio = PANELS[kind]
+        origin = 1.0 if ratio else 0.0
+        for i, (label, rows) in enumerate(series.items()):
+            rows = [r for r in rows if kinds[(r["task"], r["metric"])] == kind]
+            offset = (i - (len(series) - 1) / 2) * width
+            xs = [keys.index((r["task"], r["metric"])) + offset for r in rows]
+            bars = [_bar(r, ratio) for r in rows]
+            heights = [value - origin for value, _ in bars]
+            whiskers = [[below for _, (below, _) in bars], [above for _, (_, above) in bars]]
+            ax.bar(xs, heights, width, bottom=origin, yerr=whiskers, capsize=3, label=label, color=colors[label])
+            for x, (value, (below, above)), row in zip(xs, bars, rows):
+                if row.get("significant"):
+                    up = value >= origin
+                    ax.annotate("*", (x, value + above if up else value - below), ha="center",
+                                va="bottom" if up else "top", fontsize=11)
+        if ratio:
+            ax.set_yscale("log")
+        ax.axhline(origin, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(keys)), [f"{task}\n({metric})" for task, metric in keys], fontsize=8)
+        ax.set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Quality vs base (whiskers: 2 standard errors; *: beyond them)")
     fig.tight_layout()
     return fig
 

@@ -25,9 +25,9 @@ from accelerate.utils import (
 )
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from gqa_uptrain.documents import naming_undecodable_files
 from gqa_uptrain.errors import CheckpointError, ConfigError
 from gqa_uptrain.provenance import Provenance
 
@@ -37,8 +37,8 @@ from .cadence import Cadence
 from .export import export_model, source_provenance
 from .launcher import watch_launcher
 from .optim import build_optimizer, build_schedule
-from .preflight import (Models, check_attention, check_model_unchanged, check_models, check_output_dir,
-                        write_model_fingerprint, write_snapshot)
+from .preflight import (Models, check_attention, check_data_unchanged, check_model_unchanged, check_models,
+                        check_output_dir, write_fingerprints, write_snapshot)
 from .recipe import Recipe
 from .teacher import place_teacher, shared_teacher
 from .trainable import select_trainable
@@ -108,10 +108,12 @@ def evaluate(accelerator: Accelerator, model, loader) -> float:
     return accelerator.gather(torch.stack(losses)).mean().item()
 
 
-def _validate(accelerator: Accelerator, model, loader, history: metrics.History, step: int, tokens: int) -> None:
-    """Log the validation loss (and perplexity) after `step` optimizer steps."""
+def _validate(accelerator: Accelerator, model, loader, history: metrics.History, step: int, tokens: int,
+              progress: metrics.Progress) -> None:
+    """Log and print the validation loss (and perplexity) after `step` optimizer steps."""
     val_loss = evaluate(accelerator, model, loader)
     history.log({"val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp()), "tokens": tokens}, step)
+    progress.validated(step, val_loss)
 
 
 def _check_world_size(state: PartialState) -> None:
@@ -127,7 +129,8 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     """Train as the recipe says (resuming if its output_dir holds a checkpoint); return the exported folder.
 
     Around the run: the process stops when its launcher is gone (launcher.py), the output folder is locked for
-    this run alone (run_lock.py), and a full disk anywhere ends in one line saying what to free (disk.py).
+    this run alone (run_lock.py), a full disk anywhere ends in one line saying what to free (disk.py), and text
+    that is not UTF-8, met at any step where the data is streamed, in one line naming the file.
     """
     watch_launcher()
     with ExitStack() as stack:  # closed in reverse: the progress bar, then the disk-full line, then the lock
@@ -138,6 +141,8 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
         space = disk.Space(Path(recipe.output_dir), keep=recipe.checkpoint.keep)
         stack.enter_context(run_lock.hold(Path(recipe.output_dir), state))
         stack.enter_context(disk.explained(space))
+        sources = [recipe.data.train, recipe.data.validation]
+        stack.enter_context(naming_undecodable_files([source.path for source in sources if source is not None]))
         return _run(recipe, stack, space=space)
 
 
@@ -162,6 +167,7 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
         return output / "model"
     if status == "resume":
         check_model_unchanged(recipe, models.folder)
+        check_data_unchanged(recipe)
 
     set_seed(recipe.seed)
     accelerator = _accelerator(recipe, plan)
@@ -173,7 +179,7 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
         )
     if accelerator.is_main_process:
         write_snapshot(recipe)
-        write_model_fingerprint(recipe, models.folder)
+        write_fingerprints(recipe, models.folder)
 
     # -- model, teacher, optimizer, schedule, loaders -------------------------------------------------
     frozen_dtype = _frozen_dtype(recipe, accelerator, models.config.dtype)
@@ -205,12 +211,13 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
     history.truncate(step if step else -1)  # a fresh start keeps no record, not even a step-0 validation
     batches = data.Batches(accelerator, train_loader, **position)
     accelerator.init_trackers(recipe.log.project, config=metrics.flat_config(recipe.model_dump(mode="json")))
+    peak = metrics.peak_tflops(recipe.log.peak_tflops)
+    progress = stack.enter_context(metrics.Progress(plan.steps, step, accelerator.is_main_process, peak))
     if step == 0:  # the curve starts at the converted model (a resumed run has this record already)
-        _validate(accelerator, model, val_loader, history, step, tokens)
+        _validate(accelerator, model, val_loader, history, step, tokens, progress)
 
     # -- the loop -------------------------------------------------------------------------------------
     cadence = Cadence.of(recipe, plan.steps)
-    peak = metrics.peak_tflops(recipe.log.peak_tflops)
     throughput = metrics.Throughput(plan.flops_per_token, peak, accelerator.num_processes)
     if peak is not None:
         accelerator.print(f"MFU is against {peak.description}")
@@ -218,9 +225,6 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
     divergence = metrics.Divergence(accelerator.device)  # checked before anything is logged, saved or exported
     clip = recipe.train.grad_clip or float("inf")
     grad_norm = None
-    progress = stack.enter_context(tqdm(  # closed on an error too, so that its message starts a line
-        total=plan.steps, initial=step, desc="uptraining", unit="step", disable=not accelerator.is_main_process
-    ))
     model.train()
     while step < plan.steps:
         for _ in range(plan.grad_accum):
@@ -253,12 +257,9 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
             if plan.pretrain_tokens is not None:
                 record["fraction_of_pretraining_compute"] = plan.fraction_of_pretraining_compute(tokens)
             history.log(record, step)
-            postfix = {"loss": f"{loss:.3f}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
-            if "mfu" in record:
-                postfix[peak.label] = f"{record['mfu']:.1%}"
-            progress.set_postfix(postfix)
+            progress.log(step, record)
         if cadence.evaluate(step):
-            _validate(accelerator, model, val_loader, history, step, tokens)
+            _validate(accelerator, model, val_loader, history, step, tokens, progress)
             throughput.restart()
         if cadence.save(step):
             state_record = {"step": step, "tokens": tokens, "data": batches.state(),
@@ -294,7 +295,8 @@ def _resume(accelerator: Accelerator, checkpoints: Path, status: str, steps: int
             scheduler: LambdaLR) -> tuple[int, int, dict[str, int]]:
     """(step, tokens, data position) to start from: the latest checkpoint's when resuming, else the beginning; the
     scheduler is put back where it was."""
-    latest = checkpoint.latest_checkpoint(checkpoints) if status == "resume" else None
+    resuming = status == "resume"
+    latest = checkpoint.resumable_checkpoint(checkpoints, accelerator.is_main_process) if resuming else None
     if latest is None:
         return 0, 0, {"epoch": 0, "batches": 0}
     started = time.perf_counter()

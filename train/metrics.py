@@ -1,4 +1,5 @@
-"""What the run reports: throughput and MFU, trackers through accelerate, a JSONL history and a loss-curve PNG.
+"""What the run reports: throughput and MFU, the console (`Progress`), trackers through accelerate, a JSONL history
+and a loss-curve PNG.
 
 MFU (`mfu`, the one definition in this project) = FLOPs per token (budget.flops_per_token) x tokens per second /
 (peak FLOP/s per device x devices), nanoGPT/PaLM style, where the peak is the vendor's DATASHEET dense bf16 figure
@@ -11,13 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from gqa_uptrain.cli import warn
 from gqa_uptrain.dicts import flatten
@@ -75,10 +80,15 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 class Throughput:
-    """Tokens per second and MFU over the window since the last report (time spent saving or evaluating excluded)."""
+    """Tokens per second and MFU over the window since the last report (time spent saving or evaluating excluded),
+    and `tokens_per_s_smoothed`: the rate over the last `SMOOTHED_WINDOWS` windows together, which one slow window
+    (a data-loader stall, the first step's warm-up) moves only a little."""
+
+    SMOOTHED_WINDOWS = 10
 
     def __init__(self, flops_per_token: float, peak: Peak | None, world_size: int) -> None:
         self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
+        self.recent: deque[tuple[int, float]] = deque(maxlen=self.SMOOTHED_WINDOWS)  # (tokens, seconds) per window
         self.restart()
 
     def restart(self) -> None:
@@ -91,12 +101,80 @@ class Throughput:
         """Figures for the window, then start a new one."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = self.tokens / elapsed
-        figures = {"tokens_per_s": rate}
+        self.recent.append((self.tokens, elapsed))
+        smoothed = sum(tokens for tokens, _ in self.recent) / sum(seconds for _, seconds in self.recent)
+        figures = {"tokens_per_s": rate, "tokens_per_s_smoothed": smoothed}
         if self.peak is not None:
             figures["mfu"] = mfu(rate, self.flops_per_token, self.peak.tflops, self.world_size)
             figures["mfu_peak_tflops"] = self.peak.tflops
         self.restart()
         return figures
+
+
+class Progress:
+    """The training console of the main process (the others print nothing). On a terminal, tqdm's bar, with the
+    latest loss and smoothed tokens/s beside it. Elsewhere (stdout or stderr is a log file, as on a GPU machine) the
+    bar's carriage returns would turn every refresh into a line of its own: there, one plain line per logged step
+    instead (step, loss, smoothed tokens/s, MFU, elapsed time and ETA). Both print the validation loss when it is
+    measured."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, peak: Peak | None = None,
+                 out: TextIO | None = None, terminal: bool | None = None) -> None:
+        self.out = out or sys.stdout
+        if terminal is None:
+            terminal = sys.stdout.isatty() and sys.stderr.isatty()
+        self.total, self.enabled, self.peak = total, enabled, peak
+        self.first, self.started = initial, time.perf_counter()
+        self.bar = None
+        if enabled and terminal:
+            self.bar = tqdm(total=total, initial=initial, desc="uptraining", unit="step")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()  # on an error too, so that its message starts a line
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        """A logged step: its record as History writes it (loss, tokens_per_s_smoothed, optionally kd_loss, mfu)."""
+        figures = {"loss": f"{record['loss']:.4f}"}
+        if "kd_loss" in record:
+            figures["kd_loss"] = f"{record['kd_loss']:.4f}"
+        figures["tok/s"] = f"{record['tokens_per_s_smoothed']:,.0f}"
+        if "mfu" in record and self.peak is not None:
+            figures[self.peak.label] = f"{record['mfu']:.1%}"
+        if self.bar is not None:
+            self.bar.set_postfix(figures)
+        elif self.enabled:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(step - self.first, 1) * (self.total - step)
+            self._line(step, {**figures, "lr": f"{record['lr']:.2e}",
+                              "elapsed": _clock(elapsed), "eta": _clock(eta)})
+
+    def validated(self, step: int, val_loss: float) -> None:
+        self._line(step, {"val_loss": f"{val_loss:.4f}", "val_ppl": f"{torch.tensor(val_loss).exp().item():,.2f}"})
+
+    def _line(self, step: int, figures: dict[str, str]) -> None:
+        if not self.enabled:
+            return
+        width = len(f"{self.total:,}")
+        line = f"step {step:>{width},}/{self.total:,}  " + "  ".join(f"{k} {v}" for k, v in figures.items())
+        if self.bar is not None:
+            self.bar.write(line, file=self.out)
+        else:
+            print(line, file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
 
 
 class LossWindow:

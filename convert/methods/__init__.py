@@ -5,15 +5,25 @@ Consecutive heads form a group because query head j attends to KV head j // (que
 transformers attention implementation (the calibrated method reorders heads to choose its groups).
 """
 
-from gqa_uptrain.convert.methods import first, mean, random_init
+from importlib import import_module
+
 from gqa_uptrain.convert.methods.base import Method, PoolContext, PoolFn
+
+
+def _pool_of(module: str) -> PoolFn:
+    """The `pool` of methods/<module>.py, imported at its first call: the methods import torch, and what only needs
+    the names (--method's choices, `gqa-convert --help`, the pipeline recipe) need not wait for it."""
+    def pool(heads, groups, context):
+        return import_module(f"{__name__}.{module}").pool(heads, groups, context)
+    return pool
+
 
 # The one list of methods: --method's choices, the pipeline recipe's `convert.method`, the model card's sentence
 # and the arms of scripts/reproduce_gqa.py all come from here.
 METHODS: dict[str, Method] = {
-    "mean": Method(mean.pool, "each new key/value head is the mean of the heads in its group."),
-    "first": Method(first.pool, "each new key/value head is the first head of its group."),
-    "random": Method(random_init.pool, "the key/value projections were freshly initialised."),
+    "mean": Method(_pool_of("mean"), "each new key/value head is the mean of the heads in its group."),
+    "first": Method(_pool_of("first"), "each new key/value head is the first head of its group."),
+    "random": Method(_pool_of("random_init"), "the key/value projections were freshly initialised."),
     "calibrated": Method(None, "heads were grouped, and each group's shared key and value fitted, to reproduce "
                                "the original attention on calibration text (training-free; q/k/v/o projections "
                                "rewritten)."),

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch, and layout's transformers model classes, load only when a method runs: not for --help
+    import torch
 
-if TYPE_CHECKING:  # layout imports transformers' model classes, which gqa-convert's flags need not wait for
     from gqa_uptrain.convert.layout import Role
 
 

@@ -1,5 +1,6 @@
 """One MFU: the datasheet dense bf16 peak unless the recipe names another, and the log says which."""
 
+import io
 import time
 
 import pytest
@@ -35,3 +36,59 @@ def test_throughput_reports_mfu_with_its_denominator():
     expected = metrics.mfu(figures["tokens_per_s"], 1e9, 100.0, 2)
     assert figures["mfu"] == pytest.approx(expected)
     assert "mfu" not in metrics.Throughput(1e9, None, 1).report()
+
+
+def test_smoothed_throughput_is_the_rate_over_the_recent_windows(monkeypatch):
+    clock = iter([0.0, 1.0, 1.0, 1.1, 1.1])  # windows of 1 s and 0.1 s for 1,000 tokens each
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    throughput = metrics.Throughput(1e9, None, 1)
+    throughput.add(1000)
+    assert throughput.report() == pytest.approx({"tokens_per_s": 1000.0, "tokens_per_s_smoothed": 1000.0})
+    throughput.add(1000)
+    assert throughput.report() == pytest.approx({"tokens_per_s": 10_000.0, "tokens_per_s_smoothed": 2000 / 1.1})
+
+
+def logged(**extra) -> dict:
+    return {"loss": 2.34567, "lr": 3e-4, "tokens": 4096, "tokens_per_s": 1500.0, "tokens_per_s_smoothed": 1234.4,
+            **extra}
+
+
+def test_a_log_file_gets_plain_lines_not_a_progress_bar():
+    out = io.StringIO()
+    with metrics.Progress(100, 0, enabled=True, peak=metrics.Peak(989.4, "datasheet H100"), out=out,
+                          terminal=False) as progress:
+        assert progress.bar is None
+        progress.validated(0, 3.0)
+        for step in range(1, 21):
+            progress.update()
+            if step % 10 == 0:
+                progress.log(step, logged(mfu=0.4, kd_loss=0.5))
+        progress.validated(20, 2.0)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 4  # one line per validation and per logged step
+    assert lines[0] == "step   0/100  val_loss 3.0000  val_ppl 20.09"
+    assert lines[1].startswith("step  10/100  loss 2.3457  kd_loss 0.5000  tok/s 1,234  "
+                               "mfu(datasheet H100 989 TF) 40.0%  lr 3.00e-04  elapsed 0:00:00  eta 0:00:00")
+    assert lines[2].startswith("step  20/100  loss 2.3457")
+    assert lines[3] == "step  20/100  val_loss 2.0000  val_ppl 7.39"
+
+
+def test_a_terminal_gets_the_bar_and_the_validation_lines(capsys):
+    out = io.StringIO()
+    with metrics.Progress(10, 0, enabled=True, out=out, terminal=True) as progress:
+        assert progress.bar is not None
+        progress.update()
+        progress.log(1, logged())
+        assert progress.bar.postfix == "loss=2.3457, tok/s=1,234"
+        progress.validated(1, 2.0)
+    assert out.getvalue() == "step  1/10  val_loss 2.0000  val_ppl 7.39\n"
+
+
+def test_other_processes_print_nothing(capsys):
+    out = io.StringIO()
+    for terminal in (True, False):
+        with metrics.Progress(10, 0, enabled=False, out=out, terminal=terminal) as progress:
+            progress.update()
+            progress.log(1, logged())
+            progress.validated(1, 2.0)
+    assert out.getvalue() == "" and capsys.readouterr() == ("", "")
