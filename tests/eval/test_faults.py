@@ -250,12 +250,16 @@ class SignalsWhenCollected:
 @pytest.mark.parametrize("how", ["turned into a ValueError", "lost in a __del__"])
 def test_ctrl_c_that_a_library_turns_into_another_error_or_loses_is_still_one_line(how, tmp_path, tiny_llama,
                                                                                      tiny_llama_gqa2, held_out_text,
-                                                                                     monkeypatch, capsys):
+                                                                                     monkeypatch, capsys, request):
     """As seen at random moments above: matplotlib's drawing code reports a KeyboardInterrupt as "ValueError: Invalid
     affine transformation matrix", and one that lands in a destructor is printed and lost while the run goes on.
     Either way Ctrl-C ends the run as `gqa-eval: interrupted`, with no half-drawn image left."""
     from gqa_uptrain.eval import plots
 
+    # Python's own Ctrl-C handler, as in a terminal: a pytest started as a background job inherits SIGINT ignored,
+    # and gqa-eval rightly leaves an ignored Ctrl-C ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     draw = plots.plot_quality_vs_kv
 
     def interrupted_draw(panels, path: Path) -> None:
