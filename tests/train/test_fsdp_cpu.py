@@ -21,16 +21,21 @@ HERE = Path(__file__).parent
 RUN = ["budget.steps=4", "checkpoint.every=2", "eval.every=2", "log.every=2"]
 
 
-@pytest.mark.parametrize("teacher", [False, True], ids=["student", "distill"])
-def test_two_process_fsdp2_run_on_the_cpu(tmp_path, tiny_llama, tiny_llama_gqa2, shakespeare, teacher):
-    extra = [f"teacher.path={tiny_llama}"] if teacher else []
-    args = [str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "run", *RUN, *extra)]
+def fsdp2_on_two_cpu_processes(args: list[str]) -> subprocess.CompletedProcess:
+    """gqa-uptrain ARGS under torchrun with 2 CPU processes, switched to FSDP2 by fsdp_cpu_worker.py."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(HERE / "fsdp_cpu_worker.py"), *args],
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )
+
+
+@pytest.mark.parametrize("teacher", [False, True], ids=["student", "distill"])
+def test_two_process_fsdp2_run_on_the_cpu(tmp_path, tiny_llama, tiny_llama_gqa2, shakespeare, teacher):
+    extra = [f"teacher.path={tiny_llama}"] if teacher else []
+    args = [str(TINY_RECIPE), *overrides(tiny_llama_gqa2, shakespeare, tmp_path / "run", *RUN, *extra)]
+    result = fsdp2_on_two_cpu_processes(args)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "on 2 process(es)" in result.stdout and "gradient accumulation 1" in result.stdout
     assert ("sharded over 2 process(es) (FSDP)" in result.stdout) == teacher
@@ -51,12 +56,7 @@ def test_attention_only_under_fsdp2_on_the_cpu(tmp_path, tiny_llama, converted_t
     teacher is placed apart (a layer's weights exist only inside its own forward under FSDP2)."""
     extra = ["train.trainable=attention", f"teacher.path={tiny_llama}"]
     args = [str(TINY_RECIPE), *overrides(converted_tiny_llama, shakespeare, tmp_path / "run", *RUN, *extra)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(HERE / "fsdp_cpu_worker.py"), *args],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )
+    result = fsdp2_on_two_cpu_processes(args)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "placed apart from the student" in result.stdout
     changed = changed_tensors(converted_tiny_llama, tmp_path / "run" / "model")
