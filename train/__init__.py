@@ -38,6 +38,4 @@ def uptrain(recipe: str | Path | dict[str, Any] | Recipe, overrides: list[str] |
     (ConfigError, DataError, ...)."""
     from .loop import run
 
-    folder = run(load(recipe, overrides))
-    assert folder is not None  # only a dry run returns None
-    return folder
+    return run(load(recipe, overrides))

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true",
         help="validate the recipe, the models' configs and the budget, print the plan (steps, tokens, FLOPs, "
-        "fraction of pretraining) and stop before loading data or weights",
+        "fraction of pretraining, memory, time, the largest micro-batch that fits) and stop before loading data, "
+        "tokenizer or weights; before the conversion it plans from the recipe's convert.source and convert.groups",
     )
     estimate = parser.add_argument_group("estimates (with --dry-run)")
     estimate.add_argument("--num-processes", type=int, default=None, metavar="N",
@@ -56,25 +57,28 @@ def _local_gpus() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
+def _dry_run(args: argparse.Namespace) -> str:
+    """The plan, read from the whole recipe file: its pipeline sections say how it is launched (accelerate_config)
+    and, before the conversion, what model.path will hold (convert.source with convert.groups KV heads)."""
+    from gqa_uptrain.apps.pipeline_recipe import load_pipeline_recipe
+
+    from .estimate import dry_run
+
+    recipe = load_pipeline_recipe(args.recipe, args.overrides)
+    return dry_run(recipe, args.num_processes or _local_gpus(), args.gpu, args.mfu, args.parallel)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run; a user mistake, a full disk or Ctrl-C ends in one line on stderr (exit 2, or 130 for Ctrl-C)."""
     args = build_parser().parse_intermixed_args(argv)
 
     def command() -> None:
-        from . import load, uptrain  # heavy imports after --help
-
-        if not args.dry_run:
-            uptrain(args.recipe, args.overrides)
+        if args.dry_run:
+            print(_dry_run(args))
             return
-        from . import estimate
-        from .loop import run
+        from . import uptrain  # heavy imports after --help
 
-        recipe = load(args.recipe, args.overrides)
-        run(recipe, dry_run=True)
-        processes = args.num_processes or _local_gpus()
-        kind = {"single": None, "ddp": "MULTI_GPU", "fsdp": "FSDP"}[args.parallel] if args.parallel else (
-            estimate.accelerate_distributed_type(args.recipe))
-        print(estimate.for_recipe(recipe, processes, args.gpu, args.mfu, kind))
+        uptrain(args.recipe, args.overrides)
 
     run_cli("gqa-uptrain", command)
     return 0

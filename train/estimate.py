@@ -28,15 +28,16 @@ eager loop reaches: docs/benchmarks.md).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Literal
 
 from transformers import PretrainedConfig
 
-from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.errors import CheckpointError, ConfigError, one_line
 
-from .budget import matmul_params
+from .budget import TrainingBudget, matmul_params, plan_budget
+from .recipe import Recipe
 
 Parallel = Literal["single", "ddp", "fsdp"]
 GIB = 2**30
@@ -235,38 +236,133 @@ def describe(student: Shape, setup: Setup, flops: float, gpu: str, mfu: float) -
     return "\n".join(lines)
 
 
-def for_recipe(recipe, processes: int, gpu: str, mfu: float, distributed_type: str | None) -> str:
-    """The estimate block for a validated Recipe on `processes` GPUs (reads configs only, no weights)."""
-    from .budget import original_config, plan_budget
-    from .export import source_provenance
-    from .preflight import check_models
+def dry_run(recipe: Recipe, processes: int, gpu: str = "h100", mfu: float = DEFAULT_MFU,
+            parallel: Parallel | None = None) -> str:
+    """The whole `--dry-run` text for `recipe` on `processes` GPUs: the budget, memory, time, micro-batch.
 
+    Reads configs only: no weights, no tokenizer. A PipelineRecipe's `convert` section lets it plan before the
+    conversion (from the source's config with `convert.groups` KV heads), and its `accelerate_config` says how the
+    model states are held unless `parallel` does. gqa-uptrain and gqa-pipeline call this one function.
+    """
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
     peak(gpu)
     if processes < 1:
         raise ConfigError(f"--num-processes must be at least 1, got {processes}")
-    models = check_models(recipe)
-    original = models.teacher_config or original_config(models.config, source_provenance(models.folder))
-    budget = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, processes, models.config, original)
-    parallel = parallel_of_accelerate_config(distributed_type, processes)
-    student = Shape.of(models.config)
-    teacher = Shape.of(models.teacher_config) if recipe.teacher and models.teacher_config else None
+    models = planned_models(recipe)
+    budget = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, processes, models.student, models.original)
+    if parallel is None:
+        parallel = parallel_of_accelerate_config(accelerate_distributed_type(recipe), processes)
+    student = Shape.of(models.student)
+    setup = _setup(recipe, models, student, parallel, processes)
+    return "\n".join([f"gqa-uptrain plan for {recipe.model.path} on {processes} process(es){models.origin}:",
+                      budget.describe(), describe(student, setup, _run_flops(budget, models, student, setup), gpu, mfu),
+                      micro_batch_line(student, setup, gpu, recipe.batch.global_batch)])
+
+
+@dataclass(frozen=True)
+class PlannedModels:
+    """The configs a dry run plans from."""
+
+    student: PretrainedConfig
+    original: PretrainedConfig  # the pretrained model, for the fraction of pretraining
+    teacher: PretrainedConfig | None
+    origin: str = ""  # said after the plan's first line when the student is not read from model.path
+
+
+def planned_models(recipe: Recipe) -> PlannedModels:
+    """The student's config from model.path when it holds a model, else from the recipe's `convert` section (the
+    source's config with `convert.groups` KV heads, checked as gqa-convert checks them)."""
+    from .budget import original_config
+    from .export import source_provenance
+    from .preflight import _check_seq_len
+
+    convert = getattr(recipe, "convert", None)
+    folder = Path(recipe.model.path).expanduser()
+    teacher = _config(recipe.teacher.path, "teacher") if recipe.teacher else None
+    if folder.is_dir() or convert is None:
+        student = _config(recipe.model.path, "model")
+        original = original_config(student, source_provenance(folder) if folder.is_dir() else None)
+        origin = ""
+    else:
+        original, student = _converted_config(convert.source, convert.groups)
+        origin = f" (not converted yet: planned from {convert.source} with convert.groups={convert.groups} KV heads)"
+    _check_seq_len(student, recipe.data.seq_len, "model", recipe.model.path)
+    if teacher is not None:
+        _check_seq_len(teacher, recipe.data.seq_len, "teacher", recipe.teacher.path)
+    return PlannedModels(student, teacher or original, teacher, origin)
+
+
+def _converted_config(source: str, groups: int) -> tuple[PretrainedConfig, PretrainedConfig]:
+    """(source's config, the config gqa-convert would write for `groups` KV heads); its errors if it would refuse."""
+    from gqa_uptrain.convert.layout import find_layout
+    from gqa_uptrain.kv_heads import with_kv_heads
+
+    config = _config(source, "convert.source")
+    find_layout(config, groups)
+    return config, with_kv_heads(config, groups)
+
+
+def _config(path: str, role: str) -> PretrainedConfig:
+    """A model's config alone (a Hub id downloads config.json only); one CheckpointError line if there is none."""
+    from transformers import AutoConfig
+
+    from gqa_uptrain.source import looks_local
+
+    folder = Path(path).expanduser()
+    if looks_local(path) and not folder.is_dir():
+        raise CheckpointError(f"{role} {path}: no such folder")
+    try:
+        return AutoConfig.from_pretrained(folder if folder.is_dir() else path)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{role} {path}: {one_line(error)}") from None
+
+
+def _setup(recipe: Recipe, models: PlannedModels, student: Shape, parallel: Parallel, processes: int) -> Setup:
+    """How the recipe holds the student and its teacher under `parallel` on `processes` GPUs."""
+    teacher = Shape.of(models.teacher) if models.teacher is not None else None
     placement = recipe.teacher.placement if recipe.teacher else "auto"
     sharded = teacher is not None and processes > 1 and (
         placement == "shard" or (placement == "auto" and parallel == "fsdp"))
     attention_only = recipe.train.trainable == "attention"
-    setup = Setup(recipe.batch.micro_batch, recipe.data.seq_len, parallel, processes,
-                  recipe.model.gradient_checkpointing, attention_only, _dtype_bytes(models.config.dtype), teacher,
-                  sharded, teacher_shared=teacher is not None and attention_only and parallel != "fsdp"
-                  and placement != "shard")
+    return Setup(recipe.batch.micro_batch, recipe.data.seq_len, parallel, processes,
+                 recipe.model.gradient_checkpointing, attention_only, _dtype_bytes(models.student.dtype), teacher,
+                 sharded, teacher_shared=teacher is not None and attention_only and parallel != "fsdp"
+                 and placement != "shard")
+
+
+def _run_flops(budget: TrainingBudget, models: PlannedModels, student: Shape, setup: Setup) -> float:
+    """The run's FLOPs: the budget's, less the weight gradients frozen weights skip, plus the teacher's forwards."""
     flops = budget.flops
-    if attention_only:  # frozen weights take no weight-gradient product: 4 x N + 2 x trained, not 6 x N
-        linear = matmul_params(models.config)
+    if setup.attention_only:  # frozen weights take no weight-gradient product: 4 x N + 2 x trained, not 6 x N
+        linear = matmul_params(models.student)
         flops *= (4 * linear + 2 * student.attention_params) / (6 * linear)
-    if teacher is not None:
-        flops += 2.0 * matmul_params(models.teacher_config) * budget.tokens
-    return describe(student, setup, flops, gpu, mfu)
+    if models.teacher is not None:
+        flops += 2.0 * matmul_params(models.teacher) * budget.tokens
+    return flops
+
+
+def largest_micro_batch(student: Shape, setup: Setup, gpu_bytes: float, global_batch: int) -> int | None:
+    """The largest micro-batch that fits `gpu_bytes` as `setup` holds the model and divides the batch each process
+    takes a step (`global_batch` / processes, so that gradient accumulation is whole); None: not even 1."""
+    per_process = global_batch // setup.processes
+    for size in range(per_process, 0, -1):
+        fits = replace(setup, micro_batch=size).memory(student).total(setup.checkpointing) <= gpu_bytes
+        if per_process % size == 0 and fits:
+            return size
+    return None
+
+
+def micro_batch_line(student: Shape, setup: Setup, gpu: str, global_batch: int) -> str:
+    """What micro-batch to set for one GPU of kind `gpu`, as the recipe holds the model."""
+    gpu_gib = GPUS[gpu.lower()][1]
+    size = largest_micro_batch(student, setup, gpu_gib * GIB, global_batch)
+    if size is None:
+        return (f"micro-batch          not even 1 fits one {gpu} ({gpu_gib:g} GiB) as set up here: more GPUs under "
+                f"FSDP (above){'' if setup.checkpointing else ', or model.gradient_checkpointing=true'}")
+    need = replace(setup, micro_batch=size).memory(student).total(setup.checkpointing)
+    return (f"micro-batch          at most {size} on one {gpu} ({gib(need)} of {gpu_gib:g} GiB): batch.micro_batch="
+            f"{size}, gradient accumulation {global_batch // (size * setup.processes)}")
 
 
 def _dtype_bytes(dtype) -> int:
@@ -275,18 +371,28 @@ def _dtype_bytes(dtype) -> int:
     return 2 if name in ("bfloat16", "float16") else 4
 
 
-def accelerate_distributed_type(recipe_path: str) -> str | None:
-    """distributed_type of the accelerate config a recipe names (its `accelerate_config` key), or None."""
+def accelerate_config_file(name: str) -> Path:
+    """The file a recipe's `accelerate_config` names, by the one rule gqa-pipeline and scripts/launch.sh follow too:
+    relative to the current directory, like every path in a recipe (accelerate is handed it as written). A name
+    that is no file is one ConfigError line: planning for DDP in its place would be silently wrong."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+        raise ConfigError(f"accelerate_config {name} is not a file{where}: run from the folder the recipe's paths "
+                          "are relative to, or give its absolute path")
+    return path
+
+
+def accelerate_distributed_type(recipe: Recipe) -> str | None:
+    """distributed_type of the accelerate config a PipelineRecipe names (`accelerate_config`), None without one."""
     import yaml
 
-    try:
-        tree = yaml.safe_load(Path(recipe_path).read_text()) or {}
-        name = tree.get("accelerate_config") if isinstance(tree, dict) else None
-        if not name:
-            return None
-        config = Path(name) if Path(name).is_absolute() else Path(recipe_path).parent / name
-        if not config.is_file():
-            config = Path(name)
-        return (yaml.safe_load(config.read_text()) or {}).get("distributed_type")
-    except (OSError, yaml.YAMLError):
+    name = getattr(recipe, "accelerate_config", None)
+    if not name:
         return None
+    path = accelerate_config_file(name)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"accelerate_config {name}: {one_line(error)}") from None
+    return tree.get("distributed_type") if isinstance(tree, dict) else None

@@ -125,7 +125,7 @@ def _check_world_size(state: PartialState) -> None:
         )
 
 
-def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
+def run(recipe: Recipe) -> Path:
     """Train as the recipe says (resuming if its output_dir holds a checkpoint); return the exported folder.
 
     Around the run: the process stops when its launcher is gone (launcher.py), the output folder is locked for
@@ -134,8 +134,6 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
     """
     watch_launcher()
     with ExitStack() as stack:  # closed in reverse: the progress bar, then the disk-full line, then the lock
-        if dry_run:
-            return _run(recipe, stack, dry_run=True)
         state = PartialState(cpu=not torch.cuda.is_available())
         check_output_dir(recipe)  # a folder that holds something else is refused before a lock file is put in it
         space = disk.Space(Path(recipe.output_dir), keep=recipe.checkpoint.keep)
@@ -146,7 +144,7 @@ def run(recipe: Recipe, dry_run: bool = False) -> Path | None:
         return _run(recipe, stack, space=space)
 
 
-def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Space | None = None) -> Path | None:
+def _run(recipe: Recipe, stack: ExitStack, space: disk.Space | None = None) -> Path:
     # -- everything that can be wrong is checked before any work --------------------------------------
     models = check_models(recipe)
     metrics.check_trackers(recipe.log.trackers)
@@ -156,8 +154,6 @@ def _run(recipe: Recipe, stack: ExitStack, dry_run: bool = False, space: disk.Sp
     original = models.teacher_config or original_config(models.config, provenance)
     plan = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, state.num_processes, models.config, original)
     state.print(f"gqa-uptrain plan for {recipe.model.path} on {state.num_processes} process(es):\n{plan.describe()}")
-    if dry_run:
-        return None
     check_attention(recipe)
     output = Path(recipe.output_dir)
     status = check_output_dir(recipe)
