@@ -101,19 +101,26 @@ def _forward(model, teacher, input_ids: torch.Tensor, recipe: Recipe,
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, loader) -> float:
-    """Mean LM loss over the fixed validation batches of every process."""
+    """Mean LM loss over the fixed validation batches of every process (the model's train/eval mode is kept)."""
+    training = model.training
     model.eval()
-    losses = [model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.float() for batch in loader]
-    model.train()
+    with accelerator.autocast():  # a prepared model autocasts anyway; a teacher placed apart needs it here
+        losses = [model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.float() for batch in loader]
+    model.train(training)
     return accelerator.gather(torch.stack(losses)).mean().item()
 
 
 def _validate(accelerator: Accelerator, model, loader, history: metrics.History, step: int, tokens: int,
-              progress: metrics.Progress) -> None:
-    """Log and print the validation loss (and perplexity) after `step` optimizer steps."""
+              progress: metrics.Progress, gap: metrics.Gap | None, teacher=None) -> None:
+    """Log and print the validation loss (and perplexity) after `step` optimizer steps, with the share of the gap to
+    the teacher's loss recovered; given the `teacher` (at step 0), its loss on the same batches is the reference."""
     val_loss = evaluate(accelerator, model, loader)
-    history.log({"val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp()), "tokens": tokens}, step)
-    progress.validated(step, val_loss)
+    record = {"val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp()), "tokens": tokens}
+    if teacher is not None:
+        record["reference_val_loss"] = evaluate(accelerator, teacher, loader)
+        gap = metrics.Gap(val_loss, record["reference_val_loss"])
+    history.log(record, step)
+    progress.validated(step, val_loss, gap)
 
 
 def _check_world_size(state: PartialState) -> None:
@@ -209,8 +216,9 @@ def _run(recipe: Recipe, stack: ExitStack, space: disk.Space | None = None) -> P
     accelerator.init_trackers(recipe.log.project, config=metrics.flat_config(recipe.model_dump(mode="json")))
     peak = metrics.peak_tflops(recipe.log.peak_tflops)
     progress = stack.enter_context(metrics.Progress(plan.steps, step, accelerator.is_main_process, peak))
-    if step == 0:  # the curve starts at the converted model (a resumed run has this record already)
-        _validate(accelerator, model, val_loader, history, step, tokens, progress)
+    if step == 0:  # the curve starts at the converted model, and the teacher's loss (a resumed run has them already)
+        _validate(accelerator, model, val_loader, history, step, tokens, progress, None, teacher)
+    gap = metrics.Gap.of(history.records())
 
     # -- the loop -------------------------------------------------------------------------------------
     cadence = Cadence.of(recipe, plan.steps)
@@ -255,7 +263,7 @@ def _run(recipe: Recipe, stack: ExitStack, space: disk.Space | None = None) -> P
             history.log(record, step)
             progress.log(step, record)
         if cadence.evaluate(step):
-            _validate(accelerator, model, val_loader, history, step, tokens, progress)
+            _validate(accelerator, model, val_loader, history, step, tokens, progress, gap)
             throughput.restart()
         if cadence.save(step):
             state_record = {"step": step, "tokens": tokens, "data": batches.state(),

@@ -155,8 +155,11 @@ class Progress:
             self._line(step, {**figures, "lr": f"{record['lr']:.2e}",
                               "elapsed": _clock(elapsed), "eta": _clock(eta)})
 
-    def validated(self, step: int, val_loss: float) -> None:
-        self._line(step, {"val_loss": f"{val_loss:.4f}", "val_ppl": f"{torch.tensor(val_loss).exp().item():,.2f}"})
+    def validated(self, step: int, val_loss: float, gap: Gap | None = None) -> None:
+        figures = {"val_loss": f"{val_loss:.4f}", "val_ppl": f"{torch.tensor(val_loss).exp().item():,.2f}"}
+        if gap is not None:
+            figures["recovered"] = gap.describe(val_loss)
+        self._line(step, figures)
 
     def _line(self, step: int, figures: dict[str, str]) -> None:
         if not self.enabled:
@@ -171,6 +174,36 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@dataclass(frozen=True)
+class Gap:
+    """What the conversion cost, and how much of it training has won back, in validation loss on the same batches.
+
+    gap = start - reference, where start is the converted model's loss before any step and reference the teacher's
+    (the original model, as recipes use it), measured once at step 0; recovered = (start - now) / gap. 100% means
+    the teacher's loss is reached; above 100%, passed (the student also learns the data). Undefined (None) where
+    the conversion cost nothing measurable (gap <= 0).
+    """
+
+    start: float
+    reference: float
+
+    @classmethod
+    def of(cls, records: list[dict[str, Any]]) -> Gap | None:
+        """From the step-0 record of metrics.jsonl; None when it holds no reference (a run without a teacher)."""
+        first = next((r for r in records if r["step"] == 0 and "reference_val_loss" in r), None)
+        return cls(first["val_loss"], first["reference_val_loss"]) if first else None
+
+    def recovered(self, val_loss: float) -> float | None:
+        gap = self.start - self.reference
+        return (self.start - val_loss) / gap if gap > 0 else None
+
+    def describe(self, val_loss: float) -> str:
+        share = self.recovered(val_loss)
+        if share is None:
+            return f"nothing, there is no gap: the start {self.start:.4f} is not above the teacher's {self.reference:.4f}"
+        return f"{share:.1%} of the gap to the teacher's {self.reference:.4f} (start {self.start:.4f})"
 
 
 def _clock(seconds: float) -> str:
@@ -315,7 +348,17 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
-    """Training and validation loss against tokens seen, as a PNG."""
+    """Training and validation loss against tokens seen, as a PNG (`loss_figure`)."""
+    import matplotlib.pyplot as plt
+
+    figure = loss_figure(records)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def loss_figure(records: list[dict[str, Any]]):
+    """The loss curves, with the teacher's validation loss (the original model's, measured at step 0) as the level
+    the conversion's gap closes towards."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,11 +369,15 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
         points = [(r["tokens"], r[key]) for r in records if key in r]
         if points:
             axes.plot(*zip(*points), marker="o" if key == "val_loss" else None, label=label)
+    gap = Gap.of(records)
+    if gap is not None:
+        share = gap.recovered(next(r["val_loss"] for r in reversed(records) if "val_loss" in r))
+        recovered = f": {share:.0%} of the gap recovered" if share is not None else ""
+        axes.axhline(gap.reference, color="black", linestyle="--", linewidth=1, label=f"teacher, validation{recovered}")
     axes.set_xlabel("tokens")
     axes.set_ylabel("loss (nats per token)")
     axes.set_title("gqa-uptrain loss curve")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    return figure

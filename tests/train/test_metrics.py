@@ -92,3 +92,28 @@ def test_other_processes_print_nothing(capsys):
             progress.log(1, logged())
             progress.validated(1, 2.0)
     assert out.getvalue() == "" and capsys.readouterr() == ("", "")
+
+
+def test_the_share_of_the_gap_recovered_is_measured_from_the_start_towards_the_teacher():
+    """gap = start - teacher (validation losses on the same batches); recovered = (start - now) / gap."""
+    gap = metrics.Gap(start=5.0, reference=3.0)
+    assert [gap.recovered(loss) for loss in (5.0, 4.5, 3.0, 2.5, 5.5)] == [0.0, 0.25, 1.0, 1.25, -0.25]
+    assert metrics.Gap(start=3.0, reference=3.0).recovered(2.9) is None  # the conversion cost nothing measurable
+    records = [{"step": 0, "tokens": 0, "val_loss": 5.0, "reference_val_loss": 3.0}, {"step": 5, "val_loss": 4.0}]
+    assert metrics.Gap.of(records) == gap and metrics.Gap.of(records[1:]) is None  # no teacher, no reference
+    out = io.StringIO()
+    with metrics.Progress(10, 0, enabled=True, out=out, terminal=False) as progress:
+        progress.validated(5, 4.5, gap)
+    assert out.getvalue() == ("step  5/10  val_loss 4.5000  val_ppl 90.02  recovered 25.0% of the gap to the "
+                              "teacher's 3.0000 (start 5.0000)\n")
+
+
+def test_the_loss_curve_shows_the_teacher_as_the_reference():
+    records = [{"step": 0, "tokens": 0, "val_loss": 5.0, "reference_val_loss": 3.0},
+               {"step": 5, "tokens": 100, "loss": 4.2}, {"step": 5, "tokens": 100, "val_loss": 4.0}]
+    axes = metrics.loss_figure(records).axes[0]
+    labels = axes.get_legend_handles_labels()[1]
+    assert labels == ["train", "validation", "teacher, validation: 50% of the gap recovered"]
+    reference = axes.get_lines()[-1]
+    assert list(reference.get_ydata()) == [3.0, 3.0]
+    assert metrics.loss_figure(records[1:]).axes[0].get_legend_handles_labels()[1] == ["train", "validation"]

@@ -74,6 +74,25 @@ def test_distillation_from_the_original_model(tmp_path, tiny_llama, tiny_llama_g
     assert provenance["uptraining"]["teacher"] == str(tiny_llama)
 
 
+@pytest.mark.slow
+def test_the_teachers_validation_loss_is_the_reference(tmp_path, tiny_llama_gqa2, shakespeare, fresh_accelerate,
+                                                       capsys):
+    """Measured once, at step 0, on the validation batches the student is measured on: with the model itself as the
+    teacher it is exactly the start, so there is no gap, and every validation line says so."""
+    output = tmp_path / "run"
+    recipe = load_recipe(TINY_RECIPE, overrides(tiny_llama_gqa2, shakespeare, output, "budget.steps=2",
+                                                f"teacher.path={tiny_llama_gqa2}", "eval.every=1"))
+    run(recipe)
+    history = records(output)
+    assert history[0]["reference_val_loss"] == pytest.approx(history[0]["val_loss"], rel=1e-6)
+    assert sum("reference_val_loss" in r for r in history) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if " val_loss " in line]
+    assert [line.split()[1] for line in lines] == ["0/2", "1/2", "2/2"]
+    start, reference = history[0]["val_loss"], history[0]["reference_val_loss"]
+    assert all(line.endswith(f"recovered nothing, there is no gap: the start {start:.4f} is not above the teacher's "
+                             f"{reference:.4f}") for line in lines)
+
+
 def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise():
     from gqa_uptrain.train.distill import distillation_loss, mix
 
