@@ -1,16 +1,19 @@
 """Training data through `datasets`: load, tokenise, pack into full sequences, batch with a resumable position.
 
 Documents are tokenised with the model's tokenizer, joined with EOS between them and cut into rows of exactly
-`seq_len` tokens (no padding; the tail of each map batch of 1,000 documents that does not fill a row is
-dropped, as in transformers' run_clm). Rows that already hold `input_ids` are packed without tokenising.
+`seq_len` tokens (no padding; the tail of each portion of documents that does not fill a row is dropped, as
+transformers' run_clm drops each map batch's). Rows that already hold `input_ids` are packed without tokenising.
 Map-style data is shuffled by the seedable sampler (order = f(seed, epoch)); streaming data is shuffled by
 documents in a buffer seeded the same way. The position is (epoch, batches taken in that epoch): resuming
 skips exactly those batches, so a resumed run sees the batches it would have seen.
 
 Only what the run reads is tokenised: given the rows the budget needs (`build_datasets(..., train_rows=...)`),
-map-style documents are packed in portions of whole map batches from the start until the rows cover the budget
-plus 10% (`pack_enough`); the rows are then exactly the first rows packing the whole file would give, and a
-resumed run, asking for as many, packs the same ones. Streaming data is tokenised as it is read.
+map-style documents are packed in portions from the start (1, 2, 4, ... documents, then 1,000 at a time) until
+the rows cover the budget plus 10% (`pack_enough`), so a short run on whole books tokenises a book or two, not the
+file. The portions are fixed by position, not by the budget: the rows are the first rows packing the whole file
+gives, a resumed run packs the same ones, and each portion is cached by datasets under a name made of the prepared
+data files and the tokenizer's content (`_packed_fingerprint`), so a rerun, or a run with another budget or from
+another converted model, tokenises nothing it has tokenised before. Streaming data is tokenised as it is read.
 
 Held-out validation documents (`holdout_docs`, when there is no `validation` source) are at most a tenth of the
 documents, so a small file never leaves training with nothing; a line says so when the cap applies.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from itertools import chain
 
 import datasets
@@ -115,35 +119,59 @@ def pack(
     return rows.map(pack_batch, batched=True, batch_size=_PACK_BATCH, remove_columns=columns, **kwargs)
 
 
+def portions(total: int) -> Iterator[tuple[int, int]]:
+    """The document ranges [start, end) packing takes one after another: 1, 2, 4, ... documents, then
+    `_PACK_BATCH` at a time. They depend on the position alone, never on the budget, so that runs with other budgets
+    reuse the cached portions, and the rows of a smaller budget are the first rows of a larger one's."""
+    start, size = 0, 1
+    while start < total:
+        end = min(total, start + size)
+        yield start, end
+        start, size = end, min(2 * size, _PACK_BATCH)
+
+
+@contextmanager
+def _progress_bars(shown: bool) -> Iterator[None]:
+    """datasets' progress bars off while the block runs, unless `shown` (or they are off already)."""
+    if shown or not datasets.is_progress_bar_enabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def pack_enough(
     rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, seq_len: int,
-    num_proc: int | None, part: str, needed: int, vocab_size: int | None = None,
+    num_proc: int | None, part: str, needed: int | None, vocab_size: int | None = None,
 ) -> tuple[datasets.Dataset, int]:
-    """(packed rows, documents read): the first documents' rows, `needed` x 1.1 of them where there are that many.
+    """(packed rows, documents read): the first `portions` until they give `needed` x 1.1 rows (None: every one).
 
-    Documents are taken in whole map batches, so these are exactly the first rows `pack` gives for all of them.
-    The first portion is one map batch; each next one is what the rows per document so far say is still missing.
+    A portion is tokenised by one `pack` call, cached on its own; its tail that fills no row is dropped. Documents
+    as long as books take a portion or two, not the whole file; at most about twice the documents needed are read.
     """
-    want, total = math.ceil(needed * _MARGIN), len(rows)
-    portions: list[datasets.Dataset] = []
-    have = taken = 0
-    while taken < total and have < want:
-        estimate = math.ceil((want - have) * taken / have * _MARGIN) if have else 2 * taken
-        count = max(_PACK_BATCH, math.ceil(estimate / _PACK_BATCH) * _PACK_BATCH)
-        end = min(total, taken + count)
-        packed = pack(rows.select(range(taken, end)), tokenizer, source, seq_len, num_proc,
-                      f"{part}, documents {taken}-{end}", vocab_size)
-        portions.append(packed)
-        have, taken = have + len(packed), end
-    return (datasets.concatenate_datasets(portions) if len(portions) > 1 else portions[0]), taken
+    want = math.inf if needed is None else math.ceil(needed * _MARGIN)
+    packed: list[datasets.Dataset] = []
+    have = read = 0
+    for start, end in portions(len(rows)):
+        if have >= want:
+            break
+        small = end - start < _PACK_BATCH  # not worth a process pool, nor a progress bar of its own
+        with _progress_bars(not small):
+            packed.append(pack(rows.select(range(start, end)), tokenizer, source, seq_len, None if small else num_proc,
+                               f"{part}, documents {start}-{end}", vocab_size))
+        have, read = have + len(packed[-1]), end
+    return (datasets.concatenate_datasets(packed) if len(packed) > 1 else packed[0]), read
 
 
 def _pack_for(
     rows: Rows, tokenizer: PreTrainedTokenizerBase, source: SourceSpec, spec: DataSpec, part: str,
     needed: int | None, what: str, say: Callable[[str], None], vocab_size: int | None = None,
 ) -> Rows:
-    """`pack` all documents, or (map-style, `needed` given) only the first ones that cover `needed` rows."""
-    if needed is None or not isinstance(rows, datasets.Dataset) or len(rows) == 0:
+    """Map-style documents packed as far as `needed` rows need (`pack_enough`); streamed ones as they are read."""
+    if not isinstance(rows, datasets.Dataset) or len(rows) == 0:
         return pack(rows, tokenizer, source, spec.seq_len, spec.num_proc, part, vocab_size)
     packed, read = pack_enough(rows, tokenizer, source, spec.seq_len, spec.num_proc, part, needed, vocab_size)
     if read < len(rows):

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from gqa_uptrain.errors import DataError
-from gqa_uptrain.train.data import Batches, build_datasets, train_loader
+from gqa_uptrain.train.data import Batches, build_datasets, portions, train_loader
 from gqa_uptrain.train.recipe import DataSpec
 
 DOCS = [f"Document number {i} says something about {'many ' * (i % 7)}things." for i in range(60)]
@@ -26,16 +26,22 @@ def jsonl(tmp_path):
     return path
 
 
+def packed_by_portions(docs: list[str], tokenizer, seq_len: int) -> list[list[int]]:
+    """Rows as packing makes them: each portion's documents joined with EOS and cut, its tail that fills no row
+    dropped."""
+    rows = []
+    for start, end in portions(len(docs)):
+        stream = [t for doc in docs[start:end] for t in tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]]
+        rows += [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    return rows
+
+
 def test_documents_are_packed_with_eos_and_without_padding(jsonl, gpt2_tokenizer):
     train, val = build_datasets(spec(jsonl), gpt2_tokenizer, seed=0)
-    eos = gpt2_tokenizer.eos_token_id
-    stream = [t for doc in DOCS[6:] for t in gpt2_tokenizer(doc)["input_ids"] + [eos]]
     rows = [row["input_ids"].tolist() for row in train]
-    assert all(len(row) == 16 for row in rows)
-    assert sum(rows, []) == stream[: len(rows) * 16]  # one map batch: only the tail is dropped
-    assert len(stream) - len(rows) * 16 < 16
-    held_out = [t for doc in DOCS[:6] for t in gpt2_tokenizer(doc)["input_ids"] + [eos]]
-    assert sum((row["input_ids"].tolist() for row in val), []) == held_out[: len(val) * 16]
+    assert all(len(row) == 16 for row in rows) and len(rows) > 20
+    assert rows == packed_by_portions(DOCS[6:], gpt2_tokenizer, 16)
+    assert [row["input_ids"].tolist() for row in val] == packed_by_portions(DOCS[:6], gpt2_tokenizer, 16)
 
 
 def test_parquet_text_and_pretokenised_sources(tmp_path, gpt2_tokenizer):
@@ -141,9 +147,8 @@ def test_the_holdout_never_takes_the_training_data(tmp_path, gpt2_tokenizer):
     said = []
     train, val = build_datasets(DataSpec(train={"path": str(path)}, seq_len=16), gpt2_tokenizer, 0, say=said.append)
     assert len(said) == 1 and "holding out 14 of 148 documents" in said[0] and "holdout_docs=200" in said[0]
-    eos = gpt2_tokenizer.eos_token_id
-    stream = [t for i in range(14) for t in gpt2_tokenizer(f"{(DOCS * 3)[i]} {i}")["input_ids"] + [eos]]
-    assert sum((row["input_ids"].tolist() for row in val), []) == stream[: len(val) * 16]
+    held_out = [f"{(DOCS * 3)[i]} {i}" for i in range(14)]
+    assert ids(val) == packed_by_portions(held_out, gpt2_tokenizer, 16)
     assert len(train) > 5 * len(val)
     with pytest.raises(DataError, match="once 14 documents are held out"):
         build_datasets(DataSpec(train={"path": str(path)}, seq_len=4096), gpt2_tokenizer, 0, say=said.append)
@@ -153,6 +158,26 @@ def ids(rows) -> list[list[int]]:
     return [row["input_ids"].tolist() for row in rows]
 
 
+def counting_tokenizer(monkeypatch, tokenizer) -> list[int]:
+    """How many documents each call gives `tokenizer` from now on (pack sends lists; other strings are not counted)."""
+    tokenised = []
+    call = type(tokenizer).__call__
+
+    def counting(self, text, *args, **kwargs):
+        if isinstance(text, list):
+            tokenised.append(len(text))
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    return tokenised
+
+
+def test_portions_double_up_to_a_map_batch_and_never_depend_on_the_budget():
+    assert list(portions(10)) == [(0, 1), (1, 3), (3, 7), (7, 10)]
+    ends = [end for _, end in portions(5000)]
+    assert ends[:11] == [1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2023] and ends[-1] == 5000
+
+
 @pytest.mark.slow
 def test_only_the_documents_the_budget_reads_are_tokenised(tmp_path, gpt2_tokenizer, monkeypatch):
     path = tmp_path / "large.jsonl"
@@ -160,26 +185,39 @@ def test_only_the_documents_the_budget_reads_are_tokenised(tmp_path, gpt2_tokeni
     data = DataSpec(train={"path": str(path)}, holdout_docs=100, seq_len=16)
     full_train, full_val = build_datasets(data, gpt2_tokenizer, 0)
 
-    tokenised = []
-    call = type(gpt2_tokenizer).__call__
-
-    def counting(self, text, *args, **kwargs):
-        tokenised.append(len(text) if isinstance(text, list) else 0)  # batches of documents, as pack sends them
-        return call(self, text, *args, **kwargs)
-
-    monkeypatch.setattr(type(gpt2_tokenizer), "__call__", counting)
+    tokenised = counting_tokenizer(monkeypatch, gpt2_tokenizer)
     path.touch()  # a new modification time: datasets prepares the file again, and nothing is found cached
     os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 10))
     said = []
     train, val = build_datasets(data, gpt2_tokenizer, 0, train_rows=4, val_rows=2, say=said.append)  # one step
-    assert sum(tokenised) <= 1000 + 100  # one map batch of training documents, and the held-out ones
-    assert said == [f"data: tokenised the first 1,000 of 7,900 training documents, {len(train):,} sequences for "
-                    "the 4 the run reads"]
-    assert 4 <= len(train) < len(full_train) and len(val) == len(full_val)
-    assert ids(train) == ids(full_train)[: len(train)]
+    read = int(said[0].split()[4])
+    assert sum(tokenised) <= 2 * read and read < 30  # a few portions of training documents, and as few held out
+    assert said[0] == (f"data: tokenised the first {read:,} of 7,900 training documents, {len(train):,} sequences "
+                       "for the 4 the run reads")
+    assert said[1].startswith("data: tokenised the first ") and " of 100 validation documents" in said[1]
+    assert 4 <= len(train) < len(full_train) and 2 <= len(val) < len(full_val)
+    assert ids(train) == ids(full_train)[: len(train)] and ids(val) == ids(full_val)[: len(val)]
 
-    # A budget past the first portion: portions until it is covered, still the first rows of the whole packing.
+    # A budget past the first portions: portions until it is covered, still the first rows of the whole packing.
     tokenised.clear()
     more, _ = build_datasets(data, gpt2_tokenizer, 0, train_rows=len(full_train) // 2, val_rows=2, say=said.append)
-    assert len(full_train) // 2 <= len(more) < len(full_train) and sum(tokenised) < 7900
+    assert len(full_train) // 2 <= len(more) < len(full_train) and sum(tokenised) < 7900 - read
     assert ids(more) == ids(full_train)[: len(more)]
+
+
+def test_a_short_run_on_books_tokenises_a_book_and_a_rerun_none(tmp_path, gpt2_tokenizer, monkeypatch):
+    """Issue 24: 10,240 tokens from 138 books tokenised all of them. Now one book covers the budget, and the same run
+    again (or one with a smaller budget) finds it cached."""
+    books = [" ".join(f"{DOCS[(b + i) % 60]}" for i in range(300)) for b in range(40)]  # about 3,500 tokens each
+    path = tmp_path / "books.jsonl"
+    path.write_text("".join(json.dumps({"text": book}) + "\n" for book in books))
+    data = DataSpec(train={"path": str(path)}, holdout_docs=4, seq_len=64)
+    tokenised = counting_tokenizer(monkeypatch, gpt2_tokenizer)
+    said = []
+    first = build_datasets(data, gpt2_tokenizer, 0, train_rows=20, val_rows=2, say=said.append)  # 1,280 tokens
+    assert tokenised == [1, 1]  # the first training book, the first held-out one
+    assert said[-2].startswith("data: tokenised the first 1 of 36 training documents")
+    tokenised.clear()
+    again = build_datasets(data, gpt2_tokenizer, 0, train_rows=20, val_rows=2, say=said.append)
+    smaller = build_datasets(data, gpt2_tokenizer, 0, train_rows=5, val_rows=1, say=said.append)
+    assert tokenised == [] and ids(again[0]) == ids(first[0]) and ids(smaller[0]) == ids(first[0])
