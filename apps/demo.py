@@ -8,8 +8,8 @@
               (fitted on the train docstrings);
 5. uptrain:   each for a slice of the base's pretraining tokens (the GQA paper uses about 5%), and the base
               itself for as many tokens (the fair baseline: it sees the extra data too);
-6. evaluate:  gqa-eval compares every model with the base: held-out perplexity, the shipped lm-eval tasks and the
-              KV-cache size.
+6. evaluate:  gqa-eval compares every model with the base: held-out perplexity, two lm-eval tasks made from the
+              held-out docstrings (items that fit the model's 128 positions; demo_tasks.py) and the KV-cache size.
 Each stage leaves its result in OUTPUT and is skipped when run again, so an interrupted demo resumes.
 """
 
@@ -44,6 +44,16 @@ def write_corpus(folder: Path) -> None:
     with open(folder / "train.jsonl", "w") as f:
         f.writelines(json.dumps({"text": text}) + "\n" for text in train)
     (folder / "heldout.txt").write_text("\n\n".join(heldout) + "\n")
+
+
+def write_demo_tasks(heldout: Path, tokenizer_folder: Path, folder: Path) -> None:
+    """The demo's lm-eval tasks (demo_tasks.py), every item within SEQ_LEN tokens of the demo's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from gqa_uptrain.apps.demo_tasks import write_tasks
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    write_tasks(heldout.read_text(), lambda text: len(tokenizer(text, verbose=False)["input_ids"]) < SEQ_LEN, folder)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +93,9 @@ def run(args: argparse.Namespace) -> None:
     if not (tokenizer / "tokenizer.json").is_file():
         texts = (json.loads(line)["text"] for line in open(corpus / "train.jsonl"))
         train_bpe_tokenizer(texts, VOCAB, SEQ_LEN, tokenizer)
+    stage("tasks: last-word and next-sentence items from the held-out docstrings, each within the model's positions")
+    if not (out / "tasks" / "demo_nextsentence.yaml").is_file():
+        write_demo_tasks(corpus / "heldout.txt", tokenizer, out / "tasks")
     stage(f"base: a multi-head-attention Llama pretrained from scratch for {args.pretrain_steps} steps")
     if not (init / "config.json").is_file():
         init_llama(tokenizer, init, hidden=128, layers=4, heads=8, kv_heads=8, max_length=SEQ_LEN)
@@ -108,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
 
     stage("evaluate every model against the base with gqa-eval")
     errors = evaluate(EvalOptions(base=str(base), models=[str(c) for c in candidates], output=out / "report",
-                                  tasks="gqa_lastword,gqa_nextsentence", limit=100, batch_size=16,
+                                  tasks=str(out / "tasks"), batch_size=16,
                                   perplexity=str(corpus / "heldout.txt"), perplexity_concat=True,
                                   cache_dir=out / "eval-cache"))
     stage(f"done: report in {out / 'report'}, loss curves in {out}/*/loss_curve.png")
