@@ -7,7 +7,9 @@
 The recipe's `convert`, `evaluate` and `publish` sections say what the steps do (recipes/template.yaml;
 validated in pipeline_recipe.py); training runs as scripts/launch.sh would run it: one process per local GPU
 through `accelerate launch` with the recipe's `accelerate_config`, or one plain process where there is no GPU. The recipe and everything the steps need are
-checked before the first step starts. A step is skipped when its result exists and was made from what the recipe
+checked before the first step starts. The evaluation measures the converted model before uptraining
+(model.path, which uptraining leaves as it is) and after it, each against convert.source, in one report, and warns
+when uptraining made it worse. A step is skipped when its result exists and was made from what the recipe
 says now: the conversion when the folder's gqa_provenance.json records the recipe's source, groups and method, the
 uptraining when output_dir's run has the recipe's training sections and started from the model model.path holds;
 anything else there is refused in one line, never replaced. Training and evaluation resume by themselves, so
@@ -17,18 +19,25 @@ running the same command again continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gqa_uptrain.apps.pipeline_recipe import PipelineRecipe, load_pipeline_recipe
-from gqa_uptrain.cli import run_cli
-from gqa_uptrain.errors import ConfigError
-from gqa_uptrain.files import BackgroundHashes
+from gqa_uptrain.apps.pipeline_recipe import EvaluateSpec, PipelineRecipe, load_pipeline_recipe
+from gqa_uptrain.cli import run_cli, warn
+from gqa_uptrain.documents import local_files
+from gqa_uptrain.errors import ConfigError, GqaError
+from gqa_uptrain.files import BackgroundHashes, check_output_folder
 from gqa_uptrain.provenance import PROVENANCE, read_provenance
 from gqa_uptrain.source import looks_local
+
+
+PROG = "gqa-pipeline"
 
 
 @dataclass(frozen=True)
@@ -36,11 +45,12 @@ class Step:
     name: str
     argv: list[str]
     done: bool  # its result is already there
+    then: Callable[[], None] | None = None  # what the pipeline does once the step has run
 
 
 def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_id: str | None,
          publish_dry_run: bool) -> list[Step]:
-    """The commands the recipe asks for, in order."""
+    """The commands the recipe asks for, in order; `repo_id`: where to publish (None: nowhere)."""
     python = [sys.executable, "-m"]
     model, output = Path(recipe.model.path), Path(recipe.output_dir)
     uptrained, report = output / "model", output / "eval"
@@ -61,14 +71,17 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
         e = recipe.evaluate
         if not recipe.convert:
             raise ConfigError(f"{recipe_path}: `evaluate` compares with convert.source; the recipe has no `convert`")
-        argv = [*python, "gqa_uptrain.eval", "--base", recipe.convert.source, "--model", str(uptrained),
-                "--num-fewshot", str(e.num_fewshot), "--batch-size", str(e.batch_size), "--output", str(report)]
+        # The converted model as it was before uptraining (model.path, which gqa-uptrain does not change) and after,
+        # in one report: each against the base, and uptraining's own effect said by `compare_uptraining`.
+        argv = [*python, "gqa_uptrain.eval", "--base", recipe.convert.source, "--model", str(model),
+                "--model", str(uptrained), "--num-fewshot", str(e.num_fewshot), "--batch-size", str(e.batch_size),
+                "--output", str(report)]
         argv += ["--tasks", e.tasks] if e.tasks else []
         argv += ["--limit", f"{e.limit:g}"] if e.limit else []
         argv += ["--perplexity", e.perplexity] if e.perplexity else []
         argv += ["--speed"] if e.speed else []
-        steps.append(Step("evaluate", argv, False))  # gqa-eval's cache makes a rerun cheap
-    repo_id = repo_id or (recipe.publish.repo_id if recipe.publish else None)
+        # gqa-eval's cache makes a rerun cheap: each model is measured again only when its content changed
+        steps.append(Step("evaluate", argv, False, lambda: compare_uptraining(report, model, uptrained)))
     if repo_id:
         argv = [*python, "gqa_uptrain.apps.publish", str(uptrained), "--repo-id", repo_id]
         argv += ["--report", str(report / "report.json")] if recipe.evaluate else []
@@ -163,24 +176,131 @@ def uptrain_argv(recipe_path: Path, overrides: list[str], accelerate_config: str
     return [sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes", str(gpus), *train]
 
 
-def check_inputs(recipe_path: Path, recipe: PipelineRecipe) -> None:
-    """What must exist before the first step: the source of a conversion, or the model to uptrain."""
+def check_inputs(recipe_path: Path, recipe: PipelineRecipe, repo_id: str | None) -> None:
+    """What must hold before the first step, so that no step fails on it after hours of the others: the models and
+    the folders apart and of the right kind, every local input there, the tasks known, the repository id well
+    formed. Each problem is one ConfigError line naming the recipe."""
+    try:
+        _check_folders(recipe)
+        _check_models(recipe)
+        for source in (recipe.data.train, recipe.data.validation):
+            if source is not None and source.path is not None:
+                local_files(source.path)
+        if recipe.evaluate:
+            _check_evaluation(recipe.evaluate)
+        if repo_id:
+            from gqa_uptrain.apps.publish import check_repo_id
+
+            from_recipe = recipe.publish is not None and repo_id == recipe.publish.repo_id
+            check_repo_id(repo_id, "publish.repo_id" if from_recipe else "--repo-id")
+    except GqaError as error:
+        raise ConfigError(f"{recipe_path}: {error}") from None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_folders(recipe: PipelineRecipe) -> None:
+    """model.path apart from output_dir, where gqa-uptrain keeps its own run alone (a conversion there would make
+    every later step refuse the folder), and from convert.source, which a conversion would write over; output_dir
+    a folder that can be written."""
+    output = Path(recipe.output_dir).resolve()
+    check_output_folder(Path(recipe.output_dir), "output_dir")
+    if not recipe.convert and not Path(recipe.model.path).exists():
+        return  # a Hub id, or a folder gqa-uptrain will say is missing
+    model = Path(recipe.model.path).resolve()
+    if _inside(model, output) or _inside(output, model):
+        raise ConfigError(f"model.path {recipe.model.path} and output_dir {recipe.output_dir} overlap (one is the "
+                          "other or inside it): output_dir holds gqa-uptrain's run alone (the uptrained model goes to "
+                          "output_dir/model), so put model.path beside it, not in it")
+    if recipe.convert and (looks_local(recipe.convert.source) or Path(recipe.convert.source).is_dir()):
+        source = Path(recipe.convert.source).resolve()
+        if _inside(model, source) or _inside(source, model):
+            raise ConfigError(f"model.path {recipe.model.path} and convert.source {recipe.convert.source} overlap "
+                              "(one is the other or inside it): the conversion would be written over the original "
+                              "model; choose another model.path")
+
+
+def _check_models(recipe: PipelineRecipe) -> None:
+    """The source of a conversion, or the model to uptrain, and the launch config: there."""
     if recipe.convert:
         source = recipe.convert.source
-        if looks_local(source) and not Path(source).expanduser().is_dir():
-            raise ConfigError(f"{recipe_path}: convert.source {source} is not a folder")
-    elif looks_local(recipe.model.path) and not Path(recipe.model.path).expanduser().is_dir():
-        raise ConfigError(f"{recipe_path}: model.path {recipe.model.path} is not a folder, and the recipe has no "
-                          "`convert` section to make it")
+        if looks_local(source) and not Path(source).is_dir():
+            raise ConfigError(f"convert.source {source} is not a folder")
+        if recipe.convert.calibration and looks_local(recipe.convert.calibration):
+            local_files(recipe.convert.calibration)
+    elif looks_local(recipe.model.path) and not Path(recipe.model.path).is_dir():
+        raise ConfigError(f"model.path {recipe.model.path} is not a folder, and the recipe has no `convert` section "
+                          "to make it")
     if recipe.accelerate_config:  # found by the one rule gqa-uptrain --dry-run follows too
         from gqa_uptrain.train.estimate import accelerate_config_file
+
         accelerate_config_file(recipe.accelerate_config)
+
+
+def _check_evaluation(spec: EvaluateSpec) -> None:
+    """The perplexity file there (a Hub dataset is gqa-eval's to fetch) and every task known, as gqa-eval's own
+    input checks say it: lm-eval's index is read (seconds), no data is."""
+    from gqa_uptrain.eval.local_tasks import resolve_tasks
+    from gqa_uptrain.eval.perplexity import check_local_file
+
+    if spec.perplexity:
+        check_local_file(spec.perplexity)
+    if spec.tasks:
+        with tempfile.TemporaryDirectory() as staging:
+            resolve_tasks(spec.tasks, [], Path(staging), file_hash=lambda path: "")
+
+
+def compare_uptraining(report: Path, converted: Path, uptrained: Path) -> None:
+    """Say what uptraining changed, from the report that holds the converted model before and after it, and warn
+    when it made the model worse: a learning rate too high, or data unlike the evaluation's, can undo what the
+    conversion kept, and two rows against the base do not say so by themselves."""
+    from gqa_uptrain.eval.report import AVERAGE, compare
+
+    try:
+        models = json.loads((report / "report.json").read_text())["candidates"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # gqa-eval said why
+    before, after = (_candidate(models, folder) for folder in (converted, uptrained))
+    if before is None or after is None:
+        return
+    rows = [r for r in compare(before, after) if r["task"] in (AVERAGE, "perplexity")]
+    if not rows:
+        return
+    print(f"{PROG}: uptraining took the converted model {before['label']} to {after['label']}: "
+          + ", ".join(_change(r) for r in rows) + f" ({report / 'report.md'})", flush=True)
+    worse = [_change(r) for r in rows if _worse(r)]
+    if worse:
+        warn(PROG, f"uptraining made the model worse than the conversion alone ({', '.join(worse)}): try a lower "
+                   f"train.lr, or training data closer to what is evaluated; {report / 'report.md'} has every row")
+
+
+def _candidate(models: list[dict], folder: Path) -> dict | None:
+    """The report's row for the model evaluated from `folder` (its own cache, not a quantized one)."""
+    for model in models:
+        if Path(model["ref"]).resolve() == folder.resolve() and model.get("kv_cache", "none") == "none":
+            return model
+    return None
+
+
+def _change(row: dict) -> str:
+    name = "perplexity" if row["task"] == "perplexity" else f"average {row['metric']}"
+    return f"{name} {row['base']:.4g} -> {row['candidate_value']:.4g}"
+
+
+def _worse(row: dict) -> bool:
+    """Moved the wrong way: perplexity at all (it is measured on the same text), a score beyond two standard
+    errors (or at all where none is known)."""
+    wrong_way = row["delta"] < 0 if row["higher_is_better"] else row["delta"] > 0
+    return wrong_way and (row["significant"] or row["delta_stderr"] is None)
 
 
 def run(args: argparse.Namespace) -> None:
     recipe = load_pipeline_recipe(args.recipe, args.overrides)
-    check_inputs(args.recipe, recipe)
-    steps = plan(args.recipe, args.overrides, recipe, args.repo_id, args.publish_dry_run)
+    repo_id = args.repo_id or (recipe.publish.repo_id if recipe.publish else None)
+    check_inputs(args.recipe, recipe, repo_id)
+    steps = plan(args.recipe, args.overrides, recipe, repo_id, args.publish_dry_run)
     for i, step in enumerate(steps, 1):
         state = "done, skipped" if step.done else ("would run" if args.dry_run else "running")
         print(f"[{i}/{len(steps)}] {step.name} ({state}): {shlex.join(step.argv)}", flush=True)
@@ -190,6 +310,8 @@ def run(args: argparse.Namespace) -> None:
         if code != 0:
             raise SystemExit(f"pipeline: step {step.name} failed (exit {code}); fix it and run the same command "
                              "again to continue")
+        if step.then is not None:
+            step.then()
 
 
 def main(argv: list[str] | None = None) -> None:

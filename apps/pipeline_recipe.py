@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gqa_uptrain.convert.methods import METHODS
-from gqa_uptrain.train.recipe import Recipe, load_recipe
+from gqa_uptrain.train.recipe import Recipe, UserPath, load_recipe
 
 
 class _Section(BaseModel):
@@ -23,10 +23,10 @@ class _Section(BaseModel):
 class ConvertSpec(_Section):
     """How `model.path` is made from the original checkpoint."""
 
-    source: str  # the original MHA (or GQA) checkpoint: a local folder or a Hub id
+    source: UserPath  # the original MHA (or GQA) checkpoint: a local folder or a Hub id
     groups: int = Field(ge=1)
     method: str = "mean"  # a gqa-convert --method
-    calibration: str | None = None  # --calibration DATA for method calibrated (text like the model's pretraining data)
+    calibration: UserPath | None = None  # --calibration DATA for method calibrated (like the pretraining text)
 
     @field_validator("method")
     @classmethod
@@ -43,7 +43,7 @@ class EvaluateSpec(_Section):
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     limit: float | None = Field(None, gt=0)
-    perplexity: str | None = None  # held-out text: a file or a Hub dataset
+    perplexity: UserPath | None = None  # held-out text: a file or a Hub dataset
     speed: bool = False
 
 
@@ -55,7 +55,7 @@ class PublishSpec(_Section):
 class PipelineRecipe(Recipe):
     """Its new fields are exactly the training recipe's PIPELINE_SECTIONS (tests/apps/test_pipeline.py checks)."""
 
-    accelerate_config: str | None = None  # the launch config for this recipe's hardware (recipes/accelerate/)
+    accelerate_config: UserPath | None = None  # the launch config for this recipe's hardware (recipes/accelerate/)
     convert: ConvertSpec | None = None
     evaluate: EvaluateSpec | None = None
     publish: PublishSpec | None = None

@@ -3,7 +3,8 @@
 The card is built from what the folder already knows about itself: `gqa_provenance.json` (base model, method,
 groups, uptraining tokens and fraction of pretraining, the base model's license), its config (KV-cache size before
 and after), and optionally a gqa-eval report (the quality delta). A README.md that gqa-uptrain did not write (it lacks
-the generated card's marker line) is kept and uploaded as it is. Only files inside the folder are uploaded, by the
+the generated card's marker line) is kept and uploaded as it is; one that cannot be uploaded (a link out of the
+folder) is refused rather than silently left out. Only files inside the folder are uploaded, by the
 rule of `gqa_uptrain.model_folder`. `--dry-run` changes nothing on disk: it prints the list and the card; a real
 publish writes the card into the folder only once the upload has succeeded.
 """
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.errors import CheckpointError, PublishError, one_line
-from gqa_uptrain.files import write_atomically
-from gqa_uptrain.model_folder import readable_files
+from gqa_uptrain.files import expand_home, write_atomically
+from gqa_uptrain.model_folder import outside_reason, readable_files
 from gqa_uptrain.provenance import PROVENANCE
 
 # huggingface_hub, torch (checkpoint_io) and transformers (the card) are imported where they are used, so that
@@ -43,6 +44,17 @@ def quality_lines(report: dict, folder: Path, label: str | None) -> list[str]:
     raise PublishError(f"the report has no candidate {label or folder} (it has: {known}); use --candidate")
 
 
+def check_card_readable(folder: Path) -> None:
+    """A README.md that the link rule would leave out (a link out of the folder, not a regular file) can be neither
+    kept, since it would not be uploaded, nor replaced, since it may be a hand-written card: refused in one line,
+    before anything is read or sent."""
+    existing = folder / CARD
+    reason = outside_reason(folder, existing) if os.path.lexists(existing) else None
+    if reason is not None:
+        raise PublishError(f"{existing}: {reason}, so it would not be uploaded and the model would have no card; "
+                           f"copy the card into the folder, or remove {CARD} to upload the generated one")
+
+
 def choose_card(folder: Path, generated: str) -> tuple[str | None, str]:
     """The card to upload (None: the folder's own README.md, kept as it is) and one line that says which."""
     from gqa_uptrain.convert.card import is_generated_card
@@ -63,15 +75,15 @@ def upload_plan(folder: Path, files: list[str], card: str | None) -> list[tuple[
     return sorted(sizes + ([(CARD, len(card.encode()))] if card is not None else []))
 
 
-def check_repo_id(repo_id: str) -> None:
-    """A Hub repository id, NAME or OWNER/NAME, before anything is read or sent."""
+def check_repo_id(repo_id: str, what: str = "--repo-id") -> None:
+    """A Hub repository id, NAME or OWNER/NAME, before anything is read or sent; `what` names where it was given."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise PublishError(f"--repo-id {repo_id!r} is not a Hub repository id (use NAME or OWNER/NAME): "
+        raise PublishError(f"{what} {repo_id!r} is not a Hub repository id (use NAME or OWNER/NAME): "
                            f"{one_line(error, 160)}") from None
 
 
@@ -109,7 +121,8 @@ def publish(folder: Path, repo_id: str, report_path: Path | None, label: str | N
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
     if not (folder / PROVENANCE).is_file():
         raise PublishError(f"{folder}: no {PROVENANCE}; publish a folder written by gqa-convert or gqa-uptrain")
-    # The link rule first: a folder whose weights or config lead out of it is refused before they are read.
+    # The link rule first: a folder whose weights, config or card lead out of it is refused before they are read.
+    check_card_readable(folder)
     readable = readable_files(folder, is_model_file, PROG, "uploaded")
     extra = quality_lines(report, folder, label) if report is not None else []
     card, card_line = choose_card(folder, model_card(folder, repo_id.split("/")[-1], extra).content)
@@ -154,8 +167,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    run_cli("gqa-publish", lambda: publish(args.folder, args.repo_id, args.report, args.candidate, args.private,
-                                           args.dry_run))
+    report = expand_home(args.report) if args.report else None
+    run_cli("gqa-publish", lambda: publish(expand_home(args.folder), args.repo_id, report, args.candidate,
+                                           args.private, args.dry_run))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
-from gqa_uptrain.errors import OutputBusyError
+from gqa_uptrain.errors import OutputBusyError, OutputError
 
 # What flock answers on a file system that cannot lock (Lustre without -o flock, some NFS setups).
 _NO_FLOCK = {errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -43,7 +44,7 @@ def acquire(path: Path, owner: str, busy: Callable[[dict], str]) -> Held:
     record into it. A live holder: OutputBusyError with `busy(its record)` as the message (`{}` when the file does
     not say who holds it); `busy` says what is locked and what to do, on one line."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             flocked = True
@@ -66,6 +67,31 @@ def acquire(path: Path, owner: str, busy: Callable[[dict], str]) -> Held:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(_record(owner)) + "\n").encode(), 0)
     return Held(fd, flocked, previous or None)
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file, opened (created if need be) without following a link and without blocking on a named pipe;
+    OutputError, naming what is there, when that is not a regular file: a lock cannot be held through it, and
+    what is there is not ours to remove."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as error:
+        if error.errno not in (errno.ELOOP, errno.EISDIR):
+            raise
+        raise OutputError(_wrong_kind(path, os.lstat(path).st_mode)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OutputError(_wrong_kind(path, mode))
+    return fd
+
+
+def _wrong_kind(path: Path, mode: int) -> str:
+    kinds = {stat.S_ISLNK: "a link", stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a named pipe",
+             stat.S_ISSOCK: "a socket"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    return (f"{path}: the lock file is {kind}, so the output cannot be locked; remove it (no gqa command makes one) "
+            "and run the same command again")
 
 
 def release(path: Path, fd: int) -> None:

@@ -17,13 +17,14 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from gqa_uptrain.errors import GqaError
-from gqa_uptrain.files import BackgroundHashes
+from gqa_uptrain.errors import ConfigError, GqaError
+from gqa_uptrain.files import BackgroundHashes, expand_home
 
 if TYPE_CHECKING:
     from gqa_uptrain.convert.checkpoint_io import CheckpointReader
 
 DEFAULT_CALIBRATION_TOKENS = 32_768
+MAX_SEED = 2**32 - 1  # as numpy's; torch's generators take seed * 1_000_003 + a name's CRC (pooling.py) below 2**64
 
 
 def convert_checkpoint(source: str | Path, groups: int, output: str | Path | None = None, *, method: str = "mean",
@@ -45,6 +46,8 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
         raise GqaError("--calibration and --calibration-tokens apply to --method calibrated only")
     if calibration_tokens < 1:
         raise GqaError(f"--calibration-tokens must be positive, got {calibration_tokens}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be a whole number from 0 to {MAX_SEED:,}, got {seed!r}")
     from gqa_uptrain.convert.hub_headers import hub_checkpoint, plans_from_hub
     from gqa_uptrain.source import resolve_source  # huggingface_hub: not for `gqa-convert --help`
 
@@ -57,12 +60,14 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
     # transformers' model classes and plans: most of a small conversion's time, and much of a large one's.
     with BackgroundHashes(reader.files) if reader is not None and not dry_run else nullcontext() as hashes:
         from gqa_uptrain.convert.converter import convert, default_output
-        from gqa_uptrain.convert.plan import CalibrationOptions, after_writing, build_plan, describe, refuse_no_op
+        from gqa_uptrain.convert.plan import (CalibrationOptions, after_writing, build_plan, check_calibration_memory,
+                                              describe, refuse_no_op)
 
         plan = build_plan(resolved.folder, groups, method, seed, shard_bytes,
                           CalibrationOptions(calibration, calibration_tokens), reader)
         refuse_no_op(plan)
-        target = Path(output) if output is not None else default_output(resolved.name, groups)
+        check_calibration_memory(plan)
+        target = expand_home(Path(output)) if output is not None else default_output(resolved.name, groups)
         say = say or (lambda line: None)
         if dry_run:
             say("\n".join([*describe(plan, context), f"output        {target} (not written: --dry-run)"]))

@@ -155,7 +155,7 @@ class CheckpointReader:
             self.tensors.update(scanned)
         index = _index_path(folder)
         if index is not None:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_weight_map(index)
             check_index(index, weight_map, {shard: held[_shard_path(folder, index, shard)]
                                             for shard in weight_map.values()})
 
@@ -316,10 +316,7 @@ def _weight_files(folder: Path) -> list[Path]:
     """The checkpoint's weight files, from its index when there is one (safetensors preferred)."""
     index = _index_path(folder)
     if index is not None:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid checkpoint index ({e})") from None
+        weight_map = read_weight_map(index)
         files = [_shard_path(folder, index, name) for name in dict.fromkeys(weight_map.values())]
         for file in files:
             if not os.path.lexists(file):
@@ -332,6 +329,19 @@ def _weight_files(folder: Path) -> list[Path]:
             return [folder / single]
     raise CheckpointError(f"{folder}: no model weights found (expected {SAFETENSORS_SINGLE} or {BIN_SINGLE}, "
                           "or a sharded index)")
+
+
+def read_weight_map(index: Path) -> dict[str, object]:
+    """The index's map from tensor name to shard file; CheckpointError when the file is not JSON or its
+    `weight_map` is missing or not a mapping (a list, say). The shard names are `_shard_path`'s to check."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid checkpoint index ({e})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid checkpoint index (its weight_map is a "
+                              f"{type(weight_map).__name__}, not a mapping of tensor names to shard files)")
+    return weight_map
 
 
 def _shard_path(folder: Path, index: Path, name: object) -> Path:

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.convert import DEFAULT_CALIBRATION_TOKENS, convert_checkpoint
 from gqa_uptrain.convert.methods import METHODS
+
+
+def _whole_number(text: str) -> int:
+    """An integer as a person writes a count: 32768, 32_768 or 3.2768e4. Its range is convert_checkpoint's to
+    check, so that the API refuses the same values in the same words."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,10 +57,10 @@ def parser() -> argparse.ArgumentParser:
                    help="text for --method calibrated: a local .txt/.jsonl/.parquet file (optionally compressed), "
                         "folder or glob, or a Hub dataset id; rows with input_ids are used as they are (default: "
                         "the docstrings of Python's standard library, offline)")
-    p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
+    p.add_argument("--calibration-tokens", type=_whole_number, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                    help="calibration tokens for --method calibrated, as whole sequences of up to 512 tokens "
                         "(default: 32768; more fits more closely and takes longer)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_whole_number, default=0,
                    help="seed for --method random and for the order of calibration documents (default: 0)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub SOURCE (default: main)")
     p.add_argument("--max-shard-size", default="5GB",

@@ -21,7 +21,7 @@ from gqa_uptrain.convert.checkpoint_io import CheckpointReader, OutputTensor, Te
 from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, check_written_config, find_layout
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.pooling import pooled_shape
-from gqa_uptrain.errors import CheckpointError, InvalidGroupsError, UnsupportedModelError
+from gqa_uptrain.errors import CheckpointError, ConfigError, InvalidGroupsError, UnsupportedModelError
 from gqa_uptrain.kv_heads import (kv_cache_bytes_per_token, kv_heads_keys, meta_model, text_config, text_config_key,
                                   with_kv_heads)
 from gqa_uptrain.model_folder import require_inside
@@ -350,6 +350,41 @@ def refuse_no_op(plan: ConversionPlan) -> None:
         raise InvalidGroupsError(f"--method random with --groups {plan.layout.groups}, the source's KV heads, would "
                                  "copy the source unchanged (nothing is re-initialised when no heads merge); "
                                  "choose a smaller --groups")
+
+
+# What --method calibrated keeps for the whole run, per calibration token and hidden unit: the original and the
+# converted hidden states and the original attention output, in fp32 (calibration/calibrate.py).
+_CALIBRATION_BYTES = 3 * 4
+
+
+def check_calibration_memory(plan: ConversionPlan) -> None:
+    """Refuse, before any text is read, --calibration-tokens whose hidden states cannot fit in the memory the
+    calibration runs in (the GPU's when there is one): the allocation would fail minutes later, in a traceback."""
+    if plan.calibration is None:
+        return
+    hidden, tokens = text_config(plan.config).hidden_size, plan.calibration.tokens
+    need = tokens * hidden * _CALIBRATION_BYTES
+    available, where = _available_memory()
+    if need > available:
+        fits = available // (hidden * _CALIBRATION_BYTES)
+        raise ConfigError(f"--calibration-tokens {tokens:,} needs about {human_size(need)} for the hidden states "
+                          f"(tokens x hidden size {hidden} x 4 bytes x 3), more than the {human_size(available)} of "
+                          f"{where} here; use at most {fits:,}")
+
+
+def _available_memory() -> tuple[int, str]:
+    """Bytes the calibration may still take, and of what: free GPU memory, or the memory Linux can give without
+    swapping (MemAvailable, which counts the page cache it can drop; free pages where /proc is not there)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0], "free GPU memory"
+    try:
+        with open("/proc/meminfo") as meminfo:
+            kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+        return kib * 1024, "available memory"
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "free memory"
 
 
 def after_writing(plan: ConversionPlan, source: str, output: Path) -> list[str]:

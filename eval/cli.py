@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from gqa_uptrain.cli import run_cli
@@ -41,7 +42,7 @@ def _int_list(text: str) -> list[int]:
 
 def _limit(text: str) -> int | float:
     value = float(text)
-    return value if "." in text else int(value)
+    return value if "." in text or not math.isfinite(value) else int(value)  # inf and nan: EvalOptions says no
 
 
 def _bos(text: str) -> bool | None:

@@ -6,12 +6,14 @@ mistake becomes one ConfigError naming the flag; `cli.py`'s flags map one to one
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gqa_uptrain.errors import ConfigError
+from gqa_uptrain.files import check_output_folder, expand_home
 
 from .cache import default_cache_dir
 
@@ -23,6 +25,9 @@ KV_CACHE_NAMES = get_args(KVCache)
 FLAGS = {"models": "--model", "include_paths": "--include-path", "use_cache": "--no-cache"}
 
 Positive = Annotated[int, Field(ge=1)]
+# A path (or Hub id) as the user wrote it, `~` expanded.
+UserPath = Annotated[Path, BeforeValidator(expand_home)]
+UserRef = Annotated[str, BeforeValidator(expand_home)]
 
 
 def default_device() -> str:
@@ -36,11 +41,11 @@ class EvalOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base: str
-    models: list[str]
-    output: Path
+    base: UserRef
+    models: list[UserRef]
+    output: UserPath
     tasks: str | None = None
-    include_paths: list[Path] = []
+    include_paths: list[UserPath] = []
     num_fewshot: int = Field(0, ge=0)
     batch_size: Positive = 8
     limit: int | float | None = None  # documents per task; a fraction of them when a float
@@ -49,7 +54,7 @@ class EvalOptions(BaseModel):
     device: str = Field(default_factory=default_device)
     add_bos_token: bool | None = None
     bootstrap_iters: Positive = 100_000
-    perplexity: str | None = None
+    perplexity: UserRef | None = None
     perplexity_column: str = "text"
     perplexity_split: str = "test"
     perplexity_concat: bool = False
@@ -63,7 +68,7 @@ class EvalOptions(BaseModel):
     kv_cache: list[KVCache] = Field(["none"], min_length=1)
     kv_group_size: Positive = 64  # transformers' QuantizedCache defaults (q_group_size, residual_length)
     kv_residual: int = Field(128, ge=0)
-    cache_dir: Path = Field(default_factory=default_cache_dir)
+    cache_dir: UserPath = Field(default_factory=default_cache_dir)
     use_cache: bool = True
 
     def __init__(self, **values: Any) -> None:
@@ -75,8 +80,18 @@ class EvalOptions(BaseModel):
     @field_validator("limit")
     @classmethod
     def _positive_limit(cls, value: int | float | None) -> int | float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"must be a number of documents (or a fraction of them with a dot), got {value}")
         if value is not None and value <= 0:
             raise ValueError(f"must be positive, got {value}")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_folder(cls, value: Path) -> Path:
+        """A report folder that cannot be one (a file, a dangling link, read-only) is refused before any model is
+        evaluated, not when the first report is written (OutputError, not a ValueError: pydantic lets it through)."""
+        check_output_folder(value, "--output")
         return value
 
     @field_validator("kv_cache")

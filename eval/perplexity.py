@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from gqa_uptrain.errors import DataError, one_line
+from gqa_uptrain.source import looks_local
 
 DATASET_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 logits scored at once
@@ -39,6 +40,19 @@ def _builder(path: Path) -> str | None:
     return DATASET_FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
+def check_local_file(source: str) -> bool:
+    """Whether SOURCE is a local file (True) or a Hub dataset name (False); DataError when it is written as a file
+    (a path, or a file's suffix) but is none: checked before any model loads, by gqa-eval and gqa-pipeline."""
+    path = Path(source)
+    if path.is_file():
+        return True
+    if path.exists():
+        raise DataError(f"perplexity data {source} is not a file")
+    if looks_local(source) or path.suffix in (".txt", ".md", ".xz", ".gz") or _builder(path):
+        raise DataError(f"perplexity data {source}: no such file")
+    return False
+
+
 def load_documents(source: str, column: str = "text", split: str = "test", concat: bool = False) -> list[str]:
     """Documents from a plain-text file (one document), a JSON/JSONL/CSV/Parquet file, or a Hub dataset.
 
@@ -48,15 +62,11 @@ def load_documents(source: str, column: str = "text", split: str = "test", conca
     """
     path = Path(source)
     try:
-        if path.is_file() and _builder(path) is None:
+        if check_local_file(source) and _builder(path) is None:
             documents = [path.read_text(encoding="utf-8")]
         else:
             if path.is_file():
                 rows = datasets.load_dataset(_builder(path), data_files=str(path), split="train")
-            elif path.exists():
-                raise DataError(f"perplexity data {source} is not a file")
-            elif path.suffix in (".txt", ".md", ".xz", ".gz") or _builder(path):
-                raise DataError(f"perplexity data {source}: no such file")
             else:
                 name, _, config = source.partition(":")
                 rows = datasets.load_dataset(name, config or None, split=split)

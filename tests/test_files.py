@@ -8,8 +8,11 @@ import socket
 
 import pytest
 from gqa_uptrain import files, locks
-from gqa_uptrain.errors import OutputBusyError
-from gqa_uptrain.files import exchange_paths, is_full_disk, lock_path, output_lock, rename_no_replace
+from pathlib import Path
+
+from gqa_uptrain.errors import OutputBusyError, OutputError
+from gqa_uptrain.files import (check_output_folder, exchange_paths, expand_home, is_full_disk, lock_path, output_lock,
+                               rename_no_replace)
 
 
 @pytest.fixture(params=["renameat2", "portable"])
@@ -75,10 +78,79 @@ def test_the_lock_never_follows_a_planted_link(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     lock_path(tmp_path / "model").symlink_to(victim)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"\.model\.lock: the lock file is a link, so the output cannot be locked"):
         with output_lock(tmp_path / "model", "gqa-convert"):
             pass
-    assert victim.read_text() == "keep me"
+    assert victim.read_text() == "keep me" and lock_path(tmp_path / "model").is_symlink()
+
+
+# A lock file of the wrong kind: (how it is made, what the one line calls it). Never followed, never removed.
+WRONG_LOCKS = {
+    "a folder": (lambda path: path.mkdir(), "a folder"),
+    "a named pipe": (os.mkfifo, "a named pipe"),  # opening it for reading alone would hang
+    "a link to a folder": (lambda path: path.symlink_to(path.parent, target_is_directory=True), "a link"),
+    "a dangling link": (lambda path: path.symlink_to(path.parent / "never-there"), "a link"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_LOCKS, ids=str)
+def test_a_lock_file_of_the_wrong_kind_is_one_line_and_left_alone(case, tmp_path):
+    make, kind = WRONG_LOCKS[case]
+    lock = lock_path(tmp_path / "model")
+    make(lock)
+    before = os.lstat(lock)
+    with pytest.raises(OutputError) as refused:
+        with output_lock(tmp_path / "model", "gqa-convert"):
+            pass
+    assert str(refused.value) == (f"{lock}: the lock file is {kind}, so the output cannot be locked; remove it (no gqa "
+                                  "command makes one) and run the same command again")
+    assert os.path.samestat(os.lstat(lock), before) and not (tmp_path / "never-there").exists()
+
+
+# An output folder that cannot be one: (what is made in tmp, returning the output; the one line, {tmp} filled in).
+def a_file(tmp: Path) -> Path:
+    (tmp / "run").write_text("x")
+    return tmp / "run"
+
+
+def read_only(tmp: Path) -> Path:
+    (tmp / "run").mkdir(mode=0o555)
+    return tmp / "run"
+
+
+WRONG_OUTPUTS = {
+    "a file": (a_file, "output_dir {tmp}/run: is a file, not a folder; remove it or choose another output_dir"),
+    "under a file": (lambda tmp: a_file(tmp) / "sub", "output_dir {tmp}/run/sub: {tmp}/run, above it, is a file, not "
+                     "a folder"),
+    "a dangling link": (lambda tmp: (tmp / "run").symlink_to(tmp / "gone") or tmp / "run",
+                        "output_dir {tmp}/run is a link to {tmp}/gone, which does not exist; create that folder, or "
+                        "remove the link or choose another output_dir"),
+    "read-only": (read_only, "output_dir {tmp}/run cannot be written: no permission, or a read-only file system"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_OUTPUTS, ids=str)
+def test_an_output_folder_that_cannot_be_one_is_one_line(case, tmp_path):
+    make, line = WRONG_OUTPUTS[case]
+    output = make(tmp_path)
+    if case == "read-only" and os.access(output, os.W_OK):
+        pytest.skip("root writes to a folder chmod'ed read-only (tests/apps/test_pipeline.py mounts a read-only one)")
+    with pytest.raises(OutputError) as refused:
+        check_output_folder(output, "output_dir")
+    assert str(refused.value).startswith(line.format(tmp=tmp_path)), str(refused.value)
+
+
+def test_a_link_to_a_folder_is_an_output_folder(tmp_path):
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "run").symlink_to(tmp_path / "disk", target_is_directory=True)
+    check_output_folder(tmp_path / "run", "output_dir")
+    check_output_folder(tmp_path / "new" / "run", "output_dir")  # made later, in a folder that can be written
+
+
+def test_a_home_path_is_expanded_wherever_it_is_written(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert expand_home("~/runs/x") == "/home/someone/runs/x" and expand_home(Path("~")) == Path("/home/someone")
+    assert expand_home("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf" and expand_home("a/~b") == "a/~b"
 
 
 def test_a_file_system_that_cannot_lock_is_written_without_the_lock(tmp_path, monkeypatch):

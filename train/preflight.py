@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from gqa_uptrain.dicts import flatten
 from gqa_uptrain.documents import local_files
 from gqa_uptrain.errors import CheckpointError, ConfigError, one_line
-from gqa_uptrain.files import _hub_cache_sha256, sha256_file, write_atomically
+from gqa_uptrain.files import _hub_cache_sha256, check_output_folder, sha256_file, write_atomically
 from gqa_uptrain.provenance import PROVENANCE
 from gqa_uptrain.source import resolve_source
 from gqa_uptrain.tokenizer_identity import tokenizer_difference
@@ -90,6 +90,7 @@ def check_models(recipe: Recipe) -> Models:
 def check_output_dir(recipe: Recipe) -> str:
     """'fresh', 'resume' or 'complete'; ConfigError if the folder holds something else or another recipe's run."""
     output = Path(recipe.output_dir)
+    check_output_folder(output, "output_dir")
     snapshot = output / RECIPE_SNAPSHOT
     if not snapshot.is_file():
         if output.exists() and any(p.name != LOCK_FILE for p in output.iterdir()):  # a run that died at its start

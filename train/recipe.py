@@ -15,12 +15,16 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from gqa_uptrain.errors import ConfigError, one_line
+from gqa_uptrain.files import expand_home
+
+# A path (or Hub id) as the recipe writes it, `~` expanded: every path a recipe holds is one of these.
+UserPath = Annotated[str, BeforeValidator(expand_home)]
 
 
 class _Section(BaseModel):
@@ -28,14 +32,14 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    path: str  # the converted (GQA) checkpoint: a local folder or a Hub id
+    path: UserPath  # the converted (GQA) checkpoint: a local folder or a Hub id
     attn_implementation: Literal["sdpa", "flash_attention_2", "flex_attention", "eager"] = "sdpa"
     gradient_checkpointing: bool = False
     compile: bool = False
 
 
 class TeacherSpec(_Section):
-    path: str  # usually the original MHA checkpoint
+    path: UserPath  # usually the original MHA checkpoint
     weight: float = Field(0.5, ge=0.0, le=1.0)  # loss = (1 - weight) * LM + weight * KL
     temperature: float = Field(1.0, gt=0.0)
     # replicate: a whole copy per device; shard: split over the processes (train/teacher.py);
@@ -44,7 +48,7 @@ class TeacherSpec(_Section):
 
 
 class SourceSpec(_Section):
-    path: str | None = None  # local file, folder or glob of .txt / .jsonl / .json / .parquet (.gz/.xz/.zst too)
+    path: UserPath | None = None  # local file, folder or glob of .txt / .jsonl / .json / .parquet (.gz/.xz/.zst)
     dataset: str | None = None  # a Hub dataset name
     name: str | None = None  # the Hub dataset's configuration
     split: str = "train"
@@ -124,7 +128,7 @@ PIPELINE_SECTIONS = frozenset({"accelerate_config", "convert", "evaluate", "publ
 
 
 class Recipe(_Section):
-    output_dir: str
+    output_dir: UserPath
     seed: int = 0
     model: ModelSpec
     teacher: TeacherSpec | None = None
@@ -160,7 +164,7 @@ R = TypeVar("R", bound=Recipe)
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), schema: type[R] = Recipe) -> R:
     """Read, override and validate a recipe as `schema` (the training recipe, or a model extending it); every
     problem is one ConfigError line naming key and file."""
-    path = Path(path)
+    path = expand_home(Path(path))
     try:
         tree = yaml.safe_load(path.read_text())
     except FileNotFoundError:

@@ -1,12 +1,14 @@
 """gqa-pipeline: one recipe drives convert -> uptrain -> eval -> publish (the upload itself is dry-run)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from gqa_uptrain.apps import pipeline
+from gqa_uptrain.apps.pipeline_recipe import load_pipeline_recipe
 
 pytestmark = pytest.mark.slow  # whole pipelines: convert, uptrain, evaluate
 
@@ -39,12 +41,56 @@ def test_one_recipe_runs_every_step_and_resumes(recipe, tmp_path, capfd, monkeyp
     model = tmp_path / "run" / "model"
     record = json.loads((model / "gqa_provenance.json").read_text())
     assert record["conversion"]["groups"] == 2 and record["uptraining"]["steps"] == 2
-    assert json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["candidates"][0]["ref"] == str(model)
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    # one report: the converted model before uptraining and after it, each against the source
+    assert [c["ref"] for c in report["candidates"]] == [str(tmp_path / "tiny-gqa2"), str(model)]
+    assert set(report["comparisons"]) == {"tiny-gqa2", "run"}
     out = capfd.readouterr().out  # a dry run prints the card it would upload and writes nothing
+    assert "gqa-pipeline: uptraining took the converted model tiny-gqa2 to run: perplexity " in out
     assert "would upload" in out and "| KV heads | 4 -> 2 |" in out and "## Quality against the base model" in out
+    assert "(gqa-eval, `run`)" in out  # the card's quality is the uptrained model's
     pipeline.main([str(recipe), "--dry-run"])
     out = capfd.readouterr().out
     assert "[1/4] convert (done, skipped)" in out and "[2/4] uptrain (done, skipped)" in out
+
+
+def uptraining_report(tmp_path: Path, perplexities: tuple[float, float, float], scores: tuple[float, ...]) -> Path:
+    """A gqa-eval report of the base, the converted model and the uptrained one (perplexity, and one task's acc
+    with stderr 0.01), as the evaluate step writes it."""
+    from gqa_uptrain.eval.report import build_report, write_report
+
+    def model(ref: str, ppl: float, acc: float) -> dict:
+        results = {"lambada": {"acc,none": acc, "acc_stderr,none": 0.01}}
+        return {"label": Path(ref).name, "ref": ref, "perplexity": {"token_perplexity": ppl},
+                "tasks": {"lambada": {"results": results, "higher_is_better": {"lambada": {"acc": True}}}}}
+
+    refs = [str(tmp_path / name) for name in ("source", "converted", "uptrained")]
+    base, *candidates = (model(ref, ppl, acc) for ref, ppl, acc in zip(refs, perplexities, scores))
+    write_report(build_report({}, base, candidates), tmp_path / "eval")
+    return tmp_path / "eval"
+
+
+@pytest.mark.parametrize("perplexities, scores, said, warning", [
+    ((20.0, 193.4, 41.5), (0.6, 0.40, 0.50), "perplexity 193.4 -> 41.5, average acc 0.4 -> 0.5", None),
+    ((20.0, 193.4, 209.3), (0.6, 0.40, 0.41), "perplexity 193.4 -> 209.3, average acc 0.4 -> 0.41",
+     "perplexity 193.4 -> 209.3"),
+    ((20.0, 193.4, 150.0), (0.6, 0.40, 0.30), "perplexity 193.4 -> 150", "average acc 0.4 -> 0.3"),
+    ((20.0, 193.4, 193.0), (0.6, 0.40, 0.39), "average acc 0.4 -> 0.39", None),  # within two standard errors
+])
+def test_the_report_says_what_uptraining_changed_and_warns_when_it_made_it_worse(tmp_path, capsys, perplexities,
+                                                                               scores, said, warning):
+    report = uptraining_report(tmp_path, perplexities, scores)
+    pipeline.compare_uptraining(report, tmp_path / "converted", tmp_path / "uptrained")
+    captured = capsys.readouterr()
+    assert captured.out.startswith("gqa-pipeline: uptraining took the converted model converted to uptrained: ")
+    assert said in captured.out and f"({report / 'report.md'})" in captured.out
+    warnings = captured.err.splitlines()
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("gqa-pipeline: warning: uptraining made the model worse "
+                                                             f"than the conversion alone ({warning}): try a lower "
+                                                             "train.lr"), warnings
 
 
 @pytest.mark.parametrize("name", ["llama-2-7b-gqa8", "llama-2-7b-mqa"])
@@ -62,6 +108,93 @@ def test_missing_source_fails_before_any_step(recipe, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "convert.source /nonexistent/model is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "tiny-gqa2").exists()
+
+
+# Checks that must come before the first step, dry run or not, as a table: (what is prepared in the recipe's folder,
+# returning the overrides; the one line's text, {tmp} filled in; what must hold afterwards). Nothing is written.
+def ro_output_dir(tmp: Path) -> list[str]:
+    """output_dir in a read-only file system (root writes to any folder chmod'ed read-only)."""
+    import shutil
+    import subprocess
+
+    (tmp / "ro").mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(tmp / "ro")], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    return [f"output_dir={tmp / 'ro' / 'run'}"]
+
+
+def written(tmp: Path) -> bool:
+    return not (tmp / "tiny-gqa2").exists() and not (tmp / "run").exists()
+
+
+EARLY = {
+    "model.path is output_dir": (lambda tmp: [f"model.path={tmp / 'run'}"], "model.path {tmp}/run and output_dir "
+                                 "{tmp}/run overlap (one is the other or inside it): output_dir holds gqa-uptrain's "
+                                 "run alone", written),
+    "model.path inside output_dir": (lambda tmp: [f"model.path={tmp / 'run' / 'model'}"], "model.path {tmp}/run/model "
+                                     "and output_dir {tmp}/run overlap", written),
+    "model.path is convert.source": (lambda tmp: [f"model.path={tmp / 'source'}", f"convert.source={tmp / 'source'}"],
+                                     "model.path {tmp}/source and convert.source {tmp}/source overlap (one is the "
+                                     "other or inside it): the conversion would be written over the original model; "
+                                     "choose another model.path",
+                                     lambda tmp: written(tmp) and (tmp / "source" / "config.json").is_file()),
+    "a missing data file": (lambda tmp: [f"data.train.path={tmp / 'no.txt'}"], "data path {tmp}/no.txt matches no "
+                            "file", written),
+    "a missing perplexity file": (lambda tmp: [f"evaluate.perplexity={tmp / 'no.txt'}"], "perplexity data "
+                                  "{tmp}/no.txt: no such file", written),
+    "an unknown task": (lambda tmp: ["evaluate.tasks=gqa_lastwrd"], "unknown task 'gqa_lastwrd' (did you mean "
+                        "'gqa_lastword'?)", written),
+    "a malformed repo id": (lambda tmp: ["publish.repo_id=me/my model"], "publish.repo_id 'me/my model' is not a Hub "
+                            "repository id (use NAME or OWNER/NAME)", written),
+    "output_dir a file": (lambda tmp: ((tmp / "run").write_text("x"), [])[1], "output_dir {tmp}/run: is a file, not "
+                          "a folder", lambda tmp: (tmp / "run").read_text() == "x"),
+    "output_dir a dangling link": (lambda tmp: ((tmp / "run").symlink_to(tmp / "gone"), [])[1], "output_dir {tmp}/run "
+                                   "is a link to {tmp}/gone, which does not exist", lambda tmp: not (tmp / "gone")
+                                   .exists() and (tmp / "run").is_symlink()),
+    "output_dir read-only": (ro_output_dir, "output_dir {tmp}/ro/run cannot be written ({tmp}/ro, where it would be "
+                             "made): no permission, or a read-only file system", written),
+}
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("case", EARLY, ids=str)
+def test_what_would_fail_at_a_step_fails_before_the_first(case, dry_run, recipe, tiny_llama, capsys):
+    import shutil
+    import subprocess
+
+    tmp = recipe.parent
+    shutil.copytree(tiny_llama, tmp / "source")
+    prepare, line, holds = EARLY[case]
+    try:
+        said = refused(recipe, capsys, *prepare(tmp), *(["--dry-run"] if dry_run else []))
+        assert line.format(tmp=tmp) in said, said
+        assert holds(tmp)
+    finally:
+        if (tmp / "ro").is_dir():
+            subprocess.run(["umount", "-l", str(tmp / "ro")], check=False)
+
+
+def test_a_home_path_in_the_recipe_is_the_home(recipe, tmp_path, tiny_llama, capsys, monkeypatch):
+    """`~/...` in any path of a recipe is the home folder (a folder named `~` in the working folder is one
+    `rm -rf ~` away from deleting the home)."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_llama, tmp_path / "home" / "source")
+    shutil.copy(recipe.parent / "held_out.txt", tmp_path / "home" / "held_out.txt")
+    pipeline.main(["~/../recipe.yaml", "output_dir=~/run", "model.path=~/tiny-gqa2", "convert.source=~/source",
+                   "evaluate.perplexity=~/held_out.txt", "--dry-run"])
+    convert, uptrain, evaluate, publish = capsys.readouterr().out.splitlines()
+    home = tmp_path / "home"
+    assert f"--output {home / 'tiny-gqa2'}" in convert and f"--model {home / 'run' / 'model'}" in evaluate
+    assert f"--perplexity {home / 'held_out.txt'}" in evaluate and f"{home / 'run' / 'model'} " in publish
+    assert "~" not in convert + evaluate + publish and not (tmp_path / "~").exists()
+    # gqa-uptrain gets the recipe and overrides as written, and reads them by the same schema
+    assert load_pipeline_recipe("~/../recipe.yaml", ["output_dir=~/run"]).output_dir == str(home / "run")
 
 
 @pytest.mark.parametrize("override, recorded", [

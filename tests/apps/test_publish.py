@@ -134,6 +134,17 @@ def provenance_link_out(folder: Path, outside: Path) -> None:
     (folder / "gqa_provenance.json").symlink_to(outside / "record.json")
 
 
+def card_link_out(folder: Path, outside: Path) -> None:
+    (outside / "card.md").write_bytes(HAND_CARD)
+    (folder / "README.md").unlink()
+    (folder / "README.md").symlink_to(outside / "card.md")
+
+
+def card_a_folder(folder: Path, outside: Path) -> None:
+    (folder / "README.md").unlink()
+    (folder / "README.md").mkdir()
+
+
 def card_kept(folder: Path, sent: dict) -> bool:
     return (folder / "README.md").read_bytes() == HAND_CARD and sent.get("README.md", HAND_CARD) == HAND_CARD
 
@@ -155,6 +166,14 @@ HOSTILE = {
                             lambda f, sent: sent == {}),
     "provenance linking out": (provenance_link_out, True, False, 2, ("err", "gqa_provenance.json: it links to "),
                                lambda f, sent: sent == {}),
+    # A card that could not be uploaded is refused: neither "kept" while left out, nor replaced by the generated one.
+    "card linking out": (card_link_out, True, False, 2, ("err", "README.md: it links to "),
+                         lambda f, sent: sent == {} and (f / "README.md").read_bytes() == HAND_CARD),
+    "card linking out, dry run": (card_link_out, False, False, 2, ("err", "outside the model folder, so it would not be "
+                                  "uploaded and the model would have no card; copy the card into the folder, or "
+                                  "remove README.md to upload the generated one"), lambda f, sent: sent == {}),
+    "card a folder": (card_a_folder, True, False, 2, ("err", "README.md: it is not a regular file, so it would not be "
+                                                      "uploaded"), lambda f, sent: sent == {}),
 }
 
 

@@ -313,6 +313,31 @@ def nan_refit(w: World) -> list:
     return calibrated()(w)
 
 
+def lock_of_kind(make: Callable[[Path], object]) -> Callable[[World], list]:
+    """The output's lock file `.new.lock` made by `make` (a folder, a named pipe, a link)."""
+    def prepare(w: World) -> list:
+        make(w.tmp / ".new.lock")
+        return ["-o", w.tmp / "new"]
+    return prepare
+
+
+def lock_left_alone(kind: Callable[[Path], bool]) -> Callable[[World], bool]:
+    return lambda w: nothing_written(w) and kind(w.tmp / ".new.lock") and source_intact(w)
+
+
+def index_with_a_list_weight_map(w: World) -> list:
+    argv = index_naming(lambda w: "model.safetensors")(w)
+    index = w.source / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": list(json.loads(index.read_text())["weight_map"])}))
+    return argv
+
+
+def little_memory(w: World) -> list:
+    """1 MiB free where the calibration would run: 4,096 tokens of hidden size 64 need 3 MiB."""
+    w.monkeypatch.setattr("gqa_uptrain.convert.plan._available_memory", lambda: (1 << 20, "available memory"))
+    return ["-o", w.tmp / "new", "--method", "calibrated", "--calibration-tokens", 4096]
+
+
 def source_intact(w: World) -> bool:
     return tree(w.source) == w.source_files and (w.tmp / "models" / "sibling" / "keep.txt").is_file()
 
@@ -428,6 +453,27 @@ CASES = {
                               "num_attention_heads must be a whole number above 0, got 0", nothing_written),
     "a config that is a list": Case(lambda w: ((w.source / "config.json").write_text("[1]"), ["-o", w.tmp / "new"])[1],
                                     2, "config.json: not a JSON object", nothing_written),
+    # Locks of the wrong kind: one line, never followed, never removed.
+    "the lock file is a folder": Case(lock_of_kind(Path.mkdir), 2, "new.lock: the lock file is a folder, so the "
+                                      "output cannot be locked; remove it", lock_left_alone(Path.is_dir)),
+    "the lock file is a named pipe": Case(lock_of_kind(os.mkfifo), 2, "new.lock: the lock file is a named pipe",
+                                          lock_left_alone(lambda p: p.is_fifo())),
+    "the lock file is a dangling link": Case(lock_of_kind(lambda p: p.symlink_to(p.parent / "victim")), 2,
+                                             "new.lock: the lock file is a link", lambda w: lock_left_alone(
+                                                 Path.is_symlink)(w) and not (w.tmp / "victim").exists()),
+    # Numbers out of range, and an index of the wrong shape.
+    "--seed 1e20": Case(lambda w: ["-o", w.tmp / "new", "--seed", "1e20"], 2, "--seed must be a whole number from 0 "
+                        "to 4,294,967,295, got 100000000000000000000", nothing_written),
+    "--calibration-tokens 1e20": Case(lambda w: ["-o", w.tmp / "new", "--method", "calibrated",
+                                                 "--calibration-tokens", "1e20"], 2,
+                                      "--calibration-tokens 100,000,000,000,000,000,000 needs about ", nothing_written),
+    "--calibration-tokens beyond memory": Case(little_memory, 2, "--calibration-tokens 4,096 needs about 3.0 MiB for "
+                                               "the hidden states (tokens x hidden size 64 x 4 bytes x 3), more than "
+                                               "the 1.0 MiB of available memory here; use at most 1,365",
+                                               nothing_written),
+    "an index whose weight_map is a list": Case(index_with_a_list_weight_map, 2, "model.safetensors.index.json: not a "
+                                                "valid checkpoint index (its weight_map is a list, not a mapping",
+                                                nothing_written),
     # Leftovers of runs killed outright.
     "a killed run's partial folder": Case(killed_run_leftovers, 0, "left by an interrupted run", new_model),
     "a file system without locks": Case(no_locks_and_a_partial_folder, 0, "not removed without a lock",
@@ -454,6 +500,14 @@ def test_hostile_input(name, world, capsys):
     else:
         assert len([line for line in said if case.line in line]) == 1, said
     assert case.holds(world)
+
+
+def test_an_output_under_home_is_the_home(world, monkeypatch):
+    """-o ~/new as a quoted argument or a script passes it: the home, never a folder named `~` here."""
+    monkeypatch.setenv("HOME", str(world.tmp / "home"))
+    monkeypatch.chdir(world.tmp)
+    main([str(world.source), "-g", "2", "-o", "~/new"])
+    assert kv_heads(world.tmp / "home" / "new") == 2 and not (world.tmp / "~").exists()
 
 
 # ---- signals, and a second writer, against real processes ----

@@ -37,6 +37,7 @@ class World:
     text: Path
     report_disk: Path | None = None  # where the report folder lies (default tmp)
     cache_disk: Path | None = None  # where the results cache lies (default tmp)
+    monkeypatch: pytest.MonkeyPatch | None = None  # for faults that set the environment
 
     @property
     def output(self) -> Path:
@@ -96,6 +97,18 @@ def cache_recomputed(w: World) -> bool:
     return all(json.loads(p.read_text()) for p in entries(w)) and report(w)["candidates"][0]["error"] is None
 
 
+def output_a_file(w: World) -> list[str]:
+    w.output.write_text("my notes")
+    return w.args(w.candidate)
+
+
+def output_under_home(w: World) -> list[str]:
+    """--output ~/report as a quoted argument or a script passes it: `~` is the home, not a folder named `~`."""
+    w.monkeypatch.setenv("HOME", str(w.tmp / "home"))
+    w.monkeypatch.chdir(w.tmp)
+    return w.args(w.candidate, extra=("--output", "~/report"))
+
+
 @dataclass(frozen=True)
 class Case:
     prepare: Callable[[World], list[str]]
@@ -116,12 +129,19 @@ CASES = {
                                    lambda w: not w.output.exists()),
     "a missing absolute folder": Case(lambda w: w.args(w.tmp / "gone"), 2, "no such folder, and not a Hugging Face",
                                       lambda w: not w.output.exists()),
+    "--limit inf": Case(lambda w: w.args(w.candidate, extra=("--limit", "inf")), 2,
+                        "--limit must be a number of documents (or a fraction of them with a dot), got inf",
+                        lambda w: not w.output.exists() and entries(w) == []),
+    "--output an existing file": Case(output_a_file, 2, "--output {output}: is a file, not a folder; remove it or "
+                                      "choose another --output", lambda w: w.output.read_text() == "my notes"),
+    "--output under ~": Case(output_under_home, 0, "", lambda w: (w.tmp / "home" / "report" / "report.json").is_file()
+                             and not (w.tmp / "~").exists()),
 }
 
 
 @pytest.mark.parametrize("name", CASES, ids=str)
-def test_fault(name, tmp_path, tiny_llama, tiny_llama_gqa2, held_out_text, capsys):
-    world = World(tmp_path, tiny_llama, tiny_llama_gqa2, held_out_text)
+def test_fault(name, tmp_path, tiny_llama, tiny_llama_gqa2, held_out_text, capsys, monkeypatch):
+    world = World(tmp_path, tiny_llama, tiny_llama_gqa2, held_out_text, monkeypatch=monkeypatch)
     case = CASES[name]
     argv = case.prepare(world)
     capsys.readouterr()
@@ -130,7 +150,7 @@ def test_fault(name, tmp_path, tiny_llama, tiny_llama_gqa2, held_out_text, capsy
     assert "Traceback" not in err and "Repo id must be in the form" not in err, err[-3000:]
     said = [line for line in err.splitlines() if line.startswith("gqa-eval: error")]
     if case.code:
-        assert len(said) == 1 and case.line in said[0], err[-3000:]
+        assert len(said) == 1 and case.line.format(output=world.output) in said[0], err[-3000:]
         assert err.strip().splitlines()[-1] == said[0]
     else:
         assert said == []
