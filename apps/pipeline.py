@@ -30,7 +30,6 @@ from pathlib import Path
 
 from gqa_uptrain.apps.pipeline_recipe import EvaluateSpec, PipelineRecipe, load_pipeline_recipe
 from gqa_uptrain.cli import run_cli, warn
-from gqa_uptrain.documents import local_files
 from gqa_uptrain.errors import ConfigError, GqaError
 from gqa_uptrain.files import BackgroundHashes, check_output_folder
 from gqa_uptrain.provenance import PROVENANCE, read_provenance
@@ -180,12 +179,13 @@ def check_inputs(recipe_path: Path, recipe: PipelineRecipe, repo_id: str | None)
     """What must hold before the first step, so that no step fails on it after hours of the others: the models and
     the folders apart and of the right kind, every local input there, the tasks known, the repository id well
     formed. Each problem is one ConfigError line naming the recipe."""
+    from gqa_uptrain.documents import local_files  # datasets: not for `gqa-pipeline --help`
+
     try:
         _check_folders(recipe)
         _check_models(recipe)
-        for source in (recipe.data.train, recipe.data.validation):
-            if source is not None and source.path is not None:
-                local_files(source.path)
+        for data in _local_data(recipe):
+            local_files(data)
         if recipe.evaluate:
             _check_evaluation(recipe.evaluate)
         if repo_id:
@@ -228,8 +228,6 @@ def _check_models(recipe: PipelineRecipe) -> None:
         source = recipe.convert.source
         if looks_local(source) and not Path(source).is_dir():
             raise ConfigError(f"convert.source {source} is not a folder")
-        if recipe.convert.calibration and looks_local(recipe.convert.calibration):
-            local_files(recipe.convert.calibration)
     elif looks_local(recipe.model.path) and not Path(recipe.model.path).is_dir():
         raise ConfigError(f"model.path {recipe.model.path} is not a folder, and the recipe has no `convert` section "
                           "to make it")
@@ -237,6 +235,14 @@ def _check_models(recipe: PipelineRecipe) -> None:
         from gqa_uptrain.train.estimate import accelerate_config_file
 
         accelerate_config_file(recipe.accelerate_config)
+
+
+def _local_data(recipe: PipelineRecipe) -> list[str]:
+    """The local data paths the steps read: training and validation, and calibration text written as a path (a
+    name alone may be a Hub dataset)."""
+    paths = [source.path for source in (recipe.data.train, recipe.data.validation) if source and source.path]
+    calibration = recipe.convert.calibration if recipe.convert else None
+    return paths + ([calibration] if calibration and looks_local(calibration) else [])
 
 
 def _check_evaluation(spec: EvaluateSpec) -> None:

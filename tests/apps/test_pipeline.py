@@ -143,6 +143,8 @@ EARLY = {
                                      lambda tmp: written(tmp) and (tmp / "source" / "config.json").is_file()),
     "a missing data file": (lambda tmp: [f"data.train.path={tmp / 'no.txt'}"], "data path {tmp}/no.txt matches no "
                             "file", written),
+    "a missing calibration file": (lambda tmp: ["convert.method=calibrated", f"convert.calibration={tmp / 'no.jsonl'}"],
+                                   "data path {tmp}/no.jsonl matches no file", written),
     "a missing perplexity file": (lambda tmp: [f"evaluate.perplexity={tmp / 'no.txt'}"], "perplexity data "
                                   "{tmp}/no.txt: no such file", written),
     "an unknown task": (lambda tmp: ["evaluate.tasks=gqa_lastwrd"], "unknown task 'gqa_lastwrd' (did you mean "
