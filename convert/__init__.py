@@ -24,28 +24,34 @@ if TYPE_CHECKING:
     from gqa_uptrain.convert.checkpoint_io import CheckpointReader
 
 DEFAULT_CALIBRATION_TOKENS = 32_768
+DEFAULT_REFINE_STEPS = 200
 MAX_SEED = 2**32 - 1  # as numpy's; torch's generators take seed * 1_000_003 + a name's CRC (pooling.py) below 2**64
 
 
 def convert_checkpoint(source: str | Path, groups: int, output: str | Path | None = None, *, method: str = "mean",
                        seed: int = 0, revision: str | None = None, max_shard_bytes: int | str = 5_000_000_000,
                        force: bool = False, progress: bool = True, calibration: str | None = None,
-                       calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS, dry_run: bool = False,
+                       calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+                       refine_steps: int = DEFAULT_REFINE_STEPS, dry_run: bool = False,
                        context: int = 4096, say: Callable[[str], None] | None = print) -> Path:
     """Convert `source` (folder or Hub id) to `groups` KV heads; returns the output folder.
 
-    Every `gqa-convert` flag is an argument: `method` (mean, first, random, calibrated), `calibration` and
-    `calibration_tokens` (the calibrated method's text, None: the default, and its size), `seed`, `revision`,
+    Every `gqa-convert` flag is an argument: `method` (mean, first, random, calibrated), `calibration`,
+    `calibration_tokens` and `refine_steps` (the calibrated method's text, None: the default, its size, and the
+    most gradient steps per layer after the closed form, 0: none), `seed`, `revision`,
     `max_shard_bytes` (bytes, or a size such as "500MB"), `force`. With `dry_run` nothing is written: the plan
     (KV-cache bytes at `context` tokens) goes to `say` and the folder it would write is returned; a Hub id is planned
     from its config and safetensors headers, without downloading its weights. After writing,
     `say` gets the line that says how to measure the damage. Mistakes raise `gqa_uptrain.errors` classes.
     """
     shard_bytes = _max_shard_bytes(max_shard_bytes)
-    if method != "calibrated" and (calibration or calibration_tokens != DEFAULT_CALIBRATION_TOKENS):
-        raise GqaError("--calibration and --calibration-tokens apply to --method calibrated only")
+    if method != "calibrated" and (calibration or calibration_tokens != DEFAULT_CALIBRATION_TOKENS
+                                   or refine_steps != DEFAULT_REFINE_STEPS):
+        raise GqaError("--calibration, --calibration-tokens and --refine-steps apply to --method calibrated only")
     if calibration_tokens < 1:
         raise GqaError(f"--calibration-tokens must be positive, got {calibration_tokens}")
+    if refine_steps < 0:
+        raise GqaError(f"--refine-steps must be 0 (no refinement) or more, got {refine_steps}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"--seed must be a whole number from 0 to {MAX_SEED:,}, got {seed!r}")
     from gqa_uptrain.convert.hub_headers import hub_checkpoint, plans_from_hub
@@ -64,7 +70,7 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
                                               describe, refuse_no_op)
 
         plan = build_plan(resolved.folder, groups, method, seed, shard_bytes,
-                          CalibrationOptions(calibration, calibration_tokens), reader)
+                          CalibrationOptions(calibration, calibration_tokens, refine_steps), reader)
         refuse_no_op(plan)
         check_calibration_memory(plan)
         target = expand_home(Path(output)) if output is not None else default_output(resolved.name, groups)

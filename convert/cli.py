@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.convert import DEFAULT_CALIBRATION_TOKENS, convert_checkpoint
+from gqa_uptrain.convert import DEFAULT_CALIBRATION_TOKENS, DEFAULT_REFINE_STEPS, convert_checkpoint
 from gqa_uptrain.convert.methods import METHODS
 
 
@@ -60,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-tokens", type=_whole_number, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                    help="calibration tokens for --method calibrated, as whole sequences of up to 512 tokens "
                         "(default: 32768; more fits more closely and takes longer)")
+    p.add_argument("--refine-steps", type=_whole_number, default=DEFAULT_REFINE_STEPS, metavar="N",
+                   help="for --method calibrated: after the closed form, up to N steps of gradient descent per layer "
+                        "so the converted layer reproduces the original layer's output; held-out calibration "
+                        f"sequences pick the step kept, or none (default: {DEFAULT_REFINE_STEPS}; 0: the closed form "
+                        "alone, faster)")
     p.add_argument("--seed", type=_whole_number, default=0,
                    help="seed for --method random and for the order of calibration documents (default: 0)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub SOURCE (default: main)")
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
     convert_checkpoint(args.source, args.groups, args.output, method=args.method, seed=args.seed,
                        revision=args.revision, max_shard_bytes=args.max_shard_size, force=args.force,
                        calibration=args.calibration, calibration_tokens=args.calibration_tokens,
-                       dry_run=args.dry_run, context=args.context)
+                       refine_steps=args.refine_steps, dry_run=args.dry_run, context=args.context)
 
 
 def main(argv: list[str] | None = None) -> None:

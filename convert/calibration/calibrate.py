@@ -10,7 +10,9 @@ For each decoder layer, on calibration text (see `fit.py` for the algebra):
 4. refit o_proj by ridge regression so the converted block, fed the converted model's own hidden states, matches
    the original block's output (a layer-wise correction, as GPTQ-style quantizers proceed), kept only when it
    lowers the error on held-out calibration sequences;
-5. run the converted layer to get the next layer's converted hidden states.
+5. refine q/k/v/o by gradient descent so the converted layer reproduces the original layer's output
+   (`refine.py`), kept only when held-out sequences say it helps;
+6. run the converted layer to get the next layer's converted hidden states.
 Only q_proj, k_proj, v_proj and o_proj change; the output is still a plain checkpoint.
 """
 
@@ -28,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
-from gqa_uptrain.convert.calibration import fit
+from gqa_uptrain.convert.calibration import fit, refine
 from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, checkpoint_name, decoder_layers,
                                                     materialize, run_layer, skeleton)
 from gqa_uptrain.convert.calibration.data import calibration_tokens
@@ -53,6 +55,7 @@ class LayerReport:
     error_absorbed: float  # held-out, converted input, before the refit
     error_final: float
     refit: bool
+    refinement: refine.Refinement
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,17 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
     with tqdm(total=plan.config.num_hidden_layers, desc="calibrating layers", unit="layer",
               disable=not progress) as bar:
         def advance(i: int, report: LayerReport) -> None:
-            bar.set_postfix(error=f"{report.error_final:.3f}")
+            refined = report.refinement.error_after if report.refinement.steps else math.nan
+            bar.set_postfix(attention_error=f"{report.error_final:.3f}", refined_layer_error=f"{refined:.3f}")
             bar.update()
 
-        reports = calibrate(plan.config, plan.reader, plan.layout.groups, data.tokens, device, save_layer, advance)
+        reports = calibrate(plan.config, plan.reader, plan.layout.groups, data.tokens, device, save_layer, advance,
+                            options.refine_steps)
     (folder / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     record = {**data.record(plan.seed), "layers": [
         {"groups": [list(g) for g in r.groups], "o_proj_refit": r.refit,
-         "held_out_error": None if math.isnan(r.error_final) else round(r.error_final, 5)} for r in reports]}
+         "held_out_error": None if math.isnan(r.error_final) else round(r.error_final, 5),
+         "refinement": r.refinement.record()} for r in reports]}
     return CheckpointReader(folder), record
 
 
@@ -108,8 +114,10 @@ def _tokenizer(folder: Path):
 @torch.no_grad()
 def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, tokens: torch.Tensor,
               device: torch.device, save_layer: Callable[[str, dict[str, torch.Tensor]], None],
-              progress: Callable[[int, LayerReport], None] = lambda i, r: None) -> list[LayerReport]:
-    """Convert every decoder layer; `save_layer(prefix, tensors)` receives its new q/k/v/o parameters (fp32)."""
+              progress: Callable[[int, LayerReport], None] = lambda i, r: None, refine_steps: int = 0
+              ) -> list[LayerReport]:
+    """Convert every decoder layer; `save_layer(prefix, tensors)` receives its new q/k/v/o parameters (fp32).
+    `refine_steps` bounds each layer's gradient-descent refinement (0: the closed form alone)."""
     embedder = Embedder.build(config, reader, device)
     still = fit.still_share(embedder.inv_freq, tokens.shape[1]) if embedder.inv_freq is not None else None
     batch = _batch_size(tokens.shape[0])
@@ -125,7 +133,7 @@ def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, t
         old = materialize(old_layers[i], f"{prefix}.{i}", reader, device)
         name = f"{prefix}.{i}"
         report, new = _calibrate_layer(name, old, new_layers[i], original, converted, kwargs, batch, config, groups,
-                                       still)
+                                       still, refine_steps)
         fitted = {f"self_attn.{n}": p.detach() for n, p in new.self_attn.named_parameters()}
         _require_finite(name, "the fitted attention weights", *fitted.values())
         save_layer(name, fitted)
@@ -148,8 +156,8 @@ def _require_finite(layer: str, what: str, *tensors: torch.Tensor) -> None:
 
 
 def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.Tensor, converted: torch.Tensor,
-                     kwargs: dict, batch: int, config: PretrainedConfig, groups: int, still: torch.Tensor | None
-                     ) -> tuple[LayerReport, nn.Module]:
+                     kwargs: dict, batch: int, config: PretrainedConfig, groups: int, still: torch.Tensor | None,
+                     refine_steps: int) -> tuple[LayerReport, nn.Module]:
     attention = old.self_attn
     with_bias = any(getattr(attention, n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
     sigma, mean, target, sample = _original_pass(old, original, kwargs, batch, with_bias)
@@ -164,9 +172,11 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
     o_proj, before, after, refit = _refit_output(new, converted, target, kwargs, batch)
     with torch.no_grad():
         new.self_attn.o_proj.weight.copy_(o_proj)
+    goal = original if refine.OBJECTIVE == "layer" else target  # `original` now holds the original layer's output
+    refinement = refine.refine_layer(new, converted, goal, kwargs, batch, refine_steps, HELD_OUT_SHARE)
     for start in range(0, converted.shape[0], batch):
         converted[start:start + batch] = run_layer(new, converted[start:start + batch], kwargs)
-    return LayerReport(chosen, before, after, refit), new
+    return LayerReport(chosen, before, after, refit, refinement), new
 
 
 def _original_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int, with_bias: bool
