@@ -60,11 +60,10 @@ def _local_gpus() -> int:
 def _dry_run(args: argparse.Namespace) -> str:
     """The plan, read from the whole recipe file: its pipeline sections say how it is launched (accelerate_config)
     and, before the conversion, what model.path will hold (convert.source with convert.groups KV heads)."""
-    from gqa_uptrain.apps.pipeline_recipe import load_pipeline_recipe
-
     from .estimate import dry_run
+    from .recipe import PlanningRecipe, load_recipe
 
-    recipe = load_pipeline_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, PlanningRecipe)
     return dry_run(recipe, args.num_processes or _local_gpus(), args.gpu, args.mfu, args.parallel)
 
 

@@ -240,9 +240,9 @@ def dry_run(recipe: Recipe, processes: int, gpu: str = "h100", mfu: float = DEFA
             parallel: Parallel | None = None) -> str:
     """The whole `--dry-run` text for `recipe` on `processes` GPUs: the budget, memory, time, micro-batch.
 
-    Reads configs only: no weights, no tokenizer. A PipelineRecipe's `convert` section lets it plan before the
-    conversion (from the source's config with `convert.groups` KV heads), and its `accelerate_config` says how the
-    model states are held unless `parallel` does. gqa-uptrain and gqa-pipeline call this one function.
+    Reads configs only: no weights, no tokenizer. A recipe's `convert` section (a PlanningRecipe's or a
+    PipelineRecipe's) lets it plan before the conversion (from the source's config with `convert.groups` KV heads),
+    and its `accelerate_config` says how the model states are held unless `parallel` does. gqa-uptrain and gqa-pipeline call this one function.
     """
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
@@ -294,12 +294,14 @@ def planned_models(recipe: Recipe) -> PlannedModels:
 
 
 def _converted_config(source: str, groups: int) -> tuple[PretrainedConfig, PretrainedConfig]:
-    """(source's config, the config gqa-convert would write for `groups` KV heads); its errors if it would refuse."""
-    from gqa_uptrain.convert.layout import find_layout
-    from gqa_uptrain.kv_heads import with_kv_heads
+    """(source's config, the config gqa-convert would write for `groups` KV heads). Whether gqa-convert accepts
+    the architecture is its own check (gqa-pipeline's dry run runs it); the head count is checked here."""
+    from gqa_uptrain.kv_heads import kv_heads_of, with_kv_heads
 
     config = _config(source, "convert.source")
-    find_layout(config, groups)
+    heads = kv_heads_of(config)
+    if heads % groups:
+        raise ConfigError(f"convert.groups={groups} does not divide {source}'s {heads} KV heads")
     return config, with_kv_heads(config, groups)
 
 

@@ -5,7 +5,8 @@ overrides (`train.lr=1e-5`) are applied to the YAML tree first, so they are vali
 
 A recipe file may also hold gqa-pipeline's sections (`PIPELINE_SECTIONS`: how the model is converted, evaluated,
 published and launched). Training neither reads nor checks them: `gqa_uptrain.apps.pipeline_recipe` extends `Recipe`
-with them and validates the whole file.
+with them and validates the whole file. Only the dry run reads two of them (`PlanningRecipe`): how training is
+launched, and which source and KV head count `model.path` will hold once converted.
 """
 
 from __future__ import annotations
@@ -159,6 +160,22 @@ class Recipe(_Section):
 
 
 R = TypeVar("R", bound=Recipe)
+
+
+class PlannedConversion(BaseModel):
+    """The part of gqa-pipeline's `convert` section a dry run plans from (the rest is the pipeline's to check)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    source: UserPath
+    groups: int = Field(ge=1)
+
+
+class PlanningRecipe(Recipe):
+    """A recipe as `--dry-run` reads it: with the accelerate config it is launched with and, before the conversion,
+    the source and KV head count `model.path` will hold."""
+
+    accelerate_config: UserPath | None = None
+    convert: PlannedConversion | None = None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), schema: type[R] = Recipe) -> R:
