@@ -58,9 +58,9 @@ class Scale:
 
 
 SCALES = {
-    "gpu": Scale(seq_len=2048, micro_batch=2, global_batch=32, budgets=(2.5e6, 10e6, 40e6), full_grid_budgets=1,
+    "gpu": Scale(seq_len=2048, micro_batch=8, global_batch=32, budgets=(2.5e6, 10e6, 40e6), full_grid_budgets=1,
                  lr=3e-4, parallel=1, train_chars=190_000_000, heldout_chars=600_000, calibration_tokens=131_072,
-                 eval_limit=500, eval_batch=32),
+                 eval_limit=200, eval_batch=32),
     "smoke": Scale(seq_len=64, micro_batch=2, global_batch=4, budgets=(512, 1024), full_grid_budgets=1, lr=1e-3,
                    parallel=2, train_chars=120_000, heldout_chars=8_000, calibration_tokens=1024, eval_limit=8,
                    eval_batch=4),
@@ -210,15 +210,20 @@ def write_tasks(eval_data: Path, folder: Path) -> Path:
 # -- conversion and training -----------------------------------------------------------------------------------
 
 
+CLOSED_FORM = "calibrated-closed-form"  # a start measured, not trained: what the refinement adds
+
+
 def convert(original: Path, out: Path, scale: Scale) -> dict[str, Path]:
+    """The starting points: the original, mean pooling, calibrated (the default, refined) and its closed form."""
     starts = {"original": original}
-    for method in ("mean", "calibrated"):
-        folder = out / "converted" / method
+    calibrated = {"method": "calibrated", "calibration": str(out / "data" / "train-books.jsonl"),
+                  "calibration_tokens": scale.calibration_tokens}
+    for name, options in (("mean", {"method": "mean"}), ("calibrated", calibrated),
+                          (CLOSED_FORM, {**calibrated, "refine_steps": 0})):
+        folder = out / "converted" / name
         if not (folder / "config.json").is_file():
-            extra = {"calibration": str(out / "data" / "train-books.jsonl"),
-                     "calibration_tokens": scale.calibration_tokens} if method == "calibrated" else {}
-            convert_checkpoint(original, 1, folder, method=method, progress=False, force=folder.exists(), **extra)
-        starts[method] = folder
+            convert_checkpoint(original, 1, folder, progress=False, force=folder.exists(), **options)
+        starts[name] = folder
     return starts
 
 
@@ -305,8 +310,11 @@ def measure(models: dict[str, Path], original: Path, out: Path, scale: Scale, ta
 
 
 def results(plan: list[tuple[Arm, float]], starts: dict[str, Path], measured: dict[str, dict]) -> list[dict]:
-    """One record per (arm, tokens), budget 0 included (the converted model itself, or the original)."""
-    records = []
+    """One record per (arm, tokens), budget 0 included (the converted model itself, or the original), and one for
+    each start that no arm trains."""
+    records = [{"start": name, "trainable": "-", "objective": "-", "data": "-", "arm": f"{name} (not trained)",
+                "tokens": 0.0, **measured[f"start:{name}"]}
+               for name in starts if name not in {a.start for a in arms()} and f"start:{name}" in measured]
     for arm in arms() + [a for a, _ in plan if a.data != "mix"]:
         points = [(0.0, f"start:{arm.start}")] + [(t, run_name(a, t)) for a, t in plan if a == arm]
         for tokens, label in sorted(set(points)):
@@ -401,7 +409,7 @@ def run(args: argparse.Namespace) -> None:
     starts = convert(args.model, out, scale)
     if args.prepare_only:
         return
-    plan = runs(scale)
+    plan = [(arm, tokens) for arm, tokens in runs(scale) if not args.only or run_name(arm, tokens) in args.only]
     print(f"== train: {len(plan)} runs, {args.parallel or scale.parallel} at a time", flush=True)
     models = {f"start:{name}": path for name, path in starts.items()}
     longest = scale.budgets[-1]
@@ -434,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", choices=sorted(SCALES), default="gpu", help="gpu (one H100) or smoke (CPU, CI)")
     p.add_argument("--parallel", type=int, default=None, help="training runs at a time (default: the scale's)")
     p.add_argument("--no-tasks", action="store_true", help="losses only, no lm-eval tasks")
+    p.add_argument("--only", type=lambda text: set(text.split(",")), default=None, metavar="RUN,...",
+                   help="train only these runs of the plan, named as their folders are (e.g. "
+                        "calibrated-attention-distill-40M); every start is still measured")
     p.add_argument("--prepare-only", action="store_true", help="write the data and the conversions, then stop")
     args = p.parse_args(argv)
     run_cli("real_model_recovery", lambda: run(args))

@@ -58,7 +58,8 @@ def test_every_arm_runs_and_the_results_hold_every_point(inputs, tmp_path):
     summary = json.loads((out / "results.json").read_text())
     records = summary["records"]
     arms = {r["arm"] for r in records}
-    assert arms == {a.name for a in study.arms()} | {"calibrated-attention-distill-books"}
+    assert arms == {a.name for a in study.arms()} | {"calibrated-attention-distill-books",
+                                                     f"{study.CLOSED_FORM} (not trained)"}
     smoke = study.SCALES["smoke"]
     for arm in study.arms():
         tokens = sorted(r["tokens"] for r in records if r["arm"] == arm.name)
