@@ -27,7 +27,7 @@ from gqa_uptrain.convert.calibration.layers import _Stop, layer_output
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 OBJECTIVE: Literal["layer", "attention"] = "layer"
-LEARNING_RATE = 1e-4  # Adam, on weights of the closed form's scale (measured on the real model)
+LEARNING_RATE = 3e-4  # Adam; on the real model (layers 0-2, 100 steps) it beat 1e-4 on every layer
 CHECK_EVERY = 25
 PATIENCE = 4
 EXACT = 1e-6  # a held-out error below this is the closed form being exact: nothing to refine

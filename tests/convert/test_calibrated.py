@@ -201,6 +201,31 @@ def test_calibrated_beats_mean_pooling_on_a_trained_model(groups, trained_llama,
     assert (pooled - fitted) > 0.5 * (pooled - original)  # most of mean pooling's gap is closed
 
 
+def test_refinement_lowers_each_refined_layers_held_out_error_and_the_model_loss(trained_llama, tmp_path, capsys):
+    model, text, rows = trained_llama
+    closed = convert_checkpoint(model, 1, tmp_path / "closed", method="calibrated", calibration=str(text),
+                                calibration_tokens=4096, refine_steps=0, progress=False)
+    refined = convert(model, 1, tmp_path / "refined", text, tokens=4096)
+    layers = {name: read_provenance(f)["conversion"]["calibration"]["layers"]
+              for name, f in (("closed", closed), ("refined", refined))}
+    assert all(layer["refinement"]["steps"] == 0 for layer in layers["closed"])
+    kept = [layer["refinement"] for layer in layers["refined"] if layer["refinement"]["steps"]]
+    assert kept and all(r["held_out_error_after"] < r["held_out_error_before"] for r in kept)
+    assert held_out_loss(refined, rows) < held_out_loss(closed, rows)
+    printed = capsys.readouterr().out
+    assert "relative error of each layer's attention output on held-out calibration sequences" in printed
+    assert f"refinement: kept in {len(kept)} of 2 layers" in printed
+
+
+def test_refinement_keeps_an_exact_closed_form(tmp_path, tokens, calibration):
+    small = tiny_llama(2, seed=3)
+    repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", 2, tmp_path / "out", calibration)
+    assert all(layer["refinement"]["steps"] == 0
+               for layer in read_provenance(out)["conversion"]["calibration"]["layers"])
+    assert close(logits(out, tokens), logits(tmp_path / "src", tokens))
+
+
 def test_a_relative_calibration_path_is_a_file_not_a_hub_id(tmp_path, calibration, monkeypatch):
     from gqa_uptrain.convert.calibration.data import calibration_tokens
 
@@ -222,6 +247,8 @@ def test_a_seed_gives_one_result(tmp_path, calibration):
     (["--method", "calibrated", "--calibration", "/nonexistent/*.txt"], "matches no file"),
     (["--method", "calibrated", "--calibration-tokens", "0"], "must be positive"),
     (["--method", "calibrated", "--calibration", "TOO_SHORT", "--calibration-tokens", "100000"], "are needed"),
+    (["--refine-steps", "10"], "apply to --method calibrated only"),
+    (["--method", "calibrated", "--refine-steps", "-1"], "must be 0 (no refinement) or more"),
 ])
 def test_bad_calibration_input_is_one_line_and_writes_nothing(args, message, tmp_path, calibration, capsys):
     from gqa_uptrain.convert.cli import main
