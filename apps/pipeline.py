@@ -23,7 +23,6 @@ import json
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +143,7 @@ def check_uptrained(recipe_path: Path, recipe: PipelineRecipe, converting: bool)
     training recipe, or from another model (model.path converted again, or about to be), is refused in one line
     rather than skipped, resumed or overwritten: it is another model, and replacing it would delete its
     checkpoints. A Hub model.path is left to gqa-uptrain, which checks the same at its start."""
-    from gqa_uptrain.train.preflight import check_model_unchanged, check_output_dir, started_from
+    from gqa_uptrain.train import check_model_unchanged, check_output_dir, started_from
 
     model = Path(recipe.model.path).expanduser()
     try:
@@ -232,7 +231,7 @@ def _check_models(recipe: PipelineRecipe) -> None:
         raise ConfigError(f"model.path {recipe.model.path} is not a folder, and the recipe has no `convert` section "
                           "to make it")
     if recipe.accelerate_config:  # found by the one rule gqa-uptrain --dry-run follows too
-        from gqa_uptrain.train.estimate import accelerate_config_file
+        from gqa_uptrain.train import accelerate_config_file
 
         accelerate_config_file(recipe.accelerate_config)
 
@@ -248,21 +247,16 @@ def _local_data(recipe: PipelineRecipe) -> list[str]:
 def _check_evaluation(spec: EvaluateSpec) -> None:
     """The perplexity file there (a Hub dataset is gqa-eval's to fetch) and every task known, as gqa-eval's own
     input checks say it: lm-eval's index is read (seconds), no data is."""
-    from gqa_uptrain.eval.local_tasks import resolve_tasks
-    from gqa_uptrain.eval.perplexity import check_local_file
+    from gqa_uptrain.eval import check_inputs
 
-    if spec.perplexity:
-        check_local_file(spec.perplexity)
-    if spec.tasks:
-        with tempfile.TemporaryDirectory() as staging:
-            resolve_tasks(spec.tasks, [], Path(staging), file_hash=lambda path: "")
+    check_inputs(spec.tasks, spec.perplexity)
 
 
 def compare_uptraining(report: Path, converted: Path, uptrained: Path) -> None:
     """Say what uptraining changed, from the report that holds the converted model before and after it, and warn
     when it made the model worse: a learning rate too high, or data unlike the evaluation's, can undo what the
     conversion kept, and two rows against the base do not say so by themselves."""
-    from gqa_uptrain.eval.report import AVERAGE, compare
+    from gqa_uptrain.eval import AVERAGE, compare
 
     try:
         models = json.loads((report / "report.json").read_text())["candidates"]

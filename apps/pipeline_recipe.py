@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gqa_uptrain.convert.methods import METHODS
-from gqa_uptrain.train.recipe import Recipe, UserPath, load_recipe
+from gqa_uptrain.convert import METHODS
+from gqa_uptrain.train import Recipe, UserPath, load
 
 
 class _Section(BaseModel):
@@ -63,4 +63,4 @@ class PipelineRecipe(Recipe):
 
 def load_pipeline_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineRecipe:
     """Read, override and validate the whole recipe file; every problem is one ConfigError line."""
-    return load_recipe(path, overrides, PipelineRecipe)
+    return load(path, overrides, PipelineRecipe)

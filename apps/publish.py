@@ -22,7 +22,7 @@ from gqa_uptrain.files import expand_home, write_atomically
 from gqa_uptrain.model_folder import outside_reason, readable_files
 from gqa_uptrain.provenance import PROVENANCE
 
-# huggingface_hub, torch (checkpoint_io) and transformers (the card) are imported where they are used, so that
+# huggingface_hub, torch (is_model_file's module) and transformers (the card) are imported where they are used, so that
 # `gqa-publish --help` answers at once (tests/test_help.py).
 
 PROG = "gqa-publish"
@@ -31,7 +31,7 @@ CARD = "README.md"
 
 def quality_lines(report: dict, folder: Path, label: str | None) -> list[str]:
     """The report's comparison for this model, found by label or by the path it was evaluated from."""
-    from gqa_uptrain.eval.report import comparison_table
+    from gqa_uptrain.eval import comparison_table
 
     for candidate in report["candidates"]:
         if candidate["label"] == label or (label is None and Path(candidate["ref"]).resolve() == folder.resolve()):
@@ -57,7 +57,7 @@ def check_card_readable(folder: Path) -> None:
 
 def choose_card(folder: Path, generated: str) -> tuple[str | None, str]:
     """The card to upload (None: the folder's own README.md, kept as it is) and one line that says which."""
-    from gqa_uptrain.convert.card import is_generated_card
+    from gqa_uptrain.convert import is_generated_card
 
     existing = folder / CARD
     if not os.path.lexists(existing):
@@ -107,8 +107,7 @@ def publish(folder: Path, repo_id: str, report_path: Path | None, label: str | N
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    from gqa_uptrain.convert.card import model_card
-    from gqa_uptrain.convert.checkpoint_io import is_model_file
+    from gqa_uptrain.convert import is_model_file, model_card
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a model folder (no config.json)")

@@ -56,10 +56,9 @@ def train_run(model: Path, output: Path, budget: dict, *, train_path: Path, seq_
     Validation uses `validation_path`, or else the first 64 documents of the training data.
     """
     validation = {"validation": {"path": str(validation_path)}} if validation_path else {"holdout_docs": 64}
-    from gqa_uptrain.train.loop import run
-    from gqa_uptrain.train.recipe import Recipe
+    from gqa_uptrain.train import uptrain
 
-    recipe = Recipe.model_validate({
+    return uptrain({
         "output_dir": str(output), "seed": 0,
         "model": {"path": str(model), "compile": compile},
         **({"teacher": {"path": str(teacher), "weight": 0.5}} if teacher else {}),
@@ -71,7 +70,6 @@ def train_run(model: Path, output: Path, budget: dict, *, train_path: Path, seq_
         "eval": {"every": every, "batches": 4},
         "log": {"every": max(1, every // 4), "trackers": []},
     })
-    return run(recipe)
 
 
 def record_pretraining(model: Path, source_id: str, data: str) -> int:

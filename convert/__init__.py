@@ -8,20 +8,38 @@ fits whole attention layers for `--method calibrated` (the fitted tensors are st
 `checkpoint_io.py` reads and writes safetensors lazily, `converter.py` runs the plan atomically, and `card.py`
 writes the model card from the provenance record (`gqa_uptrain.provenance`).
 
-`convert_checkpoint` is the Python API; `gqa-convert` (cli.py) only parses flags and calls it.
+`convert_checkpoint` is the Python API; `gqa-convert` (cli.py) only parses flags and calls it. The door is
+`__all__`: apps use nothing else (tests/test_layout.py); its names that live in modules importing torch or
+transformers are imported when first used, so that `gqa-convert --help` stays fast.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from gqa_uptrain.errors import ConfigError, GqaError
 from gqa_uptrain.files import BackgroundHashes, expand_home
 
 if TYPE_CHECKING:
-    from gqa_uptrain.convert.checkpoint_io import CheckpointReader
+    from gqa_uptrain.convert.calibration.data import stdlib_docstrings
+    from gqa_uptrain.convert.card import is_generated_card, model_card
+    from gqa_uptrain.convert.checkpoint_io import CheckpointReader, is_model_file
+    from gqa_uptrain.convert.methods import METHODS
+
+__all__ = ["convert_checkpoint", "METHODS", "model_card", "is_generated_card", "is_model_file", "stdlib_docstrings"]
+# The door's names defined in other modules -> that module, imported on first use (PEP 562). stdlib_docstrings is
+# the calibration text that every Python carries, which gqa-demo also trains on.
+_ELSEWHERE = {"METHODS": "methods", "model_card": "card", "is_generated_card": "card",
+              "is_model_file": "checkpoint_io", "stdlib_docstrings": "calibration.data"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _ELSEWHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_ELSEWHERE[name]}"), name)
 
 DEFAULT_CALIBRATION_TOKENS = 32_768
 DEFAULT_REFINE_STEPS = 200

@@ -12,15 +12,30 @@ with the split-KV Triton kernel of `decode_kernels.py` (FlashInfer's kernel runs
 floor, and profiles its kernels; `report.py` computes deltas, standard errors and tables and writes the report files;
 `plots.py` draws the report's PNGs.
 
-`evaluate` is the Python API; `gqa-eval` (cli.py) only parses flags and calls it. Importing this package imports
-nothing heavy: `gqa-eval --help` stays fast.
+`evaluate` is the Python API; `gqa-eval` (cli.py) only parses flags and calls it. The door is `__all__`: apps use
+nothing else (tests/test_layout.py). Importing this package imports nothing heavy: `gqa-eval --help` stays fast, and
+the names below that live in modules which import more are imported when first used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .report import AVERAGE, compare, comparison_table
+
+__all__ = ["evaluate", "check_inputs", "compare", "comparison_table", "AVERAGE"]
+# The door's names defined in other modules -> that module, imported on first use (PEP 562).
+_ELSEWHERE = {"compare": "report", "comparison_table": "report", "AVERAGE": "report"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _ELSEWHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_ELSEWHERE[name]}"), name)
 
 
 def evaluate(base: str | Path, models: str | Path | Sequence[str | Path] = (), **options: Any) -> dict:
@@ -47,3 +62,19 @@ def evaluate(base: str | Path, models: str | Path | Sequence[str | Path] = (), *
         error.report = report
         raise error
     return report
+
+
+def check_inputs(tasks: str | None = None, perplexity: str | None = None) -> None:
+    """The input checks gqa-eval runs before any model loads, for a caller that plans an evaluation ahead of the
+    steps that make its models (gqa-pipeline): the perplexity file there (a Hub dataset is not fetched) and every task
+    known (lm-eval's index is read, in seconds; no data is). Each problem raises one ConfigError or DataError."""
+    import tempfile
+
+    from .local_tasks import resolve_tasks
+    from .perplexity import check_local_file
+
+    if perplexity:
+        check_local_file(perplexity)
+    if tasks:
+        with tempfile.TemporaryDirectory() as staging:
+            resolve_tasks(tasks, [], Path(staging), file_hash=lambda path: "")

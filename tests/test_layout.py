@@ -1,8 +1,10 @@
 """The layers hold: the tools (convert, train, eval) import only the base, never each other or an app; the base
-imports no tool and no app. Imports inside functions count too: a lazy import is still a dependency.
+imports no tool and no app; apps import a tool only through its door, the names in its `__init__.py`'s `__all__`.
+Imports inside functions count too: a lazy import is still a dependency.
 """
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -83,4 +85,82 @@ def test_the_check_catches_lazy_and_relative_imports(tmp_path):
         "convert/plan.py:1: convert imports gqa_uptrain.train",
         "train/loop.py:1: train imports gqa_uptrain.apps",
         "eval/runner.py:1: eval imports gqa_uptrain.apps.demo",
+    ]
+
+
+def door(root: Path, tool: str) -> set[str]:
+    """The names a tool's `__init__.py` lists in `__all__`: what apps may import from it."""
+    tree = ast.parse((root / tool / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def around_the_doors(root: Path) -> list[str]:
+    """Every import in apps/ of a tool's module (`gqa_uptrain.eval.report`, relative or not) or of a name its door
+    does not list, as 'file:line: apps imports what'."""
+    found = []
+    for path in sorted((root / "apps").rglob("*.py")):
+        relative = path.relative_to(root / "apps")
+        package = ".".join([PACKAGES["apps"], *relative.parent.parts])
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                imports = [(alias.name, None) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                parent = package.split(".")
+                module = ".".join(filter(None, [".".join(parent[: len(parent) - node.level + 1]) if node.level
+                                                else "", node.module or ""]))
+                imports = [(module, alias.name) for alias in node.names]
+            else:
+                continue
+            for module, name in imports:
+                parts = module.split(".")
+                if parts[0] != "gqa_uptrain" or len(parts) < 2 or parts[1] not in TOOLS:
+                    continue
+                tool = parts[1]
+                if len(parts) > 2:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: apps imports {module} (a module of {tool})")
+                elif name is not None and name not in door(root, tool):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: apps imports {name} from {tool}, which "
+                                 "its door (__all__) does not list")
+    return found
+
+
+def test_apps_use_only_the_doors_of_the_tools():
+    assert around_the_doors(REPO) == []
+
+
+def test_every_name_of_a_door_opens():
+    """Each `__all__` name resolves, the lazy ones too (a name whose module moved would fail only when an app used
+    it), and no door name is one of the tool's modules."""
+    for tool in sorted(TOOLS):
+        package = importlib.import_module(PACKAGES[tool])
+        for name in sorted(door(REPO, tool)):
+            assert not (REPO / tool / f"{name}.py").exists() and not (REPO / tool / name).is_dir(), (tool, name)
+            assert getattr(package, name) is not None, (tool, name)
+
+
+def test_the_door_check_catches_modules_and_unlisted_names(tmp_path):
+    for folder in PACKAGES:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "eval" / "__init__.py").write_text('__all__ = ["evaluate", "compare"]\n')
+    (tmp_path / "convert" / "__init__.py").write_text('__all__ = ["convert_checkpoint"]\n')
+    (tmp_path / "train" / "__init__.py").write_text("")
+    (tmp_path / "apps" / "demo.py").write_text(
+        "from gqa_uptrain.eval import evaluate, compare\n"
+        "from gqa_uptrain.convert import convert_checkpoint\n"
+        "import gqa_uptrain.eval\n"
+        "def f():\n"
+        "    from gqa_uptrain.eval.report import compare\n"
+        "    from gqa_uptrain.eval import report\n"
+        "    import gqa_uptrain.train.loop\n"
+        "    from ..convert import card\n"
+        "    from ..train.recipe import Recipe\n")
+    assert around_the_doors(tmp_path) == [
+        "apps/demo.py:5: apps imports gqa_uptrain.eval.report (a module of eval)",
+        "apps/demo.py:6: apps imports report from eval, which its door (__all__) does not list",
+        "apps/demo.py:7: apps imports gqa_uptrain.train.loop (a module of train)",
+        "apps/demo.py:8: apps imports card from convert, which its door (__all__) does not list",
+        "apps/demo.py:9: apps imports gqa_uptrain.train.recipe (a module of train)",
     ]

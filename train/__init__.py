@@ -6,28 +6,52 @@ tokenises and packs, `loop.py` takes the optimizer steps (`cadence.py` says when
 `distill.py` holds the distillation loss, `checkpoint.py` saves and resumes, `metrics.py` logs, `export.py`
 writes the final folder.
 
-`uptrain` is the Python API; `gqa-uptrain` (cli.py) only parses flags and calls it. Importing this package imports
-nothing heavy: torch and accelerate load when `uptrain` runs.
+`uptrain` is the Python API; `gqa-uptrain` (cli.py) only parses flags and calls it. The door is `__all__`: apps use
+nothing else (tests/test_layout.py). Importing this package imports nothing heavy: torch and accelerate load when
+`uptrain` runs, and the names below that live in other modules are imported when first used.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
+    from .estimate import accelerate_config_file
+    from .preflight import check_model_unchanged, check_output_dir, started_from
+    from .recipe import Recipe, UserPath
+
+    R = TypeVar("R", bound=Recipe)
+
+__all__ = ["uptrain", "load", "Recipe", "UserPath", "check_output_dir", "started_from", "check_model_unchanged",
+           "accelerate_config_file"]
+# The door's names defined in other modules -> that module, imported on first use (PEP 562): what a caller that
+# plans a run before starting it (gqa-pipeline) asks of an output_dir and of a launch config.
+_ELSEWHERE = {"Recipe": "recipe", "UserPath": "recipe", "check_output_dir": "preflight", "started_from": "preflight",
+              "check_model_unchanged": "preflight", "accelerate_config_file": "estimate"}
 
 
-def load(recipe: str | Path | dict[str, Any] | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """A validated recipe from a YAML file, its tree as a dict, or a Recipe, with dotted `key=value` overrides."""
+def __getattr__(name: str) -> Any:
+    if name not in _ELSEWHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_ELSEWHERE[name]}"), name)
+
+
+def load(recipe: str | Path | dict[str, Any] | Recipe, overrides: list[str] | tuple[str, ...] = (),
+         schema: type[R] | None = None) -> R:
+    """A validated recipe from a YAML file, its tree as a dict, or a Recipe, with dotted `key=value` overrides;
+    `schema`: a Recipe subclass to validate with (one with more sections, as gqa-pipeline's), default Recipe."""
     from .recipe import Recipe, load_recipe, recipe_from_tree
 
+    schema = schema or Recipe
+    if isinstance(recipe, schema) and not overrides:
+        return recipe
     if isinstance(recipe, Recipe):
-        return recipe_from_tree(recipe.model_dump(mode="json"), overrides) if overrides else recipe
+        return recipe_from_tree(recipe.model_dump(mode="json"), overrides, schema)
     if isinstance(recipe, dict):
-        return recipe_from_tree(recipe, overrides)
-    return load_recipe(recipe, overrides)
+        return recipe_from_tree(recipe, overrides, schema)
+    return load_recipe(recipe, overrides, schema)
 
 
 def uptrain(recipe: str | Path | dict[str, Any] | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Path:
