@@ -81,6 +81,14 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
         return auto_model_class(config).from_config(config)
 
 
+def head_dim(config: PretrainedConfig) -> int:
+    """The decoder's size of one attention head: its `head_dim` where the config says it (Gemma, Qwen3: not always
+    hidden_size / heads), else hidden_size / heads. The one derivation: conversion, the KV-cache figures and the
+    training budget and estimate all read it here."""
+    config = text_config(config)
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def kv_heads_and_head_dim(config: PretrainedConfig) -> tuple[int, int]:
     """KV heads and head size, covering configs without `num_key_value_heads` (GPT-2, GPT-NeoX, Falcon, BigCode)."""
     config = text_config(config)
@@ -91,8 +99,7 @@ def kv_heads_and_head_dim(config: PretrainedConfig) -> tuple[int, int]:
     if not kv_heads:  # Falcon-7B and GPT-BigCode say `multi_query`; Falcon-40B's new architecture says `num_kv_heads`
         multi_query = getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False)
         kv_heads = 1 if multi_query else getattr(config, "num_kv_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return int(kv_heads), int(head_dim)
+    return int(kv_heads), head_dim(config)
 
 
 def attention_layer_windows(config: PretrainedConfig) -> list[int | None]:

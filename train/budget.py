@@ -14,7 +14,7 @@ import torch
 from transformers import PretrainedConfig
 
 from gqa_uptrain.errors import ConfigError
-from gqa_uptrain.kv_heads import meta_model, with_kv_heads
+from gqa_uptrain.kv_heads import head_dim, meta_model, with_kv_heads
 from gqa_uptrain.provenance import Provenance, kv_heads_before
 
 from .recipe import BatchSpec, BudgetSpec
@@ -29,8 +29,7 @@ def matmul_params(config: PretrainedConfig) -> int:
 def flops_per_token(config: PretrainedConfig, seq_len: int, linear_params: int | None = None) -> float:
     """Training FLOPs (forward + backward) per token at `seq_len`."""
     linear_params = matmul_params(config) if linear_params is None else linear_params
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention_width = config.num_attention_heads * head_dim
+    attention_width = config.num_attention_heads * head_dim(config)
     return 6.0 * linear_params + 12.0 * config.num_hidden_layers * attention_width * seq_len
 
 

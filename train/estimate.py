@@ -64,18 +64,18 @@ class Shape:
 
     @classmethod
     def of(cls, config: PretrainedConfig) -> Shape:
-        from gqa_uptrain.kv_heads import meta_model
+        from gqa_uptrain.kv_heads import head_dim, meta_model
 
         from .trainable import attention_parameter_names
 
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
         model = meta_model(config)
         attention = attention_parameter_names(model)
         named = dict(model.named_parameters())
         return cls(sum(p.numel() for p in named.values()), config.num_hidden_layers, config.hidden_size,
-                   kv_heads * head_dim, intermediate, config.vocab_size, sum(named[n].numel() for n in attention))
+                   kv_heads * head_dim(config), intermediate, config.vocab_size,
+                   sum(named[n].numel() for n in attention))
 
     def activation_bytes_per_token_layer(self) -> int:
         return 36 * self.hidden + 6 * self.kv_width + 8 * self.intermediate

@@ -83,6 +83,17 @@ def test_head_dim_from_the_config_wins_over_hidden_over_heads():
     assert kv_cache_bytes_per_token(no_head_dim, "bfloat16") == 2 * 2 * 2 * 16 * 2
 
 
+def test_head_dim_is_the_decoders_in_a_multimodal_config():
+    from transformers import Gemma3Config
+
+    from gqa_uptrain.kv_heads import head_dim, kv_heads_and_head_dim
+
+    config = Gemma3Config(text_config={"hidden_size": 64, "num_attention_heads": 4, "head_dim": 32,
+                                       "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 96})
+    assert getattr(config, "head_dim", None) is None  # the wrapper does not say it: its text_config does
+    assert head_dim(config) == 32 and kv_heads_and_head_dim(config) == (2, 32)
+
+
 def test_linear_attention_layers_keep_no_kv_cache():
     config = Qwen3NextConfig(num_hidden_layers=8, num_key_value_heads=2, head_dim=64)  # 3 linear : 1 full
     assert attention_layer_windows(config) == [None, None]

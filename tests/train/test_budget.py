@@ -26,6 +26,14 @@ def test_flops_per_token_is_six_n_plus_attention():
     assert 59_700 * flops_per_token(TINYLLAMA_GQA, 2048) / 794e12 == pytest.approx(0.55, abs=0.005)
 
 
+def test_attention_flops_use_the_configs_head_dim():
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         num_hidden_layers=2, vocab_size=100)
+    assert flops_per_token(config, 128) == 6 * matmul_params(config) + 12 * 2 * (4 * 32) * 128  # not 4 x 64/4
+
+
 def test_the_original_model_has_the_kv_heads_the_converter_recorded():
     extra = 22 * 2 * 2048 * 64 * (32 - 4)  # K and V projections of 28 more heads per layer
     assert matmul_params(original_config(TINYLLAMA_GQA)) - matmul_params(TINYLLAMA_GQA) == extra
