@@ -217,9 +217,10 @@ def _check_exact(tensors: dict[str, TensorInfo], steps: list[Step]) -> None:
 
 
 def _is_attention_projection(name: str) -> bool:
-    """q/k/v/o projections of a decoder layer's attention: what a calibrated conversion rewrites."""
-    return re.search(r"\.self_attn\.[qkvo]_proj\.(weight|bias)$", name) is not None and not name.endswith(
-        "o_proj.bias")
+    """q/k/v/o projections (and q/k norm weights) of a decoder layer's attention: what a calibrated conversion
+    rewrites."""
+    return re.search(r"\.self_attn\.([qkvo]_proj\.(weight|bias)|[qk]_norm\.weight)$", name) is not None and \
+        not name.endswith("o_proj.bias")
 
 
 @dataclass(frozen=True)

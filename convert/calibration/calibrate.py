@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
 from gqa_uptrain.convert.calibration import fit, refine
+from gqa_uptrain.convert.calibration.keys import KeyFitter, QKNorms, find_norms
 from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, checkpoint_name, decoder_layers,
                                                     materialize, run_layer, skeleton)
 from gqa_uptrain.convert.calibration.data import calibration_tokens
@@ -64,6 +65,7 @@ class _Weights:
     k: torch.Tensor
     v: torch.Tensor
     o: torch.Tensor  # [D, H d]
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # stored q_norm/k_norm weights that change
 
 
 def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) -> tuple[CheckpointReader, dict]:
@@ -165,9 +167,12 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
     head_dim = attention.head_dim
     weights = _Weights(*(fit.augment(getattr(attention, n).weight, getattr(attention, n).bias, with_bias)
                          for n in ("q_proj", "k_proj", "v_proj")), attention.o_proj.weight.double())
-    chosen, fitted, order = _fit_groups(weights, sigma, mean, still, groups, head_dim, config.num_attention_heads)
-    tau = _temperatures(weights, fitted, order, sample, kwargs, attention, head_dim, config)
-    fitted = _Weights(fitted.q * tau.repeat_interleave(head_dim)[:, None], fitted.k, fitted.v, fitted.o)
+    norms = find_norms(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
+    chosen, fitted, order = _fit_groups(weights, sigma, mean, still, groups, head_dim, config.num_attention_heads,
+                                        norms)
+    if norms is None:  # a query norm would divide a temperature out of q_proj again (keys.py)
+        tau = _temperatures(weights, fitted, order, sample, kwargs, attention, head_dim, config)
+        fitted = replace(fitted, q=fitted.q * tau.repeat_interleave(head_dim)[:, None])
     new = _install(old, new, fitted, with_bias)
     o_proj, before, after, refit = _refit_output(new, converted, target, kwargs, batch)
     with torch.no_grad():
@@ -206,27 +211,34 @@ def _with_ones(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
 
 
 def _fit_groups(w: _Weights, sigma: torch.Tensor, mean: torch.Tensor, still: torch.Tensor | None, groups: int,
-                head_dim: int, query_heads: int
+                head_dim: int, query_heads: int, norms: QKNorms | None
                 ) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
-    """Grouping, shared keys and values, the absorbed query and output weights in the new head order, and which
-    original query head each new one is."""
+    """Grouping, shared keys and values, the absorbed query and output weights (and q/k norm weights where a
+    whole-projection norm changes) in the new head order, and which original query head each new one is."""
     kv_heads = w.k.shape[0] // head_dim
     per_family = query_heads // kv_heads
-    stats = fit.key_stats(w.q, w.k, sigma, head_dim, mean, still)
-    chosen = fit.choose_groups(stats, groups)
-    q_rows, k_rows, v_rows, o_cols, order = [], [], [], [], []
+    keys = KeyFitter(w.q, w.k, sigma, head_dim, mean, still, norms)
+    chosen = fit.choose_groups(keys.stats, groups)
+    q_rows, q_norms, k_rows, k_norms, v_rows, o_cols, order = [], [], [], [], [], [], []
     o_heads = w.o.reshape(w.o.shape[0], query_heads, head_dim)
     for group in chosen:
-        shared_k, scales = fit.fit_keys(w.k, stats, group, head_dim)
+        shared = keys.fit(group)
         shared_v, maps = fit.fit_values(w.v, w.o, sigma, group, head_dim, per_family)
-        k_rows.append(shared_k)
+        k_rows.append(shared.rows)
+        k_norms.append(shared.norm)
         v_rows.append(shared_v)
-        for family, scale, value_map in zip(group, scales, maps):
+        for i, (family, value_map) in enumerate(zip(group, maps)):
             for j in range(family * per_family, (family + 1) * per_family):
-                q_rows.append(fit.absorb_into_queries(w.q[j * head_dim:(j + 1) * head_dim], scale[None], head_dim))
+                rows = slice(j * head_dim, (j + 1) * head_dim)
+                q, q_norm = keys.queries(shared, i, w.q[rows], None if norms is None else norms.q[rows])
+                q_rows.append(q)
+                q_norms.append(q_norm)
                 o_cols.append(fit.absorb_into_output(o_heads[:, j], value_map))
                 order.append(j)
-    fitted = _Weights(torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows), torch.cat(o_cols, 1))
+    changed = {}
+    if norms is not None and norms.kind == "whole":
+        changed = {"q_norm": norms.stored(torch.cat(q_norms)), "k_norm": norms.stored(torch.cat(k_norms))}
+    fitted = _Weights(torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows), torch.cat(o_cols, 1), changed)
     return chosen, fitted, torch.tensor(order)
 
 
@@ -267,6 +279,8 @@ def _install(old: nn.Module, new: nn.Module, w: _Weights, with_bias: bool) -> nn
                 param.copy_(weight if kind == "weight" else bias)
             elif name == "self_attn.o_proj.weight":
                 param.copy_(w.o)
+            elif module.startswith("self_attn.") and projection in w.norms and kind == "weight":
+                param.copy_(w.norms[projection])
             else:
                 param.copy_(old.get_parameter(name))
     return new

@@ -148,12 +148,17 @@ def _greedy_groups(stats: KeyStats, families: int, size: int) -> list[tuple[int,
 
 def fit_keys(wk: torch.Tensor, stats: KeyStats, group: tuple[int, ...], head_dim: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's shared key rows [d, D'] and each family's complex scale per pair [m, d/2] (key_f ~ c_f z)."""
+    """The group's shared key rows [d, D'] and each family's complex scale per pair [m, d/2] (key_f ~ c_f z).
+
+    With real Gram matrices (`stats.gram` of a real dtype) the scales are real, signed so that copies get +1."""
     index = torch.tensor(group, device=wk.device)
     sub = stats.gram[:, index][:, :, index]  # [d/2, m, m]
     _, vectors = torch.linalg.eigh(sub)
     top = vectors[:, :, -1]  # [d/2, m], unit
+    if not top.is_complex():
+        top = torch.where(top.sum(-1, keepdim=True) < 0, -top, top)
     k = _complex_rows(wk, head_dim)[index] * stats.weights[index].sqrt()[..., None]  # [m, d/2, D']
+    top = top.to(k.dtype)
     shared = torch.einsum("pf,fpa->pa", top, k)  # z = sum_f v_f k'_f
     scale = top.conj().T / stats.weights[index].sqrt()  # c_f = conj(v_f) / sqrt(E_f): [m, d/2]
     norm = scale.abs().mean(0).clamp_min(_EPS)  # balance the magnitudes of keys and queries

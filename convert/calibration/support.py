@@ -1,8 +1,9 @@
 """Which architectures the calibrated method can convert exactly as it reasons, decided from the model class.
 
 The fits assume plain q/k/v/o projections of the attention input (biases allowed) and rotary embeddings over
-the whole head in transformers' rotate_half layout, with nothing between projection and RoPE. Anything else
-(q/k norms after the projection, a fused qkv projection, partial or interleaved rotary, clipped q/k/v) is
+the whole head in transformers' rotate_half layout, with nothing between projection and RoPE but, optionally, a
+pair of q/k RMS norms per head or over the whole projection (`keys.py`). Anything else (LayerNorms or per-head
+norm weights after the projection, a fused qkv projection, partial or interleaved rotary, clipped q/k/v) is
 refused with the reason, so the user can fall back to --method mean.
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from gqa_uptrain.convert.calibration.keys import norm_kind
 from gqa_uptrain.convert.calibration.layers import decoder_layers, skeleton
 from gqa_uptrain.convert.checkpoint_io import stored_name
 from gqa_uptrain.convert.layout import HeadsAxis, KVLayout
@@ -22,6 +24,7 @@ from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.kv_heads import text_config_key
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_NORMS = ("q_norm", "k_norm")
 
 
 def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> str | None:
@@ -29,9 +32,9 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     tensor names (layers are loaded one at a time by their module names)."""
     if text_config_key(config) is not None:
         return "a multimodal wrapper (its language model under text_config), which the calibration does not run"
-    if not all(isinstance(c, HeadsAxis) and c.name.rsplit(".", 2)[-2] in ("k_proj", "v_proj")
+    if not all(isinstance(c, HeadsAxis) and c.name.rsplit(".", 2)[-2] in ("k_proj", "v_proj", "k_norm")
                for c in layout.changes):
-        return "its KV heads live outside plain k_proj/v_proj tensors (fused qkv or per-head norms)"
+        return "its KV heads live outside plain k_proj/v_proj tensors (fused qkv or per-head norm modules)"
     if (getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
         return "its rotary embedding covers only part of each head"
     if getattr(config, "clip_qkv", None) is not None:
@@ -41,10 +44,13 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     if not all(stored_name(name, stored) is not None for name in names):
         return "its checkpoint stores the layers under other names than its modules (e.g. fused MoE experts)"
     attention = layers[0].self_attn
-    others = {name.split(".")[0] for name, _ in attention.named_parameters()} - set(_PROJECTIONS)
+    kind = norm_kind(attention, layout.query_heads, layout.kv_heads)
+    if kind not in (None, "per_head", "whole"):
+        return kind
+    others = {name.split(".")[0] for name, _ in attention.named_parameters()} - set(_PROJECTIONS) - set(_NORMS)
     if others:
         return (f"its attention has weights beyond q_proj/k_proj/v_proj/o_proj ({', '.join(sorted(others))}), "
-                "such as q/k norms after the projection")
+                "which the fits do not model")
     if not all(isinstance(getattr(attention, p, None), nn.Linear) for p in _PROJECTIONS):
         return "its attention has no plain q_proj/k_proj/v_proj/o_proj"
     if not _rotates_halves(attention):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration import fit
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.provenance import read_provenance
-from tiny_models import ARCHITECTURES, MULTIMODAL, VOCAB, logits, random_model, repeat_kv_heads
+from tiny_models import ARCHITECTURES, MULTIMODAL, QUERY_HEADS, VOCAB, logits, random_model, repeat_kv_heads
 
 HEAD_DIM = 16
 
@@ -160,20 +160,18 @@ def test_every_architecture_converts_or_is_refused_in_one_line(arch, tmp_path, t
     assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 2
 
 
-@pytest.fixture(scope="module")
-def trained_llama(tmp_path_factory, shared_data) -> tuple[Path, Path, torch.Tensor]:
-    """An 8-head Llama trained briefly on Shakespeare's characters: its heads differ, as a real model's do.
+def train_briefly(model_type: str, folder: Path, shared_data: Path) -> tuple[Path, Path, torch.Tensor]:
+    """An 8-head model trained briefly on Shakespeare's characters: its heads differ, as a real model's do.
     Returns the model folder, calibration rows (token ids from the first 80% of the text) and held-out rows."""
     data = torch.tensor(list((shared_data / "tinyshakespeare.txt").read_bytes()[:400_000])).clamp(max=127)
     rows = data[: len(data) // 64 * 64].view(-1, 64)
     train, held = rows[: int(len(rows) * 0.8)], rows[int(len(rows) * 0.8):][:64]
-    folder = tmp_path_factory.mktemp("trained")
     (folder / "calibration.jsonl").write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in train))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=8, head_dim=8, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, head_dim=8,
+                                  max_position_embeddings=64, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
@@ -183,6 +181,11 @@ def trained_llama(tmp_path_factory, shared_data) -> tuple[Path, Path, torch.Tens
         optimizer.zero_grad()
     model.save_pretrained(folder / "model")
     return folder / "model", folder / "calibration.jsonl", held
+
+
+@pytest.fixture(scope="module")
+def trained_llama(tmp_path_factory, shared_data) -> tuple[Path, Path, torch.Tensor]:
+    return train_briefly("llama", tmp_path_factory.mktemp("trained"), shared_data)
 
 
 def held_out_loss(folder: Path, rows: torch.Tensor) -> float:
@@ -269,3 +272,68 @@ def test_rotation_shares_stay_on_the_tables_device():
     assert fit.still_share(torch.ones(4, device="meta"), 8).device.type == "meta"
     still = fit.still_share(torch.tensor([0.0, 1e-4, 3.0]), 16)
     assert still[0] == 1 and still[1] > 0.99 and still[2] < 0.1
+
+
+# Architectures whose attention the calibrated fits model beyond plain q/k/v/o (keys.py): they must convert, never be
+# refused, and exactly where the heads are copies.
+NORMED = ["qwen3", "gemma3_text", "olmo2"]
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+@pytest.mark.parametrize("arch", NORMED)
+def test_identical_heads_convert_without_loss_under_qk_norms(arch, groups, tmp_path, tokens, calibration):
+    small = random_model(arch, kv_heads=groups, seed=1)
+    repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", groups, tmp_path / "out", calibration)
+    assert close(logits(out, tokens), logits(small, tokens))
+
+
+@pytest.mark.parametrize("arch", NORMED)
+def test_same_head_count_changes_nothing_under_qk_norms(arch, tmp_path, tokens, calibration):
+    random_model(arch, kv_heads=4, seed=4).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", 4, tmp_path / "out", calibration)
+    assert torch.equal(logits(out, tokens), logits(tmp_path / "src", tokens))
+
+
+def normed_disguise(big, kv_heads: int, seed: int = 0):
+    """Copies that still compute the same under q/k norms, yet differ: under per-head norms (Qwen3) the second copy
+    of each head negates its key rows and its queries' rows; under a whole-projection norm (OLMo-2) it scales each
+    key pair's k_norm entries by a real s_p and its queries' q_norm entries by 1 / s_p. Mean pooling cannot undo
+    either (a negated copy averages to nothing); the calibrated fit must (keys.py)."""
+    g = torch.Generator().manual_seed(seed)
+    state = big.state_dict()
+    per_family = QUERY_HEADS // kv_heads
+    for layer in range(big.config.num_hidden_layers):
+        p = f"model.layers.{layer}.self_attn."
+        for h in range(1, kv_heads, 2):
+            keys, queries = slice(h * 16, (h + 1) * 16), slice(h * per_family * 16, (h + 1) * per_family * 16)
+            if state[p + "k_norm.weight"].shape[0] == 16:
+                state[p + "k_proj.weight"][keys] *= -1
+                state[p + "q_proj.weight"][queries] *= -1
+            else:
+                s = (torch.rand(8, generator=g) + 0.5) * torch.where(torch.rand(8, generator=g) < 0.5, -1.0, 1.0)
+                state[p + "k_norm.weight"][keys] *= s.repeat(2)
+                state[p + "q_norm.weight"][queries] /= s.repeat(2 * per_family)
+    big.load_state_dict(state)
+    return big
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "olmo2"])
+def test_disguised_copies_convert_without_loss_under_qk_norms(arch, tmp_path, tokens, calibration):
+    small = random_model(arch, kv_heads=2, seed=2)
+    source = tmp_path / "src"
+    normed_disguise(repeat_kv_heads(small, 4), 4).save_pretrained(source)
+    expected = logits(small, tokens)
+    assert close(logits(source, tokens), expected)  # the disguise itself keeps the function
+    assert close(logits(convert(source, 2, tmp_path / "out", calibration), tokens), expected)
+    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False)
+    assert not close(logits(mean, tokens), expected)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "olmo2"])
+def test_calibrated_beats_mean_pooling_under_qk_norms(arch, tmp_path, shared_data):
+    model, text, rows = train_briefly(arch, tmp_path, shared_data)
+    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False)
+    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
+    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    assert original < fitted < pooled

@@ -1,0 +1,203 @@
+"""How a group's keys become one shared key, with or without q/k norms between the projection and RoPE.
+
+Notation as in `fit.py`: family f is one KV head with its query heads; k_f = W_f x its pre-RoPE key; RoPE turns
+each pair p (dims p and p + d/2) by e^{i theta_p t}. A group of families shares one key, and whatever maps each
+family's key onto the shared one must move into that family's queries without changing q . RoPE(k).
+
+Plain attention (no norm): any complex scalar per pair commutes with RoPE, so k_f ~ c_f z and conj(c_f) goes into
+the query rows (`fit.fit_keys`, `fit.absorb_into_queries`).
+
+A norm after the projection, k = w * N(W x) (N divides by the root mean square; w the norm's weight, including
+an offset such as Gemma's 1 + w), breaks that in two ways:
+- N removes the key's magnitude, so a scale on the pre-norm key no longer reaches the logits, and a complex
+  scale moved into q_proj rows changes the query's norm too (its N divides it out again);
+- w sits between N and RoPE: a rotation within a pair commutes with RoPE but not with diag(w) unless w is equal
+  on both dims of the pair, so a phase cannot pass through w.
+What still passes through exactly, and therefore what the fit may use:
+- per-head norms with one weight shared by every head (Qwen3, Gemma-3: q_norm/k_norm of size head_dim): only
+  a real scalar per family. N(s z) = sign(s) N(z), and N is odd, so the sign moves into the family's q_proj rows;
+  the magnitude is simply lost. The fit is the real rank-1 fit of the families' keys each divided by its own root
+  mean square (the direction N keeps), weighted per pair by the norm weight and the query energy (the summed real
+  part of `fit.key_stats`' Gram matrices): the shared pre-norm key is sum_f v_f W_f / r_f for the top
+  eigenvector v, and sign(v_f) goes into queries. The norm weights stay as they are (they are shared).
+- one norm over the whole projection with a weight per head and dim (OLMo-2: q_norm over H d, k_norm over K d):
+  N divides every head by one root mean square per token, r(x), which a conversion that keeps each group's
+  energy keeps on average. So the fit runs in the linear, "effective" space diag(w_f) W_f / r (r: the expected
+  root mean square), with a real scalar per pair (`fit.fit_keys` on the real part of the Gram matrices): a real
+  per-pair scale commutes with RoPE and with diag(w), and moves exactly into the query head's own q_norm weight
+  entries, leaving q_proj and r_q(x) untouched. The group's new k_norm weight is sqrt(mean_f w_f^2) per dim and
+  its k_proj rows the shared effective key divided by it, rescaled (weight down, rows up) so the group keeps its
+  families' mean energy and with it r(x).
+Where keys are copies within a group both fits are exact: the families' normalised keys are equal, the Gram
+matrices have rank one, and the signs/scales found are 1. Softmax temperatures cannot be absorbed into q_proj
+under a query norm (N would divide them out), so none are fitted for normed attention; the o_proj refit and the
+refinement still run.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from gqa_uptrain.convert.calibration import fit
+
+NormKind = Literal["per_head", "whole"]
+_PROBE = 100.0  # N(c * ones) = w / sqrt(1 + eps / c^2): w to 1e-10 for any usual eps
+
+
+@dataclass(frozen=True)
+class QKNorms:
+    """The q/k norms of one attention layer: their kind and effective weights tiled to one entry per projection row
+    ([H d] and [K d]), and `offset`, effective minus stored weight (Gemma stores w for 1 + w)."""
+
+    kind: NormKind
+    q: torch.Tensor
+    k: torch.Tensor
+    offset: float
+
+    def stored(self, effective: torch.Tensor) -> torch.Tensor:
+        return effective - self.offset
+
+
+def norm_kind(attention: nn.Module, query_heads: int, kv_heads: int) -> NormKind | None | str:
+    """The kind of the attention's q/k norms (works on the meta device); None when it has none, a reason string
+    when it has norms the fits do not model."""
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    if q_norm is None and k_norm is None:
+        return None
+    if q_norm is None or k_norm is None or not _is_rms_norm(q_norm) or not _is_rms_norm(k_norm):
+        return "its q/k norms are not a pair of RMS norms (a LayerNorm also removes the mean)"
+    d = attention.head_dim
+    sizes = (tuple(q_norm.weight.shape), tuple(k_norm.weight.shape))
+    if sizes == ((d,), (d,)):
+        return "per_head"
+    if sizes == ((query_heads * d,), (kv_heads * d,)):
+        return "whole"
+    return f"its q/k norm weights have shapes {[list(s) for s in sizes]}, which no fit models"
+
+
+def find_norms(attention: nn.Module, query_heads: int, kv_heads: int) -> QKNorms | None:
+    """The attention's q/k norms with their effective weights (a supported kind: see `norm_kind`)."""
+    kind = norm_kind(attention, query_heads, kv_heads)
+    if kind is None:
+        return None
+    assert kind in ("per_head", "whole"), kind  # support.py refuses the others before any work
+    q_rows, k_rows = (query_heads, kv_heads) if kind == "per_head" else (1, 1)
+    q_norm, k_norm = attention.q_norm, attention.k_norm
+    q, k = _effective(q_norm), _effective(k_norm)
+    offset = round(float((k - k_norm.weight.double()).mean()), 6)  # 0, or 1 for Gemma's 1 + w
+    return QKNorms(kind, q.repeat(q_rows), k.repeat(k_rows), offset)
+
+
+def _is_rms_norm(norm: nn.Module) -> bool:
+    """An RMS norm only divides by a positive per-token factor: N(-x) = -N(x), N(s x) = N(x) for s > 0, and unlike
+    a LayerNorm it keeps a constant vector (N(ones) = w, not 0)."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or getattr(norm, "bias", None) is not None:
+        return False
+    norm = copy.deepcopy(norm).to_empty(device="cpu")  # a probe with weights of its own, also for meta modules
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
+        x = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0))
+        return bool(torch.allclose(norm(x * 2), norm(x), rtol=1e-4, atol=1e-5)
+                    and torch.allclose(norm(-x), -norm(x), rtol=1e-4, atol=1e-5)
+                    and norm(torch.ones_like(x)).abs().max() > 0)
+
+
+def _effective(norm: nn.Module) -> torch.Tensor:
+    """The per-dim factor the norm applies after dividing by the root mean square (w, or 1 + w for Gemma)."""
+    with torch.no_grad():
+        ones = torch.full_like(norm.weight, _PROBE)
+        return norm(ones[None])[0].detach().double()
+
+
+@dataclass(frozen=True)
+class GroupKeys:
+    """One group's shared key rows [d, D'], its k_norm weight (effective, [d], whole-projection norms only), and
+    what moves into each family's queries: `scales` [m, d/2], complex (into q rows), real (into the q_norm
+    weight), or [m] signs (into q rows)."""
+
+    rows: torch.Tensor
+    norm: torch.Tensor | None
+    scales: torch.Tensor
+
+
+class KeyFitter:
+    """The key fit of one layer for its norm kind: `stats` to choose the groups by, `fit(group)` for the shared key,
+    `queries(...)` to move a family's scale into one query head."""
+
+    def __init__(self, wq: torch.Tensor, wk: torch.Tensor, sigma: torch.Tensor, head_dim: int,
+                 mean: torch.Tensor | None, still: torch.Tensor | None, norms: QKNorms | None) -> None:
+        self.wk, self.sigma, self.head_dim, self.norms = wk, sigma, head_dim, norms
+        if norms is None:
+            self.stats = fit.key_stats(wq, wk, sigma, head_dim, mean, still)
+            return
+        self.q_eff = self._linearized(wq, norms.q)
+        self.k_eff = self._linearized(wk, norms.k)
+        stats = fit.key_stats(self.q_eff, self.k_eff, sigma, head_dim, mean, still)
+        real = stats.gram.real
+        self.stats = fit.KeyStats(real.sum(0, keepdim=True) if norms.kind == "per_head" else real, stats.weights)
+        self.per_pair = stats
+
+    def _linearized(self, w: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """diag(w) W / r_h: what the normed projection is, with each head's root mean square r_h at its expected
+        value. A whole-projection norm divides every head by one r, which changes no fit: it is left out."""
+        if self.norms.kind == "whole":
+            return w * weight[:, None]
+        heads = w.reshape(-1, self.head_dim, w.shape[-1])
+        rms = (torch.einsum("hra,ab,hrb->h", heads, self.sigma, heads) / self.head_dim).clamp_min(fit._EPS).sqrt()
+        return (heads / rms[:, None, None]).reshape(w.shape) * weight[:, None]
+
+    def fit(self, group: tuple[int, ...]) -> GroupKeys:
+        if self.norms is None:
+            rows, scales = fit.fit_keys(self.wk, self.stats, group, self.head_dim)
+            return GroupKeys(rows, None, scales)
+        if self.norms.kind == "per_head":
+            return self._fit_per_head(group)
+        return self._fit_whole(group)
+
+    def _fit_per_head(self, group: tuple[int, ...]) -> GroupKeys:
+        """Shared pre-norm key sum_f v_f W_f / r_f (top eigenvector v of the summed real Gram), at the group's
+        mean root mean square; each family keeps sign(v_f)."""
+        index = torch.tensor(group, device=self.wk.device)
+        _, vectors = torch.linalg.eigh(self.stats.gram[0][index][:, index])
+        top = _positive(vectors[:, -1])
+        heads = self.wk.reshape(-1, self.head_dim, self.wk.shape[-1])[index]
+        rms = torch.einsum("hra,ab,hrb->h", heads, self.sigma, heads).div(self.head_dim).clamp_min(fit._EPS).sqrt()
+        shared = torch.einsum("f,fra->ra", top / rms, heads)
+        shared_rms = torch.einsum("ra,ab,rb->", shared, self.sigma, shared).div(self.head_dim).clamp_min(fit._EPS)
+        signs = torch.where(top < 0, -1.0, 1.0).to(top.dtype)
+        return GroupKeys(shared * rms.mean() / shared_rms.sqrt(), None, signs)
+
+    def _fit_whole(self, group: tuple[int, ...]) -> GroupKeys:
+        """`fit.fit_keys` with real per-pair scales in the effective space diag(w) W, split back into k_norm weight
+        and k_proj rows that keep the group's mean energy."""
+        d = self.head_dim
+        effective, scales = fit.fit_keys(self.k_eff, self.stats, group, d)
+        weights = self.norms.k.reshape(-1, d)[list(group)]
+        norm = weights.pow(2).mean(0).sqrt().clamp_min(fit._EPS)
+        rows = effective / norm[:, None]
+        heads = self.wk.reshape(-1, d, self.wk.shape[-1])[list(group)]
+        target = torch.einsum("hra,ab,hrb->", heads, self.sigma, heads) / len(group)
+        actual = torch.einsum("ra,ab,rb->", rows, self.sigma, rows).clamp_min(fit._EPS)
+        balance = (target / actual).sqrt()
+        return GroupKeys(rows * balance, norm / balance, scales)
+
+    def queries(self, keys: GroupKeys, i: int, rows: torch.Tensor, norm: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query head rows [d, D'] (and its effective q_norm weight [d]) of the group's i-th family, with that
+        family's scale moved in."""
+        if self.norms is None:
+            return fit.absorb_into_queries(rows, keys.scales[i][None], self.head_dim), norm
+        if self.norms.kind == "per_head":
+            return rows * keys.scales[i], norm
+        return rows, norm * keys.scales[i].real.repeat(2)
+
+
+def _positive(vector: torch.Tensor) -> torch.Tensor:
+    """An eigenvector's sign is arbitrary: pick the one whose entries sum to a positive number, so copies get +1."""
+    return -vector if vector.sum() < 0 else vector
