@@ -27,6 +27,7 @@ from gqa_uptrain.kv_heads import (kv_cache_bytes_per_token, kv_heads_keys, meta_
                                   with_kv_heads)
 from gqa_uptrain.model_folder import require_inside
 from gqa_uptrain.provenance import read_provenance
+from gqa_uptrain.sizes import human_size
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ def _check_exact(tensors: dict[str, TensorInfo], steps: list[Step]) -> None:
 def _is_attention_projection(name: str) -> bool:
     """q/k/v/o projections (and q/k norm weights) of a decoder layer's attention: what a calibrated conversion
     rewrites."""
-    return re.search(r"\.self_attn\.([qkvo]_proj\.(weight|bias)|[qk]_norm\.weight)$", name) is not None and \
+    return re.search(r"\.self_attn\.((qkv|[qkvo])_proj\.(weight|bias)|[qk]_norm\.weight)$", name) is not None and \
         not name.endswith("o_proj.bias")
 
 
@@ -449,12 +450,3 @@ def _written_config(raw: dict, config: PretrainedConfig, groups: int) -> dict:
     if key is None:
         return {**raw, **heads}
     return {**raw, key: {**raw.get(key, {}), **heads}}
-
-
-def human_size(nbytes: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(nbytes) < 1024:
-            return f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"

@@ -161,12 +161,12 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
                      kwargs: dict, batch: int, config: PretrainedConfig, groups: int, still: torch.Tensor | None,
                      refine_steps: int) -> tuple[LayerReport, nn.Module]:
     attention = old.self_attn
-    with_bias = any(getattr(attention, n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
+    projections = _qkv(attention, config.num_attention_heads)
+    with_bias = any(bias is not None for _, bias in projections.values())
     sigma, mean, target, sample = _original_pass(old, original, kwargs, batch, with_bias)
     _require_finite(name, "the statistics of the original attention on the calibration text", sigma, mean, target)
     head_dim = attention.head_dim
-    weights = _Weights(*(fit.augment(getattr(attention, n).weight, getattr(attention, n).bias, with_bias)
-                         for n in ("q_proj", "k_proj", "v_proj")), attention.o_proj.weight.double())
+    weights = _Weights(*(fit.augment(*projections[n], with_bias) for n in _QKV), attention.o_proj.weight.double())
     norms = find_norms(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
     chosen, fitted, order = _fit_groups(weights, sigma, mean, still, groups, head_dim, config.num_attention_heads,
                                         norms)
@@ -182,6 +182,26 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
     for start in range(0, converted.shape[0], batch):
         converted[start:start + batch] = run_layer(new, converted[start:start + batch], kwargs)
     return LayerReport(chosen, before, after, refit, refinement), new
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _qkv(attention: nn.Module, query_heads: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Weight and bias of q_proj, k_proj and v_proj, split out of a fused qkv_proj (rows [q | k | v], Phi-3's
+    layout, `layout.FusedQKV`) where the attention has one: the fits work on the three apart."""
+    fused = getattr(attention, "qkv_proj", None)
+    if fused is None:
+        return {n: (getattr(attention, n).weight, getattr(attention, n).bias) for n in _QKV}
+    sizes = _fused_sizes(fused.weight.shape[0], query_heads * attention.head_dim)
+    weights = fused.weight.split(sizes)
+    biases = fused.bias.split(sizes) if fused.bias is not None else (None,) * 3
+    return dict(zip(_QKV, zip(weights, biases)))
+
+
+def _fused_sizes(rows: int, query_rows: int) -> list[int]:
+    """Rows of q, k and v in a fused [q | k | v] projection (k and v are the same size)."""
+    return [query_rows, (rows - query_rows) // 2, (rows - query_rows) // 2]
 
 
 def _original_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int, with_bias: bool
@@ -270,6 +290,7 @@ def _install(old: nn.Module, new: nn.Module, w: _Weights, with_bias: bool) -> nn
     device = next(old.parameters()).device
     new.to_empty(device=device)
     fitted = {"q_proj": w.q, "k_proj": w.k, "v_proj": w.v}
+    fitted["qkv_proj"] = torch.cat([w.q, w.k, w.v])  # Phi-3's fused layout, [q | k | v]
     with torch.no_grad():
         for name, param in new.named_parameters():
             module, _, kind = name.rpartition(".")

@@ -19,11 +19,12 @@ from transformers import PretrainedConfig
 from gqa_uptrain.convert.calibration.keys import norm_kind
 from gqa_uptrain.convert.calibration.layers import decoder_layers, skeleton
 from gqa_uptrain.convert.checkpoint_io import stored_name
-from gqa_uptrain.convert.layout import HeadsAxis, KVLayout
+from gqa_uptrain.convert.layout import Change, FusedQKV, HeadsAxis, KVLayout
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.kv_heads import text_config_key
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_FUSED = ("qkv_proj", "o_proj")  # Phi-3: rows [q | k | v] (layout.FusedQKV)
 _NORMS = ("q_norm", "k_norm")
 
 
@@ -32,9 +33,8 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     tensor names (layers are loaded one at a time by their module names)."""
     if text_config_key(config) is not None:
         return "a multimodal wrapper (its language model under text_config), which the calibration does not run"
-    if not all(isinstance(c, HeadsAxis) and c.name.rsplit(".", 2)[-2] in ("k_proj", "v_proj", "k_norm")
-               for c in layout.changes):
-        return "its KV heads live outside plain k_proj/v_proj tensors (fused qkv or per-head norm modules)"
+    if not all(_is_modelled(c) for c in layout.changes):
+        return "its KV heads live outside k_proj/v_proj, a [q | k | v] qkv_proj and k_norm (per-head norm modules)"
     if (getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
         return "its rotary embedding covers only part of each head"
     if getattr(config, "clip_qkv", None) is not None:
@@ -47,15 +47,25 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     kind = norm_kind(attention, layout.query_heads, layout.kv_heads)
     if kind not in (None, "per_head", "whole"):
         return kind
-    others = {name.split(".")[0] for name, _ in attention.named_parameters()} - set(_PROJECTIONS) - set(_NORMS)
+    others = ({name.split(".")[0] for name, _ in attention.named_parameters()}
+              - set(_PROJECTIONS) - set(_FUSED) - set(_NORMS))
     if others:
         return (f"its attention has weights beyond q_proj/k_proj/v_proj/o_proj ({', '.join(sorted(others))}), "
                 "which the fits do not model")
-    if not all(isinstance(getattr(attention, p, None), nn.Linear) for p in _PROJECTIONS):
-        return "its attention has no plain q_proj/k_proj/v_proj/o_proj"
+    projections = _FUSED if hasattr(attention, "qkv_proj") else _PROJECTIONS
+    if not all(isinstance(getattr(attention, p, None), nn.Linear) for p in projections):
+        return "its attention has no plain q_proj/k_proj/v_proj/o_proj or qkv_proj/o_proj"
     if not _rotates_halves(attention):
         return "its rotary embedding does not pair dimension i with i + head_dim/2"
     return None
+
+
+def _is_modelled(change: Change) -> bool:
+    """A KV-head tensor the fits rewrite: k/v projections, a whole-projection k_norm, a fused [q | k | v]."""
+    module = change.name.rsplit(".", 2)[-2]
+    if isinstance(change, HeadsAxis):
+        return module in ("k_proj", "v_proj", "k_norm")
+    return isinstance(change, FusedQKV) and module == "qkv_proj"
 
 
 def check_supported(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> None:
