@@ -12,6 +12,8 @@ This package's own modules (the folder base/) are what the tools share; they imp
 - `locks`: an exclusive lock on an output, an flock on a file that names its holder (gqa-convert's and gqa-uptrain's);
 - `model_folder`: which files of a model folder may be read (links are followed only while they stay inside it);
 - `documents`: text, JSON lines, parquet files or a Hub dataset, read through `datasets`.
+- `plotting`: matplotlib's pyplot on the file-only Agg backend, for every PNG the tools draw.
+- `sizes`: byte counts as people read them (`human_size`), in every message and table.
 The tools are the subpackages `convert` (gqa-convert), `train` (gqa-uptrain) and `eval` (gqa-eval); each imports
 only this layer. `apps` (demo, pipeline, publish, scratch) is built on the tools. tests/test_layout.py holds to it.
 """

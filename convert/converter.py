@@ -32,7 +32,7 @@ from gqa_uptrain.convert.card import card_license, model_card
 from gqa_uptrain.convert.checkpoint_io import (CheckpointReader, ShardedWriter, is_model_file, is_weight_file,
                                                write_tensor)
 from gqa_uptrain.convert.methods import PoolContext
-from gqa_uptrain.convert.plan import ConversionPlan, Step, human_size, output_config
+from gqa_uptrain.convert.plan import ConversionPlan, Step, output_config
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
 from gqa_uptrain.source import Source
 from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError
@@ -41,6 +41,7 @@ from gqa_uptrain.files import (BackgroundHashes, exchange_paths, flush_to_disk, 
 from gqa_uptrain.model_folder import model_root, readable_files
 from gqa_uptrain.provenance import (PROVENANCE, Conversion, SourceRecord, conversion_record, read_provenance,
                                    why_not_converted_here, write_provenance)
+from gqa_uptrain.sizes import human_size
 
 PROG = "gqa-convert"
 _NOT_COPIED = {"config.json", "README.md", PROVENANCE}

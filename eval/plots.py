@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+from gqa_uptrain.plotting import pyplot
+
 
 class Point(NamedTuple):
     """One model in a panel of `plot_quality_vs_kv`."""
@@ -20,16 +22,6 @@ class Point(NamedTuple):
     value: float
     base: bool
     color: str
-
-
-def _pyplot():
-    """pyplot on the Agg backend (files only, no display), set up on first use."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def cycle_colors(labels: list[str]) -> dict[str, str]:
@@ -79,7 +71,7 @@ def deltas_figure(series: dict[str, list[dict]], colors: dict[str, str]):
     A row is a comparison row of `report.compare` (task, metric, base, candidate_value, delta, their stderrs,
     significant).
     """
-    plt = _pyplot()
+    plt = pyplot()
     by_key: dict[tuple[str, str], list[dict]] = {}
     for rows in series.values():
         for r in rows:
@@ -133,7 +125,7 @@ def quality_vs_kv_figure(panels: list[tuple[str, list[Point]]]):
     the y axis too where the measure spans more than a decade. The legend names the base's square marker."""
     from matplotlib.lines import Line2D
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (name, points) in zip(axes[0], panels):
         for point in points:
@@ -166,4 +158,4 @@ def plot_quality_vs_kv(panels: list[tuple[str, list[Point]]], path: Path) -> Non
 
 def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)

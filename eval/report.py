@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from gqa_uptrain.files import write_atomically
+from gqa_uptrain.sizes import human_size
 
 from . import plots
 
@@ -154,9 +155,8 @@ def comparison_table(rows: list[dict]) -> str:
 
 
 def _bytes(n: float | None) -> str:
-    if n is None:
-        return ""
-    return f"{n:.0f} B" if n < 2**10 else f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
+    """A table cell: empty where nothing was measured."""
+    return "" if n is None else human_size(n)
 
 
 def _kv_quant(model: dict) -> str:

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 from gqa_uptrain.errors import DiskFullError
 from gqa_uptrain.files import is_full_disk
+from gqa_uptrain.sizes import human_size
 
 from . import checkpoint
 
@@ -62,11 +63,11 @@ def full_disk_message(space: Space) -> str:
     latest = checkpoint.latest_checkpoint(output / "checkpoints")
     measured = checkpoint.size_bytes(latest) if latest is not None else None
     need = measured or space.checkpoint_bytes
-    parts = [f"disk full while writing the run in {output} ({_size(free)} free on its file system)"]
+    parts = [f"disk full while writing the run in {output} ({human_size(free)} free on its file system)"]
     if need is not None:
         what = f"the size of {latest.name}" if measured else "weights and AdamW state in fp32"
         kept = f"; with checkpoint.keep={space.keep}, {space.keep + 1} exist while it is written" if latest else ""
-        parts.append(f"the next checkpoint needs about {_size(need)} ({what}{kept})")
+        parts.append(f"the next checkpoint needs about {human_size(need)} ({what}{kept})")
     parts.append("free space there (old runs, the Hugging Face and datasets caches) and run the same command "
                  "again: it resumes from the newest checkpoint")
     return "; ".join(parts)
@@ -111,8 +112,3 @@ def _free_bytes(folder: Path) -> int:
     return 0
 
 
-def _size(count: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} B"

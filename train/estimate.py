@@ -35,6 +35,7 @@ from typing import Literal
 from transformers import PretrainedConfig
 
 from gqa_uptrain.errors import CheckpointError, ConfigError, one_line
+from gqa_uptrain.sizes import human_size
 
 from .budget import TrainingBudget, matmul_params, plan_budget
 from .recipe import Recipe
@@ -168,7 +169,8 @@ def parallel_of_accelerate_config(distributed_type: str | None, processes: int) 
 
 
 def gib(nbytes: float) -> str:
-    return f"{nbytes / GIB:.1f} GiB"
+    """Every figure of the estimate in GiB, the unit GPUs are sized in, so that its rows compare at a glance."""
+    return human_size(nbytes, "GiB")
 
 
 @dataclass(frozen=True)

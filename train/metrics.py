@@ -28,6 +28,7 @@ from gqa_uptrain.cli import warn
 from gqa_uptrain.dicts import flatten
 from gqa_uptrain.errors import ConfigError, DivergedError
 from gqa_uptrain.files import write_atomically
+from gqa_uptrain.plotting import pyplot
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, SXM parts).
 _DATASHEET_PEAK_TFLOPS = {
@@ -349,21 +350,15 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
     """Training and validation loss against tokens seen, as a PNG (`loss_figure`)."""
-    import matplotlib.pyplot as plt
-
     figure = loss_figure(records)
     figure.savefig(path)
-    plt.close(figure)
+    pyplot().close(figure)
 
 
 def loss_figure(records: list[dict[str, Any]]):
     """The loss curves, with the teacher's validation loss (the original model's, measured at step 0) as the level
     the conversion's gap closes towards."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         points = [(r["tokens"], r[key]) for r in records if key in r]
