@@ -62,10 +62,9 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
 
 def _is_modelled(change: Change) -> bool:
     """A KV-head tensor the fits rewrite: k/v projections, a whole-projection k_norm, a fused [q | k | v]."""
-    module = change.name.rsplit(".", 2)[-2]
     if isinstance(change, HeadsAxis):
-        return module in ("k_proj", "v_proj", "k_norm")
-    return isinstance(change, FusedQKV) and module == "qkv_proj"
+        return change.name.rsplit(".", 2)[-2] in ("k_proj", "v_proj", "k_norm")
+    return isinstance(change, FusedQKV) and change.name.rsplit(".", 2)[-2] == "qkv_proj"
 
 
 def check_supported(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> None:
