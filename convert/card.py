@@ -5,7 +5,6 @@ extends it with evaluation results.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData, metadata_load
@@ -15,6 +14,7 @@ from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.kv_heads import kv_cache_bytes_per_token, with_kv_heads
 from gqa_uptrain.model_folder import outside_reason
 from gqa_uptrain.provenance import PROVENANCE, base_record, read_provenance
+from gqa_uptrain.source import could_be_hub_id  # local sources are recorded by absolute path
 
 # Every card this project writes carries this line; a README.md without it was written by someone else (or edited
 # with the line deleted), and gqa-publish keeps it as it is.
@@ -38,7 +38,7 @@ def model_card(folder: Path, title: str, extra: list[str] = ()) -> ModelCard:
     kind = "multi-query attention (MQA)" if groups == 1 else f"grouped-query attention with {groups} KV heads"
     # `base_model` must name a Hub repository: a model converted from a local folder (not one in the Hub cache,
     # whose id the provenance keeps) has none to name, so the card leaves it out rather than name the folder.
-    data = ModelCardData(base_model=base_id if _is_hub_id(base_id) else None,
+    data = ModelCardData(base_model=base_id if could_be_hub_id(base_id) else None,
                          license=base["source"].get("license"), library_name="transformers",
                          tags=["gqa", "grouped-query-attention", "gqa-uptrain"])
     lines = [
@@ -63,15 +63,10 @@ def model_card(folder: Path, title: str, extra: list[str] = ()) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{CARD_MARKER}\n\n" + "\n".join(lines) + "\n")
 
 
-def _is_hub_id(source_id: str) -> bool:
-    """Local sources are recorded by absolute path; a Hub id is `name` or `owner/name`."""
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source_id) is not None and not source_id.startswith(".")
-
-
 def _reference(base_id: str) -> str:
     """A Hub id links to its page; a local folder is named alone, never by its absolute path (a card is published,
     and a path tells where and under which user the model was made)."""
-    return f"[{base_id}](https://huggingface.co/{base_id})" if _is_hub_id(base_id) else f"`{Path(base_id).name}`"
+    return f"[{base_id}](https://huggingface.co/{base_id})" if could_be_hub_id(base_id) else f"`{Path(base_id).name}`"
 
 
 def _percent(value: float | None) -> str:

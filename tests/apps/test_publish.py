@@ -233,3 +233,16 @@ def test_bad_arguments_are_one_line_and_change_nothing(case, converted, tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("gqa-publish: error: ") and line in err, err
     assert snapshot(converted) == before
+
+
+@pytest.mark.parametrize("base_id,reference", [
+    ("meta-llama/Llama-2-7b-hf", "[meta-llama/Llama-2-7b-hf](https://huggingface.co/meta-llama/Llama-2-7b-hf)"),
+    ("gpt2", "[gpt2](https://huggingface.co/gpt2)"),
+    ("/home/me/models/tiny", "`tiny`"),  # a path tells where and under which user the model was made
+    ("./tiny", "`tiny`"),
+    ("~/tiny", "`tiny`"),
+])
+def test_the_card_links_a_hub_base_and_names_a_local_one_by_its_folder(base_id, reference):
+    from gqa_uptrain.convert.card import _reference  # the Hub-id rule is gqa_uptrain.source's, the one there is
+
+    assert _reference(base_id) == reference
