@@ -10,17 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from gqa_uptrain.convert import METHODS
-from gqa_uptrain.train import Recipe, UserPath, load
+from gqa_uptrain.train import Recipe, Section, UserPath, load
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ConvertSpec(_Section):
+class ConvertSpec(Section):
     """How `model.path` is made from the original checkpoint."""
 
     source: UserPath  # the original MHA (or GQA) checkpoint: a local folder or a Hub id
@@ -36,7 +32,7 @@ class ConvertSpec(_Section):
         return method
 
 
-class EvaluateSpec(_Section):
+class EvaluateSpec(Section):
     """The gqa-eval comparison of the uptrained model with `convert.source`."""
 
     tasks: str | None = None  # lm-eval task names, or the shipped gqa_lastword,gqa_nextsentence
@@ -47,7 +43,7 @@ class EvaluateSpec(_Section):
     speed: bool = False
 
 
-class PublishSpec(_Section):
+class PublishSpec(Section):
     repo_id: str  # the Hub repository the pipeline uploads the model and its card to
     private: bool = False
 

@@ -20,16 +20,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from .estimate import accelerate_config_file
     from .preflight import check_model_unchanged, check_output_dir, started_from
-    from .recipe import Recipe, UserPath
+    from .recipe import Recipe, Section, UserPath
 
     R = TypeVar("R", bound=Recipe)
 
-__all__ = ["uptrain", "load", "Recipe", "UserPath", "check_output_dir", "started_from", "check_model_unchanged",
-           "accelerate_config_file"]
-# The door's names defined in other modules -> that module, imported on first use (PEP 562): what a caller that
-# plans a run before starting it (gqa-pipeline) asks of an output_dir and of a launch config.
-_ELSEWHERE = {"Recipe": "recipe", "UserPath": "recipe", "check_output_dir": "preflight", "started_from": "preflight",
-              "check_model_unchanged": "preflight", "accelerate_config_file": "estimate"}
+__all__ = ["uptrain", "load", "Recipe", "Section", "UserPath", "check_output_dir", "started_from",
+           "check_model_unchanged", "accelerate_config_file"]
+# The door's names defined in other modules -> that module, imported on first use (PEP 562): the recipe's model and
+# its parts (which gqa-pipeline's recipe extends), and what a caller that plans a run before starting it
+# (gqa-pipeline) asks of an output_dir and of a launch config.
+_ELSEWHERE = {"Recipe": "recipe", "Section": "recipe", "UserPath": "recipe", "check_output_dir": "preflight",
+              "started_from": "preflight", "check_model_unchanged": "preflight", "accelerate_config_file": "estimate"}
 
 
 def __getattr__(name: str) -> Any:

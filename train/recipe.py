@@ -28,18 +28,21 @@ from gqa_uptrain.files import expand_home
 UserPath = Annotated[str, BeforeValidator(expand_home)]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A section of a recipe: frozen, and a key it does not know is refused (a misspelt option must not do nothing).
+    gqa-pipeline's own sections are Sections too."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     path: UserPath  # the converted (GQA) checkpoint: a local folder or a Hub id
     attn_implementation: Literal["sdpa", "flash_attention_2", "flex_attention", "eager"] = "sdpa"
     gradient_checkpointing: bool = False
     compile: bool = False
 
 
-class TeacherSpec(_Section):
+class TeacherSpec(Section):
     path: UserPath  # usually the original MHA checkpoint
     weight: float = Field(0.5, ge=0.0, le=1.0)  # loss = (1 - weight) * LM + weight * KL
     temperature: float = Field(1.0, gt=0.0)
@@ -48,7 +51,7 @@ class TeacherSpec(_Section):
     placement: Literal["auto", "replicate", "shard"] = "auto"
 
 
-class SourceSpec(_Section):
+class SourceSpec(Section):
     path: UserPath | None = None  # local file, folder or glob of .txt / .jsonl / .json / .parquet (.gz/.xz/.zst)
     dataset: str | None = None  # a Hub dataset name
     name: str | None = None  # the Hub dataset's configuration
@@ -63,7 +66,7 @@ class SourceSpec(_Section):
         return self
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     train: SourceSpec
     validation: SourceSpec | None = None  # None: hold out the first `holdout_docs` documents of train
     holdout_docs: int = Field(200, ge=1)
@@ -73,12 +76,12 @@ class DataSpec(_Section):
     num_proc: int | None = Field(None, ge=1)  # tokenisation workers; not streaming
 
 
-class BatchSpec(_Section):
+class BatchSpec(Section):
     micro_batch: int = Field(ge=1)  # sequences per process per forward
     global_batch: int = Field(ge=1)  # sequences per optimizer step, all processes together
 
 
-class TrainSpec(_Section):
+class TrainSpec(Section):
     lr: float = Field(gt=0.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -92,7 +95,7 @@ class TrainSpec(_Section):
     trainable: Literal["all", "attention"] = "all"
 
 
-class BudgetSpec(_Section):
+class BudgetSpec(Section):
     fraction: float | None = Field(None, gt=0.0)  # of pretrain_tokens
     tokens: float | None = Field(None, gt=0.0)
     steps: int | None = Field(None, ge=1)
@@ -107,17 +110,17 @@ class BudgetSpec(_Section):
         return self
 
 
-class CheckpointSpec(_Section):
+class CheckpointSpec(Section):
     every: int = Field(1000, ge=1)  # optimizer steps; a checkpoint is also written at the end
     keep: int = Field(2, ge=1)
 
 
-class EvalSpec(_Section):
+class EvalSpec(Section):
     every: int = Field(500, ge=1)  # optimizer steps; also evaluated at the end
     batches: int = Field(20, ge=1)  # micro-batches per process
 
 
-class LogSpec(_Section):
+class LogSpec(Section):
     every: int = Field(10, ge=1)
     trackers: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
     project: str = "gqa-uptrain"
@@ -128,7 +131,7 @@ class LogSpec(_Section):
 PIPELINE_SECTIONS = frozenset({"accelerate_config", "convert", "evaluate", "publish"})
 
 
-class Recipe(_Section):
+class Recipe(Section):
     output_dir: UserPath
     seed: int = 0
     model: ModelSpec
