@@ -1,6 +1,6 @@
 """Results cached by what produced them: the model's content and every setting that can change a score.
 
-A key is the SHA-256 of (model fingerprint, what was measured, settings). The base model is thus evaluated
+A key is the SHA-256 of (the model's digest, what was measured, settings). The base model is thus evaluated
 once for any number of candidates, and a rerun with the same models and settings costs nothing. Entries are
 written atomically, one per model and task, as they finish, so an interrupted run resumes where it stopped.
 """
@@ -104,8 +104,10 @@ class ResultCache:
             return {}
         return known if isinstance(known, dict) else {}
 
-    def model_fingerprint(self, ref: str) -> str:
-        """Content hash of a local model folder; for a Hub id, the commit it resolved to (which pins content)."""
+    def model_digest(self, ref: str) -> str:
+        """One hash of what a model is made of, the model's part of every result key (a report's `fingerprint`): of
+        a local folder's files by content; for a Hub id, of the commit it resolved to (which pins content). Not
+        gqa-uptrain's `model_fingerprint`, which keeps each file's print apart to say which ones changed."""
         folder = Path(ref)
         if folder.is_dir():
             files = sorted(

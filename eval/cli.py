@@ -11,7 +11,7 @@ from gqa_uptrain.cli import run_cli
 
 from .cache import default_cache_dir
 from .local_tasks import shipped_task_names
-from .options import DTYPE_NAMES, KV_CACHE_NAMES, EvalOptions
+from .options import DTYPE_NAMES, KV_CACHE_NAMES
 
 EPILOG = """\
 examples:
@@ -134,11 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="neither read nor write cached results: evaluate everything again")
     out.add_argument("--verbose", action="store_true", help="show lm-eval's and transformers' info logs")
     return parser
-
-
-def options_from_args(args: argparse.Namespace) -> EvalOptions:
-    """The validated options (ConfigError naming the flag); flags not given take EvalOptions' defaults."""
-    return EvalOptions(**{k: v for k, v in vars(args).items() if k != "verbose" and v is not None})
 
 
 def evaluate(args: argparse.Namespace) -> None:

@@ -334,20 +334,6 @@ class StaticDecoder:
             self._step()
 
 
-def engine_generate(
-    model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, *,
-    cuda_graph: bool | None = None, compile: bool = False, split_kv: bool = False, fuse: bool = False,
-) -> torch.Tensor:
-    """Greedy continuation of `input_ids` by `StaticDecoder`: prompt plus `new_tokens` tokens, like `generate()`."""
-    with engine(model, input_ids, split_kv, fuse):
-        decoder = StaticDecoder(model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile)
-        if new_tokens > 1:
-            decoder.warm_up(min(WARMUP_STEPS, new_tokens - 1))
-        while decoder.produced < new_tokens:
-            decoder.step()
-    return decoder.tokens
-
-
 @contextmanager
 def engine(model: PreTrainedModel, input_ids: torch.Tensor, split_kv: bool, fuse: bool) -> Iterator[None]:
     """The engine's model inside the block: packed-GQA attention and, if `fuse`, fused projections (checked on a

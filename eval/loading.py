@@ -22,11 +22,6 @@ class OpenedModel:
     tokenizer: PreTrainedTokenizerBase
     provenance: dict | None  # gqa_provenance.json written by gqa-convert, when present
 
-    @property
-    def local_dir(self) -> Path | None:
-        path = Path(self.ref)
-        return path if path.is_dir() else None
-
 
 def open_model(ref: str, label: str) -> OpenedModel:
     """Read a model's config and tokenizer (cheap), so bad input is found before any long evaluation."""

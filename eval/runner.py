@@ -183,7 +183,7 @@ def task_key(plan: EvaluationPlan, fingerprint: str, name: str, quant: KVQuantiz
 
 def check_task_data(plan: EvaluationPlan, specs: list[OpenedModel]) -> None:
     """Load the data of every task some model still has to run, so a missing dataset fails before the first model."""
-    fingerprints = [plan.cache.model_fingerprint(spec.ref) for spec in specs]
+    fingerprints = [plan.cache.model_digest(spec.ref) for spec in specs]
     for name in plan.tasks.names:
         if any(plan.cache.get(task_key(plan, fingerprint, name, quant)) is None
                for fingerprint in fingerprints for quant in plan.kv_caches):
@@ -243,7 +243,7 @@ def evaluate_model(record: dict, model: LazyModel, quant: KVQuantization | None,
     Decode speed is measured on the model's own cache only (the decode engine does not quantize)."""
     spec = model.spec
     record.update(describe(spec, plan.dtype, quant))
-    record["fingerprint"] = plan.cache.model_fingerprint(spec.ref)
+    record["fingerprint"] = plan.cache.model_digest(spec.ref)
     try:
         if plan.tasks:
             measure_tasks(record, model, quant, plan)
@@ -325,13 +325,9 @@ def write_report(plan: EvaluationPlan, base: dict, candidates: list[dict]) -> di
     return report
 
 
-def run(options: EvalOptions) -> list[str]:
-    """Evaluate base and candidates, write the report; returns the candidates' errors (empty: all went well)."""
-    return run_report(options)[1]
-
-
 def run_report(options: EvalOptions) -> tuple[dict, list[str]]:
-    """`run`, also returning the report it wrote (report.json's content)."""
+    """Evaluate base and candidates and write the report; returns it (report.json's content) and the candidates'
+    errors (empty: all went well). `gqa_uptrain.eval.evaluate` turns the errors into one EvaluationError."""
     labels = unique_labels([options.base, *options.models])
     base = open_model(options.base, labels[0])
     candidates = [open_model(ref, label) for ref, label in zip(options.models, labels[1:])]

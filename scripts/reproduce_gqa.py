@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import sys
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from functools import partial
@@ -38,7 +39,8 @@ import torch
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.apps.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
 from gqa_uptrain.convert import convert_checkpoint
-from gqa_uptrain.errors import DataError
+from gqa_uptrain.errors import DataError, EvaluationError
+from gqa_uptrain.plotting import pyplot
 
 # The GQA paper's three arms and this project's calibrated conversion, each a gqa-convert --method
 # (gqa_uptrain.convert.methods.METHODS holds every method).
@@ -220,11 +222,7 @@ def results(arm_list: list[Arm], models: dict[str, Path], report: dict, speeds: 
 
 def plot(records: list[dict], base: dict, out: Path) -> None:
     """The gap to MHA against uptraining per method and G, and quality against KV cache."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     measured = [r for r in records if r["heldout_loss"] is not None]
     mha = {0.0: base["heldout_loss"], **{r["fraction"]: r["heldout_loss"] for r in measured if r["method"] == "mha"}}
     groups = sorted({r["kv_heads"] for r in measured if r["method"] in ARM_METHODS})
@@ -328,14 +326,15 @@ def run(args: argparse.Namespace) -> None:
     if args.only_train:
         return
     print("== evaluate", flush=True)
-    from gqa_uptrain.eval.options import EvalOptions
-    from gqa_uptrain.eval.runner import run as evaluate  # lm-eval is needed from here on only
+    from gqa_uptrain.eval import evaluate  # lm-eval is needed from here on only
 
-    evaluate(EvalOptions(base=str(base), models=[str(models[a.name]) for a in arm_list], output=out / "eval",
-                         tasks=None if args.no_tasks else "gqa_lastword,gqa_nextsentence", limit=scale.eval_limit,
-                         batch_size=32, perplexity=str(data / "heldout.txt"), perplexity_concat=True,
-                         perplexity_window=scale.seq_len, perplexity_stride=scale.seq_len // 2,
-                         cache_dir=out / "eval-cache"))
+    try:
+        evaluate(base, [models[a.name] for a in arm_list], output=out / "eval",
+                 tasks=None if args.no_tasks else "gqa_lastword,gqa_nextsentence", limit=scale.eval_limit,
+                 batch_size=32, perplexity=str(data / "heldout.txt"), perplexity_concat=True,
+                 perplexity_window=scale.seq_len, perplexity_stride=scale.seq_len // 2, cache_dir=out / "eval-cache")
+    except EvaluationError as error:  # the other arms' results are in the report: tabulate them, say what failed
+        print(f"reproduce_gqa.py: {error}", file=sys.stderr, flush=True)
     report = json.loads((out / "eval" / "report.json").read_text())
     shapes = {scale.heads: base, **{a.kv_heads: models[a.name] for a in arm_list if a.fraction == 0}}
     gpu = torch.cuda.is_available() and not args.no_speed

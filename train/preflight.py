@@ -132,7 +132,8 @@ def fingerprint(files: dict[str, Path]) -> dict[str, str]:
 
 
 def model_fingerprint(folder: Path) -> dict[str, str]:
-    """The files of a model's folder (its card aside), by name."""
+    """The files of a model's folder (its card aside), by name, each with its own print (`fingerprint`), so that a
+    refusal can name the files that changed. Not gqa-eval's `ResultCache.model_digest`, one hash that keys results."""
     return fingerprint({file.name: file for file in sorted(Path(folder).iterdir())
                         if not file.name.startswith(".") and file.name != "README.md" and file.is_file()})
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from gqa_uptrain.errors import ConfigError
-from gqa_uptrain.eval.cli import build_parser, options_from_args
+from gqa_uptrain.eval import runner
+from gqa_uptrain.eval.cli import build_parser, evaluate
 from gqa_uptrain.eval.options import EvalOptions
 
 VALID = {"base": "base", "models": ["gqa"], "output": Path("out"), "tasks": "gqa_lastword"}
@@ -41,13 +42,17 @@ def test_options_are_typed_and_frozen():
         options.batch_size = 1
 
 
-def test_the_cli_builds_the_same_options_and_adds_no_check_of_its_own():
+def test_the_cli_builds_the_same_options_and_adds_no_check_of_its_own(monkeypatch):
+    given = []
+    monkeypatch.setattr(runner, "run_report", lambda options: (given.append(options), ({}, []))[1])
     args = build_parser().parse_args(["--base", "base", "--model", "gqa", "--output", "out", "--tasks", "gqa_lastword",
                                       "--device", "cpu"])
-    assert options_from_args(args) == EvalOptions(**VALID, device="cpu")
+    evaluate(args)  # the flags through the Python API, as gqa-eval runs them
+    assert given == [EvalOptions(**VALID, device="cpu")]
     args = build_parser().parse_args(["--base", "base", "--output", "out", "--speed", "--speed-batch-sizes", "0"])
     with pytest.raises(ConfigError, match="--speed-batch-sizes must be at least 1, got 0"):
-        options_from_args(args)
+        evaluate(args)
+    assert len(given) == 1
 
 
 def test_a_bad_flag_value_is_one_error_line(gqa_eval, eval_args, tiny_llama, tmp_path, capsys):

@@ -17,9 +17,10 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from gqa_uptrain.errors import ConfigError, UnsupportedModelError
 from gqa_uptrain.kv_heads import kv_cache_bytes
 from gqa_uptrain.eval.decode_engine import (
+    WARMUP_STEPS,
     StaticDecoder,
     attention_implementation,
-    engine_generate,
+    engine,
     fused_projections,
     packed_gqa_attention,
     packed_gqa_sdpa,
@@ -46,6 +47,19 @@ def tiny_llama(kv_heads: int, tie: bool = False) -> LlamaForCausalLM:
 
 def prompt(batch: int = 3, length: int = 11) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(batch * length))
+
+
+def engine_generate(model, input_ids: torch.Tensor, new_tokens: int, *, cuda_graph: bool | None = None,
+                    compile: bool = False, split_kv: bool = False, fuse: bool = False) -> torch.Tensor:
+    """Greedy continuation of `input_ids` by the engine's `StaticDecoder`, prompt plus `new_tokens` tokens, as
+    `generate()` returns it: the oracle that the engine decodes what stock generate() does."""
+    with engine(model, input_ids, split_kv, fuse):
+        decoder = StaticDecoder(model, input_ids, new_tokens, cuda_graph=cuda_graph, compile=compile)
+        if new_tokens > 1:
+            decoder.warm_up(min(WARMUP_STEPS, new_tokens - 1))
+        while decoder.produced < new_tokens:
+            decoder.step()
+    return decoder.tokens
 
 
 def stock_greedy(model, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
