@@ -5,8 +5,9 @@ safetensors headers, for a dry run), `layout.py` finds which tensors hold KV hea
 model built on the meta device, `gqa_uptrain.kv_heads`), `plan.py` decides every output tensor (`ConversionPlan`),
 `pooling.py` pools one tensor with a method from `methods/` (`METHODS` is the one list of them), `calibration/`
 fits whole attention layers for `--method calibrated` (the fitted tensors are streamed like pooled ones),
-`checkpoint_io.py` reads and writes safetensors lazily, `converter.py` runs the plan atomically, and `card.py`
-writes the model card from the provenance record (`gqa_uptrain.provenance`).
+`checkpoint_reader.py` reads a checkpoint lazily and `checkpoint_writer.py` streams the output shards,
+`converter.py` runs the plan atomically, and `card.py` writes the model card from the provenance record
+(`gqa_uptrain.provenance`).
 
 `convert_checkpoint` is the Python API; `gqa-convert` (cli.py) only parses flags and calls it. The door is
 `__all__`: apps use nothing else (tests/test_layout.py); its names that live in modules importing torch or
@@ -26,14 +27,14 @@ from gqa_uptrain.files import BackgroundHashes, expand_home
 if TYPE_CHECKING:
     from gqa_uptrain.convert.calibration.data import stdlib_docstrings
     from gqa_uptrain.convert.card import is_generated_card, model_card
-    from gqa_uptrain.convert.checkpoint_io import CheckpointReader, is_model_file
+    from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, is_model_file
     from gqa_uptrain.convert.methods import METHODS
 
 __all__ = ["convert_checkpoint", "METHODS", "model_card", "is_generated_card", "is_model_file", "stdlib_docstrings"]
 # The door's names defined in other modules -> that module, imported on first use (PEP 562). stdlib_docstrings is
 # the calibration text that every Python carries, which gqa-demo also trains on.
 _ELSEWHERE = {"METHODS": "methods", "model_card": "card", "is_generated_card": "card",
-              "is_model_file": "checkpoint_io", "stdlib_docstrings": "calibration.data"}
+              "is_model_file": "checkpoint_reader", "stdlib_docstrings": "calibration.data"}
 
 
 def __getattr__(name: str) -> Any:
@@ -105,7 +106,7 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
 def _early_reader(folder: Path) -> CheckpointReader | None:
     """The checkpoint's headers, read before the heavy imports so that its files can be hashed beside them; None when
     they cannot be read: the plan then says why, in its own order (a missing config.json first)."""
-    from gqa_uptrain.convert.checkpoint_io import CheckpointReader
+    from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
 
     try:
         return CheckpointReader(folder)

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from gqa_uptrain.cli import warn
 from gqa_uptrain.convert.card import card_license, model_card
-from gqa_uptrain.convert.checkpoint_io import (CheckpointReader, ShardedWriter, is_model_file, is_weight_file,
-                                               write_tensor)
+from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, is_model_file, is_weight_file
+from gqa_uptrain.convert.checkpoint_writer import ShardedWriter, copy_tensor, write_tensor
 from gqa_uptrain.convert.methods import PoolContext
 from gqa_uptrain.convert.plan import ConversionPlan, Step, output_config
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
@@ -207,9 +207,9 @@ def _tensor_source(plan: ConversionPlan, step: Step, init_std: float, fitted: Ch
     tensor."""
     reader = plan.reader
     if step.fitted:
-        return lambda out, progress: fitted.copy_raw(step.output.name, out, progress)
+        return lambda out, progress: copy_tensor(fitted, step.output.name, out, progress)
     if step.change is None:
-        return lambda out, progress: reader.copy_raw(step.output.name, out, progress)
+        return lambda out, progress: copy_tensor(reader, step.output.name, out, progress)
     context = PoolContext(step.change.role, seeded_generator(plan.seed, step.output.name), init_std)
     layout = plan.layout
     tensor = pool_tensor(step.change, [reader.read(name) for name in step.sources], layout.kv_heads,

@@ -12,8 +12,8 @@ from pathlib import Path
 from huggingface_hub import get_safetensors_metadata, hf_hub_download, is_offline_mode
 from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
 
-from gqa_uptrain.convert.checkpoint_io import (SAFETENSORS_INDEX, CheckpointReader, TensorInfo, check_index,
-                                                header_tensors)
+from gqa_uptrain.convert.checkpoint_reader import (SAFETENSORS_INDEX, CheckpointReader, TensorInfo, check_index,
+                                                    header_tensors)
 from gqa_uptrain.errors import CheckpointError, one_line
 from gqa_uptrain.source import Source, could_be_hub_id, hub_errors
 

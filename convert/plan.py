@@ -18,7 +18,8 @@ from typing import Collection
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from gqa_uptrain.convert.calibration.support import check_supported
-from gqa_uptrain.convert.checkpoint_io import CheckpointReader, OutputTensor, TensorInfo, assign_shards
+from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, TensorInfo
+from gqa_uptrain.convert.checkpoint_writer import OutputTensor, assign_shards
 from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, check_written_config, find_layout
 from gqa_uptrain.convert.methods import METHODS
 from gqa_uptrain.convert.pooling import pooled_shape

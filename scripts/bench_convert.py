@@ -31,7 +31,7 @@ import torch
 import transformers
 from transformers import LlamaConfig
 
-from gqa_uptrain.convert.checkpoint_io import OutputTensor, ShardedWriter, assign_shards, write_tensor
+from gqa_uptrain.convert.checkpoint_writer import OutputTensor, ShardedWriter, assign_shards, write_tensor
 from gqa_uptrain.kv_heads import meta_model
 
 CONTENDERS = {

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gqa_uptrain.convert import checkpoint_io, convert_checkpoint
+from gqa_uptrain.convert import checkpoint_reader, convert_checkpoint
 from gqa_uptrain.convert.cli import main
 from tiny_models import logits, random_model
 
@@ -292,6 +292,6 @@ def test_hub_id_resolves_through_the_offline_cache(source, tmp_path):
 
 
 def test_reader_streams_one_tensor_at_a_time(sharded):
-    reader = checkpoint_io.CheckpointReader(sharded)
+    reader = checkpoint_reader.CheckpointReader(sharded)
     name = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(reader.read(name), AutoModelForCausalLM.from_pretrained(sharded).state_dict()[name])

@@ -26,7 +26,7 @@ from typing import Callable
 import pytest
 
 from gqa_uptrain.convert import convert_checkpoint
-from gqa_uptrain.convert.checkpoint_io import read_safetensors_header
+from gqa_uptrain.convert.checkpoint_reader import read_safetensors_header
 from gqa_uptrain.convert.cli import main
 from gqa_uptrain.files import output_lock
 from gqa_uptrain.provenance import pretraining_record, write_provenance
