@@ -25,7 +25,7 @@ from torch import nn
 
 from gqa_uptrain.convert.calibration.layers import _Stop, layer_output
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")  # qkv_proj: fused (Phi-3)
 OBJECTIVE: Literal["layer", "attention"] = "layer"
 LEARNING_RATE = 3e-4  # Adam; on the real model (layers 0-2, 100 steps) it beat 1e-4 on every layer
 CHECK_EVERY = 25
