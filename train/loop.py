@@ -1,4 +1,4 @@
-"""The uptraining run: checks, setup, then the step loop, read top to bottom in `run`.
+"""The uptraining run: checks, setup, then the step loop, read top to bottom in `_run` (`_Training` takes the steps).
 
 One optimizer step = `grad_accum` micro-batches (each `micro_batch` x `seq_len` tokens on every process) under
 `accelerator.accumulate`, gradient clipping, AdamW, a scheduler step. Logging, evaluation and checkpoints
@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from accelerate import Accelerator, DistributedType, PartialState
@@ -142,36 +144,70 @@ def run(recipe: Recipe) -> Path:
     watch_launcher()
     with ExitStack() as stack:  # closed in reverse: the progress bar, then the disk-full line, then the lock
         state = PartialState(cpu=not torch.cuda.is_available())
-        check_output_dir(recipe)  # a folder that holds something else is refused before a lock file is put in it
+        # A folder that holds something else is refused before a lock file is put in it; what the folder holds
+        # (fresh, resume, complete) is read again by _check, under the lock, where no other run can change it.
+        check_output_dir(recipe)
         space = disk.Space(Path(recipe.output_dir), keep=recipe.checkpoint.keep)
         stack.enter_context(run_lock.hold(Path(recipe.output_dir), state))
         stack.enter_context(disk.explained(space))
         sources = [recipe.data.train, recipe.data.validation]
         stack.enter_context(naming_undecodable_files([source.path for source in sources if source is not None]))
-        return _run(recipe, stack, space=space)
+        return _run(recipe, state, stack, space)
 
 
-def _run(recipe: Recipe, stack: ExitStack, space: disk.Space | None = None) -> Path:
-    # -- everything that can be wrong is checked before any work --------------------------------------
+def _run(recipe: Recipe, state: PartialState, stack: ExitStack, space: disk.Space | None = None) -> Path:
+    """Checks, setup, then the step loop: an optimizer step, then, at the step boundaries `cadence.py` names, the
+    divergence check, logging, evaluation and a checkpoint; at the end, the export."""
+    models, plan, provenance, status = _check(recipe, state)
+    if status == "complete":
+        state.print(f"{recipe.output_dir} already holds the finished run ({Path(recipe.output_dir) / 'model'}): "
+                    "nothing to do")
+        return Path(recipe.output_dir) / "model"
+    run = _set_up(recipe, models, plan, status, stack, space)
+    cadence = Cadence.of(recipe, plan.steps)
+    while run.step < plan.steps:
+        run.train_step()
+        step = run.step
+        if cadence.log(step) or cadence.evaluate(step) or cadence.save(step) or step == plan.steps:
+            run.divergence.check(run.accelerator, run.checkpoints)  # before anything is logged, saved or exported
+        if cadence.log(step):
+            run.log()
+        if cadence.evaluate(step):
+            run.validate()
+        if cadence.save(step):
+            run.save()
+    run.progress.close()
+
+    target = _export(run.accelerator, recipe, models, plan, run.model, run.history.records(), provenance)
+    run.accelerator.end_training()
+    run.accelerator.print(f"uptrained model written to {target}")
+    return target
+
+
+def _check(recipe: Recipe, state: PartialState) -> tuple[Models, TrainingBudget, Provenance, str]:
+    """Everything that can be wrong, checked before any work (the plan printed on the way); returns the models, the
+    plan, the source's provenance and what output_dir holds ('fresh', 'resume' or 'complete')."""
     models = check_models(recipe)
     metrics.check_trackers(recipe.log.trackers)
-    state = PartialState(cpu=not torch.cuda.is_available())
     _check_world_size(state)
     provenance = source_provenance(models.folder)
     original = models.teacher_config or original_config(models.config, provenance)
     plan = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, state.num_processes, models.config, original)
     state.print(f"gqa-uptrain plan for {recipe.model.path} on {state.num_processes} process(es):\n{plan.describe()}")
     check_attention(recipe)
-    output = Path(recipe.output_dir)
     status = check_output_dir(recipe)
     if status == "complete":
         check_model_unchanged(recipe, models.folder, finished=True)
-        state.print(f"{output} already holds the finished run ({output / 'model'}): nothing to do")
-        return output / "model"
     if status == "resume":
         check_model_unchanged(recipe, models.folder)
         check_data_unchanged(recipe)
+    return models, plan, provenance, status
 
+
+def _set_up(recipe: Recipe, models: Models, plan: TrainingBudget, status: str, stack: ExitStack,
+            space: disk.Space | None) -> _Training:
+    """Data, model, teacher, optimizer, schedule and loaders, prepared by accelerate; the run resumed from its latest
+    checkpoint, or its curve started with a validation of the converted model (and of the teacher)."""
     set_seed(recipe.seed)
     accelerator = _accelerator(recipe, plan)
     with accelerator.main_process_first():
@@ -184,7 +220,6 @@ def _run(recipe: Recipe, stack: ExitStack, space: disk.Space | None = None) -> P
         write_snapshot(recipe)
         write_fingerprints(recipe, models.folder)
 
-    # -- model, teacher, optimizer, schedule, loaders -------------------------------------------------
     frozen_dtype = _frozen_dtype(recipe, accelerator, models.config.dtype)
     model = _load_model(models.folder, recipe, frozen_dtype or torch.float32)
     learning = select_trainable(model, recipe.train.trainable, frozen_dtype)
@@ -202,15 +237,14 @@ def _run(recipe: Recipe, stack: ExitStack, space: disk.Space | None = None) -> P
         data.train_loader(train_rows, recipe.batch.micro_batch),
         data.val_loader(val_rows, recipe.batch.micro_batch, recipe.eval.batches, accelerator.num_processes),
     )
-    # The scheduler's state goes into the checkpoint's JSON (below), not through register_for_checkpointing:
+    # The scheduler's state goes into the checkpoint's JSON (_Training.save), not through register_for_checkpointing:
     # accelerate unpickles registered objects with weights_only=False, so a planted file would run code on resume.
     if recipe.teacher and teacher is None:
         teacher = place_teacher(accelerator, recipe, models.teacher_folder)
 
-    # -- resume -------------------------------------------------------------------------------------------
-    checkpoints = output / "checkpoints"
+    checkpoints = Path(recipe.output_dir) / "checkpoints"
     step, tokens, position = _resume(accelerator, checkpoints, status, plan.steps, scheduler)
-    history = metrics.History(output / "metrics.jsonl", accelerator)
+    history = metrics.History(Path(recipe.output_dir) / "metrics.jsonl", accelerator)
     history.truncate(step if step else -1)  # a fresh start keeps no record, not even a step-0 validation
     batches = data.Batches(accelerator, train_loader, **position)
     accelerator.init_trackers(recipe.log.project, config=metrics.flat_config(recipe.model_dump(mode="json")))
@@ -218,70 +252,95 @@ def _run(recipe: Recipe, stack: ExitStack, space: disk.Space | None = None) -> P
     progress = stack.enter_context(metrics.Progress(plan.steps, step, accelerator.is_main_process, peak))
     if step == 0:  # the curve starts at the converted model, and the teacher's loss (a resumed run has them already)
         _validate(accelerator, model, val_loader, history, step, tokens, progress, None, teacher)
-    gap = metrics.Gap.of(history.records())
-
-    # -- the loop -------------------------------------------------------------------------------------
-    cadence = Cadence.of(recipe, plan.steps)
     throughput = metrics.Throughput(plan.flops_per_token, peak, accelerator.num_processes)
     if peak is not None:
         accelerator.print(f"MFU is against {peak.description}")
-    losses = metrics.LossWindow(accelerator.device)
-    divergence = metrics.Divergence(accelerator.device)  # checked before anything is logged, saved or exported
-    clip = recipe.train.grad_clip or float("inf")
-    grad_norm = None
     model.train()
-    while step < plan.steps:
-        for _ in range(plan.grad_accum):
-            input_ids = next(batches)["input_ids"]
+    return _Training(recipe, plan, accelerator, model, teacher, optimizer, scheduler, batches, val_loader, checkpoints,
+                     space, history, progress, throughput, metrics.Gap.of(history.records()),
+                     metrics.LossWindow(accelerator.device), metrics.Divergence(accelerator.device), step, tokens)
+
+
+@dataclass
+class _Training:
+    """What the step loop works on, and what it does: `train_step`, and at step boundaries `log`, `validate` and
+    `save`. `step` and `tokens` count what has been trained."""
+
+    recipe: Recipe
+    plan: TrainingBudget
+    accelerator: Accelerator
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    batches: data.Batches
+    val_loader: Iterable
+    checkpoints: Path
+    space: disk.Space | None
+    history: metrics.History
+    progress: metrics.Progress
+    throughput: metrics.Throughput
+    gap: metrics.Gap | None  # the teacher's validation loss, which the curve closes towards
+    losses: metrics.LossWindow
+    divergence: metrics.Divergence  # checked before anything is logged, saved or exported
+    step: int
+    tokens: int
+    grad_norm: Tensor | None = None
+
+    def train_step(self) -> None:
+        """One optimizer step: `grad_accum` micro-batches under `accelerator.accumulate`, gradient clipping, AdamW,
+        a scheduler step."""
+        accelerator, model = self.accelerator, self.model
+        clip = self.recipe.train.grad_clip or float("inf")
+        for _ in range(self.plan.grad_accum):
+            input_ids = next(self.batches)["input_ids"]
             with accelerator.accumulate(model):
-                objective, lm_loss, kd_loss = _forward(model, teacher, input_ids, recipe, accelerator)
+                objective, lm_loss, kd_loss = _forward(model, self.teacher, input_ids, self.recipe, accelerator)
                 accelerator.backward(objective)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.add(lm_loss, kd_loss)
-            divergence.add(objective, step + 1)
-        scheduler.step()
-        step += 1
-        tokens += plan.tokens_per_step
-        throughput.add(plan.tokens_per_step)
-        progress.update()
+                    self.grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.losses.add(lm_loss, kd_loss)
+            self.divergence.add(objective, self.step + 1)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens += self.plan.tokens_per_step
+        self.throughput.add(self.plan.tokens_per_step)
+        self.progress.update()
 
-        if cadence.log(step) or cadence.evaluate(step) or cadence.save(step) or step == plan.steps:
-            divergence.check(accelerator, checkpoints)
-        if cadence.log(step):
-            loss, kd_loss = losses.report(accelerator)
-            record = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens, **throughput.report(),
-                      **metrics.peak_memory(accelerator.device)}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            if kd_loss is not None:
-                record["kd_loss"] = kd_loss
-            if plan.pretrain_tokens is not None:
-                record["fraction_of_pretraining_compute"] = plan.fraction_of_pretraining_compute(tokens)
-            history.log(record, step)
-            progress.log(step, record)
-        if cadence.evaluate(step):
-            _validate(accelerator, model, val_loader, history, step, tokens, progress, gap)
-            throughput.restart()
-        if cadence.save(step):
-            state_record = {"step": step, "tokens": tokens, "data": batches.state(),
-                            "scheduler": scheduler.state_dict()}
-            if space is not None:
-                disk.check_room(space, accelerator)
-            started = time.perf_counter()
-            saved = checkpoint.save_checkpoint(accelerator, checkpoints, state_record, recipe.checkpoint.keep)
-            accelerator.print(f"checkpoint {saved.name}: {checkpoint.size_bytes(saved) / 1e9:.1f} GB "
-                              f"in {time.perf_counter() - started:.1f} s")
-            throughput.restart()
-    progress.close()
+    def log(self) -> None:
+        """The losses since the last log, learning rate, throughput and memory, into metrics.jsonl and the trackers."""
+        loss, kd_loss = self.losses.report(self.accelerator)
+        record = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens,
+                  **self.throughput.report(), **metrics.peak_memory(self.accelerator.device)}
+        if self.grad_norm is not None:
+            record["grad_norm"] = float(self.grad_norm)
+        if kd_loss is not None:
+            record["kd_loss"] = kd_loss
+        if self.plan.pretrain_tokens is not None:
+            record["fraction_of_pretraining_compute"] = self.plan.fraction_of_pretraining_compute(self.tokens)
+        self.history.log(record, self.step)
+        self.progress.log(self.step, record)
 
-    # -- the finished model ---------------------------------------------------------------------------
-    target = _export(accelerator, recipe, models, plan, model, history.records(), provenance)
-    accelerator.end_training()
-    accelerator.print(f"uptrained model written to {target}")
-    return target
+    def validate(self) -> None:
+        """The validation loss now (its time left out of the throughput)."""
+        _validate(self.accelerator, self.model, self.val_loader, self.history, self.step, self.tokens, self.progress,
+                  self.gap)
+        self.throughput.restart()
+
+    def save(self) -> None:
+        """A checkpoint of the whole training state, with the data position and the schedule, once there is room."""
+        state_record = {"step": self.step, "tokens": self.tokens, "data": self.batches.state(),
+                        "scheduler": self.scheduler.state_dict()}
+        if self.space is not None:
+            disk.check_room(self.space, self.accelerator)
+        started = time.perf_counter()
+        saved = checkpoint.save_checkpoint(self.accelerator, self.checkpoints, state_record,
+                                           self.recipe.checkpoint.keep)
+        self.accelerator.print(f"checkpoint {saved.name}: {checkpoint.size_bytes(saved) / 1e9:.1f} GB "
+                               f"in {time.perf_counter() - started:.1f} s")
+        self.throughput.restart()
 
 
 def reset_accelerate_state() -> None:
