@@ -56,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="DATA",
                    help="text for --method calibrated: a local .txt/.jsonl/.parquet file (optionally compressed), "
                         "folder or glob, or a Hub dataset id; rows with input_ids are used as they are (default: "
-                        "the docstrings of Python's standard library, offline)")
+                        "public-domain books shipped with gqa-uptrain, offline; text like the model's pretraining "
+                        "data fits it better)")
     p.add_argument("--calibration-tokens", type=_whole_number, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                    help="calibration tokens for --method calibrated, as whole sequences of up to 512 tokens "
                         "(default: 32768; more fits more closely and takes longer)")

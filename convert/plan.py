@@ -298,7 +298,7 @@ def describe(plan: ConversionPlan, context: int) -> list[str]:
     how = CHANGED_HOW.get(plan.method, "rewritten")
     if plan.calibration is not None:
         refined = plan.calibration.refine_steps
-        how = (f"fitted on {plan.calibration.data or 'Python standard-library docstrings'} "
+        how = (f"fitted on {plan.calibration.data or 'the shipped public-domain books'} "
                f"({plan.calibration.tokens:,} tokens), "
                + (f"refined up to {refined} steps a layer" if refined else "closed form only"))
     return [
@@ -404,8 +404,8 @@ def after_writing(plan: ConversionPlan, source: str, output: Path) -> list[str]:
              f"measure it: gqa-eval --base {source} --model {output} --perplexity TEXT"]
     if plan.method == "calibrated" and layout.groups < layout.kv_heads:
         lines.append("expect some loss before uptraining, most at few KV heads (a real 135M model at one KV head: "
-                     "wikitext loss 3.05 -> 5.33 without refinement), less on text like the calibration text: "
-                     "calibrate on text like the model's pretraining data")
+                     "WikiText-2 loss 3.05 -> 4.31, calibrated on books), and less the more the calibration text is "
+                     "like the model's pretraining data (pass it with --calibration)")
     if plan.method in POOLING_METHODS and layout.groups < layout.kv_heads:
         lines.append(f"expect a large loss before uptraining: {plan.method} pooling can lose much (a real model's "
                      "perplexity rose from 24 to 30,853 at one KV head); --method calibrated keeps more")

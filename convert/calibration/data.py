@@ -1,15 +1,19 @@
 """Calibration text: what the converted model is fitted to reproduce, tokenised into equal sequences.
 
 DATA is a local file, folder or glob (text, JSON lines or parquet, optionally compressed) or a Hub dataset id,
-read as gqa-uptrain reads its training data; rows that hold `input_ids` are used as they are. Without DATA the default is the docstrings of this Python's standard
-library: English prose that every Python carries (so it works offline) and that shares no text with the shipped
-evaluation tasks (books by authors outside the project's training data).
+read as gqa-uptrain reads its training data; rows that hold `input_ids` are used as they are. Without DATA the
+default is the public-domain books shipped beside this module (`books.jsonl.xz`, scripts/build_calibration_text.py):
+English prose that works offline and shares no author with the shipped evaluation tasks. Books were chosen by
+measurement: on a real model at one KV head they gave 0.48 nats lower WikiText-2 loss than the standard library's
+docstrings, the earlier default (docs/experiments/calibrated-refinement.md).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import lzma
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -24,7 +28,9 @@ from gqa_uptrain.documents import check_token_ids, load_rows, naming_undecodable
 from gqa_uptrain.errors import DataError
 from gqa_uptrain.source import looks_local
 
-DEFAULT_DATA = "python-stdlib-docstrings"
+DEFAULT_DATA = "public-domain-books"  # how the provenance names the shipped default text
+BOOKS = Path(__file__).with_name("books.jsonl.xz")
+PASSAGE_CHARS = 2_000  # the default text's documents: passages cut at paragraph ends, shuffled by the seed
 _SHUFFLE_BUFFER = 10_000
 
 
@@ -66,6 +72,21 @@ def stdlib_docstrings() -> dict[str, list[str]]:
     return docs
 
 
+def shipped_books() -> list[str]:
+    """The default calibration text as passages of at least PASSAGE_CHARS characters, cut at paragraph ends, so
+    that a shuffle mixes the books (each passage stays readable prose)."""
+    passages = []
+    with lzma.open(BOOKS, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            current = ""
+            for paragraph in json.loads(line)["text"].split("\n\n"):
+                current = f"{current}\n\n{paragraph}" if current else paragraph
+                if len(current) >= PASSAGE_CHARS:
+                    passages.append(current)
+                    current = ""
+    return passages
+
+
 def _local(data: str) -> str | None:
     """DATA as a local path (a relative one such as runs/x/train.jsonl too), None for a Hub dataset id."""
     return str(Path(data).expanduser()) if looks_local(data) or Path(data).expanduser().exists() else None
@@ -73,7 +94,7 @@ def _local(data: str) -> str | None:
 
 def _documents(data: str | None, seed: int, vocab_size: int | None) -> Iterator[str | list[int]]:
     if data is None:
-        texts = [text for module in stdlib_docstrings().values() for text in module]
+        texts = shipped_books()
         random.Random(seed).shuffle(texts)
         return iter(texts)
     path = _local(data)

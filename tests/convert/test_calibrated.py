@@ -340,3 +340,17 @@ def test_calibrated_beats_mean_pooling_beyond_plain_attention(arch, tmp_path, sh
     calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
     original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
     assert original < fitted < pooled
+
+
+def test_the_default_text_is_shipped_books_that_no_evaluation_task_quotes(gpt2_tokenizer):
+    from gqa_uptrain.convert.calibration.data import DEFAULT_DATA, calibration_tokens, shipped_books
+
+    books = "\n".join(shipped_books())
+    assert len(books) > 1_500_000  # room for the 262,144 tokens a 7B benchmark calibrates on
+    tasks = Path(__file__).parents[2] / "eval" / "tasks"
+    rows = [json.loads(line) for file in tasks.glob("*.jsonl") for line in file.open()]
+    contexts = [row.get("context") or row["query"] for row in rows]
+    assert contexts and not any(context[:80] in books for context in contexts)
+    calibration = calibration_tokens(gpt2_tokenizer, None, 4096, 64, seed=0)
+    assert calibration.data == DEFAULT_DATA and calibration.tokens.shape == (64, 64)
+    assert gpt2_tokenizer.decode(calibration.tokens[0]) in books  # passages of the books, not other text
