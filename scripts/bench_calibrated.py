@@ -38,7 +38,7 @@ from transformers import LlamaConfig
 
 import gqa_uptrain.convert as convert_api
 from gqa_uptrain.convert import converter
-from gqa_uptrain.convert.calibration import calibrate
+from gqa_uptrain.convert.calibration import calibrate, refine
 from gqa_uptrain.kv_heads import meta_model
 from gqa_uptrain.provenance import PROVENANCE
 
@@ -122,10 +122,11 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict:
     checkpoint_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
 
     parts: dict[str, float] = {}
-    timed(convert_api, "convert", parts, "after_plan")  # everything after resolve_source + build_plan
-    timed(converter, "fit_checkpoint", parts, "calibration")
+    timed(converter, "convert", parts, "after_plan")  # everything after resolve_source + build_plan
+    timed(calibrate, "fit_checkpoint", parts, "calibration")
     timed(calibrate, "calibration_tokens", parts, "tokenising")
     timed(calibrate, "calibrate", parts, "layers")
+    timed(refine, "refine_layer", parts, "refinement")
     timed(converter, "_write_weights", parts, "writing_weights")
     cuda = torch.cuda.is_available()
     if cuda:
@@ -135,7 +136,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict:
     start = time.perf_counter()
     output = convert_api.convert_checkpoint(source, args.groups, workdir / "output", method="calibrated",
                                             calibration=args.calibration, calibration_tokens=args.tokens,
-                                            progress=True)
+                                            refine_steps=args.refine_steps, progress=True)
     total = time.perf_counter() - start
     record = json.loads((output / PROVENANCE).read_text())
     result = {
@@ -148,7 +149,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict:
         "build_seconds": build_seconds,
         "seconds": {"total": total, "planning": total - parts["after_plan"],
                     "tokenising": parts.get("tokenising", 0.0),
-                    "layers": parts.get("layers", 0.0), "calibration": parts.get("calibration", 0.0),
+                    "layers": parts.get("layers", 0.0), "refinement": parts.get("refinement", 0.0),
+                    "calibration": parts.get("calibration", 0.0),
                     "writing_weights": parts.get("writing_weights", 0.0),
                     "rest": parts["after_plan"] - parts.get("calibration", 0.0) - parts.get("writing_weights", 0.0)},
         "gpu": torch.cuda.get_device_name() if cuda else None,
@@ -175,7 +177,8 @@ def report(r: dict) -> None:
     if r["build_seconds"] is not None:
         print(f"building the random checkpoint (not counted): {r['build_seconds']:.1f} s")
     print(f"seconds: total {s['total']:.1f} = planning {s['planning']:.1f} + calibration {s['calibration']:.1f} "
-          f"(tokenising {s['tokenising']:.1f}, layers {s['layers']:.1f}) + writing weights "
+          f"(tokenising {s['tokenising']:.1f}, layers {s['layers']:.1f} of which refinement "
+          f"{s['refinement']:.1f}) + writing weights "
           f"{s['writing_weights']:.1f} + rest {s['rest']:.1f}")
     if shape["layers"]:
         print(f"per layer: {s['layers'] / shape['layers']:.2f} s")
@@ -200,7 +203,9 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=8, help="KV heads after the conversion (default: 8)")
     p.add_argument("--tokens", type=int, default=262_144, help="calibration tokens (default: 262144)")
     p.add_argument("--calibration", help="calibration data, as gqa-convert --calibration takes it (default: the "
-                                         "built-in default, Python standard-library docstrings)")
+                                         "built-in default, the shipped public-domain books)")
+    p.add_argument("--refine-steps", type=int, default=200,
+                   help="gqa-convert --refine-steps: refinement steps per layer (default: 200, as gqa-convert)")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                    help=f"folder of the tokenizer files copied beside the model (default: {DEFAULT_TOKENIZER})")
     p.add_argument("--model", type=Path, help="convert this checkpoint instead of building one (shape flags "
