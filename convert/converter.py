@@ -10,6 +10,9 @@ What is promised, and where it is kept:
   instant; any failure (bad shard, full disk, Ctrl-C) removes the temporary folder;
 - a run killed outright (SIGKILL, power loss) leaves its `.NAME.partial-*`; the next run to the same output removes
   it, and says so (`_clear_leftovers`);
+- a calibrated conversion keeps its finished layers in `.NAME.calibration` beside the output, under the same lock
+  (`calibration/store.py`): a failure, Ctrl-C or kill leaves it, so that the next run of the same fit resumes at the
+  next layer; it is removed once the converted model is in place, and never by `_clear_leftovers`;
 - only files inside the source are read or copied (`gqa_uptrain.model_folder`).
 """
 
@@ -28,6 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gqa_uptrain.cli import warn
+from gqa_uptrain.convert.calibration.store import store_path
 from gqa_uptrain.convert.card import card_license, model_card
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, is_model_file, is_weight_file
 from gqa_uptrain.convert.checkpoint_writer import ShardedWriter, copy_tensor, write_tensor
@@ -124,6 +128,8 @@ def _write(plan: ConversionPlan, source: Source, others: list[str], output: Path
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+    if plan.calibration is not None:
+        shutil.rmtree(store_path(output), ignore_errors=True)  # its layers are in the model now
 
 
 def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, others: list[str], progress: bool,
@@ -133,9 +139,8 @@ def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, ot
     if plan.calibration is not None:
         from gqa_uptrain.convert.calibration.calibrate import fit_checkpoint  # datasets, tokenizers: only for this
 
-        fitted, calibration = fit_checkpoint(plan, work / ".calibration", progress)
+        fitted, calibration = fit_checkpoint(plan, store_path(work.parent / title), progress)
     _write_weights(plan, work, progress, fitted)
-    shutil.rmtree(work / ".calibration", ignore_errors=True)
     for name in others:  # tokenizer, generation config, chat template, license...
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source.folder / name, work / name)

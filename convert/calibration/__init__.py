@@ -2,5 +2,6 @@
 
 `data.py` reads and tokenises the calibration text, `layers.py` runs one decoder layer at a time from the
 checkpoint, `fit.py` holds the closed-form fits (grouping, shared keys under RoPE, shared values, temperature,
-o_proj refit), `calibrate.py` runs them layer by layer.
+o_proj refit), `calibrate.py` runs them layer by layer, `store.py` keeps the finished layers so that an
+interrupted run resumes at the next one.
 """

@@ -12,20 +12,21 @@ For each decoder layer, on calibration text (see `fit.py` for the algebra):
    lowers the error on held-out calibration sequences;
 5. refine q/k/v/o by gradient descent so the converted layer reproduces the original layer's output
    (`refine.py`), kept only when held-out sequences say it helps;
-6. run the converted layer to get the next layer's converted hidden states.
+6. keep the layer (`store.py`), as the output will store it, and run it as kept to get the next layer's converted
+   hidden states: the next layer is fitted to what the converted model will compute, rounding to the output dtype
+   included, and a run that resumes after this layer replays exactly what this one would have gone on with.
 Only q_proj, k_proj, v_proj and o_proj change; the output is still a plain checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
@@ -34,9 +35,11 @@ from gqa_uptrain.convert.calibration import fit, refine
 from gqa_uptrain.convert.calibration.keys import KeyFitter, QKNorms, find_norms
 from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, checkpoint_name, decoder_layers,
                                                     materialize, run_layer, skeleton)
-from gqa_uptrain.convert.calibration.data import calibration_tokens
-from gqa_uptrain.convert.checkpoint_io import SAFETENSORS_INDEX, CheckpointReader
-from gqa_uptrain.errors import CalibrationError
+from gqa_uptrain.cli import warn
+from gqa_uptrain.convert.calibration.data import Calibration, calibration_tokens
+from gqa_uptrain.convert.calibration.store import LayerStore
+from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
+from gqa_uptrain.errors import CalibrationError, CheckpointError
 from gqa_uptrain.kv_heads import with_kv_heads
 
 if TYPE_CHECKING:
@@ -69,8 +72,9 @@ class _Weights:
 
 
 def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) -> tuple[CheckpointReader, dict]:
-    """Calibrate every layer of the plan's source; the fitted tensors are saved in `folder` (a checkpoint of
-    their own, in the source dtypes) for the writer to stream. Returns its reader and the provenance record."""
+    """Calibrate every layer of the plan's source; the fitted tensors are kept in `folder` (a `LayerStore`, in the
+    source dtypes) for the writer to stream. Layers an earlier run of the same fit finished there are not fitted
+    again. Returns the fitted checkpoint's reader and the provenance record."""
     options = plan.calibration
     tokenizer = _tokenizer(plan.folder)
     length = min(MAX_SEQUENCE_LENGTH, getattr(plan.config, "max_position_embeddings", None) or MAX_SEQUENCE_LENGTH)
@@ -78,31 +82,58 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
                               getattr(plan.config, "vocab_size", None))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {step.output.name: step.output.dtype for step in plan.steps if step.fitted}
-    folder.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
-
-    def save_layer(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        named = {checkpoint_name(f"{prefix}.{name}", plan.reader): t for name, t in tensors.items()}
-        named = {name: t.to("cpu", dtypes[name]).contiguous() for name, t in named.items() if name in dtypes}
-        file = f"{prefix}.safetensors"
-        save_file(named, folder / file)
-        weight_map.update(dict.fromkeys(named, file))
-
-    with tqdm(total=plan.config.num_hidden_layers, desc="calibrating layers", unit="layer",
+    layers = plan.config.num_hidden_layers
+    store = _open_store(folder, _identity(plan, data, dtypes), layers)
+    with tqdm(total=layers, initial=len(store.reports), desc="calibrating layers", unit="layer",
               disable=not progress) as bar:
         def advance(i: int, report: LayerReport) -> None:
             refined = report.refinement.error_after if report.refinement.steps else math.nan
             bar.set_postfix(attention_error=f"{report.error_final:.3f}", refined_layer_error=f"{refined:.3f}")
             bar.update()
 
-        reports = calibrate(plan.config, plan.reader, plan.layout.groups, data.tokens, device, save_layer, advance,
-                            options.refine_steps)
-    (folder / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        try:
+            reports = calibrate(plan.config, plan.reader, plan.layout.groups, data.tokens, device,
+                                _FittedLayers(store, plan.reader, dtypes), advance, options.refine_steps)
+        except (CalibrationError, CheckpointError):  # a NaN: the same inputs would stop at the same layer again
+            store.remove()
+            raise
     record = {**data.record(plan.seed), "layers": [
         {"groups": [list(g) for g in r.groups], "o_proj_refit": r.refit,
          "held_out_error": None if math.isnan(r.error_final) else round(r.error_final, 5),
          "refinement": r.refinement.record()} for r in reports]}
-    return CheckpointReader(folder), record
+    return store.reader(), record
+
+
+def _identity(plan: ConversionPlan, data: Calibration, dtypes: dict[str, torch.dtype]) -> dict:
+    """Everything that decides the fitted layers: an earlier run's layers are reused only where all of it is the
+    same. The calibration text counts by its token ids (not by its file's name); the source by its config and its
+    weight files' names, sizes and modification times (hashing them would read the whole model first)."""
+    files = {file.name: [file.stat().st_size, file.stat().st_mtime_ns] for file in plan.reader.files}
+    tokens = {key: value for key, value in data.record(plan.seed).items() if key not in ("data", "seed")}
+    return {"calibration": tokens, "seed": plan.seed, "refine_steps": plan.calibration.refine_steps,
+            "groups": plan.layout.groups, "source_config": plan.config.to_dict(), "source_files": files,
+            "dtypes": {name: str(dtype) for name, dtype in sorted(dtypes.items())}, "version": _version()}
+
+
+def _version() -> str:
+    try:
+        return version("gqa-uptrain")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _open_store(folder: Path, identity: dict, layers: int) -> LayerStore:
+    """The layer store, with one line when an earlier run's layers are reused or thrown away."""
+    store, why = LayerStore.open(folder, identity, layers)
+    if why is not None:
+        warn("gqa-convert", f"removed {folder}: the layers an earlier run calibrated there were fitted with {why}; "
+                            "calibrating from the first layer")
+    done = len(store.reports)
+    if done:
+        first = "the first layer was" if done == 1 else f"the first {done} were"
+        print(f"resuming calibration at layer {done + 1} of {layers} ({first} fitted by an earlier run, kept in "
+              f"{folder})", flush=True)
+    return store
 
 
 def _tokenizer(folder: Path):
@@ -113,13 +144,44 @@ def _tokenizer(folder: Path):
         return None
 
 
+class _FittedLayers:
+    """The layer store seen from `calibrate`: parameters by the layer's own names (fp32) in, tensors by the
+    checkpoint's names in the output dtypes kept, and back. What was kept is what the converted model computes with
+    from then on, in this run and in one that resumes it alike."""
+
+    def __init__(self, store: LayerStore, reader: CheckpointReader, dtypes: dict[str, torch.dtype]):
+        self.store, self.reader, self.dtypes = store, reader, dtypes
+
+    @property
+    def finished(self) -> list[LayerReport]:
+        return [_report_from(state) for state in self.store.reports]
+
+    def save(self, i: int, prefix: str, fitted: dict[str, torch.Tensor], report: LayerReport) -> None:
+        named = {checkpoint_name(f"{prefix}.{name}", self.reader): t for name, t in fitted.items()}
+        named = {name: t.to("cpu", self.dtypes[name]).contiguous() for name, t in named.items() if name in self.dtypes}
+        self.store.save(i, named, asdict(report))
+
+    def load(self, i: int, prefix: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Layer i's kept tensors, by `layer`'s parameter names."""
+        saved = self.store.load(i)
+        names = {name: checkpoint_name(f"{prefix}.{name}", self.reader) for name, _ in layer.named_parameters()}
+        return {name: saved[stored] for name, stored in names.items() if stored in saved}
+
+
+def _report_from(state: dict) -> LayerReport:
+    """A LayerReport from its JSON form (`asdict`)."""
+    return LayerReport(**{**state, "groups": [tuple(g) for g in state["groups"]],
+                          "refinement": refine.Refinement(**state["refinement"])})
+
+
 @torch.no_grad()
 def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, tokens: torch.Tensor,
-              device: torch.device, save_layer: Callable[[str, dict[str, torch.Tensor]], None],
+              device: torch.device, layers: _FittedLayers,
               progress: Callable[[int, LayerReport], None] = lambda i, r: None, refine_steps: int = 0
               ) -> list[LayerReport]:
-    """Convert every decoder layer; `save_layer(prefix, tensors)` receives its new q/k/v/o parameters (fp32).
-    `refine_steps` bounds each layer's gradient-descent refinement (0: the closed form alone)."""
+    """Convert every decoder layer, keeping each in `layers` as it is finished; those an earlier run finished are
+    only replayed (forward passes that advance both models' hidden states). `refine_steps` bounds each layer's
+    gradient-descent refinement (0: the closed form alone)."""
     embedder = Embedder.build(config, reader, device)
     still = fit.still_share(embedder.inv_freq, tokens.shape[1]) if embedder.inv_freq is not None else None
     batch = _batch_size(tokens.shape[0])
@@ -130,19 +192,40 @@ def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, t
     old_model, new_model = skeleton(config), skeleton(with_kv_heads(config, groups))
     prefix, old_layers = decoder_layers(old_model)
     _, new_layers = decoder_layers(new_model)
-    reports = []
+    reports = layers.finished
+    resumed = len(reports)
     for i in range(len(old_layers)):
         old = materialize(old_layers[i], f"{prefix}.{i}", reader, device)
         name = f"{prefix}.{i}"
-        report, new = _calibrate_layer(name, old, new_layers[i], original, converted, kwargs, batch, config, groups,
-                                       still, refine_steps)
-        fitted = {f"self_attn.{n}": p.detach() for n, p in new.self_attn.named_parameters()}
-        _require_finite(name, "the fitted attention weights", *fitted.values())
-        save_layer(name, fitted)
+        if i < len(reports):
+            _advance(old, original, kwargs, batch)
+        else:
+            report, new = _calibrate_layer(name, old, new_layers[i], original, converted, kwargs, batch, config,
+                                           groups, still, refine_steps)
+            fitted = {f"self_attn.{n}": p.detach() for n, p in new.self_attn.named_parameters()}
+            _require_finite(name, "the fitted attention weights", *fitted.values())
+            layers.save(i, name, fitted, report)
+            reports.append(report)
+        new = _with_weights(old, new_layers[i], layers.load(i, name, new_layers[i]))
+        _advance(new, converted, kwargs, batch)
         old_layers[i], new_layers[i] = old.to("meta"), new.to("meta")
-        reports.append(report)
-        progress(i, report)
+        if i >= resumed:
+            progress(i, reports[i])
     return reports
+
+
+def _advance(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int) -> None:
+    """Run `layer` on `hidden`, in place: the next layer's input."""
+    for start in range(0, hidden.shape[0], batch):
+        hidden[start:start + batch] = run_layer(layer, hidden[start:start + batch], kwargs)
+
+
+def _with_weights(old: nn.Module, new: nn.Module, kept: dict[str, torch.Tensor]) -> nn.Module:
+    """The converted layer as kept: the fitted tensors where they were kept, the original's weights elsewhere."""
+    new.to_empty(device=next(old.parameters()).device)
+    for name, param in new.named_parameters():
+        param.copy_(kept[name] if name in kept else old.get_parameter(name))
+    return new
 
 
 def _batch_size(sequences: int) -> int:
@@ -179,8 +262,6 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
         new.self_attn.o_proj.weight.copy_(o_proj)
     goal = original if refine.OBJECTIVE == "layer" else target  # `original` now holds the original layer's output
     refinement = refine.refine_layer(new, converted, goal, kwargs, batch, refine_steps, HELD_OUT_SHARE)
-    for start in range(0, converted.shape[0], batch):
-        converted[start:start + batch] = run_layer(new, converted[start:start + batch], kwargs)
     return LayerReport(chosen, before, after, refit, refinement), new
 
 
