@@ -53,6 +53,7 @@ class Scale:
     train_chars: int  # characters of training text written (books and docstrings)
     heldout_chars: int  # of validation books and of wikitext, each
     calibration_tokens: int
+    refine_steps: int  # gqa-convert --refine-steps for the calibrated start
     eval_limit: int
     eval_batch: int
 
@@ -60,10 +61,10 @@ class Scale:
 SCALES = {
     "gpu": Scale(seq_len=2048, micro_batch=8, global_batch=32, budgets=(2.5e6, 10e6, 40e6), full_grid_budgets=1,
                  lr=3e-4, parallel=1, train_chars=190_000_000, heldout_chars=600_000, calibration_tokens=131_072,
-                 eval_limit=200, eval_batch=32),
+                 refine_steps=200, eval_limit=200, eval_batch=32),
     "smoke": Scale(seq_len=64, micro_batch=2, global_batch=4, budgets=(512, 1024), full_grid_budgets=1, lr=1e-3,
-                   parallel=2, train_chars=120_000, heldout_chars=8_000, calibration_tokens=1024, eval_limit=8,
-                   eval_batch=4),
+                   parallel=2, train_chars=120_000, heldout_chars=8_000, calibration_tokens=1024, refine_steps=20,
+                   eval_limit=8, eval_batch=4),
 }
 TASKS = {  # name -> (file in --eval-data, lm-eval task body)
     "lambada_openai": ("lambada_openai.jsonl", {"output_type": "loglikelihood", "doc_to_text": "{{context}}",
@@ -217,7 +218,7 @@ def convert(original: Path, out: Path, scale: Scale) -> dict[str, Path]:
     """The starting points: the original, mean pooling, calibrated (the default, refined) and its closed form."""
     starts = {"original": original}
     calibrated = {"method": "calibrated", "calibration": str(out / "data" / "train-books.jsonl"),
-                  "calibration_tokens": scale.calibration_tokens}
+                  "calibration_tokens": scale.calibration_tokens, "refine_steps": scale.refine_steps}
     for name, options in (("mean", {"method": "mean"}), ("calibrated", calibrated),
                           (CLOSED_FORM, {**calibrated, "refine_steps": 0})):
         folder = out / "converted" / name
