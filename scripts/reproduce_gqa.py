@@ -74,13 +74,14 @@ class Scale:
     eval_limit: int | None  # items per lm-eval task
     pretrain_lr: float
     uptrain_lr: float
+    refine_steps: int = 200  # gqa-convert --refine-steps of the calibrated arms (the default: 200)
 
 
 SCALES = {
     # CI: the whole pipeline on a few books in a few minutes (asserts the pipeline, not the science).
     "smoke": Scale(train_shards=1, train_books=12, heldout_chars=40_000, vocab=1024, hidden=64, layers=2, heads=4,
                    seq_len=64, micro_batch=8, global_batch=8, pretrain_tokens=40 * 512, groups=(1, 2),
-                   fractions=(0.0, 0.05, 0.10), eval_limit=20, pretrain_lr=3e-3, uptrain_lr=1e-3),
+                   fractions=(0.0, 0.05, 0.10), eval_limit=20, pretrain_lr=3e-3, uptrain_lr=1e-3, refine_steps=20),
     # One H100: an 8-layer, 512-wide Llama on three train shards (about 36M tokens a pass; T is about 3 passes).
     "gpu": Scale(train_shards=3, train_books=None, heldout_chars=2_000_000, vocab=16_384, hidden=512, layers=8,
                  heads=8, seq_len=512, micro_batch=64, global_batch=64, pretrain_tokens=100_000_000,
@@ -163,7 +164,7 @@ def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path, pr
         return train(base, out / "arms" / arm.name, uptraining, lr=scale.uptrain_lr, warmup=10)
     converted = out / "arms" / f"g{arm.kv_heads}-{arm.method}-0"
     if not (converted / "config.json").is_file():
-        calibration = {"calibration": str(out / "data" / "train.jsonl"),
+        calibration = {"calibration": str(out / "data" / "train.jsonl"), "refine_steps": scale.refine_steps,
                        "calibration_tokens": CALIBRATION_SEQUENCES * scale.seq_len} if arm.method == "calibrated" else {}
         convert_checkpoint(base, arm.kv_heads, converted, method=arm.method, progress=False, **calibration)
     if arm.fraction == 0:
