@@ -165,7 +165,8 @@ def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path, pr
     converted = out / "arms" / f"g{arm.kv_heads}-{arm.method}-0"
     if not (converted / "config.json").is_file():
         calibration = {"calibration": str(out / "data" / "train.jsonl"), "refine_steps": scale.refine_steps,
-                       "calibration_tokens": CALIBRATION_SEQUENCES * scale.seq_len} if arm.method == "calibrated" else {}
+                       "calibration_tokens": CALIBRATION_SEQUENCES * scale.seq_len}
+        calibration = calibration if arm.method == "calibrated" else {}
         convert_checkpoint(base, arm.kv_heads, converted, method=arm.method, progress=False, **calibration)
     if arm.fraction == 0:
         return converted

@@ -343,8 +343,8 @@ def _fit_groups(w: _Weights, sigma: torch.Tensor, mean: torch.Tensor, still: tor
     return chosen, fitted, torch.tensor(order)
 
 
-def _temperatures(old: _Weights, new: _Weights, order: torch.Tensor, sample: torch.Tensor, kwargs: dict, attention: nn.Module,
-                  head_dim: int, config: PretrainedConfig) -> torch.Tensor:
+def _temperatures(old: _Weights, new: _Weights, order: torch.Tensor, sample: torch.Tensor, kwargs: dict,
+                  attention: nn.Module, head_dim: int, config: PretrainedConfig) -> torch.Tensor:
     """One softmax temperature per new query head, fitted to the original attention pattern."""
     x = _with_ones(sample, old.q.shape[1] > sample.shape[-1]).float()
     cos, sin = (t[: x.shape[0]].float() if t.shape[0] > 1 else t.float() for t in kwargs["position_embeddings"])
