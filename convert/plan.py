@@ -17,6 +17,7 @@ from typing import Collection
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from gqa_uptrain.convert import DEFAULT_CALIBRATION_TOKENS, DEFAULT_REFINE_STEPS
 from gqa_uptrain.convert.calibration.support import check_supported
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, TensorInfo
 from gqa_uptrain.convert.checkpoint_writer import OutputTensor, assign_shards
@@ -48,8 +49,8 @@ class CalibrationOptions:
     `refine_steps` gradient steps of refinement per layer after the closed form (0: none)."""
 
     data: str | None = None
-    tokens: int = 32_768
-    refine_steps: int = 200
+    tokens: int = DEFAULT_CALIBRATION_TOKENS
+    refine_steps: int = DEFAULT_REFINE_STEPS
 
 
 @dataclass(frozen=True)

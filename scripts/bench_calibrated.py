@@ -204,8 +204,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=262_144, help="calibration tokens (default: 262144)")
     p.add_argument("--calibration", help="calibration data, as gqa-convert --calibration takes it (default: the "
                                          "built-in default, the shipped public-domain books)")
-    p.add_argument("--refine-steps", type=int, default=200,
-                   help="gqa-convert --refine-steps: refinement steps per layer (default: 200, as gqa-convert)")
+    p.add_argument("--refine-steps", type=int, default=convert_api.DEFAULT_REFINE_STEPS,
+                   help="gqa-convert --refine-steps: refinement steps per layer (default: gqa-convert's, "
+                        f"{convert_api.DEFAULT_REFINE_STEPS})")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                    help=f"folder of the tokenizer files copied beside the model (default: {DEFAULT_TOKENIZER})")
     p.add_argument("--model", type=Path, help="convert this checkpoint instead of building one (shape flags "

@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from gqa_uptrain.cli import run_cli
-from gqa_uptrain.convert import convert_checkpoint
+from gqa_uptrain.convert import DEFAULT_REFINE_STEPS, convert_checkpoint
 from gqa_uptrain.errors import DataError
 
 DOCSTRING_SHARE = 0.15  # of the training characters: code documentation beside the books, for breadth
@@ -61,7 +61,7 @@ class Scale:
 SCALES = {
     "gpu": Scale(seq_len=2048, micro_batch=8, global_batch=32, budgets=(2.5e6, 10e6, 40e6), full_grid_budgets=1,
                  lr=3e-4, parallel=1, train_chars=190_000_000, heldout_chars=600_000, calibration_tokens=131_072,
-                 refine_steps=200, eval_limit=200, eval_batch=32),
+                 refine_steps=DEFAULT_REFINE_STEPS, eval_limit=200, eval_batch=32),
     "smoke": Scale(seq_len=64, micro_batch=2, global_batch=4, budgets=(512, 1024), full_grid_budgets=1, lr=1e-3,
                    parallel=2, train_chars=120_000, heldout_chars=8_000, calibration_tokens=1024, refine_steps=20,
                    eval_limit=8, eval_batch=4),

@@ -38,7 +38,7 @@ import torch
 
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.apps.scratch import init_llama, pretraining_tokens, record_pretraining, train_bpe_tokenizer, train_run
-from gqa_uptrain.convert import convert_checkpoint
+from gqa_uptrain.convert import DEFAULT_REFINE_STEPS, convert_checkpoint
 from gqa_uptrain.errors import DataError, EvaluationError
 from gqa_uptrain.plotting import pyplot
 
@@ -74,7 +74,7 @@ class Scale:
     eval_limit: int | None  # items per lm-eval task
     pretrain_lr: float
     uptrain_lr: float
-    refine_steps: int = 200  # gqa-convert --refine-steps of the calibrated arms (the default: 200)
+    refine_steps: int = DEFAULT_REFINE_STEPS  # gqa-convert --refine-steps of the calibrated arms
 
 
 SCALES = {

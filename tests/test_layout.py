@@ -72,15 +72,21 @@ def test_no_tool_imports_another_tool_or_an_app_and_the_base_imports_neither():
     assert violations(REPO) == []
 
 
-def test_the_check_catches_lazy_and_relative_imports(tmp_path):
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """An empty repository layout: one folder per package, for planting imports the checks must catch."""
     for folder in PACKAGES:
         (tmp_path / folder).mkdir()
-    (tmp_path / "base" / "helpers.py").write_text("def f():\n    from gqa_uptrain.eval import report\n")
-    (tmp_path / "convert" / "plan.py").write_text("from gqa_uptrain import train\nfrom gqa_uptrain.errors import X\n")
-    (tmp_path / "train" / "loop.py").write_text("from .. import apps\nfrom . import data\n")
-    (tmp_path / "eval" / "runner.py").write_text("import gqa_uptrain.apps.demo\n")
-    (tmp_path / "apps" / "demo.py").write_text("from gqa_uptrain.convert import convert_checkpoint\n")
-    assert violations(tmp_path) == [
+    return tmp_path
+
+
+def test_the_check_catches_lazy_and_relative_imports(repo):
+    (repo / "base" / "helpers.py").write_text("def f():\n    from gqa_uptrain.eval import report\n")
+    (repo / "convert" / "plan.py").write_text("from gqa_uptrain import train\nfrom gqa_uptrain.errors import X\n")
+    (repo / "train" / "loop.py").write_text("from .. import apps\nfrom . import data\n")
+    (repo / "eval" / "runner.py").write_text("import gqa_uptrain.apps.demo\n")
+    (repo / "apps" / "demo.py").write_text("from gqa_uptrain.convert import convert_checkpoint\n")
+    assert violations(repo) == [
         "base/helpers.py:2: base imports gqa_uptrain.eval.report",
         "convert/plan.py:1: convert imports gqa_uptrain.train",
         "train/loop.py:1: train imports gqa_uptrain.apps",
@@ -141,13 +147,11 @@ def test_every_name_of_a_door_opens():
             assert getattr(package, name) is not None, (tool, name)
 
 
-def test_the_door_check_catches_modules_and_unlisted_names(tmp_path):
-    for folder in PACKAGES:
-        (tmp_path / folder).mkdir()
-    (tmp_path / "eval" / "__init__.py").write_text('__all__ = ["evaluate", "compare"]\n')
-    (tmp_path / "convert" / "__init__.py").write_text('__all__ = ["convert_checkpoint"]\n')
-    (tmp_path / "train" / "__init__.py").write_text("")
-    (tmp_path / "apps" / "demo.py").write_text(
+def test_the_door_check_catches_modules_and_unlisted_names(repo):
+    (repo / "eval" / "__init__.py").write_text('__all__ = ["evaluate", "compare"]\n')
+    (repo / "convert" / "__init__.py").write_text('__all__ = ["convert_checkpoint"]\n')
+    (repo / "train" / "__init__.py").write_text("")
+    (repo / "apps" / "demo.py").write_text(
         "from gqa_uptrain.eval import evaluate, compare\n"
         "from gqa_uptrain.convert import convert_checkpoint\n"
         "import gqa_uptrain.eval\n"
@@ -157,7 +161,7 @@ def test_the_door_check_catches_modules_and_unlisted_names(tmp_path):
         "    import gqa_uptrain.train.loop\n"
         "    from ..convert import card\n"
         "    from ..train.recipe import Recipe\n")
-    assert around_the_doors(tmp_path) == [
+    assert around_the_doors(repo) == [
         "apps/demo.py:5: apps imports gqa_uptrain.eval.report (a module of eval)",
         "apps/demo.py:6: apps imports report from eval, which its door (__all__) does not list",
         "apps/demo.py:7: apps imports gqa_uptrain.train.loop (a module of train)",

@@ -99,7 +99,7 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
             raise
     record = {**data.record(plan.seed), "layers": [
         {"groups": [list(g) for g in r.groups], "o_proj_refit": r.refit,
-         "held_out_error": None if math.isnan(r.error_final) else round(r.error_final, 5),
+         "held_out_error": refine.recorded(r.error_final),
          "refinement": r.refinement.record()} for r in reports]}
     return store.reader(), record
 

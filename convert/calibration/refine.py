@@ -44,12 +44,13 @@ class Refinement:
     error_after: float
 
     def record(self) -> dict:
-        return {"steps": self.steps, "held_out_error_before": _rounded(self.error_before),
-                "held_out_error_after": _rounded(self.error_after)}
+        return {"steps": self.steps, "held_out_error_before": recorded(self.error_before),
+                "held_out_error_after": recorded(self.error_after)}
 
 
-def _rounded(x: float) -> float | None:
-    return None if math.isnan(x) else round(x, 5)
+def recorded(error: float) -> float | None:
+    """A held-out error as the provenance records it (None where none was measured)."""
+    return None if math.isnan(error) else round(error, 5)
 
 
 def refine_layer(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict, batch: int,
