@@ -30,7 +30,8 @@ from pathlib import Path
 from gqa_uptrain.apps.pipeline_recipe import EvaluateSpec, PipelineRecipe, load_pipeline_recipe
 from gqa_uptrain.cli import run_cli, warn
 from gqa_uptrain.errors import ConfigError, GqaError
-from gqa_uptrain.files import BackgroundHashes, check_output_folder
+from gqa_uptrain.hashing import BackgroundHashes
+from gqa_uptrain.paths import check_output_folder
 from gqa_uptrain.provenance import PROVENANCE, read_provenance
 from gqa_uptrain.source import looks_local
 

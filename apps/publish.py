@@ -16,10 +16,11 @@ import json
 import os
 from pathlib import Path
 
+from gqa_uptrain.atomic_write import write_atomically
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.errors import CheckpointError, PublishError, one_line
-from gqa_uptrain.files import expand_home, write_atomically
 from gqa_uptrain.model_folder import outside_reason, readable_files
+from gqa_uptrain.paths import expand_home
 from gqa_uptrain.provenance import PROVENANCE
 
 # huggingface_hub, torch (is_model_file's module) and transformers (the card) are imported where they are used, so that

@@ -1,6 +1,10 @@
 """User-facing errors: one class per kind of mistake, each printed as a single line by the CLIs."""
 
+import errno
 import re
+
+# What a write refused for want of space answers: a full file system, or a quota.
+_FULL_DISK = {errno.ENOSPC, errno.EDQUOT}
 
 
 class GqaError(Exception):
@@ -72,3 +76,8 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     if not text:
         return type(error).__name__
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def is_full_disk(error: BaseException) -> bool:
+    """Whether `error` is a write refused for want of space: a full file system (ENOSPC) or a quota (EDQUOT)."""
+    return isinstance(error, OSError) and error.errno in _FULL_DISK

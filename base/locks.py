@@ -1,4 +1,5 @@
-"""An exclusive lock on an output: an flock on a file that names its holder.
+"""An exclusive lock on an output: an flock on a file that names its holder; `output_lock` is every tool's way to take
+one.
 
 The kernel releases an flock when its holder exits, crashes or is killed (kill -9 included), so a dead holder never
 keeps the output: the file it leaves behind blocks nothing. The file holds a JSON record of its holder (owner,
@@ -110,6 +111,37 @@ def held(path: Path, owner: str, busy: Callable[[dict], str]) -> Iterator[Held]:
         yield lock
     finally:
         release(path, lock.fd)
+
+
+def lock_beside(output: Path) -> Path:
+    """The lock file of an output that is renamed into place as a whole (a converted model): `.NAME.lock` beside
+    it."""
+    return output.with_name(f".{output.name}.lock")
+
+
+def describe_holder(record: dict) -> str:
+    """Who holds a lock (or held it and died), as a one-line message names them."""
+    if not record.get("pid"):
+        return "another process"
+    return (f"{record.get('owner', 'a process')} (pid {record['pid']} on {record.get('host', '?')}, "
+            f"started {record.get('started', '?')})")
+
+
+@contextmanager
+def output_lock(output: Path, owner: str, lock_file: Path | None = None,
+                what: str | None = None) -> Iterator[Held]:
+    """Hold the lock of `output` for the block (`lock_file`, `lock_beside(output)` by default), or raise
+    OutputBusyError naming the live process that holds it; `what`, where the user knows the output by a setting's
+    name (e.g. "output_dir"), names it in that message. The lock's `flocked` is False on a file system that cannot lock (some network mounts), where
+    only the holder's record keeps another writer out, and one that starts at the same instant goes unnoticed."""
+    path = lock_file or lock_beside(output)
+
+    def busy(record: dict) -> str:
+        return (f"{what + ' ' if what else ''}{output}: {describe_holder(record)} is writing it now (lock {path}); "
+                f"wait for it to end, or choose another {what or 'output'}")
+
+    with held(path, owner, busy) as lock:
+        yield lock
 
 
 def holder(path: Path) -> dict | None:

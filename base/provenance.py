@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from gqa_uptrain import __version__
-from gqa_uptrain.files import write_atomically
+from gqa_uptrain.atomic_write import write_atomically
 
 PROVENANCE = "gqa_provenance.json"
 TOOL_NAME = "gqa-uptrain"

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gqa_uptrain.errors import ConfigError, GqaError
-from gqa_uptrain.files import BackgroundHashes, expand_home
+from gqa_uptrain.hashing import BackgroundHashes
+from gqa_uptrain.paths import expand_home
 
 if TYPE_CHECKING:
     from gqa_uptrain.convert.calibration.data import stdlib_docstrings

@@ -3,11 +3,11 @@
 What is promised, and where it is kept:
 - the output never destroys what this tool did not write (`check_output`): not the source nor a folder holding it,
   not a home folder or the root, not a file, and with --force only a model folder gqa-convert or gqa-uptrain wrote;
-- one writer per output: the run holds `.NAME.lock` beside it (`gqa_uptrain.files.output_lock`), and a second
+- one writer per output: the run holds `.NAME.lock` beside it (`gqa_uptrain.locks.output_lock`), and a second
   run to the same output is refused while the first lives;
-- nothing half-written under the output name: the model is built in `.NAME.partial-*` and renamed in place, an
-  existing output swapped for it in one step (`_move_into_place`), so the old or the new model exists at every
-  instant; any failure (bad shard, full disk, Ctrl-C) removes the temporary folder;
+- nothing half-written under the output name: the model is built in `.NAME.partial-*`, fsynced and renamed in place,
+  an existing output swapped for it in one step (`gqa_uptrain.renames.move_into_place`), so the old or the new model
+  exists at every instant; any failure (bad shard, full disk, Ctrl-C) removes the temporary folder;
 - a run killed outright (SIGKILL, power loss) leaves its `.NAME.partial-*`; the next run to the same output removes
   it, and says so (`_clear_leftovers`);
 - a calibrated conversion keeps its finished layers in `.NAME.calibration` beside the output, under the same lock
@@ -38,14 +38,16 @@ from gqa_uptrain.convert.checkpoint_writer import ShardedWriter, copy_tensor, wr
 from gqa_uptrain.convert.methods import PoolContext
 from gqa_uptrain.convert.plan import ConversionPlan, Step, output_config
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
-from gqa_uptrain.source import Source
-from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError
-from gqa_uptrain.files import (BackgroundHashes, exchange_paths, flush_to_disk, is_full_disk, output_lock,
-                                rename_no_replace)
+from gqa_uptrain.atomic_write import flush_to_disk
+from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError, is_full_disk
+from gqa_uptrain.hashing import BackgroundHashes
+from gqa_uptrain.locks import output_lock
 from gqa_uptrain.model_folder import model_root, readable_files
 from gqa_uptrain.provenance import (PROVENANCE, Conversion, SourceRecord, conversion_record, read_provenance,
                                    why_not_converted_here, write_provenance)
+from gqa_uptrain.renames import move_into_place, rename_no_replace
 from gqa_uptrain.sizes import human_size
+from gqa_uptrain.source import Source
 
 PROG = "gqa-convert"
 _NOT_COPIED = {"config.json", "README.md", PROVENANCE}
@@ -99,11 +101,11 @@ def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = Fa
               if not is_weight_file(Path(name)) and name not in _NOT_COPIED]
     target = Path(os.path.abspath(output))  # "." and ".." get a name, for the lock and temporary folder beside it
     _make_parent(target.parent)
-    with output_lock(target, PROG) as locked:
-        if not locked:
+    with output_lock(target, PROG) as lock:
+        if not lock.flocked:
             warn(PROG, f"{target.parent}: this file system cannot lock files, so a second run that starts writing "
                        f"{target.name} at the same moment would go unnoticed")
-        _clear_leftovers(target, locked)
+        _clear_leftovers(target, lock.flocked)
         check_output(target, source.folder, force)  # again: another run may have written it before we locked it
         _check_space(plan, target.parent)
         try:
@@ -145,7 +147,7 @@ def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, ot
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source.folder / name, work / name)
     _write_config(plan, work)
-    flush_to_disk(work.rglob("*"))  # the weights go to disk while the last source files are hashed
+    flush_to_disk(work.rglob("*"))  # the weights go to disk while the last source files are hashed (not at the end)
     digests = hashing.results()
     source_record: SourceRecord = {"id": source.label, "revision": source.revision,
                                    "license": card_license(source.folder),
@@ -153,7 +155,6 @@ def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, ot
     write_provenance(work, conversion_record(source_record, _conversion(plan, calibration),
                                              read_provenance(source.folder)))
     model_card(work, title).save(work / "README.md")
-    flush_to_disk([work / PROVENANCE, work / "README.md"])
 
 
 def _make_parent(parent: Path) -> None:
@@ -247,26 +248,11 @@ def _filled_up(plan: ConversionPlan, parent: Path) -> DiskFullError:
 
 
 def _move_into_place(work: Path, output: Path, replace: bool) -> None:
-    """Rename the finished folder to `output`; with `replace`, an existing output is swapped with it in one step,
-    then deleted, so that the old model or the new one exists at every instant. Where the file system cannot swap,
-    the old output is set aside as `.NAME.old-*` first and moved back on any failure; only a crash between the two
-    renames leaves it there, and the next run puts it back (`_clear_leftovers`)."""
-    if not os.path.lexists(output) or not replace:
-        try:
-            rename_no_replace(work, output)
-        except FileExistsError:
-            raise OutputExistsError(f"{output}: was created by another program while this run wrote it; the new "
-                                    "model was not kept") from None
-        return
-    if exchange_paths(work, output):
-        shutil.rmtree(work)  # the old model, now under the temporary name
-        return
-    aside = output.with_name(f".{output.name}.old-{work.name.rsplit('-', 1)[-1]}")
+    """`move_into_place`, with one line for an output another program created while this run wrote it. A `.NAME.old-*`
+    that a crash left between its two renames (on a file system that cannot swap) is put back by the next run
+    (`_clear_leftovers`)."""
     try:
-        os.rename(output, aside)
-        os.rename(work, output)
-    except BaseException:
-        if os.path.lexists(aside) and not os.path.lexists(output):
-            os.rename(aside, output)
-        raise
-    shutil.rmtree(aside)
+        move_into_place(work, output, replace)
+    except FileExistsError:
+        raise OutputExistsError(f"{output}: was created by another program while this run wrote it; the new "
+                                "model was not kept") from None

@@ -15,8 +15,9 @@ from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 
-from gqa_uptrain.errors import DiskFullError
-from gqa_uptrain.files import is_full_disk, sha256_file, write_atomically
+from gqa_uptrain.atomic_write import write_atomically
+from gqa_uptrain.errors import DiskFullError, is_full_disk
+from gqa_uptrain.hashing import sha256_file
 from gqa_uptrain.provenance import PROVENANCE
 
 # Files that decide a model's outputs; docs, model cards and provenance notes do not.

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gqa_uptrain.errors import ConfigError
-from gqa_uptrain.files import check_output_folder, expand_home
+from gqa_uptrain.paths import check_output_folder, expand_home
 
 from .cache import default_cache_dir
 

@@ -15,10 +15,9 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
-from gqa_uptrain.files import write_atomically
+from gqa_uptrain.atomic_write import atomic_file, write_atomically
 from gqa_uptrain.sizes import human_size
 
 from . import plots
@@ -322,13 +321,8 @@ def write_report(report: dict, output_dir: Path) -> list[Path]:
     for name, data, draw in drawings:
         if not data:  # nothing to plot: no file written (one from an earlier run is left as it was)
             continue
-        tmp = output_dir / f".{name}.tmp.png"
-        try:
-            draw(data, tmp)
-            os.replace(tmp, output_dir / name)
-        except BaseException:  # a full disk, Ctrl-C: no half-drawn image is left in the report folder
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(output_dir / name) as temp:  # a full disk, Ctrl-C: no half-drawn image is left
+            draw(data, temp)
         images.append(name)
     write_atomically(output_dir / "report.json", json.dumps(report, indent=1, default=str))
     write_atomically(output_dir / "report.csv", csv_text(report))

@@ -1,25 +1,26 @@
-"""The base's ways of putting an output in place: renames that never replace by accident, an atomic swap, and one
-lock per output that a dead holder does not keep."""
+"""The base's ways of putting an output in place: renames that never replace by accident, an atomic swap, the one
+way a finished folder is put in place, and one lock per output that a dead holder does not keep."""
 
 import errno
 import json
 import os
 import socket
 
-import pytest
-from gqa_uptrain import files, locks
 from pathlib import Path
 
-from gqa_uptrain.errors import OutputBusyError, OutputError
-from gqa_uptrain.files import (check_output_folder, exchange_paths, expand_home, is_full_disk, lock_path, output_lock,
-                               rename_no_replace)
+import pytest
+from gqa_uptrain import locks, renames as renames_module
+from gqa_uptrain.errors import OutputBusyError, OutputError, is_full_disk
+from gqa_uptrain.locks import lock_beside, output_lock
+from gqa_uptrain.paths import check_output_folder, expand_home
+from gqa_uptrain.renames import exchange_paths, move_into_place, rename_no_replace
 
 
 @pytest.fixture(params=["renameat2", "portable"])
 def renames(request, monkeypatch):
     """Each test runs with Linux's renameat2 and with the fallback for systems that lack it."""
     if request.param == "portable":
-        monkeypatch.setattr(files, "_renameat2", lambda source, target, flags: False)
+        monkeypatch.setattr(renames_module, "_renameat2", lambda source, target, flags: False)
     return request.param
 
 
@@ -47,6 +48,21 @@ def test_exchange_swaps_two_folders_in_one_step_or_says_it_cannot(tmp_path, rena
     assert ((first / "file.txt").read_text(), (second / "file.txt").read_text()) == expected
 
 
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_finished_folder_is_fsynced_and_put_in_place_replacing_only_when_asked(tmp_path, renames, exists,
+                                                                                  monkeypatch):
+    synced = []
+    monkeypatch.setattr(renames_module, "flush_to_disk", lambda paths: synced.extend(paths))
+    work, output = folder(tmp_path / ".model.partial-abc", "new"), tmp_path / "model"
+    if exists:
+        folder(output, "old")
+        with pytest.raises(FileExistsError):
+            move_into_place(work, output, replace=False)
+    move_into_place(work, output, replace=True)
+    assert (output / "file.txt").read_text() == "new" and list(tmp_path.iterdir()) == [output]
+    assert work / "file.txt" in synced
+
+
 def test_a_real_failure_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         exchange_paths(tmp_path / "missing", folder(tmp_path / "there", "x"))
@@ -55,33 +71,33 @@ def test_a_real_failure_is_an_os_error(tmp_path):
 def test_the_lock_names_its_holder_and_refuses_a_second_one(tmp_path):
     output = tmp_path / "model"
     with output_lock(output, "gqa-convert") as held:
-        assert held is True
-        record = json.loads(lock_path(output).read_text())
+        assert held.flocked is True
+        record = json.loads(lock_beside(output).read_text())
         assert (record["owner"], record["pid"], record["host"]) == ("gqa-convert", os.getpid(), socket.gethostname())
-        holder = f"gqa-convert (pid {os.getpid()} on {socket.gethostname()})"
+        holder = f"gqa-convert (pid {os.getpid()} on {socket.gethostname()}, started {record['started']})"
         with pytest.raises(OutputBusyError) as refused:
             with output_lock(output, "gqa-convert"):
                 pass
         assert str(refused.value).startswith(f"{output}: {holder} is writing it now")
-    assert not lock_path(output).exists()
+    assert not lock_beside(output).exists()
 
 
 def test_a_lock_file_left_by_a_dead_process_blocks_nothing(tmp_path):
     output = tmp_path / "model"
-    lock_path(output).write_text("gqa-convert (pid 999999 on a-dead-host)\n")
+    lock_beside(output).write_text("gqa-convert (pid 999999 on a-dead-host)\n")
     with output_lock(output, "gqa-publish"):
-        assert json.loads(lock_path(output).read_text())["owner"] == "gqa-publish"
-    assert not lock_path(output).exists()
+        assert json.loads(lock_beside(output).read_text())["owner"] == "gqa-publish"
+    assert not lock_beside(output).exists()
 
 
 def test_the_lock_never_follows_a_planted_link(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
-    lock_path(tmp_path / "model").symlink_to(victim)
+    lock_beside(tmp_path / "model").symlink_to(victim)
     with pytest.raises(OutputError, match=r"\.model\.lock: the lock file is a link, so the output cannot be locked"):
         with output_lock(tmp_path / "model", "gqa-convert"):
             pass
-    assert victim.read_text() == "keep me" and lock_path(tmp_path / "model").is_symlink()
+    assert victim.read_text() == "keep me" and lock_beside(tmp_path / "model").is_symlink()
 
 
 # A lock file of the wrong kind: (how it is made, what the one line calls it). Never followed, never removed.
@@ -96,7 +112,7 @@ WRONG_LOCKS = {
 @pytest.mark.parametrize("case", WRONG_LOCKS, ids=str)
 def test_a_lock_file_of_the_wrong_kind_is_one_line_and_left_alone(case, tmp_path):
     make, kind = WRONG_LOCKS[case]
-    lock = lock_path(tmp_path / "model")
+    lock = lock_beside(tmp_path / "model")
     make(lock)
     before = os.lstat(lock)
     with pytest.raises(OutputError) as refused:
@@ -159,8 +175,8 @@ def test_a_file_system_that_cannot_lock_is_written_without_the_lock(tmp_path, mo
 
     monkeypatch.setattr(locks.fcntl, "flock", cannot_lock)
     with output_lock(tmp_path / "model", "gqa-convert") as held:
-        assert held is False and lock_path(tmp_path / "model").is_file()
-    assert not lock_path(tmp_path / "model").exists()
+        assert held.flocked is False and lock_beside(tmp_path / "model").is_file()
+    assert not lock_beside(tmp_path / "model").exists()
 
 
 def test_a_full_disk_is_a_full_file_system_or_a_quota_and_nothing_else():

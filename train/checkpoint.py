@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import shutil
 import zipfile
@@ -27,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from gqa_uptrain.cli import warn
 from gqa_uptrain.errors import CheckpointError, one_line
-from gqa_uptrain.files import flush_to_disk
+from gqa_uptrain.renames import move_into_place
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"
@@ -130,15 +129,13 @@ def save_checkpoint(accelerator: Accelerator, root: Path, state: dict[str, Any],
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (temp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-            flush_to_disk(temp.rglob("*"))  # every process's files: on disk before the rename publishes them
+            # every process's files, fsynced; the same step written by a run that died before pruning is replaced
+            move_into_place(temp, final, replace=True)
     except BaseException:
         if accelerator.is_main_process:  # a full disk: give back what the half-written checkpoint holds
             shutil.rmtree(temp, ignore_errors=True)
         raise
     if accelerator.is_main_process:
-        if final.exists():  # the same step written by a run that died before pruning
-            shutil.rmtree(final)
-        os.replace(temp, final)
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

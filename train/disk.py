@@ -18,8 +18,7 @@ from collections.abc import Iterator
 import torch
 from accelerate import Accelerator
 
-from gqa_uptrain.errors import DiskFullError
-from gqa_uptrain.files import is_full_disk
+from gqa_uptrain.errors import DiskFullError, is_full_disk
 from gqa_uptrain.sizes import human_size
 
 from . import checkpoint

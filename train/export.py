@@ -2,12 +2,11 @@
 
 The converter writes `gqa_provenance.json` beside config.json; it is carried forward with an `uptraining`
 section added (tokens, steps, fraction of the original pretraining, recipe). A model without one gets a fresh
-file. The folder is written under a temporary name and renamed when complete.
+file. The folder is written under a temporary name, fsynced and put in place when complete (`move_into_place`).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gqa_uptrain.provenance import (Provenance, Uptraining, read_provenance, unconverted_record, with_uptraining,
                                    write_provenance)
+from gqa_uptrain.renames import move_into_place
 
 
 def source_provenance(folder: Path) -> Provenance:
@@ -57,5 +57,5 @@ def export_model(
         unwrapped.save_pretrained(temp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(temp)
         write_provenance(temp, with_uptraining(provenance, uptraining))
-        os.replace(temp, target)
+        move_into_place(temp, target, replace=True)
     accelerator.wait_for_everyone()

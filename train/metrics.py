@@ -24,10 +24,10 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from gqa_uptrain.atomic_write import write_atomically
 from gqa_uptrain.cli import warn
 from gqa_uptrain.dicts import flatten
 from gqa_uptrain.errors import ConfigError, DivergedError
-from gqa_uptrain.files import write_atomically
 from gqa_uptrain.plotting import pyplot
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, SXM parts).

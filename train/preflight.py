@@ -15,8 +15,10 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from gqa_uptrain.dicts import flatten
 from gqa_uptrain.documents import local_files
+from gqa_uptrain.atomic_write import write_atomically
 from gqa_uptrain.errors import CheckpointError, ConfigError, one_line
-from gqa_uptrain.files import _hub_cache_sha256, check_output_folder, sha256_file, write_atomically
+from gqa_uptrain.hashing import hub_cache_sha256, sha256_file
+from gqa_uptrain.paths import check_output_folder
 from gqa_uptrain.provenance import PROVENANCE
 from gqa_uptrain.source import resolve_source
 from gqa_uptrain.tokenizer_identity import tokenizer_difference
@@ -126,7 +128,7 @@ def fingerprint(files: dict[str, Path]) -> dict[str, str]:
     prints = {}
     for name, file in files.items():
         stat = file.stat()
-        digest = _hub_cache_sha256(file) or (sha256_file(file) if stat.st_size <= _SMALL_FILE else None)
+        digest = hub_cache_sha256(file) or (sha256_file(file) if stat.st_size <= _SMALL_FILE else None)
         prints[name] = f"sha256:{digest}" if digest else f"size:{stat.st_size},mtime_ns:{stat.st_mtime_ns}"
     return prints
 

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from gqa_uptrain.errors import ConfigError, one_line
-from gqa_uptrain.files import expand_home
+from gqa_uptrain.paths import expand_home
 
 # A path (or Hub id) as the recipe writes it, `~` expanded: every path a recipe holds is one of these.
 UserPath = Annotated[str, BeforeValidator(expand_home)]

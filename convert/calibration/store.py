@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from gqa_uptrain.atomic_write import flush_to_disk, write_atomically
 from gqa_uptrain.convert.checkpoint_reader import SAFETENSORS_INDEX, CheckpointReader
-from gqa_uptrain.files import flush_to_disk, write_atomically
 
 IDENTITY = "identity.json"
 

@@ -28,7 +28,7 @@ import pytest
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.checkpoint_reader import read_safetensors_header
 from gqa_uptrain.convert.cli import main
-from gqa_uptrain.files import output_lock
+from gqa_uptrain.locks import output_lock
 from gqa_uptrain.provenance import pretraining_record, write_provenance
 from mounts import small_tmpfs
 from tiny_models import random_model
@@ -580,9 +580,11 @@ def test_a_second_writer_is_refused_while_the_first_lives_and_not_after_it_is_ki
         wait_for_partial(first, world.tmp, "new")
         with pytest.raises(SystemExit):
             main([str(world.source), "-g", "1", "-o", str(world.tmp / "new")])
-        assert capsys.readouterr().err.strip() == (
-            f"gqa-convert: error: {world.tmp / 'new'}: gqa-convert (pid {first.pid} on {socket.gethostname()}) is "
-            f"writing it now (lock {world.tmp / '.new.lock'}); wait for it to end, or choose another output")
+        said = capsys.readouterr().err.strip()
+        assert said.startswith(f"gqa-convert: error: {world.tmp / 'new'}: gqa-convert (pid {first.pid} on "
+                               f"{socket.gethostname()}, started ")
+        assert said.endswith(f") is writing it now (lock {world.tmp / '.new.lock'}); wait for it to end, or choose "
+                             "another output")
     finally:
         first.kill()
         first.wait()
@@ -593,7 +595,7 @@ def test_a_second_writer_is_refused_while_the_first_lives_and_not_after_it_is_ki
 
 
 def test_ctrl_c_between_the_renames_of_force_without_a_swap_puts_the_old_model_back(world, monkeypatch, capsys):
-    monkeypatch.setattr("gqa_uptrain.convert.converter.exchange_paths", lambda first, second: False)
+    monkeypatch.setattr("gqa_uptrain.renames.exchange_paths", lambda first, second: False)
     rename = os.rename
 
     def interrupted_rename(source, target):
@@ -610,7 +612,7 @@ def test_ctrl_c_between_the_renames_of_force_without_a_swap_puts_the_old_model_b
 
 
 def test_force_without_a_swap_still_replaces(world, monkeypatch):
-    monkeypatch.setattr("gqa_uptrain.convert.converter.exchange_paths", lambda first, second: False)
+    monkeypatch.setattr("gqa_uptrain.renames.exchange_paths", lambda first, second: False)
     main([str(world.source), "-g", "2", "-o", str(world.old), "--force"])
     assert kv_heads(world.old) == 2 and leftovers(world.tmp, "old") == []
 

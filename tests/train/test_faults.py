@@ -206,21 +206,22 @@ def test_every_checkpoint_file_is_on_disk_before_the_rename_publishes_it(tmp_pat
     from accelerate import Accelerator
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from gqa_uptrain import renames
     from gqa_uptrain.train import checkpoint
 
     synced, published = set(), {}
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_rename = os.fsync, renames._renameat2
 
     def fsync(fd):
         synced.add(os.readlink(f"/proc/self/fd/{fd}"))
         return real_fsync(fd)
 
-    def replace(source, target):
+    def rename(source, target, flags):  # every rename that puts a folder in place goes through it first
         published.update({str(p): str(p) in synced for p in Path(source).rglob("*") if p.is_file()})
-        return real_replace(source, target)
+        return real_rename(source, target, flags)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(renames, "_renameat2", rename)
     accelerator = Accelerator(cpu=True)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))

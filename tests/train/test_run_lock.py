@@ -23,9 +23,9 @@ HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from gqa_uptrain.train import run_lock
-    run_lock.acquire(Path(sys.argv[1]))
-    print("holding", flush=True)
-    time.sleep(600)
+    with run_lock.taken(Path(sys.argv[1])):
+        print("holding", flush=True)
+        time.sleep(600)
 """)
 
 
@@ -51,8 +51,8 @@ def test_a_second_holder_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(output)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(OutputBusyError) as refused:
-            run_lock.acquire(output)
+        with pytest.raises(OutputBusyError) as refused, run_lock.taken(output):
+            pass
         message = str(refused.value)
         assert f"pid {holder.pid} on {socket.gethostname()}, started " in message
         assert str(output / run_lock.LOCK_FILE) in message and "\n" not in message
@@ -61,13 +61,13 @@ def test_a_second_holder_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
         holder.wait()
     assert run_lock.holder(output)["pid"] == holder.pid
 
-    fd = run_lock.acquire(output)
-    warning = capsys.readouterr().err.strip().splitlines()
-    assert len(warning) == 1 and f"pid {holder.pid}" in warning[0] and "is gone; taking over" in warning[0]
-    assert run_lock.holder(output)["pid"] == os.getpid()
-    run_lock.release(output, fd)
+    with run_lock.taken(output):
+        warning = capsys.readouterr().err.strip().splitlines()
+        assert len(warning) == 1 and f"pid {holder.pid}" in warning[0] and "is gone; taking over" in warning[0]
+        assert run_lock.holder(output)["pid"] == os.getpid()
     assert not (output / run_lock.LOCK_FILE).exists()
-    run_lock.release(output, run_lock.acquire(output))  # a clean release leaves nothing to warn about
+    with run_lock.taken(output):  # a clean release leaves nothing to warn about
+        pass
     assert capsys.readouterr().err == ""
 
 
@@ -85,10 +85,11 @@ def test_without_flock_the_content_decides(tmp_path, monkeypatch, capsys):
     for record, busy in ((me, True), ({**me, "process_start": 1}, False), ({**me, "host": "elsewhere"}, True)):
         lock.write_text(json.dumps(record))
         if busy:
-            with pytest.raises(OutputBusyError, match="in use by another gqa-uptrain run"):
-                run_lock.acquire(output)
+            with pytest.raises(OutputBusyError, match="is writing it now"), run_lock.taken(output):
+                pass
         else:
-            run_lock.release(output, run_lock.acquire(output))
+            with run_lock.taken(output):
+                pass
             assert "is gone; taking over" in capsys.readouterr().err
 
 
@@ -151,7 +152,7 @@ def test_a_live_run_refuses_a_second_and_dies_with_its_launcher(tmp_path, tiny_l
         second = run_cli(*args)
         assert second.returncode == 2
         last = second.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"gqa-uptrain: error: output_dir {output} is in use by another gqa-uptrain run "
+        assert last.startswith(f"gqa-uptrain: error: output_dir {output}: gqa-uptrain "
                                f"(pid {worker} on {socket.gethostname()}, started ")
         assert "Traceback" not in second.stderr
 
@@ -164,5 +165,6 @@ def test_a_live_run_refuses_a_second_and_dies_with_its_launcher(tmp_path, tiny_l
                 os.kill(pid, signal.SIGKILL)
 
     capsys.readouterr()
-    run_lock.release(output, run_lock.acquire(output))
+    with run_lock.taken(output):
+        pass
     assert f"pid {worker}" in capsys.readouterr().err  # the dead run's lock, taken over with a warning
