@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from gqa_uptrain.convert.checkpoint_io import CheckpointReader, stored_name
+from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, stored_name
 from gqa_uptrain.errors import CheckpointError, UnsupportedModelError
 
 

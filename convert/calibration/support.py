@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 
 from gqa_uptrain.convert.calibration.keys import norm_kind
 from gqa_uptrain.convert.calibration.layers import decoder_layers, skeleton
-from gqa_uptrain.convert.checkpoint_io import stored_name
+from gqa_uptrain.convert.checkpoint_reader import stored_name
 from gqa_uptrain.convert.layout import Change, FusedQKV, HeadsAxis, KVLayout
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.kv_heads import text_config_key
