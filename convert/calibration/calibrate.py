@@ -34,7 +34,8 @@ from transformers import AutoTokenizer, PretrainedConfig
 from gqa_uptrain.convert.calibration import fit, refine
 from gqa_uptrain.convert.calibration.keys import KeyFitter, QKNorms, find_norms
 from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, checkpoint_name, decoder_layers,
-                                                    materialize, run_layer, skeleton)
+                                                    materialize, output_name, output_projection, run_layer, skeleton)
+from gqa_uptrain.convert.calibration.rotary import RotaryLayout, rotary_layout
 from gqa_uptrain.cli import warn
 from gqa_uptrain.convert.calibration.data import Calibration, calibration_tokens
 from gqa_uptrain.convert.calibration.store import LayerStore
@@ -249,17 +250,20 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
     sigma, mean, target, sample = _original_pass(old, original, kwargs, batch, with_bias)
     _require_finite(name, "the statistics of the original attention on the calibration text", sigma, mean, target)
     head_dim = attention.head_dim
-    weights = _Weights(*(fit.augment(*projections[n], with_bias) for n in _QKV), attention.o_proj.weight.double())
+    weights = _Weights(*(fit.augment(*projections[n], with_bias) for n in _QKV),
+                       output_projection(attention).weight.double())
     norms = find_norms(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
-    chosen, fitted, order = _fit_groups(weights, sigma, mean, still, groups, head_dim, config.num_attention_heads,
-                                        norms)
+    rotary = rotary_layout(attention, config)
+    assert not isinstance(rotary, str), rotary  # support.py refuses the others before any work
+    keys = KeyFitter(weights.q, weights.k, sigma, rotary, mean, still, norms)
+    chosen, fitted, order = _fit_groups(weights, keys, sigma, groups, head_dim, config.num_attention_heads, norms)
     if norms is None:  # a query norm would divide a temperature out of q_proj again (keys.py)
-        tau = _temperatures(weights, fitted, order, sample, kwargs, attention, head_dim, config)
+        tau = _temperatures(weights, fitted, order, sample, kwargs, attention, rotary, config)
         fitted = replace(fitted, q=fitted.q * tau.repeat_interleave(head_dim)[:, None])
     new = _install(old, new, fitted, with_bias)
     o_proj, before, after, refit = _refit_output(new, converted, target, kwargs, batch)
     with torch.no_grad():
-        new.self_attn.o_proj.weight.copy_(o_proj)
+        output_projection(new.self_attn).weight.copy_(o_proj)
     goal = original if refine.OBJECTIVE == "layer" else target  # `original` now holds the original layer's output
     refinement = refine.refine_layer(new, converted, goal, kwargs, batch, refine_steps, HELD_OUT_SHARE)
     return LayerReport(chosen, before, after, refit, refinement), new
@@ -300,7 +304,7 @@ def _original_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: 
         sigma = x.T @ x if sigma is None else sigma + x.T @ x
         total = x.sum(0) if total is None else total + x.sum(0)
         count += x.shape[0]
-        bias = layer.self_attn.o_proj.bias
+        bias = output_projection(layer.self_attn).bias
         outputs.append(seen["output"] - bias if bias is not None else seen["output"])  # what o_proj's weight makes
         if start == 0:
             sample = seen["input"][:TEMPERATURE_SEQUENCES]
@@ -311,15 +315,13 @@ def _with_ones(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1) if with_bias else x
 
 
-def _fit_groups(w: _Weights, sigma: torch.Tensor, mean: torch.Tensor, still: torch.Tensor | None, groups: int,
-                head_dim: int, query_heads: int, norms: QKNorms | None
-                ) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
+def _fit_groups(w: _Weights, keys: KeyFitter, sigma: torch.Tensor, groups: int, head_dim: int, query_heads: int,
+                norms: QKNorms | None) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
     """Grouping, shared keys and values, the absorbed query and output weights (and q/k norm weights where a
     whole-projection norm changes) in the new head order, and which original query head each new one is."""
     kv_heads = w.k.shape[0] // head_dim
     per_family = query_heads // kv_heads
-    keys = KeyFitter(w.q, w.k, sigma, head_dim, mean, still, norms)
-    chosen = fit.choose_groups(keys.stats, groups)
+    chosen = fit.choose_groups(keys.loss, kv_heads, groups)
     q_rows, q_norms, k_rows, k_norms, v_rows, o_cols, order = [], [], [], [], [], [], []
     o_heads = w.o.reshape(w.o.shape[0], query_heads, head_dim)
     for group in chosen:
@@ -344,17 +346,16 @@ def _fit_groups(w: _Weights, sigma: torch.Tensor, mean: torch.Tensor, still: tor
 
 
 def _temperatures(old: _Weights, new: _Weights, order: torch.Tensor, sample: torch.Tensor, kwargs: dict,
-                  attention: nn.Module, head_dim: int, config: PretrainedConfig) -> torch.Tensor:
+                  attention: nn.Module, rotary: RotaryLayout, config: PretrainedConfig) -> torch.Tensor:
     """One softmax temperature per new query head, fitted to the original attention pattern."""
     x = _with_ones(sample, old.q.shape[1] > sample.shape[-1]).float()
     cos, sin = (t[: x.shape[0]].float() if t.shape[0] > 1 else t.float() for t in kwargs["position_embeddings"])
 
     def logits(w: _Weights, order: torch.Tensor) -> torch.Tensor:
-        q = _heads(x @ w.q.float().T, head_dim)
-        k = _heads(x @ w.k.float().T, head_dim)
+        q = _heads(x @ w.q.float().T, rotary.head_dim)
+        k = _heads(x @ w.k.float().T, rotary.head_dim)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # query head j reads KV head j // (H / K)
-        q, k = q[:, order], k[:, order]
-        scores = fit.rope_logits(q, k, cos, sin) * attention.scaling
+        scores = fit.causal_logits(*rotary.turn(q[:, order], k[:, order], cos, sin)) * attention.scaling
         cap = getattr(config, "attn_logit_softcapping", None)
         return torch.tanh(scores / cap) * cap if cap else scores
 
@@ -372,6 +373,7 @@ def _install(old: nn.Module, new: nn.Module, w: _Weights, with_bias: bool) -> nn
     new.to_empty(device=device)
     fitted = {"q_proj": w.q, "k_proj": w.k, "v_proj": w.v}
     fitted["qkv_proj"] = torch.cat([w.q, w.k, w.v])  # Phi-3's fused layout, [q | k | v]
+    output = f"self_attn.{output_name(old.self_attn)}.weight"
     with torch.no_grad():
         for name, param in new.named_parameters():
             module, _, kind = name.rpartition(".")
@@ -379,7 +381,7 @@ def _install(old: nn.Module, new: nn.Module, w: _Weights, with_bias: bool) -> nn
             if module.startswith("self_attn.") and projection in fitted:
                 weight, bias = fit.split_bias(fitted[projection], with_bias)
                 param.copy_(weight if kind == "weight" else bias)
-            elif name == "self_attn.o_proj.weight":
+            elif name == output:
                 param.copy_(w.o)
             elif module.startswith("self_attn.") and projection in w.norms and kind == "weight":
                 param.copy_(w.norms[projection])
@@ -391,7 +393,7 @@ def _install(old: nn.Module, new: nn.Module, w: _Weights, with_bias: bool) -> nn
 def _refit_output(layer: nn.Module, converted: torch.Tensor, target: torch.Tensor, kwargs: dict, batch: int
                   ) -> tuple[torch.Tensor, float, float, bool]:
     """Ridge-refitted o_proj (or the absorbed one), and the held-out relative error before and after."""
-    prior = layer.self_attn.o_proj.weight.double()
+    prior = output_projection(layer.self_attn).weight.double()
     size = prior.shape[1]
     stats = {part: [torch.zeros(size, size, dtype=torch.float64, device=prior.device),
                     torch.zeros(size, prior.shape[0], dtype=torch.float64, device=prior.device), 0.0]

@@ -11,7 +11,16 @@ Why each fit keeps the function:
 - keys are rotated by RoPE, which multiplies each frequency pair (dims i and i + d/2, transformers' rotate_half)
   by e^{i theta t}. A complex scalar per pair commutes with that rotation, so each family's pre-RoPE key is fitted
   as c_f * z with one shared complex key z per pair (the best rank-1 fit, weighted by the query energy), and
-  conj(c_f) moves into that family's query rows: q . k is kept as far as rank one allows.
+  conj(c_f) moves into that family's query rows: q . k is kept as far as rank one allows. Other pairings
+  (interleaved, Helium) are this one after a permutation of head dims (`rotary.py`);
+- dims RoPE leaves unrotated (partial rotary: StableLM, Phi) enter the logit as a plain dot product q_p . k_p, so
+  any invertible real map passes: k_f = A_f u gives q_p . k_f = (A_f^T q_p) . u, and A_f^T moves into the family's
+  query rows. The shared u is fitted as the values are (`fit_subspace`: the best rank-(d - r) approximation of the
+  stacked keys, weighted by each family's query second moment, so the error is the expected squared logit error),
+  with the keys' constant part left out: a constant unrotated key adds one logit to every key of a query, which
+  softmax ignores. A_f is not a scalar per dim but a whole map, so the unrotated dims may also be re-mixed.
+Where a group's families are copies, every fit is exact: a complex scale per pair of 1, maps A_f, Q_f that
+reproduce the copies (the stacked rows have rank d), whatever the weights.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -93,19 +103,28 @@ def key_loss(stats: KeyStats, group: tuple[int, ...]) -> float:
     return float((values.sum(-1) - values[:, -1]).sum())
 
 
-def choose_groups(stats: KeyStats, groups: int, max_exhaustive: int = 3000) -> list[tuple[int, ...]]:
-    """Which families share a KV head: the partition into equal groups with the least key loss.
+def choose_groups(loss: Callable[[tuple[int, ...]], float], families: int, groups: int, max_exhaustive: int = 3000
+                  ) -> list[tuple[int, ...]]:
+    """Which families share a KV head: the partition into equal groups with the least summed `loss` (what one
+    group's shared key leaves, e.g. `key_loss`; the same for any order of its families).
 
     Exhaustive when the partitions are few (8 heads: at most 105), else greedy seeding plus pairwise swaps.
     """
-    families = stats.gram.shape[1]
     size = families // groups
     if groups == 1 or size == 1:
         return [tuple(range(g * size, (g + 1) * size)) for g in range(groups)]
+    seen: dict[tuple[int, ...], float] = {}
+
+    def cached(group: tuple[int, ...]) -> float:
+        key = tuple(sorted(group))
+        if key not in seen:
+            seen[key] = loss(key)
+        return seen[key]
+
     if _partition_count(families, size) <= max_exhaustive:
-        best = min(_partitions(tuple(range(families)), size), key=lambda p: sum(key_loss(stats, g) for g in p))
+        best = min(_partitions(tuple(range(families)), size), key=lambda p: sum(cached(g) for g in p))
         return sorted(best)
-    return _greedy_groups(stats, families, size)
+    return _greedy_groups(cached, families, size)
 
 
 def _partition_count(n: int, size: int) -> int:
@@ -123,13 +142,13 @@ def _partitions(items: tuple[int, ...], size: int):
             yield [(first, *others), *tail]
 
 
-def _greedy_groups(stats: KeyStats, families: int, size: int) -> list[tuple[int, ...]]:
+def _greedy_groups(loss: Callable[[tuple[int, ...]], float], families: int, size: int) -> list[tuple[int, ...]]:
     left = list(range(families))
     groups: list[list[int]] = []
     while left:
         group = [left.pop(0)]
         while len(group) < size:
-            best = min(left, key=lambda f: key_loss(stats, tuple(group + [f])))
+            best = min(left, key=lambda f: loss(tuple(group + [f])))
             group.append(best)
             left.remove(best)
         groups.append(group)
@@ -138,10 +157,10 @@ def _greedy_groups(stats: KeyStats, families: int, size: int) -> list[tuple[int,
         improved = False
         for a, b in itertools.combinations(range(len(groups)), 2):
             for i, j in itertools.product(range(size), range(size)):
-                before = key_loss(stats, tuple(groups[a])) + key_loss(stats, tuple(groups[b]))
+                before = loss(tuple(groups[a])) + loss(tuple(groups[b]))
                 ga, gb = groups[a].copy(), groups[b].copy()
                 ga[i], gb[j] = gb[j], ga[i]
-                if key_loss(stats, tuple(ga)) + key_loss(stats, tuple(gb)) < before - 1e-9 * abs(before):
+                if loss(tuple(ga)) + loss(tuple(gb)) < before - 1e-9 * abs(before):
                     groups[a], groups[b], improved = ga, gb, True
     return sorted(tuple(sorted(g)) for g in groups)
 
@@ -171,30 +190,54 @@ def absorb_into_queries(wq: torch.Tensor, scale: torch.Tensor, head_dim: int) ->
     return _real_rows(q)
 
 
-def fit_values(wv: torch.Tensor, wo: torch.Tensor, sigma: torch.Tensor, group: tuple[int, ...], head_dim: int,
-               per_family: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's shared value rows [d, D'] and the maps Q_f [m, d, d] with v_f ~ Q_f u.
+def fit_subspace(rows: torch.Tensor, grams: torch.Tensor, sigma: torch.Tensor, group: tuple[int, ...], dim: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared rows u [dim, D'] and maps Q_f [m, dim, dim] with rows_f ~ Q_f u for each family f of the group.
 
-    The stacked values are weighted by M_f = (sum over f's query heads of W_o_j^T W_o_j)^(1/2), so the rank-d
-    subspace keeps what o_proj reads; wo is o_proj's weight [D, H * d].
+    rows: [K * dim, D'], each family's block; grams: [K, dim, dim], how much an error in each of f's dims costs
+    (an error e in rows_f x costs e^T grams_f e). With M_f = grams_f^(1/2) the stacked [M_f rows_f] are replaced by
+    their best rank-dim approximation top top^T [M_f rows_f] under the input second moment `sigma`; so
+    u = top^T [M_f rows_f] and Q_f = M_f^-1 top_f. Exact where the families' rows are maps of one another's.
     """
-    blocks = wo.double().reshape(wo.shape[0], -1, head_dim)  # [D, H, d]
-    rows, maps, inverses = [], [], []
+    stacked, inverses = _weighted_stack(rows, grams, group, dim)
+    _, vectors = torch.linalg.eigh(stacked @ sigma @ stacked.T)
+    top = vectors[:, -dim:].flip(-1)  # [m dim, dim]
+    maps = torch.stack([inverses[i] @ top[i * dim:(i + 1) * dim] for i in range(len(group))])
+    return top.T @ stacked, maps
+
+
+def subspace_loss(rows: torch.Tensor, grams: torch.Tensor, sigma: torch.Tensor, group: tuple[int, ...], dim: int
+                  ) -> float:
+    """What `fit_subspace` leaves of the group's weighted energy (trace minus the top `dim` eigenvalues)."""
+    stacked, _ = _weighted_stack(rows, grams, group, dim)
+    values = torch.linalg.eigvalsh(stacked @ sigma @ stacked.T)
+    return float(values[:-dim].clamp_min(0).sum())
+
+
+def _weighted_stack(rows: torch.Tensor, grams: torch.Tensor, group: tuple[int, ...], dim: int
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """[M_f rows_f] stacked over the group [m dim, D'], and each M_f^-1 (directions an error does not cost in are
+    floored, not inverted: what lies there does not matter)."""
+    stacked, inverses = [], []
     for f in group:
-        heads = blocks[:, f * per_family:(f + 1) * per_family]  # [D, r, d]
-        gram = torch.einsum("Drd,Dre->de", heads, heads)
-        values, vectors = torch.linalg.eigh(gram)
+        values, vectors = torch.linalg.eigh(grams[f])
         root = values.clamp_min(0).sqrt()
         floor = root.max() * 1e-6 + _EPS
-        maps.append(vectors * root @ vectors.T)
+        stacked.append(vectors * root @ vectors.T @ rows[f * dim:(f + 1) * dim])
         inverses.append(vectors * (1 / root.clamp_min(floor)) @ vectors.T)
-        rows.append(maps[-1] @ wv[f * head_dim:(f + 1) * head_dim])
-    stacked = torch.cat(rows)  # [m d, D'] weighted
-    _, vectors = torch.linalg.eigh(stacked @ sigma @ stacked.T)
-    top = vectors[:, -head_dim:].flip(-1)  # [m d, d]
-    shared = top.T @ stacked
-    q_maps = torch.stack([inverses[i] @ top[i * head_dim:(i + 1) * head_dim] for i in range(len(group))])
-    return shared, q_maps
+    return torch.cat(stacked), inverses
+
+
+def fit_values(wv: torch.Tensor, wo: torch.Tensor, sigma: torch.Tensor, group: tuple[int, ...], head_dim: int,
+               per_family: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's shared value rows [d, D'] and the maps Q_f [m, d, d] with v_f ~ Q_f u (`fit_subspace`).
+
+    An error in v_f costs what o_proj reads of it: grams_f = sum over f's query heads of W_o_j^T W_o_j, with wo
+    o_proj's weight [D, H * d].
+    """
+    blocks = wo.double().reshape(wo.shape[0], -1, per_family, head_dim)  # [D, K, r, d]
+    grams = torch.einsum("Dfrd,Dfre->fde", blocks, blocks)
+    return fit_subspace(wv, grams, sigma, group, head_dim)
 
 
 def absorb_into_output(wo_heads: torch.Tensor, q_map: torch.Tensor) -> torch.Tensor:
@@ -202,13 +245,9 @@ def absorb_into_output(wo_heads: torch.Tensor, q_map: torch.Tensor) -> torch.Ten
     return wo_heads.double() @ q_map
 
 
-def rope_logits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Causal attention logits with rotate_half RoPE: q [B, h, T, d], k [B, h, T, d], cos/sin [B or 1, T, d]."""
-    def rotate(x):
-        half = x.shape[-1] // 2
-        return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None]
-
-    logits = rotate(q) @ rotate(k).transpose(-1, -2)
+def causal_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Causal attention logits of q, k [B, h, T, d] already turned by RoPE (`rotary.RotaryLayout.turn`)."""
+    logits = q @ k.transpose(-1, -2)
     t = logits.shape[-1]
     mask = torch.ones(t, t, dtype=torch.bool, device=logits.device).triu(1)
     return logits.masked_fill(mask, float("-inf"))
@@ -239,7 +278,8 @@ def fit_temperature(original: torch.Tensor, converted: torch.Tensor, steps: int 
 
 
 def refit_output(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, held_gram: torch.Tensor,
-                 held_cross: torch.Tensor, held_target: float, strengths: tuple[float, ...] = (1e-1, 1e-2, 1e-3)) -> torch.Tensor:
+                 held_cross: torch.Tensor, held_target: float,
+                 strengths: tuple[float, ...] = (1e-1, 1e-2, 1e-3)) -> torch.Tensor:
     """o_proj refitted by ridge regression towards `prior`, or `prior` itself when no strength helps held-out data.
 
     gram = A^T A and cross = A^T Y over the fitting tokens (A: the converted attention's o_proj input on the

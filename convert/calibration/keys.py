@@ -1,11 +1,14 @@
 """How a group's keys become one shared key, with or without q/k norms between the projection and RoPE.
 
-Notation as in `fit.py`: family f is one KV head with its query heads; k_f = W_f x its pre-RoPE key; RoPE turns
-each pair p (dims p and p + d/2) by e^{i theta_p t}. A group of families shares one key, and whatever maps each
-family's key onto the shared one must move into that family's queries without changing q . RoPE(k).
+Notation as in `fit.py`: family f is one KV head with its query heads; k_f = W_f x its pre-RoPE key; RoPE
+turns each pair p (dims p and p + d/2, in the canonical dim order of `rotary.py`) by e^{i theta_p t}. A group of
+families shares one key, and whatever maps each family's key onto the shared one must move into that family's
+queries without changing q . RoPE(k).
 
 Plain attention (no norm): any complex scalar per pair commutes with RoPE, so k_f ~ c_f z and conj(c_f) goes into
-the query rows (`fit.fit_keys`, `fit.absorb_into_queries`).
+the query rows (`fit.fit_keys`, `fit.absorb_into_queries`); with partial rotary, the d - r unrotated dims take any
+invertible real map instead, k_f ~ A_f u with A_f^T into the query rows (`fit.fit_subspace`). The fit runs in the
+canonical order (turned pairs as halves, then unrotated dims) and its rows go back to the module's own order.
 
 A norm after the projection, k = w * N(W x) (N divides by the root mean square; w the norm's weight, including
 an offset such as Gemma's 1 + w), breaks that in two ways:
@@ -44,6 +47,7 @@ import torch
 from torch import nn
 
 from gqa_uptrain.convert.calibration import fit
+from gqa_uptrain.convert.calibration.rotary import RotaryLayout
 
 NormKind = Literal["per_head", "whole"]
 _PROBE = 100.0  # N(c * ones) = w / sqrt(1 + eps / c^2): w to 1e-10 for any usual eps
@@ -117,31 +121,59 @@ def _effective(norm: nn.Module) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GroupKeys:
-    """One group's shared key rows [d, D'], its k_norm weight (effective, [d], whole-projection norms only), and
-    what moves into each family's queries: `scales` [m, d/2], complex (into q rows), real (into the q_norm
-    weight), or [m] signs (into q rows)."""
+    """One group's shared key rows [d, D'] (in the module's dim order), its k_norm weight (effective, [d],
+    whole-projection norms only), and what moves into each family's queries: `scales` [m, r/2], complex (into q
+    rows), real (into the q_norm weight), or [m] signs (into q rows); `maps` [m, d - r, d - r] for the dims RoPE
+    leaves unrotated (partial rotary), None where it turns them all."""
 
     rows: torch.Tensor
     norm: torch.Tensor | None
     scales: torch.Tensor
+    maps: torch.Tensor | None = None
 
 
 class KeyFitter:
-    """The key fit of one layer for its norm kind: `stats` to choose the groups by, `fit(group)` for the shared key,
-    `queries(...)` to move a family's scale into one query head."""
+    """The key fit of one layer for its norm kind and rotary layout: `loss(group)` to choose the groups by,
+    `fit(group)` for the shared key, `queries(...)` to move a family's scale into one query head.
 
-    def __init__(self, wq: torch.Tensor, wk: torch.Tensor, sigma: torch.Tensor, head_dim: int,
+    Without norms the fit runs in the layout's canonical dim order (`rotary.py`): the r turned dims as `fit.fit_keys`
+    pairs them, the d - r unrotated ones by `fit.fit_subspace`. Norms are fitted only where RoPE turns every dim in
+    halves (support.py), so their per-dim weights need no reordering."""
+
+    def __init__(self, wq: torch.Tensor, wk: torch.Tensor, sigma: torch.Tensor, rotary: RotaryLayout,
                  mean: torch.Tensor | None, still: torch.Tensor | None, norms: QKNorms | None) -> None:
-        self.wk, self.sigma, self.head_dim, self.norms = wk, sigma, head_dim, norms
+        self.sigma, self.head_dim, self.norms, self.rotary = sigma, rotary.head_dim, norms, rotary
         if norms is None:
-            self.stats = fit.key_stats(wq, wk, sigma, head_dim, mean, still)
+            self._split(rotary.canonical(wq), rotary.canonical(wk), sigma, mean, still)
             return
+        self.wk = wk
         self.q_eff = self._linearized(wq, norms.q)
         self.k_eff = self._linearized(wk, norms.k)
-        stats = fit.key_stats(self.q_eff, self.k_eff, sigma, head_dim, mean, still)
+        stats = fit.key_stats(self.q_eff, self.k_eff, sigma, self.head_dim, mean, still)
         real = stats.gram.real
         self.stats = fit.KeyStats(real.sum(0, keepdim=True) if norms.kind == "per_head" else real, stats.weights)
-        self.per_pair = stats
+
+    def _split(self, wq: torch.Tensor, wk: torch.Tensor, sigma: torch.Tensor, mean: torch.Tensor | None,
+               still: torch.Tensor | None) -> None:
+        """Turned and unrotated rows apart (canonical order), the turned pairs' statistics, and for the unrotated
+        dims what an error costs: grams_f = sum over f's query heads of E[q q^T] (q . e is the logit error), with
+        the keys' constant part left out (a constant unrotated key adds one logit to every key: softmax ignores it)."""
+        d, r = self.head_dim, self.rotary.rotary
+        q_heads, k_heads = wq.reshape(-1, d, wq.shape[-1]), wk.reshape(-1, d, wk.shape[-1])
+        self.wk = k_heads[:, :r].reshape(-1, wk.shape[-1])
+        self.stats = fit.key_stats(q_heads[:, :r].reshape(-1, wq.shape[-1]), self.wk, sigma, r, mean, still)
+        self.k_pass = k_heads[:, r:].reshape(-1, wk.shape[-1])
+        per_family = q_heads.shape[0] // k_heads.shape[0]
+        q_pass = q_heads[:, r:].reshape(k_heads.shape[0], per_family, d - r, wq.shape[-1])  # [K, H/K, d - r, D']
+        self.pass_grams = torch.einsum("fjra,ab,fjsb->frs", q_pass, sigma, q_pass)
+        self.key_sigma = sigma if mean is None else sigma - mean[:, None] * mean[None]
+
+    def loss(self, group: tuple[int, ...]) -> float:
+        """What the group's shared key leaves, in weighted logit energy (turned pairs plus unrotated dims)."""
+        lost = fit.key_loss(self.stats, group)
+        if self.norms is None and self.rotary.passed:
+            lost += fit.subspace_loss(self.k_pass, self.pass_grams, self.key_sigma, group, self.rotary.passed)
+        return lost
 
     def _linearized(self, w: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """diag(w) W / r_h: what the normed projection is, with each head's root mean square r_h at its expected
@@ -154,11 +186,22 @@ class KeyFitter:
 
     def fit(self, group: tuple[int, ...]) -> GroupKeys:
         if self.norms is None:
-            rows, scales = fit.fit_keys(self.wk, self.stats, group, self.head_dim)
-            return GroupKeys(rows, None, scales)
+            return self._fit_plain(group)
         if self.norms.kind == "per_head":
             return self._fit_per_head(group)
         return self._fit_whole(group)
+
+    def _fit_plain(self, group: tuple[int, ...]) -> GroupKeys:
+        """Complex scales on the turned pairs, maps on the unrotated dims, back in the module's dim order."""
+        rows, scales = fit.fit_keys(self.wk, self.stats, group, self.rotary.rotary)
+        passed, maps = self.rotary.passed, None
+        if passed:
+            shared, maps = fit.fit_subspace(self.k_pass, self.pass_grams, self.key_sigma, group, passed)
+            heads = self.k_pass.reshape(-1, passed, self.k_pass.shape[-1])[list(group)]
+            energy = torch.einsum("fra,ab,frb->", heads, self.key_sigma, heads) / len(group)
+            balance = (energy / torch.einsum("ra,ab,rb->", shared, self.key_sigma, shared).clamp_min(fit._EPS)).sqrt()
+            rows, maps = torch.cat([rows, shared * balance]), maps / balance  # the group's mean key energy
+        return GroupKeys(self.rotary.restore(rows), None, scales, maps)
 
     def _fit_per_head(self, group: tuple[int, ...]) -> GroupKeys:
         """Shared pre-norm key sum_f v_f W_f / r_f (top eigenvector v of the summed real Gram), at the group's
@@ -190,9 +233,13 @@ class KeyFitter:
     def queries(self, keys: GroupKeys, i: int, rows: torch.Tensor, norm: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Query head rows [d, D'] (and its effective q_norm weight [d]) of the group's i-th family, with that
-        family's scale moved in."""
+        family's scale moved in: conj(c) on each turned pair, and Q_f^T on the unrotated dims (q . Q_f u equals
+        Q_f^T q . u)."""
         if self.norms is None:
-            return fit.absorb_into_queries(rows, keys.scales[i][None], self.head_dim), norm
+            canonical, r = self.rotary.canonical(rows), self.rotary.rotary
+            turned = fit.absorb_into_queries(canonical[:r], keys.scales[i][None], r)
+            moved = turned if keys.maps is None else torch.cat([turned, keys.maps[i].T @ canonical[r:]])
+            return self.rotary.restore(moved), norm
         if self.norms.kind == "per_head":
             return rows * keys.scales[i], norm
         return rows, norm * keys.scales[i].real.repeat(2)

@@ -118,6 +118,19 @@ def _one_layer(config: PretrainedConfig) -> PretrainedConfig:
     return type(config)(**values)
 
 
+OUTPUT_PROJECTIONS = ("o_proj", "dense")  # dense: Phi's name for it
+
+
+def output_name(attention: nn.Module) -> str:
+    """The name of the attention's output projection (o_proj, or Phi's dense)."""
+    return next(name for name in OUTPUT_PROJECTIONS if isinstance(getattr(attention, name, None), nn.Linear))
+
+
+def output_projection(attention: nn.Module) -> nn.Linear:
+    """The attention's output projection, whose input is the heads' outputs side by side."""
+    return getattr(attention, output_name(attention))
+
+
 def layer_output(output) -> torch.Tensor:
     """Decoder layers return the hidden states, or a tuple that starts with them."""
     return output[0] if isinstance(output, tuple) else output
@@ -144,7 +157,7 @@ def capture_attention(attention: nn.Module, stop_at_output_projection: bool = Fa
 
     handles = [attention.register_forward_pre_hook(before, with_kwargs=True),
                attention.register_forward_hook(after, with_kwargs=True),
-               attention.o_proj.register_forward_pre_hook(projection)]
+               output_projection(attention).register_forward_pre_hook(projection)]
     try:
         yield seen
     finally:

@@ -23,9 +23,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from gqa_uptrain.convert.calibration.layers import _Stop, layer_output
+from gqa_uptrain.convert.calibration.layers import OUTPUT_PROJECTIONS, _Stop, layer_output, output_projection
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")  # qkv_proj: fused (Phi-3)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", *OUTPUT_PROJECTIONS)  # qkv_proj: fused (Phi-3)
 OBJECTIVE: Literal["layer", "attention"] = "layer"
 LEARNING_RATE = 3e-4  # Adam; on the real model (layers 0-2, 100 steps) it beat 1e-4 on every layer
 CHECK_EVERY = 25
@@ -123,7 +123,7 @@ def _prediction(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.T
         pass
     finally:
         handle.remove()
-    bias = attention.o_proj.bias
+    bias = output_projection(attention).bias
     return seen["output"] - bias if bias is not None else seen["output"]
 
 

@@ -1,15 +1,20 @@
 """Which architectures the calibrated method can convert exactly as it reasons, decided from the model class.
 
-The fits assume plain q/k/v/o projections of the attention input (biases allowed) and rotary embeddings over
-the whole head in transformers' rotate_half layout, with nothing between projection and RoPE but, optionally, a
-pair of q/k RMS norms per head or over the whole projection (`keys.py`). Anything else (LayerNorms or per-head
-norm weights after the projection, a fused qkv projection, partial or interleaved rotary, clipped q/k/v) is
-refused with the reason, so the user can fall back to --method mean.
+The fits assume q/k/v projections of the attention input (biases allowed; or one fused [q | k | v] qkv_proj, as
+Phi-3 has) and an output projection (o_proj, or Phi's dense), with rotary embeddings turning the first r dims of
+each head in pairs, in halves (i, i + r/2) or interleaved (2i, 2i + 1), the other d - r dims passing unrotated
+(partial rotary: StableLM, Phi), as `rotary.py` reads them from the module's own code; and nothing between
+projection and RoPE but, optionally, a pair of q/k RMS norms per head or over the whole projection, where RoPE
+turns every dim in halves (`keys.py`). Anything else is refused with the reason, so the user can fall back to
+--method mean. Notably q/k LayerNorms (StableLM's and Phi's qk_layernorm): LN(z) = w * (z - mean(z)) / std(z) (+ b)
+after the projection. The mean subtraction does not commute with a rotation within a rotary pair, so no complex
+scale passes; what could pass, a real scale per pair, meets per-dim weights that differ between StableLM's heads
+(w_f / w_g would have to be equal on both dims of every pair) and, in Phi, a bias that even a sign does not pass.
+Copies would still convert exactly, but distinct heads could not be merged by moving anything into the queries.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Collection
 
 import torch
@@ -17,14 +22,15 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from gqa_uptrain.convert.calibration.keys import norm_kind
-from gqa_uptrain.convert.calibration.layers import decoder_layers, skeleton
+from gqa_uptrain.convert.calibration.layers import OUTPUT_PROJECTIONS, decoder_layers, output_name, skeleton
+from gqa_uptrain.convert.calibration.rotary import rotary_layout
 from gqa_uptrain.convert.checkpoint_reader import stored_name
 from gqa_uptrain.convert.layout import Change, FusedQKV, HeadsAxis, KVLayout
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.kv_heads import text_config_key
 
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_FUSED = ("qkv_proj", "o_proj")  # Phi-3: rows [q | k | v] (layout.FusedQKV)
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+_FUSED = ("qkv_proj",)  # Phi-3: rows [q | k | v] (layout.FusedQKV)
 _NORMS = ("q_norm", "k_norm")
 
 
@@ -33,10 +39,12 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     tensor names (layers are loaded one at a time by their module names)."""
     if text_config_key(config) is not None:
         return "a multimodal wrapper (its language model under text_config), which the calibration does not run"
+    if getattr(config, "qk_layernorm", False):
+        return ("its q/k LayerNorms (qk_layernorm) subtract each head's mean after the projection, which no "
+                "rotation within a rotary pair commutes with, and scale by weights of each head's own (StableLM) or "
+                "add a bias (Phi), so a key head's per-pair scale cannot move into its queries")
     if not all(_is_modelled(c) for c in layout.changes):
         return "its KV heads live outside k_proj/v_proj, a [q | k | v] qkv_proj and k_norm (per-head norm modules)"
-    if (getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
-        return "its rotary embedding covers only part of each head"
     if getattr(config, "clip_qkv", None) is not None:
         return "it clips q/k/v after the projection"
     prefix, layers = decoder_layers(skeleton(config))
@@ -44,19 +52,39 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     if not all(stored_name(name, stored) is not None for name in names):
         return "its checkpoint stores the layers under other names than its modules (e.g. fused MoE experts)"
     attention = layers[0].self_attn
+    return _attention_reason(attention, config, layout) or _plan_reason(attention, f"{prefix}.0", stored)
+
+
+def _plan_reason(attention: nn.Module, layer: str, stored: Collection[str]) -> str | None:
+    """Why the plan would not write the fitted output projection (so the output would keep the source's beside
+    fitted q/k/v, and compute something else without a word), or None."""
+    from gqa_uptrain.convert.plan import _is_attention_projection  # plan.py imports this module
+
+    output = stored_name(f"{layer}.self_attn.{output_name(attention)}.weight", stored)
+    if not _is_attention_projection(output):
+        return f"its output projection {output} is not among the tensors the conversion plan rewrites"
+    return None
+
+
+def _attention_reason(attention: nn.Module, config: PretrainedConfig, layout: KVLayout) -> str | None:
+    """Why the fits cannot model this attention module (its projections, q/k norms and rotary layout), or None."""
     kind = norm_kind(attention, layout.query_heads, layout.kv_heads)
     if kind not in (None, "per_head", "whole"):
         return kind
     others = ({name.split(".")[0] for name, _ in attention.named_parameters()}
-              - set(_PROJECTIONS) - set(_FUSED) - set(_NORMS))
+              - set(_PROJECTIONS) - set(_FUSED) - set(OUTPUT_PROJECTIONS) - set(_NORMS))
     if others:
         return (f"its attention has weights beyond q_proj/k_proj/v_proj/o_proj ({', '.join(sorted(others))}), "
                 "which the fits do not model")
     projections = _FUSED if hasattr(attention, "qkv_proj") else _PROJECTIONS
-    if not all(isinstance(getattr(attention, p, None), nn.Linear) for p in projections):
-        return "its attention has no plain q_proj/k_proj/v_proj/o_proj or qkv_proj/o_proj"
-    if not _rotates_halves(attention):
-        return "its rotary embedding does not pair dimension i with i + head_dim/2"
+    if not all(isinstance(getattr(attention, p, None), nn.Linear) for p in projections) or \
+            not any(isinstance(getattr(attention, p, None), nn.Linear) for p in OUTPUT_PROJECTIONS):
+        return "its attention has no plain q_proj/k_proj/v_proj or qkv_proj, and o_proj or dense"
+    rotary = rotary_layout(attention, config)
+    if isinstance(rotary, str):
+        return rotary
+    if kind is not None and (rotary.passed or not torch.equal(rotary.order, torch.arange(rotary.head_dim))):
+        return "it has q/k norms and a partial or interleaved rotary embedding, a pairing the norm fits do not model"
     return None
 
 
@@ -72,16 +100,3 @@ def check_supported(config: PretrainedConfig, layout: KVLayout, stored: Collecti
     if reason is not None:
         raise UnsupportedModelError(f"--method calibrated cannot convert {config.model_type}: {reason}; "
                                     "use --method mean")
-
-
-def _rotates_halves(attention: nn.Module) -> bool:
-    """Whether the module's own rotate_half maps e_0 to e_{d/2} (the pairing the key fit assumes)."""
-    rotate = getattr(sys.modules[type(attention).__module__], "rotate_half", None)
-    if rotate is None:
-        return False
-    d = attention.head_dim
-    unit = torch.zeros(d)
-    unit[0] = 1
-    expected = torch.zeros(d)
-    expected[d // 2] = 1
-    return torch.equal(rotate(unit), expected)

@@ -11,11 +11,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration import fit
+from gqa_uptrain.convert.calibration.layers import decoder_layers, output_name
+from gqa_uptrain.convert.calibration.rotary import rotary_layout
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.provenance import read_provenance
 from tiny_models import ARCHITECTURES, MULTIMODAL, QUERY_HEADS, VOCAB, logits, random_model, repeat_kv_heads
 
 HEAD_DIM = 16
+HIDDEN = 64
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,9 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _pairs(rows: torch.Tensor) -> torch.Tensor:
-    """[d, D] head rows -> [d/2, D] complex pairs (i, i + d/2)."""
-    return torch.complex(rows[: HEAD_DIM // 2], rows[HEAD_DIM // 2:])
+    """[r, D] turned head rows (canonical order) -> [r/2, D] complex pairs (i, i + r/2)."""
+    half = rows.shape[0] // 2
+    return torch.complex(rows[:half], rows[half:])
 
 
 def _unpairs(z: torch.Tensor) -> torch.Tensor:
@@ -47,34 +51,53 @@ def _unpairs(z: torch.Tensor) -> torch.Tensor:
 
 
 def disguised_copies(small, kv_heads: int, permutation: list[int] | None = None, seed: int = 0):
-    """An MHA Llama computing exactly what the GQA `small` computes, whose copies of a KV head differ.
+    """An MHA model computing exactly what the GQA `small` computes, whose copies of a KV head differ.
 
-    Copy h of a head scales each key pair by a complex c (queries by 1/conj(c), so q.k is unchanged under RoPE)
-    and maps its values by an invertible A (o_proj columns by A^-1). Mean pooling cannot undo that; the calibrated
-    fit can. `permutation` also reorders the heads, so the copies are no longer neighbours.
+    Copy h of a head scales each key pair RoPE turns by a complex c (queries by 1/conj(c), so q.k is unchanged under
+    RoPE), maps the dims it leaves unrotated (partial rotary) by an invertible B (queries by B^-T), and maps its
+    values by an invertible A (o_proj columns by A^-1). Mean pooling cannot undo that; the calibrated fit can. Pairs
+    are taken as the model's own rotary module pairs them (`rotary.py`), biases with their rows. `permutation` also
+    reorders the heads, so the copies are no longer neighbours.
     """
     big = repeat_kv_heads(small, kv_heads)
+    assert big.config.num_attention_heads == kv_heads  # one query head per KV head
     g = torch.Generator().manual_seed(seed)
     state = big.state_dict()
     order = permutation or list(range(kv_heads))
+    attention = decoder_layers(big)[1][0].self_attn
+    rotary, output = rotary_layout(attention, big.config), output_name(attention)
+    r, passed = rotary.rotary, rotary.passed
     for layer in range(big.config.num_hidden_layers):
         p = f"model.layers.{layer}.self_attn."
-        q, k, v, o = (state[p + n + ".weight"].clone() for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        q, k, v = (_with_bias(state, p + n) for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, o = rotary.canonical(q), rotary.canonical(k), state[p + output + ".weight"].clone()
         new = {n: torch.empty_like(t) for n, t in (("q", q), ("k", k), ("v", v), ("o", o))}
         for slot, h in enumerate(order):
             rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
             to = slice(slot * HEAD_DIM, (slot + 1) * HEAD_DIM)
-            c = torch.polar(torch.rand(HEAD_DIM // 2, generator=g) + 0.5,
-                            torch.rand(HEAD_DIM // 2, generator=g) * 2 * math.pi)
+            c = torch.polar(torch.rand(r // 2, generator=g) + 0.5, torch.rand(r // 2, generator=g) * 2 * math.pi)
             a = torch.eye(HEAD_DIM) + 0.3 * torch.randn(HEAD_DIM, HEAD_DIM, generator=g)
-            new["k"][to] = _unpairs(c[:, None] * _pairs(k[rows]))
-            new["q"][to] = _unpairs(_pairs(q[rows]) / c.conj()[:, None])
+            b = torch.eye(passed) + 0.3 * torch.randn(passed, passed, generator=g)
+            new["k"][to] = torch.cat([_unpairs(c[:, None] * _pairs(k[rows][:r])), b @ k[rows][r:]])
+            new["q"][to] = torch.cat([_unpairs(_pairs(q[rows][:r]) / c.conj()[:, None]),
+                                      torch.linalg.inv(b).T @ q[rows][r:]])
             new["v"][to] = a @ v[rows]
             new["o"][:, to] = o[:, rows] @ torch.linalg.inv(a)
-        for n in ("q", "k", "v", "o"):
-            state[p + f"{n}_proj.weight"] = new[n]
+        new["q"], new["k"] = rotary.restore(new["q"]), rotary.restore(new["k"])
+        for n in ("q", "k", "v"):
+            state[p + f"{n}_proj.weight"] = new[n][:, :HIDDEN]
+            if p + f"{n}_proj.bias" in state:
+                state[p + f"{n}_proj.bias"] = new[n][:, HIDDEN]
+        state[p + output + ".weight"] = new["o"]
     big.load_state_dict(state)
     return big
+
+
+def _with_bias(state: dict, projection: str) -> torch.Tensor:
+    """A projection's weight with its bias (if any) as one more column."""
+    weight = state[projection + ".weight"]
+    bias = state.get(projection + ".bias")
+    return weight.clone() if bias is None else torch.cat([weight, bias[:, None]], 1)
 
 
 def tiny_llama(kv_heads: int, seed: int) -> LlamaForCausalLM:
@@ -277,25 +300,70 @@ def test_rotation_shares_stay_on_the_tables_device():
     assert still[0] == 1 and still[1] > 0.99 and still[2] < 0.1
 
 
+# Phi's output projection is `dense`, which convert/plan.py must mark as rewritten by the fit before Phi converts:
+# until then support.py refuses it (`_plan_reason`), and these tests say so; once plan.py does, drop the mark.
+PHI = pytest.param("phi", marks=pytest.mark.xfail(strict=True, raises=UnsupportedModelError,
+                                                   reason="convert/plan.py does not rewrite self_attn.dense yet"))
+
 # Architectures whose attention the calibrated fits model beyond plain q/k/v/o (q/k norms: keys.py; a fused qkv_proj:
-# calibrate._qkv): they must convert, never be refused, and exactly where the heads are copies.
-BEYOND_PLAIN = ["qwen3", "gemma3_text", "olmo2", "phi3"]
+# calibrate._qkv; partial rotary (StableLM, Phi) and interleaved pairs (Helium): rotary.py): they must convert,
+# never be refused, and exactly where the heads are copies.
+BEYOND_PLAIN = ["qwen3", "gemma3_text", "olmo2", "phi3", "stablelm", "helium", PHI]
+
+# The tiny table's StableLM has q/k LayerNorms, which the fits do not model (support.py): here it has none.
+WITHOUT_QK_LAYERNORM = {"stablelm": {}}
+
+
+def plain_model(arch: str, kv_heads: int, seed: int, monkeypatch) -> torch.nn.Module:
+    """`random_model`, with the architecture's tiny config as the calibrated fits model it."""
+    if arch in WITHOUT_QK_LAYERNORM:
+        monkeypatch.setitem(ARCHITECTURES, arch, WITHOUT_QK_LAYERNORM[arch])
+    return random_model(arch, kv_heads=kv_heads, seed=seed)
 
 
 @pytest.mark.parametrize("groups", [2, 1])
 @pytest.mark.parametrize("arch", BEYOND_PLAIN)
-def test_identical_heads_convert_without_loss_beyond_plain_attention(arch, groups, tmp_path, tokens, calibration):
-    small = random_model(arch, kv_heads=groups, seed=1)
+def test_identical_heads_convert_without_loss_beyond_plain_attention(arch, groups, tmp_path, tokens, calibration,
+                                                                     monkeypatch):
+    small = plain_model(arch, groups, 1, monkeypatch)
     repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")
     out = convert(tmp_path / "src", groups, tmp_path / "out", calibration)
     assert close(logits(out, tokens), logits(small, tokens))
 
 
 @pytest.mark.parametrize("arch", BEYOND_PLAIN)
-def test_same_head_count_changes_nothing_beyond_plain_attention(arch, tmp_path, tokens, calibration):
-    random_model(arch, kv_heads=4, seed=4).save_pretrained(tmp_path / "src")
+def test_same_head_count_changes_nothing_beyond_plain_attention(arch, tmp_path, tokens, calibration, monkeypatch):
+    plain_model(arch, 4, 4, monkeypatch).save_pretrained(tmp_path / "src")
     out = convert(tmp_path / "src", 4, tmp_path / "out", calibration)
     assert torch.equal(logits(out, tokens), logits(tmp_path / "src", tokens))
+
+
+@pytest.mark.parametrize("arch", ["stablelm", "helium", PHI])
+def test_disguised_copies_convert_without_loss_under_partial_and_interleaved_rotary(arch, tmp_path, tokens,
+                                                                                    calibration, monkeypatch):
+    """Copies whose turned pairs are complex rescalings and whose unrotated dims are invertible maps of one
+    another, paired as the model's own RoPE pairs them: lossless, where mean pooling is not."""
+    small = plain_model(arch, 2, 2, monkeypatch)
+    source = tmp_path / "src"
+    disguised_copies(small, 4, [0, 2, 1, 3]).save_pretrained(source)
+    expected = logits(small, tokens)
+    assert close(logits(source, tokens), expected)  # the disguise itself keeps the function
+    assert close(logits(convert(source, 2, tmp_path / "out", calibration), tokens), expected)
+    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False)
+    assert not close(logits(mean, tokens), expected)
+
+
+def test_the_rotary_pairing_is_read_from_the_module():
+    """Halves (Llama), halves within the first quarter (StableLM's partial rotary), interleaved (Helium); Cohere
+    interleaves its table as well, a layout the probe does not take for either."""
+    def layout(arch):
+        model = random_model(arch, kv_heads=4)
+        return rotary_layout(decoder_layers(model)[1][0].self_attn, model.config)
+
+    assert layout("llama").order.tolist() == list(range(16)) and layout("llama").rotary == 16
+    assert layout("stablelm").order.tolist() == list(range(16)) and layout("stablelm").rotary == 4
+    assert layout("helium").order.tolist() == [*range(0, 16, 2), *range(1, 16, 2)]
+    assert isinstance(layout("cohere"), str)
 
 
 def normed_disguise(big, kv_heads: int, seed: int = 0):
@@ -333,7 +401,9 @@ def test_disguised_copies_convert_without_loss_under_qk_norms(arch, tmp_path, to
     assert not close(logits(mean, tokens), expected)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "olmo2", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen3", "olmo2", "phi3", *(pytest.param(a, marks=pytest.mark.slow) for a in
+                                                                ("stablelm", "helium")),
+                                  pytest.param("phi", marks=[pytest.mark.slow, *PHI.marks])])
 def test_calibrated_beats_mean_pooling_beyond_plain_attention(arch, tmp_path, shared_data):
     model, text, rows = train_briefly(arch, tmp_path, shared_data)
     mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False)
