@@ -3,7 +3,8 @@
 This package's own modules (the folder base/) are what the tools share; they import no tool and no app:
 - `errors`: one class per kind of user mistake, `one_line` for another library's exception in a message, and
   `is_full_disk` for a write refused for want of space;
-- `cli`: a command's user mistakes end in one line on stderr;
+- `cli`: a command's user mistakes end in one line on stderr; `options`: a command's options as one pydantic model,
+  its argparse flags made from it;
 - `source`: a local folder or a Hub id, resolved to a local folder;
 - `kv_heads`: KV heads of a config, a config with another count, the model built on the meta device, KV-cache bytes;
 - `provenance`: the `gqa_provenance.json` record (its schema; building, reading and writing it);

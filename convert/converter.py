@@ -130,7 +130,7 @@ def _write(plan: ConversionPlan, source: Source, others: list[str], output: Path
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-    if plan.calibration is not None:
+    if plan.fitted:
         shutil.rmtree(store_path(output), ignore_errors=True)  # its layers are in the model now
 
 
@@ -138,7 +138,7 @@ def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, ot
                 hashing: BackgroundHashes) -> None:
     """Every file of the converted model `title`, on disk (fsynced), in the temporary folder `work`."""
     fitted, calibration = None, None
-    if plan.calibration is not None:
+    if plan.fitted:
         from gqa_uptrain.convert.calibration.calibrate import fit_checkpoint  # datasets, tokenizers: only for this
 
         fitted, calibration = fit_checkpoint(plan, store_path(work.parent / title), progress)
@@ -195,7 +195,7 @@ def _conversion(plan: ConversionPlan, calibration: dict | None) -> Conversion:
     layout = plan.layout
     return {"method": plan.method, "groups": layout.groups, "kv_heads_before": layout.kv_heads,
             "kv_heads_after": layout.groups, "query_heads": layout.query_heads,
-            **({"seed": plan.seed} if plan.method in ("random", "calibrated") else {}),
+            **({"seed": plan.options.seed} if plan.method in ("random", "calibrated") else {}),
             **({"calibration": calibration} if calibration is not None else {})}
 
 
@@ -216,7 +216,7 @@ def _tensor_source(plan: ConversionPlan, step: Step, init_std: float, fitted: Ch
         return lambda out, progress: copy_tensor(fitted, step.output.name, out, progress)
     if step.change is None:
         return lambda out, progress: copy_tensor(reader, step.output.name, out, progress)
-    context = PoolContext(step.change.role, seeded_generator(plan.seed, step.output.name), init_std)
+    context = PoolContext(step.change.role, seeded_generator(plan.options.seed, step.output.name), init_std)
     layout = plan.layout
     tensor = pool_tensor(step.change, [reader.read(name) for name in step.sources], layout.kv_heads,
                          layout.groups, plan.method, context)

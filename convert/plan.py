@@ -17,12 +17,11 @@ from typing import Collection
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from gqa_uptrain.convert import DEFAULT_CALIBRATION_TOKENS, DEFAULT_REFINE_STEPS
 from gqa_uptrain.convert.calibration.support import check_supported
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, TensorInfo
 from gqa_uptrain.convert.checkpoint_writer import OutputTensor, assign_shards
 from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, check_written_config, find_layout
-from gqa_uptrain.convert.methods import METHODS
+from gqa_uptrain.convert.options import ConvertOptions
 from gqa_uptrain.convert.pooling import pooled_shape
 from gqa_uptrain.errors import CheckpointError, ConfigError, InvalidGroupsError, UnsupportedModelError
 from gqa_uptrain.kv_heads import (kv_cache_bytes_per_token, kv_heads_keys, meta_model, text_config, text_config_key,
@@ -44,16 +43,6 @@ class Step:
 
 
 @dataclass(frozen=True)
-class CalibrationOptions:
-    """What --method calibrated fits on: DATA (None: the default text), at least `tokens` tokens, and at most
-    `refine_steps` gradient steps of refinement per layer after the closed form (0: none)."""
-
-    data: str | None = None
-    tokens: int = DEFAULT_CALIBRATION_TOKENS
-    refine_steps: int = DEFAULT_REFINE_STEPS
-
-
-@dataclass(frozen=True)
 class ConversionPlan:
     """Every output tensor of a conversion and the shard it goes to, decided from configs and headers alone."""
 
@@ -61,12 +50,15 @@ class ConversionPlan:
     raw_config: dict
     config: PretrainedConfig
     layout: KVLayout
-    method: str
-    seed: int
+    options: ConvertOptions
     reader: CheckpointReader
     steps: list[Step]
     shards: list[list[OutputTensor]]
-    calibration: CalibrationOptions | None = None
+    fitted: bool  # q/k/v/o projections fitted on calibration text (--method calibrated, where heads merge)
+
+    @property
+    def method(self) -> str:
+        return self.options.method
 
     @property
     def output_bytes(self) -> int:
@@ -123,13 +115,10 @@ def _check_sizes(path: Path, raw: dict) -> None:
                 raise CheckpointError(f"{path}: {where}{key} must be a whole number above 0, got {value!r}")
 
 
-def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
-               max_shard_bytes: int = 5_000_000_000, calibration: CalibrationOptions | None = None,
-               reader: CheckpointReader | None = None) -> ConversionPlan:
+def build_plan(folder: Path, options: ConvertOptions, reader: CheckpointReader | None = None) -> ConversionPlan:
     """Everything the conversion will do, checked against the checkpoint's headers: those of `folder`'s weight
     files, or `reader`'s when given (a Hub model's, read without downloading its weights)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method}")
+    groups = options.groups
     raw, config = load_config(folder)
     try:
         layout = find_layout(config, groups)
@@ -142,14 +131,13 @@ def build_plan(folder: Path, groups: int, method: str, seed: int = 0,
     _check_complete(names)
     steps = _steps(reader, layout, names)
     _check_exact(reader.tensors, steps)
-    fitted = method == "calibrated" and bool(layout.changes)
+    fitted = options.method == "calibrated" and bool(layout.changes)
     if fitted:
         check_supported(config, layout, reader.tensors)
         steps = [replace(step, fitted=True) if _is_attention_projection(step.output.name) else step
                  for step in steps]
-    return ConversionPlan(folder, raw, config, layout, method, seed, reader, steps,
-                          assign_shards([s.output for s in steps], max_shard_bytes),
-                          (calibration or CalibrationOptions()) if fitted else None)
+    return ConversionPlan(folder, raw, config, layout, options, reader, steps,
+                          assign_shards([s.output for s in steps], options.max_shard_bytes), fitted)
 
 
 @dataclass(frozen=True)
@@ -297,10 +285,10 @@ def describe(plan: ConversionPlan, context: int) -> list[str]:
     params_after = sum(s.output.nbytes // s.output.dtype.itemsize for s in plan.steps)
     changed = sum(step.change is not None or step.fitted for step in plan.steps)
     how = CHANGED_HOW.get(plan.method, "rewritten")
-    if plan.calibration is not None:
-        refined = plan.calibration.refine_steps
-        how = (f"fitted on {plan.calibration.data or 'the shipped public-domain books'} "
-               f"({plan.calibration.tokens:,} tokens), "
+    if plan.fitted:
+        refined = plan.options.refine_steps
+        how = (f"fitted on {plan.options.calibration or 'the shipped public-domain books'} "
+               f"({plan.options.calibration_tokens:,} tokens), "
                + (f"refined up to {refined} steps a layer" if refined else "closed form only"))
     return [
         f"source        {plan.folder} ({layout.model_type}, {layout.query_heads} query heads)",
@@ -370,9 +358,9 @@ _CALIBRATION_BYTES = 3 * 4
 def check_calibration_memory(plan: ConversionPlan) -> None:
     """Refuse, before any text is read, --calibration-tokens whose hidden states cannot fit in the memory the
     calibration runs in (the GPU's when there is one): the allocation would fail minutes later, in a traceback."""
-    if plan.calibration is None:
+    if not plan.fitted:
         return
-    hidden, tokens = text_config(plan.config).hidden_size, plan.calibration.tokens
+    hidden, tokens = text_config(plan.config).hidden_size, plan.options.calibration_tokens
     need = tokens * hidden * _CALIBRATION_BYTES
     available, where = _available_memory()
     if need > available:

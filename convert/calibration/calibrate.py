@@ -76,10 +76,10 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
     """Calibrate every layer of the plan's source; the fitted tensors are kept in `folder` (a `LayerStore`, in the
     source dtypes) for the writer to stream. Layers an earlier run of the same fit finished there are not fitted
     again. Returns the fitted checkpoint's reader and the provenance record."""
-    options = plan.calibration
+    options = plan.options
     tokenizer = _tokenizer(plan.folder)
     length = min(MAX_SEQUENCE_LENGTH, getattr(plan.config, "max_position_embeddings", None) or MAX_SEQUENCE_LENGTH)
-    data = calibration_tokens(tokenizer, options.data, options.tokens, length, plan.seed,
+    data = calibration_tokens(tokenizer, options.calibration, options.calibration_tokens, length, options.seed,
                               getattr(plan.config, "vocab_size", None))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {step.output.name: step.output.dtype for step in plan.steps if step.fitted}
@@ -98,7 +98,7 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
         except (CalibrationError, CheckpointError):  # a NaN: the same inputs would stop at the same layer again
             store.remove()
             raise
-    record = {**data.record(plan.seed), "layers": [
+    record = {**data.record(options.seed), "layers": [
         {"groups": [list(g) for g in r.groups], "o_proj_refit": r.refit,
          "held_out_error": refine.recorded(r.error_final),
          "refinement": r.refinement.record()} for r in reports]}
@@ -110,8 +110,8 @@ def _identity(plan: ConversionPlan, data: Calibration, dtypes: dict[str, torch.d
     same. The calibration text counts by its token ids (not by its file's name); the source by its config and its
     weight files' names, sizes and modification times (hashing them would read the whole model first)."""
     files = {file.name: [file.stat().st_size, file.stat().st_mtime_ns] for file in plan.reader.files}
-    tokens = {key: value for key, value in data.record(plan.seed).items() if key not in ("data", "seed")}
-    return {"calibration": tokens, "seed": plan.seed, "refine_steps": plan.calibration.refine_steps,
+    tokens = {key: value for key, value in data.record(plan.options.seed).items() if key not in ("data", "seed")}
+    return {"calibration": tokens, "seed": plan.options.seed, "refine_steps": plan.options.refine_steps,
             "groups": plan.layout.groups, "source_config": plan.config.to_dict(), "source_files": files,
             "dtypes": {name: str(dtype) for name, dtype in sorted(dtypes.items())}, "version": _version()}
 

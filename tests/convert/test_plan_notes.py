@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_uptrain.convert.cli import main
+from gqa_uptrain.convert.options import ConvertOptions
 from gqa_uptrain.convert.plan import build_plan, splits_over
 from gqa_uptrain.errors import InvalidGroupsError
 from tiny_models import random_model
@@ -77,7 +78,7 @@ def test_splits_over():
 
 
 def test_plan_accepts_random_at_full_heads_but_the_api_refuses(source, tmp_path):
-    assert build_plan(source, 4, "random").layout.changes == ()
+    assert build_plan(source, ConvertOptions(source=str(source), groups=4, method="random")).layout.changes == ()
     from gqa_uptrain.convert import convert_checkpoint
 
     with pytest.raises(InvalidGroupsError):
