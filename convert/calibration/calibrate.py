@@ -4,7 +4,9 @@ For each decoder layer, on calibration text (see `fit.py` for the algebra):
 1. run the original layer on the original model's hidden states, collecting the second moment of the attention
    input and the attention block's output;
 2. choose which KV heads share a group (least key loss), fit one shared key per group and pair (absorbing each
-   head's complex scale into its queries) and one shared value (absorbing each head's map into o_proj);
+   head's complex scale into its queries; dims that partial rotary leaves unrotated take a map instead, and
+   interleaved pairs are fitted as halves after a permutation: `rotary.py`) and one shared value (absorbing each
+   head's map into o_proj);
 3. fit a softmax temperature per query head (KL to the original attention on a few sequences), absorbed into
    q_proj;
 4. refit o_proj by ridge regression so the converted block, fed the converted model's own hidden states, matches
@@ -15,7 +17,8 @@ For each decoder layer, on calibration text (see `fit.py` for the algebra):
 6. keep the layer (`store.py`), as the output will store it, and run it as kept to get the next layer's converted
    hidden states: the next layer is fitted to what the converted model will compute, rounding to the output dtype
    included, and a run that resumes after this layer replays exactly what this one would have gone on with.
-Only q_proj, k_proj, v_proj and o_proj change; the output is still a plain checkpoint.
+Only q_proj, k_proj, v_proj (or a fused qkv_proj), o_proj (Phi: dense) and OLMo-2's q/k norm weights change; the
+output is still a plain checkpoint.
 """
 
 from __future__ import annotations
