@@ -7,7 +7,7 @@ does (packing, seeded sampler, bf16 autocast, fused AdamW, clipping, TensorBoard
 a checkpoint and the export at the end). Tokens/s is the median of the loop's own logging windows after the
 first `--warmup-windows` (compilation); windows that hold a save or an evaluation are not timed by the loop.
 MFU = tokens/s x FLOPs per token (6 x matmul parameters + attention) / the datasheet dense bf16 peak, as the loop
-logs it (gqa_uptrain.train.metrics.mfu); the same figure against the bf16 matmul peak measured here is printed
+logs it (gqa_uptrain.train.throughput.mfu); the same figure against the bf16 matmul peak measured here is printed
 beside it (`of measured`), for comparison with figures reported on that basis.
 
     python scripts/bench_train.py                       # eager, compiled, compiled + distillation
@@ -93,7 +93,7 @@ def run_variant(name: str, args, student: Path, teacher: Path, corpus: Path, wor
 
     from gqa_uptrain.train.budget import flops_per_token
     from gqa_uptrain.train.loop import reset_accelerate_state, run
-    from gqa_uptrain.train.metrics import mfu
+    from gqa_uptrain.train.throughput import mfu
     from gqa_uptrain.train.recipe import Recipe
 
     output = work / f"run-{name}"

@@ -3,8 +3,10 @@
 Where things happen: `recipe.py` validates the YAML, `budget.py` turns the paper's budget into steps and
 FLOPs, `estimate.py` says what a run needs (memory per GPU, time, GPUs to fit) before it starts, `data.py`
 tokenises and packs, `loop.py` takes the optimizer steps (`cadence.py` says when to log, evaluate and save),
-`distill.py` holds the distillation loss, `checkpoint.py` saves and resumes, `metrics.py` logs, `export.py`
-writes the final folder.
+`distill.py` holds the distillation loss, `checkpoint.py` saves and resumes, `export.py` writes the final folder.
+What a run reports: `throughput.py` (tokens/s, MFU and its peak), `progress.py` (the console), `losses.py` (the loss
+window and divergence), `recovery.py` (the share of the conversion's gap won back), `history.py` (metrics.jsonl),
+`trackers.py` (TensorBoard, W&B), `loss_curve.py` (the PNG).
 
 `uptrain` is the Python API; `gqa-uptrain` (cli.py) only parses flags and calls it. The door is `__all__`: apps use
 nothing else (tests/test_layout.py). Importing this package imports nothing heavy: torch and accelerate load when

@@ -33,16 +33,23 @@ from gqa_uptrain.documents import naming_undecodable_files
 from gqa_uptrain.errors import CheckpointError, ConfigError
 from gqa_uptrain.provenance import Provenance
 
-from . import checkpoint, data, disk, distill, metrics, run_lock
+from . import checkpoint, data, disk, distill, run_lock
 from .budget import TrainingBudget, original_config, plan_budget
 from .cadence import Cadence
 from .export import export_model, source_provenance
+from .history import History
 from .launcher import watch_launcher
+from .loss_curve import plot_loss_curve
+from .losses import Divergence, LossWindow
 from .optim import build_optimizer, build_schedule
 from .preflight import (Models, check_attention, check_data_unchanged, check_model_unchanged, check_models,
                         check_output_dir, write_fingerprints, write_snapshot)
+from .progress import Progress
 from .recipe import Recipe
+from .recovery import Gap
 from .teacher import place_teacher, shared_teacher
+from .throughput import Throughput, peak_memory, peak_tflops
+from .trackers import check_trackers, flat_config
 from .trainable import select_trainable
 
 
@@ -112,15 +119,15 @@ def evaluate(accelerator: Accelerator, model, loader) -> float:
     return accelerator.gather(torch.stack(losses)).mean().item()
 
 
-def _validate(accelerator: Accelerator, model, loader, history: metrics.History, step: int, tokens: int,
-              progress: metrics.Progress, gap: metrics.Gap | None, teacher=None) -> None:
+def _validate(accelerator: Accelerator, model, loader, history: History, step: int, tokens: int,
+              progress: Progress, gap: Gap | None, teacher=None) -> None:
     """Log and print the validation loss (and perplexity) after `step` optimizer steps, with the share of the gap to
     the teacher's loss recovered; given the `teacher` (at step 0), its loss on the same batches is the reference."""
     val_loss = evaluate(accelerator, model, loader)
     record = {"val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp()), "tokens": tokens}
     if teacher is not None:
         record["reference_val_loss"] = evaluate(accelerator, teacher, loader)
-        gap = metrics.Gap(val_loss, record["reference_val_loss"])
+        gap = Gap(val_loss, record["reference_val_loss"])
     history.log(record, step)
     progress.validated(step, val_loss, gap)
 
@@ -188,7 +195,7 @@ def _check(recipe: Recipe, state: PartialState) -> tuple[Models, TrainingBudget,
     """Everything that can be wrong, checked before any work (the plan printed on the way); returns the models, the
     plan, the source's provenance and what output_dir holds ('fresh', 'resume' or 'complete')."""
     models = check_models(recipe)
-    metrics.check_trackers(recipe.log.trackers)
+    check_trackers(recipe.log.trackers)
     _check_world_size(state)
     provenance = source_provenance(models.folder)
     original = models.teacher_config or original_config(models.config, provenance)
@@ -244,21 +251,21 @@ def _set_up(recipe: Recipe, models: Models, plan: TrainingBudget, status: str, s
 
     checkpoints = Path(recipe.output_dir) / "checkpoints"
     step, tokens, position = _resume(accelerator, checkpoints, status, plan.steps, scheduler)
-    history = metrics.History(Path(recipe.output_dir) / "metrics.jsonl", accelerator)
+    history = History(Path(recipe.output_dir) / "metrics.jsonl", accelerator)
     history.truncate(step if step else -1)  # a fresh start keeps no record, not even a step-0 validation
     batches = data.Batches(accelerator, train_loader, **position)
-    accelerator.init_trackers(recipe.log.project, config=metrics.flat_config(recipe.model_dump(mode="json")))
-    peak = metrics.peak_tflops(recipe.log.peak_tflops)
-    progress = stack.enter_context(metrics.Progress(plan.steps, step, accelerator.is_main_process, peak))
+    accelerator.init_trackers(recipe.log.project, config=flat_config(recipe.model_dump(mode="json")))
+    peak = peak_tflops(recipe.log.peak_tflops)
+    progress = stack.enter_context(Progress(plan.steps, step, accelerator.is_main_process, peak))
     if step == 0:  # the curve starts at the converted model, and the teacher's loss (a resumed run has them already)
         _validate(accelerator, model, val_loader, history, step, tokens, progress, None, teacher)
-    throughput = metrics.Throughput(plan.flops_per_token, peak, accelerator.num_processes)
+    throughput = Throughput(plan.flops_per_token, peak, accelerator.num_processes)
     if peak is not None:
         accelerator.print(f"MFU is against {peak.description}")
     model.train()
     return _Training(recipe, plan, accelerator, model, teacher, optimizer, scheduler, batches, val_loader, checkpoints,
-                     space, history, progress, throughput, metrics.Gap.of(history.records()),
-                     metrics.LossWindow(accelerator.device), metrics.Divergence(accelerator.device), step, tokens)
+                     space, history, progress, throughput, Gap.of(history.records()),
+                     LossWindow(accelerator.device), Divergence(accelerator.device), step, tokens)
 
 
 @dataclass
@@ -277,12 +284,12 @@ class _Training:
     val_loader: Iterable
     checkpoints: Path
     space: disk.Space | None
-    history: metrics.History
-    progress: metrics.Progress
-    throughput: metrics.Throughput
-    gap: metrics.Gap | None  # the teacher's validation loss, which the curve closes towards
-    losses: metrics.LossWindow
-    divergence: metrics.Divergence  # checked before anything is logged, saved or exported
+    history: History
+    progress: Progress
+    throughput: Throughput
+    gap: Gap | None  # the teacher's validation loss, which the curve closes towards
+    losses: LossWindow
+    divergence: Divergence  # checked before anything is logged, saved or exported
     step: int
     tokens: int
     grad_norm: Tensor | None = None
@@ -313,7 +320,7 @@ class _Training:
         """The losses since the last log, learning rate, throughput and memory, into metrics.jsonl and the trackers."""
         loss, kd_loss = self.losses.report(self.accelerator)
         record = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": self.tokens,
-                  **self.throughput.report(), **metrics.peak_memory(self.accelerator.device)}
+                  **self.throughput.report(), **peak_memory(self.accelerator.device)}
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
         if kd_loss is not None:
@@ -397,5 +404,5 @@ def _export(
         dtype=models.config.dtype, use_cache=getattr(models.config, "use_cache", None),
     )
     if accelerator.is_main_process:
-        metrics.plot_loss_curve(records, output / "loss_curve.png")
+        plot_loss_curve(records, output / "loss_curve.png")
     return target

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from mounts import small_tmpfs
 
-from gqa_uptrain.train import metrics
 from gqa_uptrain.train.cli import main
+from gqa_uptrain.train.history import History, append_line
 from gqa_uptrain.train.loop import reset_accelerate_state, run
 from gqa_uptrain.train.recipe import load_recipe
 
@@ -27,7 +27,7 @@ def losses_by_step(output):
 def test_history_drops_a_torn_last_line_with_one_warning(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 5, "loss": 3.0}\n{"step": 10, "loss": 2.0}\n{"step": 15, "lo')
-    history = metrics.History(path, type("Main", (), {"is_main_process": True})())
+    history = History(path, type("Main", (), {"is_main_process": True})())
     history.truncate(10)
     assert path.read_text() == '{"step": 5, "loss": 3.0}\n{"step": 10, "loss": 2.0}\n'
     assert capsys.readouterr().err.count("warning") == 1
@@ -39,7 +39,7 @@ def test_history_drops_a_torn_last_line_with_one_warning(tmp_path, capsys):
 
 def test_a_failed_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
-    metrics.append_line(path, '{"step": 1}')
+    append_line(path, '{"step": 1}')
     real_write = os.write
 
     def half_then_full(fd, data):
@@ -48,7 +48,7 @@ def test_a_failed_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "write", half_then_full)
     with pytest.raises(OSError):
-        metrics.append_line(path, '{"step": 2, "loss": 1.0}')
+        append_line(path, '{"step": 2, "loss": 1.0}')
     assert path.read_text() == '{"step": 1}\n'
 
 
