@@ -7,7 +7,8 @@ after each); `loading.py` opens the models and compares their tokenizers; `harne
 `kv_quant.py` quantizes K/V as a quantized cache stores them while either runs (`--kv-cache`);
 `cache.py` fingerprints models and keeps results; `kv_cache.py` measures the KV cache a real generate() leaves
 (the config's figure is computed in `gqa_uptrain.kv_heads`); `decode_engine.py` decodes as a serving engine does,
-with the split-KV Triton kernel of `decode_kernels.py` (FlashInfer's kernel runs over the same cache through
+with attention that reads each KV head once (`packed_attention.py`; the split-KV Triton kernel of `decode_kernels.py`)
+and fused projections (`projection_fusion.py`) (FlashInfer's kernel runs over the same cache through
 `flashinfer_attention.py`, for comparison), and `speed.py` times it against stock generate() and the memory-bound
 floor, and profiles its kernels; `report.py` computes deltas, standard errors and tables and writes the report files;
 `plots.py` draws the report's PNGs.

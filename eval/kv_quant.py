@@ -38,7 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.kv_heads import KVQuantization, kv_heads_and_head_dim
 
-from .decode_engine import attention_implementation, switched_attention
+from .packed_attention import attention_implementation, switched_attention
 
 KV_CACHE_BITS = {"int8": 8, "int4": 4}  # --kv-cache names; "none" is the unquantized cache
 

@@ -2,9 +2,9 @@
 
 For each (batch, context) three figures, measured in the same process:
 - engine-style decode (`tokens_per_s`): `decode_engine`'s static, preallocated KV cache and attention that reads each
-  KV head once (`packed_gqa_sdpa`, or the split-KV Triton kernel of `decode_kernels` with `split_kv=True`); on a GPU
-  the whole decode step captured in a CUDA graph, compiled by default. This is how a serving engine runs a model,
-  and where the smaller KV cache of GQA shows.
+  KV head once (`packed_attention`'s `packed_gqa_sdpa`, or the split-KV Triton kernel of `decode_kernels` with
+  `split_kv=True`); on a GPU the whole decode step captured in a CUDA graph, compiled by default. This is how a
+  serving engine runs a model, and where the smaller KV cache of GQA shows.
 - stock `generate()` (`generate_tokens_per_s`): dynamic cache, re-concatenated every step, a host round trip per
   token, and K/V repeated up to the query heads where transformers does so. It hides much of the gain.
 - the memory-bound floor (`floor_tokens_per_s`): each decode step reads every weight and the K/V of the whole context
@@ -28,7 +28,8 @@ from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from gqa_uptrain.errors import ConfigError
 from gqa_uptrain.kv_heads import kv_cache_bytes, kv_cache_bytes_per_token
 
-from .decode_engine import WARMUP_STEPS, StaticDecoder, engine, engine_name, split_kv_available
+from .decode_engine import WARMUP_STEPS, StaticDecoder, engine, engine_name
+from .packed_attention import split_kv_available
 
 
 def _synchronize(device: torch.device) -> None:

@@ -31,7 +31,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_uptrain.eval import flashinfer_attention
-from gqa_uptrain.eval.decode_engine import packed_gqa_sdpa, packed_gqa_split_kv
+from gqa_uptrain.eval.packed_attention import packed_gqa_sdpa, packed_gqa_split_kv
 from gqa_uptrain.eval.speed import measure_bandwidth, measure_decode
 
 # engine name -> (torch.compile the step, fused projections); every engine runs its step in a CUDA graph

@@ -16,16 +16,10 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 from gqa_uptrain.errors import ConfigError, UnsupportedModelError
 from gqa_uptrain.kv_heads import kv_cache_bytes
-from gqa_uptrain.eval.decode_engine import (
-    WARMUP_STEPS,
-    StaticDecoder,
-    attention_implementation,
-    engine,
-    fused_projections,
-    packed_gqa_attention,
-    packed_gqa_sdpa,
-    packed_gqa_split_kv,
-)
+from gqa_uptrain.eval.decode_engine import WARMUP_STEPS, StaticDecoder, engine
+from gqa_uptrain.eval.packed_attention import (attention_implementation, packed_gqa_attention, packed_gqa_sdpa,
+                                               packed_gqa_split_kv)
+from gqa_uptrain.eval.projection_fusion import fused_projections
 from gqa_uptrain.eval.speed import decode_floor_seconds, measure_bandwidth, measure_decode, weight_bytes_per_step
 from tiny_models import ARCHITECTURES, VOCAB, random_model
 
@@ -133,9 +127,9 @@ def test_soft_capped_attention_is_refused_in_one_line():
 
 REGISTRATION = """
 from transformers import AttentionInterface
-from gqa_uptrain.eval import decode_engine, speed
+from gqa_uptrain.eval import decode_engine, packed_attention, projection_fusion, speed
 print("packed_gqa_sdpa" in AttentionInterface(), end=" ")
-decode_engine.register_attention()
+packed_attention.register_attention()
 print("packed_gqa_sdpa" in AttentionInterface() and "packed_gqa_split_kv" in AttentionInterface())
 """
 
