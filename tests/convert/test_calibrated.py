@@ -355,6 +355,17 @@ def test_disguised_copies_convert_without_loss_under_partial_and_interleaved_rot
     assert not close(logits(mean, tokens), expected)
 
 
+def test_partial_rotary_inside_the_rotary_function_converts_without_loss(tmp_path, tokens, calibration, monkeypatch):
+    """Phi-3's apply_rotary_pos_emb turns only as many dims as its table has (Phi-4-mini: partial_rotary_factor
+    0.75), where StableLM and Phi cut q/k themselves: the pairing probe sees both."""
+    monkeypatch.setitem(ARCHITECTURES, "phi3", {"partial_rotary_factor": 0.5})
+    small = random_model("phi3", kv_heads=2, seed=1)
+    repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")
+    assert rotary_layout(decoder_layers(small)[1][0].self_attn, small.config).rotary == HEAD_DIM // 2
+    out = convert(tmp_path / "src", 2, tmp_path / "out", calibration)
+    assert close(logits(out, tokens), logits(small, tokens))
+
+
 def test_the_rotary_pairing_is_read_from_the_module():
     """Halves (Llama), halves within the first quarter (StableLM's partial rotary), interleaved (Helium); Cohere
     interleaves its table as well, a layout the probe does not take for either."""
