@@ -389,6 +389,7 @@ def plot(records: list[dict], path: Path) -> None:
             style = "-" if "attention" in arm else "--"
             ax.plot(*zip(*points), style, marker="o", label=arm, linewidth=2.5 if arm == RECOMMENDED.name else 1.2)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # 2x10^6, 3x10^6, ... overlap; the decades suffice
         ax.set_xlabel("uptraining tokens (leftmost point: no training)")
         ax.set_ylabel("loss (nats per token)")
         ax.set_title(title)
