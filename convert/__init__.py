@@ -82,7 +82,7 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
             return target
         written = convert(plan, resolved, target, force=settings.force, progress=progress, hashes=hashes)
     say("\n".join([f"gqa-convert: wrote {written} ({plan.layout.kv_heads} -> {plan.layout.groups} KV heads, "
-                   f"{plan.method})", *after_writing(plan, settings.source, written)]))
+                   f"{plan.method.name})", *after_writing(plan, settings.source, written)]))
     return written
 
 

@@ -193,9 +193,8 @@ def _clear_leftovers(output: Path, locked: bool) -> None:
 
 def _conversion(plan: ConversionPlan, calibration: dict | None) -> Conversion:
     layout = plan.layout
-    return {"method": plan.method, "groups": layout.groups, "kv_heads_before": layout.kv_heads,
+    return {**plan.method.record(plan.options.seed), "groups": layout.groups, "kv_heads_before": layout.kv_heads,
             "kv_heads_after": layout.groups, "query_heads": layout.query_heads,
-            **({"seed": plan.options.seed} if plan.method in ("random", "calibrated") else {}),
             **({"calibration": calibration} if calibration is not None else {})}
 
 
@@ -219,7 +218,7 @@ def _tensor_source(plan: ConversionPlan, step: Step, init_std: float, fitted: Ch
     context = PoolContext(step.change.role, seeded_generator(plan.options.seed, step.output.name), init_std)
     layout = plan.layout
     tensor = pool_tensor(step.change, [reader.read(name) for name in step.sources], layout.kv_heads,
-                         layout.groups, plan.method, context)
+                         layout.groups, plan.method.pool, context)
     return lambda out, progress: write_tensor(out, tensor, progress)
 
 

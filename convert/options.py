@@ -104,7 +104,7 @@ class ConvertOptions(Options):
 
     @model_validator(mode="after")
     def _calibration_for_calibrated(self) -> ConvertOptions:
-        if self.method != "calibrated" and (self.calibration or self.calibration_tokens != DEFAULT_CALIBRATION_TOKENS
-                                            or self.refine_steps != DEFAULT_REFINE_STEPS):
+        if not METHODS[self.method].calibrates and (self.calibration or self.refine_steps != DEFAULT_REFINE_STEPS
+                                                    or self.calibration_tokens != DEFAULT_CALIBRATION_TOKENS):
             raise ValueError("--calibration, --calibration-tokens and --refine-steps apply to --method calibrated only")
         return self

@@ -21,6 +21,7 @@ from gqa_uptrain.convert.calibration.support import check_supported
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, TensorInfo
 from gqa_uptrain.convert.checkpoint_writer import OutputTensor, assign_shards
 from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, check_written_config, find_layout
+from gqa_uptrain.convert.methods import METHODS, Method
 from gqa_uptrain.convert.options import ConvertOptions
 from gqa_uptrain.convert.pooling import pooled_shape
 from gqa_uptrain.errors import CheckpointError, ConfigError, InvalidGroupsError, UnsupportedModelError
@@ -57,8 +58,8 @@ class ConversionPlan:
     fitted: bool  # q/k/v/o projections fitted on calibration text (--method calibrated, where heads merge)
 
     @property
-    def method(self) -> str:
-        return self.options.method
+    def method(self) -> Method:
+        return METHODS[self.options.method]
 
     @property
     def output_bytes(self) -> int:
@@ -131,7 +132,7 @@ def build_plan(folder: Path, options: ConvertOptions, reader: CheckpointReader |
     _check_complete(names)
     steps = _steps(reader, layout, names)
     _check_exact(reader.tensors, steps)
-    fitted = options.method == "calibrated" and bool(layout.changes)
+    fitted = METHODS[options.method].calibrates and bool(layout.changes)
     if fitted:
         check_supported(config, layout, reader.tensors)
         steps = [replace(step, fitted=True) if _is_attention_projection(step.output.name) else step
@@ -284,7 +285,7 @@ def describe(plan: ConversionPlan, context: int) -> list[str]:
     params_before = sum(info.nbytes // info.dtype.itemsize for info in plan.reader.tensors.values())
     params_after = sum(s.output.nbytes // s.output.dtype.itemsize for s in plan.steps)
     changed = sum(step.change is not None or step.fitted for step in plan.steps)
-    how = CHANGED_HOW.get(plan.method, "rewritten")
+    how = plan.method.changed
     if plan.fitted:
         refined = plan.options.refine_steps
         how = (f"fitted on {plan.options.calibration or 'the shipped public-domain books'} "
@@ -292,7 +293,7 @@ def describe(plan: ConversionPlan, context: int) -> list[str]:
                + (f"refined up to {refined} steps a layer" if refined else "closed form only"))
     return [
         f"source        {plan.folder} ({layout.model_type}, {layout.query_heads} query heads)",
-        f"KV heads      {layout.kv_heads} -> {layout.groups} (method: {plan.method})",
+        f"KV heads      {layout.kv_heads} -> {layout.groups} (method: {plan.method.name})",
         f"KV cache      {kv_before:,} -> {kv_after:,} bytes/token ({kv_after / kv_before:.3f}x); "
         f"at {context:,} tokens: {human_size(kv_before * context)} -> {human_size(kv_after * context)} per sequence",
         f"parameters    {params_before:,} -> {params_after:,} ({params_after - params_before:+,})",
@@ -303,9 +304,6 @@ def describe(plan: ConversionPlan, context: int) -> list[str]:
     ]
 
 
-# What the dry run says a method did to the tensors it changed.
-CHANGED_HOW = {"mean": "mean-pooled", "first": "cut to each group's first head", "random": "drawn afresh"}
-POOLING_METHODS = ("mean", "first", "random")
 TENSOR_PARALLEL = (2, 4, 8)  # common tensor-parallel degrees of serving engines (vLLM, TGI, SGLang)
 
 
@@ -343,9 +341,11 @@ def notes(plan: ConversionPlan) -> list[str]:
 
 
 def refuse_no_op(plan: ConversionPlan) -> None:
-    """--method random at G = the source's KV heads would copy the source, not draw new projections: refuse."""
-    if plan.method == "random" and plan.layout.groups == plan.layout.kv_heads:
-        raise InvalidGroupsError(f"--method random with --groups {plan.layout.groups}, the source's KV heads, would "
+    """A method that draws new weights (--method random), at G = the source's KV heads, would copy the source, not
+    draw new projections: refuse."""
+    method, layout = plan.method, plan.layout
+    if method.redraws and layout.groups == layout.kv_heads:
+        raise InvalidGroupsError(f"--method {method.name} with --groups {layout.groups}, the source's KV heads, would "
                                  "copy the source unchanged (nothing is re-initialised when no heads merge); "
                                  "choose a smaller --groups")
 
@@ -391,13 +391,8 @@ def after_writing(plan: ConversionPlan, source: str, output: Path) -> list[str]:
     record = (read_provenance(output) or {}).get("conversion", {}).get("calibration")
     lines = [*notes(plan), *(calibration_summary(record["layers"]) if record else []),
              f"measure it: gqa-eval --base {source} --model {output} --perplexity TEXT"]
-    if plan.method == "calibrated" and layout.groups < layout.kv_heads:
-        lines.append("expect some loss before uptraining, most at few KV heads (a real 135M model at one KV head: "
-                     "WikiText-2 loss 3.05 -> 4.31, calibrated on books), and less the more the calibration text is "
-                     "like the model's pretraining data (pass it with --calibration)")
-    if plan.method in POOLING_METHODS and layout.groups < layout.kv_heads:
-        lines.append(f"expect a large loss before uptraining: {plan.method} pooling can lose much (a real model's "
-                     "perplexity rose from 24 to 30,853 at one KV head); --method calibrated keeps more")
+    if layout.groups < layout.kv_heads:
+        lines.append(plan.method.expect)
     return lines
 
 

@@ -10,7 +10,7 @@ import zlib
 import torch
 
 from gqa_uptrain.convert.layout import Change, FusedQKV, GroupedQKV, HeadsAxis, PerHeadModules
-from gqa_uptrain.convert.methods import METHODS, PoolContext
+from gqa_uptrain.convert.methods import PoolContext, PoolFn
 
 
 def seeded_generator(seed: int, name: str) -> torch.Generator:
@@ -18,10 +18,10 @@ def seeded_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def pool_tensor(change: Change, sources: list[torch.Tensor], kv_heads: int, groups: int, method: str,
+def pool_tensor(change: Change, sources: list[torch.Tensor], kv_heads: int, groups: int, pool: PoolFn,
                 context: PoolContext) -> torch.Tensor:
-    """The output tensor for one change, made from its source tensors (one, or a group's per-head ones)."""
-    pool = METHODS[method].pool
+    """The output tensor for one change, made from its source tensors (one, or a group's per-head ones), by a
+    method's `pool`."""
     dtype = sources[0].dtype
     if isinstance(change, PerHeadModules):
         heads = torch.stack([t.float() for t in sources])  # this output's group only

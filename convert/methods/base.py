@@ -1,4 +1,5 @@
-"""The interface every pooling method implements."""
+"""What a method is: how it pools a tensor (or that it fits whole layers instead), and what it says and records
+about itself, so that no other module compares method names."""
 
 from __future__ import annotations
 
@@ -28,11 +29,25 @@ class PoolFn(Protocol):
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its pool function (None: fitted layer by layer, see `convert/calibration/`) and the
-    sentence the model card says about it."""
+    """A registered method, and everything the rest of the tool asks of it."""
 
-    pool: PoolFn | None
-    summary: str  # completes "... with the `<name>` method: ", e.g. "each new key/value head is ..."
+    name: str  # --method NAME, and the name the provenance records
+    pool: PoolFn | None  # None: fitted layer by layer on calibration text (`convert/calibration/`)
+    summary: str  # the model card's sentence: completes "... with the `<name>` method: "
+    changed: str  # the dry run's words for the tensors it changed: "12 <changed>"
+    expect: str  # what the run says to expect of the converted model, when heads merge
+    seeded: bool = False  # its result depends on --seed, so the provenance records the seed
+    redraws: bool = False  # draws new weights rather than keep the source's: at the source's head count it would
+    # silently copy the source instead, so that is refused
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether it fits on calibration text (and so takes --calibration, --calibration-tokens, --refine-steps)."""
+        return self.pool is None
+
+    def record(self, seed: int) -> dict:
+        """How a conversion records its method in the provenance: the name, and the seed where it matters."""
+        return {"method": self.name, **({"seed": seed} if self.seeded else {})}
 
 
 def grouped(heads: torch.Tensor, groups: int) -> torch.Tensor:
