@@ -6,8 +6,8 @@ import lzma
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+from tiny_models import small_llama
+from transformers import GPT2TokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -42,13 +42,10 @@ def gpt2_tokenizer(tmp_path_factory) -> GPT2TokenizerFast:
 
 def save_tiny_llama(path: Path, tokenizer, kv_heads: int, seed: int = 0) -> Path:
     """A 2-layer Llama with 4 query heads and `kv_heads` KV heads, saved with its tokenizer."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = small_llama(kv_heads, layers=2, vocab=len(tokenizer), seed=seed, hidden_size=64, intermediate_size=128,
+                        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

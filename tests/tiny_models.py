@@ -1,4 +1,5 @@
-"""Tiny random models of every covered architecture, and an independent way to give a model more KV heads.
+"""Tiny random models of every covered architecture (`small_llama` for tests where the architecture does not
+matter), and an independent way to give a model more KV heads.
 
 `repeat_kv_heads` is the test oracle: it builds an H-KV-head model whose heads are copies, group by group, of a
 G-head model. Such a model computes exactly what the G-head model computes (checked against transformers in
@@ -11,7 +12,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from gqa_uptrain.kv_heads import auto_model_class, with_kv_heads
 
@@ -100,6 +101,16 @@ def random_model(model_type: str, kv_heads: int, seed: int = 0) -> PreTrainedMod
             if param.ndim == 1 or "norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)
     return model
+
+
+def small_llama(kv_heads: int = 2, layers: int = 1, vocab: int = VOCAB, seed: int = 0, **config) -> LlamaForCausalLM:
+    """A Llama of hidden size 32 and 4 query heads, `config` overriding any setting (e.g. tie_word_embeddings=True):
+    for tests of what is done with a model (saved, checkpointed, exported, decoded), where the architecture and
+    its random norms do not matter, built from one torch seed."""
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                 num_attention_heads=QUERY_HEADS, num_key_value_heads=kv_heads)
+    return LlamaForCausalLM(LlamaConfig(**{**sizes, **config}))
 
 
 def repeat_kv_heads(small: PreTrainedModel, kv_heads: int) -> PreTrainedModel:

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from gqa_uptrain.convert.cli import main
 from gqa_uptrain.locks import output_lock
 from gqa_uptrain.provenance import pretraining_record, write_provenance
 from mounts import small_tmpfs
+from processes import wait_for
 from tiny_models import random_model
 
 
@@ -536,11 +536,7 @@ def start_slow_convert(seconds: float, *argv) -> subprocess.Popen:
 
 
 def wait_for_partial(process: subprocess.Popen, parent: Path, name: str) -> None:
-    deadline = time.monotonic() + 120
-    while not list(parent.glob(f".{name}.partial-*")):
-        assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, "the conversion never started writing"
-        time.sleep(0.01)
+    wait_for(lambda: list(parent.glob(f".{name}.partial-*")), 120, "the conversion never started writing", process)
 
 
 @pytest.mark.parametrize("seed", [1, 5, 0, 2])
@@ -684,17 +680,8 @@ def test_a_disk_that_fills_while_writing_says_what_to_free_and_keeps_nothing(wor
 ])
 @pytest.mark.slow
 def test_a_read_only_output_parent_is_one_line(world, tmp_path, below, line):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a read-only tmpfs needs root (and root may write to any folder chmod'ed read-only)")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "ro", "1m", read_only=True) as mount:
         done = subprocess.run([sys.executable, "-m", "gqa_uptrain.convert", str(world.source), "-g", "2",
                                "-o", str(mount / below)], capture_output=True, text=True)
         assert line in one_error_line(done)
         assert list(mount.iterdir()) == []
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)

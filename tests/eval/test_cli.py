@@ -9,6 +9,7 @@ import torch
 
 from gqa_uptrain.eval import runner
 from gqa_uptrain.eval.cli import main
+from tiny_models import small_llama
 
 
 def test_full_run_writes_every_report_file(full_run):
@@ -230,12 +231,8 @@ def test_speed_measures_kv_cache_and_decode_for_every_model(gqa_eval, eval_args,
 
 
 def test_items_longer_than_the_context_are_one_error_line(gqa_eval, eval_args, tmp_path, gpt2_tokenizer, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     short = tmp_path / "short-context"
-    config = LlamaConfig(vocab_size=len(gpt2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=8)
-    LlamaForCausalLM(config).save_pretrained(short)
+    small_llama(vocab=len(gpt2_tokenizer), num_attention_heads=2, max_position_embeddings=8).save_pretrained(short)
     gpt2_tokenizer.save_pretrained(short)
     code = gqa_eval(eval_args(short, [], tmp_path / "report", tmp_path / "cache", "--tasks", "gqa_nextsentence"))
     assert code == 2

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mounts import small_tmpfs
+from processes import wait_for
 
 from .conftest import TEXT, make_args, run_gqa_eval
 
@@ -239,10 +240,7 @@ def test_ctrl_c_at_a_random_point_is_one_line_and_the_same_command_goes_on(seed,
     text.write_text(TEXT * 40)  # long enough that the candidate's perplexity takes seconds
     w = World(tmp_path, tiny_llama, tiny_llama_gqa2, text)
     process = subprocess.Popen(command(w), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not entries(w):
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the base's result"
-        time.sleep(0.02)
+    wait_for(lambda: entries(w), 60, "no result of the base", process)
     time.sleep(random.Random(seed).uniform(0, 3.0))
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from gqa_uptrain.errors import ConfigError, UnsupportedModelError
@@ -21,7 +21,7 @@ from gqa_uptrain.eval.packed_attention import (attention_implementation, packed_
                                                packed_gqa_split_kv)
 from gqa_uptrain.eval.projection_fusion import fused_projections
 from gqa_uptrain.eval.speed import decode_floor_seconds, measure_bandwidth, measure_decode, weight_bytes_per_step
-from tiny_models import ARCHITECTURES, VOCAB, random_model
+from tiny_models import ARCHITECTURES, VOCAB, random_model, small_llama
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (device, cuda_graph, compile, split_kv): CPU runs the step itself (split_kv falls back to SDPA there); a GPU
@@ -32,11 +32,8 @@ ENGINES = [("cpu", False, False, False), ("cpu", False, False, True)] + (
 
 
 def tiny_llama(kv_heads: int, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(kv_heads)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                         tie_word_embeddings=tie, pad_token_id=0, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
+    return small_llama(kv_heads, layers=2, seed=kv_heads, hidden_size=64, intermediate_size=96,
+                       max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0, eos_token_id=2).eval()
 
 
 def prompt(batch: int = 3, length: int = 11) -> torch.Tensor:

@@ -6,17 +6,14 @@ from collections import OrderedDict
 import torch
 from accelerate import Accelerator
 from accelerate.utils.other import clean_state_dict_for_safetensors
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_uptrain.train.checkpoint import load_checkpoint, save_checkpoint
+from tiny_models import small_llama
 
 
 def test_a_tied_model_checkpoints_quietly_and_resumes_tied(tmp_path, fresh_accelerate, caplog):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare(LlamaForCausalLM(config))
+    model = accelerator.prepare(small_llama(vocab=64, tie_word_embeddings=True))
     saved = model.model.embed_tokens.weight.detach().clone()
     with caplog.at_level(logging.WARNING):
         clean_state_dict_for_safetensors(OrderedDict(model.state_dict()))  # what accelerate says on its own

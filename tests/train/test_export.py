@@ -3,16 +3,14 @@
 import torch
 from accelerate import Accelerator
 from accelerate.utils import compile_regions
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from gqa_uptrain.train.export import export_model
+from tiny_models import small_llama
 
 
 def test_regionally_compiled_model_with_tied_embeddings_exports(tmp_path, gpt2_tokenizer, fresh_accelerate):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(gpt2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
+    model = small_llama(layers=2, vocab=len(gpt2_tokenizer), tie_word_embeddings=True)
     compiled = compile_regions(model, backend="eager")  # the wrappers the loop's regional compilation adds
     assert any("_orig_mod" in name for name in compiled.state_dict())
     target = tmp_path / "model"
@@ -25,9 +23,7 @@ def test_regionally_compiled_model_with_tied_embeddings_exports(tmp_path, gpt2_t
 
 def test_the_export_gives_back_the_sources_use_cache(tmp_path, gpt2_tokenizer, fresh_accelerate):
     """Training turns the KV cache off; the exported config must not keep that, or generate() runs without one."""
-    config = LlamaConfig(vocab_size=len(gpt2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config)
+    model = small_llama(vocab=len(gpt2_tokenizer))
     model.config.use_cache = False  # as loop._load_model sets it for training
     for source_setting in (True, False):
         target = tmp_path / f"model-{source_setting}"

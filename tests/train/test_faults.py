@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from mounts import small_tmpfs
+from processes import wait_for
+from tiny_models import small_llama
 
 from gqa_uptrain.train.cli import main
 from gqa_uptrain.train.history import History, append_line
@@ -153,10 +155,7 @@ def test_ctrl_c_at_a_random_point_is_one_line_and_the_same_command_resumes(tmp_p
             *overrides(tiny_llama_gqa2, shakespeare, output, *RUN)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (output / "checkpoints" / "step-00000005").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
+    wait_for((output / "checkpoints" / "step-00000005").exists, 120, "no first checkpoint", process)
     time.sleep(random.Random(seed).uniform(0, 1.5))
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
@@ -204,7 +203,6 @@ def test_every_checkpoint_file_is_on_disk_before_the_rename_publishes_it(tmp_pat
     """Without fsync a crash soon after the rename can leave a complete-looking checkpoint with empty files."""
     import torch
     from accelerate import Accelerator
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from gqa_uptrain import renames
     from gqa_uptrain.train import checkpoint
@@ -223,8 +221,7 @@ def test_every_checkpoint_file_is_on_disk_before_the_rename_publishes_it(tmp_pat
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(renames, "_renameat2", rename)
     accelerator = Accelerator(cpu=True)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = small_llama(vocab=64)
     model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
     checkpoint.save_checkpoint(accelerator, tmp_path, {"step": 1}, keep=1)
     assert len(published) >= 3 and all(published.values()), published  # weights, optimizer, RNG state, our state

@@ -5,10 +5,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from processes import wait_for
 from safetensors.torch import load_file
 
 from gqa_uptrain.train.checkpoint import damage
@@ -38,10 +38,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, trained, shak
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "gqa_uptrain.train", *args], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoints" / "step-00000005").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
+    wait_for((killed / "checkpoints" / "step-00000005").exists, 120, "no first checkpoint", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "model").exists(), "the kill came too late to interrupt the run"

@@ -10,9 +10,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
+from processes import gone, wait_for
+
 from gqa_uptrain import locks
 from gqa_uptrain.errors import OutputBusyError
 from gqa_uptrain.train import run_lock
@@ -27,23 +28,6 @@ HOLD = textwrap.dedent("""
         print("holding", flush=True)
         time.sleep(600)
 """)
-
-
-def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
-def gone(pid: int) -> bool:
-    """Whether the process has ended: every thread of it (a zombie that nobody reaps counts as ended; its files,
-    and so its flock, are closed only when its last thread has exited)."""
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-        return all((task / "stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX" for task in tasks)
-    except FileNotFoundError:
-        return True
 
 
 def test_a_second_holder_is_refused_and_a_killed_holder_is_taken_over(tmp_path, capsys):
