@@ -140,7 +140,7 @@ def new_record(spec: OpenedModel, role: str, quant: KVQuantization | None = None
             "provenance": spec.provenance, "tasks": {}, "perplexity": None, "speed": None, "error": None}
 
 
-def describe(spec: OpenedModel, dtype: torch.dtype, quant: KVQuantization | None = None) -> dict:
+def config_figures(spec: OpenedModel, dtype: torch.dtype, quant: KVQuantization | None = None) -> dict:
     """What the config says: heads and KV-cache bytes per token in the evaluation dtype (quantized as `quant`)."""
     config = spec.config.get_text_config(decoder=True)
     return {
@@ -242,7 +242,7 @@ def evaluate_model(record: dict, model: LazyModel, quant: KVQuantization | None,
     """Every requested measurement of one model with one KV cache into `record`, from the cache where possible.
     Decode speed is measured on the model's own cache only (the decode engine does not quantize)."""
     spec = model.spec
-    record.update(describe(spec, plan.dtype, quant))
+    record.update(config_figures(spec, plan.dtype, quant))
     record["fingerprint"] = plan.cache.model_digest(spec.ref)
     try:
         if plan.tasks:
@@ -314,8 +314,8 @@ def check_finite(record: dict, spec: OpenedModel) -> None:
                                   "broken model, or overflow in --dtype)")
 
 
-def write_report(plan: EvaluationPlan, base: dict, candidates: list[dict]) -> dict:
-    """Rewrite the whole report from the results so far (each file replaced atomically)."""
+def rewrite_report(plan: EvaluationPlan, base: dict, candidates: list[dict]) -> dict:
+    """Rewrite the whole report from the results so far (each file replaced atomically by `report.write_report`)."""
     report = report_io.build_report(plan.settings(), base, candidates)
     cached = " (the results measured so far are cached)" if plan.cache.enabled else ""
     with full_disk_said("the report", plan.options.output, "free space there or choose another --output, then run "
@@ -346,14 +346,14 @@ def run_report(options: EvalOptions) -> tuple[dict, list[str]]:
             raise
         records: list[dict] = []
         errors: list[str] = []
-        report = write_report(plan, base_record, records)
+        report = rewrite_report(plan, base_record, records)
         # the base with its other KV caches, then each candidate with every one: weights loaded once per model
         runs = [(base_model, other_caches)] + [(LazyModel(spec, plan), plan.kv_caches) for spec in candidates]
         for model, quants in runs:
             for quant in quants:
                 records.append(record := new_record(model.spec, "candidate", quant))
                 evaluate_candidate(record, model, quant, plan, errors)
-                report = write_report(plan, base_record, records)
+                report = rewrite_report(plan, base_record, records)
             model.release()
     print(report_io.markdown(report, images=[]))
     return report, errors

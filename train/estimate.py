@@ -199,7 +199,7 @@ class Setup:
                            teacher_shared=self.teacher_shared)
 
 
-def describe(student: Shape, setup: Setup, flops: float, gpu: str, mfu: float) -> str:
+def estimate_block(student: Shape, setup: Setup, flops: float, gpu: str, mfu: float) -> str:
     """The estimate block of the dry run; `flops` of the whole run, teacher forwards included."""
     m = setup.memory(student)
     tflops, gpu_gib = GPUS[gpu.lower()]
@@ -257,8 +257,9 @@ def dry_run(recipe: Recipe, processes: int, gpu: str = "h100", mfu: float = DEFA
         parallel = parallel_of_accelerate_config(accelerate_distributed_type(recipe), processes)
     student = Shape.of(models.student)
     setup = _setup(recipe, models, student, parallel, processes)
+    flops = _run_flops(budget, models, student, setup)
     return "\n".join([f"gqa-uptrain plan for {recipe.model.path} on {processes} process(es){models.origin}:",
-                      budget.describe(), describe(student, setup, _run_flops(budget, models, student, setup), gpu, mfu),
+                      budget.describe(), estimate_block(student, setup, flops, gpu, mfu),
                       micro_batch_line(student, setup, gpu, recipe.batch.global_batch)])
 
 

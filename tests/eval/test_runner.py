@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig
 
-from gqa_uptrain.eval.runner import describe, unique_labels
+from gqa_uptrain.eval.runner import config_figures, unique_labels
 
 
 def test_labels_are_short_and_unique():
@@ -18,11 +18,11 @@ def test_labels_are_short_and_unique():
     assert unique_labels(["./tiny", "tiny"]) == ["tiny#1", "tiny#2"]
 
 
-def test_describe_reads_the_config_and_changes_nothing():
+def test_config_figures_are_read_from_the_config_which_is_left_unchanged():
     config = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
     spec = SimpleNamespace(config=config)
     before = config.to_dict()
-    assert describe(spec, torch.bfloat16) == {
+    assert config_figures(spec, torch.bfloat16) == {
         "num_attention_heads": 4, "num_key_value_heads": 2,
         "kv_cache_bytes_per_token": 3 * 2 * 2 * 16 * 2,  # layers x (K and V) x KV heads x head_dim x bf16 bytes
     }
