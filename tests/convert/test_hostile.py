@@ -29,6 +29,7 @@ from gqa_uptrain.convert.checkpoint_reader import read_safetensors_header
 from gqa_uptrain.convert.cli import main
 from gqa_uptrain.locks import output_lock
 from gqa_uptrain.provenance import pretraining_record, write_provenance
+from fault_cases import Case, refused_in_one_line
 from mounts import small_tmpfs
 from processes import wait_for
 from tiny_models import random_model
@@ -350,14 +351,6 @@ def nothing_written(w: World) -> bool:
     return not os.path.lexists(w.tmp / "new") and leftovers(w.tmp, "new") == []
 
 
-@dataclass(frozen=True)
-class Case:
-    prepare: Callable[[World], list]
-    code: int  # 2: refused, with the line as its only output; 0: done, the line a warning among its output
-    line: str
-    holds: Callable[[World], bool]
-
-
 CASES = {
     # Nothing lost: what the output may be.
     "output is the source": Case(lambda w: ["-o", w.source, "--force"], 2,
@@ -493,11 +486,11 @@ def test_hostile_input(name, world, capsys):
         main([str(a) for a in argv])
     if case.code:
         assert exit_info.value.code == case.code
-    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gqa-convert: ")]
-    assert [line for line in said if case.line in line] != [], said
-    if case.code:
-        assert len(said) == 1 and said[0].startswith("gqa-convert: error: "), said
-    else:
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("gqa-convert: ")]
+    if case.code:  # the error line is its only line: no warning beside it
+        assert said == [refused_in_one_line("gqa-convert", err, case.line)], said
+    else:  # done, the line a warning among its output
         assert len([line for line in said if case.line in line]) == 1, said
     assert case.holds(world)
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fault_cases import Case, refused_in_one_line
 from mounts import small_tmpfs
 from processes import wait_for
 
@@ -110,14 +111,6 @@ def output_under_home(w: World) -> list[str]:
     return w.args(w.candidate, extra=("--output", "~/report"))
 
 
-@dataclass(frozen=True)
-class Case:
-    prepare: Callable[[World], list[str]]
-    code: int
-    line: str  # the one line with "gqa-eval: error: " (code 2), or a text the report must show (code 0)
-    holds: Callable[[World], bool]
-
-
 CASES = {
     "a candidate scores NaN": Case(
         diverged_candidate, 2, "perplexity.token_perplexity is nan, not a finite number",
@@ -149,12 +142,10 @@ def test_fault(name, tmp_path, tiny_llama, tiny_llama_gqa2, held_out_text, capsy
     assert run_gqa_eval(argv) == case.code
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Repo id must be in the form" not in err, err[-3000:]
-    said = [line for line in err.splitlines() if line.startswith("gqa-eval: error")]
     if case.code:
-        assert len(said) == 1 and case.line.format(output=world.output) in said[0], err[-3000:]
-        assert err.strip().splitlines()[-1] == said[0]
+        refused_in_one_line("gqa-eval", err, case.line.format(output=world.output))
     else:
-        assert said == []
+        assert not [line for line in err.splitlines() if line.startswith("gqa-eval: error")], err[-3000:]
     assert case.holds(world)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from fault_cases import Case, refused_in_one_line
 
 from gqa_uptrain.train import loop
 from gqa_uptrain.train.cli import main
@@ -90,44 +91,37 @@ def run_folder_untouched(w: World) -> bool:
     return not w.output.exists() or not any(p.name not in {".run.lock", "recipe.yaml"} for p in w.output.iterdir())
 
 
-@dataclass(frozen=True)
-class Case:
-    fault: Callable[[World], list[str]]
-    line: str
-    holds: Callable[[World], bool]
-
-
 CASES = {
     "loss NaN at step 8": Case(
-        loss_becomes_nan_at_step_8,
+        loss_becomes_nan_at_step_8, 2,
         "training diverged: the loss was not finite (NaN or inf) at step 8; nothing was exported and the last "
         "good checkpoint, ",
         lambda w: nothing_exported(w) and checkpoints(w) == ["step-00000005"]
         and max(json.loads(line)["step"] for line in (w.output / "metrics.jsonl").read_text().splitlines()) == 7,
     ),
     "loss inf at step 1": Case(
-        loss_becomes_inf_at_step_1, "at step 1; nothing was exported and no checkpoint was saved",
+        loss_becomes_inf_at_step_1, 2, "at step 1; nothing was exported and no checkpoint was saved",
         lambda w: nothing_exported(w) and checkpoints(w) == [],
     ),
     "JSONL rows with text null": Case(
-        data_file("null.jsonl", '{"text": "To be, or not to be"}\n{"text": null}\n' * 50),
+        data_file("null.jsonl", '{"text": "To be, or not to be"}\n{"text": null}\n' * 50), 2,
         "null.jsonl: a row's 'text' is null: give every row a string of text, or drop the row",
         run_folder_untouched,
     ),
     "empty JSONL file": Case(
-        data_file("empty.jsonl", ""), "empty.jsonl holds no rows (its files are empty)", run_folder_untouched,
+        data_file("empty.jsonl", ""), 2, "empty.jsonl holds no rows (its files are empty)", run_folder_untouched,
     ),
     "empty text file": Case(
-        data_file("empty.txt", ""), "empty.txt holds no rows (its files are empty)", run_folder_untouched,
+        data_file("empty.txt", ""), 2, "empty.txt holds no rows (its files are empty)", run_folder_untouched,
     ),
     "input_ids beyond the vocabulary": Case(
-        data_file("ids.jsonl", '{"input_ids": [1, 2, 3, 50257, 4]}\n' * 400),
+        data_file("ids.jsonl", '{"input_ids": [1, 2, 3, 50257, 4]}\n' * 400), 2,
         "ids.jsonl: token id 50257 is outside the model's vocabulary of 50257 ids (0-50256): "
         "were these ids made with another tokenizer?",
         run_folder_untouched,
     ),
     "an attention implementation not installed": Case(
-        attention_not_installed, "model.attn_implementation=flash_attention_2 cannot be used here (it needs the "
+        attention_not_installed, 2, "model.attn_implementation=flash_attention_2 cannot be used here (it needs the "
         "flash-attn package and a CUDA GPU): install it, or set model.attn_implementation=sdpa",
         lambda w: not w.output.exists(),  # nothing written, so the fixed recipe starts the same output_dir afresh
     ),
@@ -138,15 +132,11 @@ CASES = {
 def test_fault_ends_in_one_line(name, tmp_path, tiny_llama_gqa2, shakespeare, monkeypatch, capsys, fresh_accelerate):
     world = World(tmp_path, tiny_llama_gqa2, shakespeare, monkeypatch)
     case = CASES[name]
-    extra = case.fault(world)
+    extra = case.prepare(world)
     with pytest.raises(SystemExit) as exit_info:
         main([str(TINY_RECIPE), *overrides(world.model, world.text, world.output, *RUN, *extra)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    said = [line for line in err.splitlines() if line.startswith("gqa-uptrain: error")]
-    assert len(said) == 1 and case.line in said[0], err[-2000:]
-    assert err.strip().splitlines()[-1] == said[0]
+    assert exit_info.value.code == case.code
+    refused_in_one_line("gqa-uptrain", capsys.readouterr().err, case.line)
     assert case.holds(world)
 
 
