@@ -1,13 +1,16 @@
 """Convert a Hugging Face checkpoint to fewer KV heads (`gqa-convert`), one tensor at a time.
 
-Where things happen: `gqa_uptrain.source` finds the files (`hub_headers.py` reads only a Hub model's config and
-safetensors headers, for a dry run), `layout.py` finds which tensors hold KV heads (on a
-model built on the meta device, `gqa_uptrain.kv_heads`), `plan.py` decides every output tensor (`ConversionPlan`),
-`pooling.py` pools one tensor with a method from `methods/` (`METHODS` is the one list of them), `calibration/`
-fits whole attention layers for `--method calibrated` (the fitted tensors are streamed like pooled ones),
-`checkpoint_reader.py` reads a checkpoint lazily and `checkpoint_writer.py` streams the output shards,
-`converter.py` runs the plan atomically, and `card.py` writes the model card from the provenance record
-(`gqa_uptrain.provenance`).
+Where things happen: `options.py` holds every setting (`ConvertOptions`, from which cli.py makes the flags),
+`gqa_uptrain.source` finds the files (`hub_headers.py` reads only a Hub model's config and safetensors headers, for a
+dry run), `source_config.py` reads and checks the source's config.json, `layout.py` finds which tensors hold KV
+heads (on a model built on the meta device, `gqa_uptrain.kv_heads`), `checkpoint_names.py` maps the checkpoint's
+tensor names to the model's as transformers loads them, `plan.py` decides every output tensor (`ConversionPlan`) and
+refuses what would fail later, `output_config.py` makes the config.json written, `messages.py` says what the dry run
+and the run tell the user, `pooling.py` pools one tensor with a method from `methods/` (`METHODS` is the one list of
+them; each method says what it changes and records), `calibration/` fits whole attention layers for `--method
+calibrated` (the fitted tensors are streamed like pooled ones), `checkpoint_reader.py` reads a checkpoint lazily and
+`checkpoint_writer.py` streams the output shards, `converter.py` runs the plan atomically, and `card.py` writes the
+model card from the provenance record (`gqa_uptrain.provenance`).
 
 `convert_checkpoint` is the Python API; `gqa-convert` (cli.py) only parses flags and calls it. The door is
 `__all__`: apps use nothing else (tests/test_layout.py); its names that live in modules importing torch or
@@ -70,7 +73,8 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
     # transformers' model classes and plans: most of a small conversion's time, and much of a large one's.
     with BackgroundHashes(reader.files) if reader is not None and not dry_run else nullcontext() as hashes:
         from gqa_uptrain.convert.converter import convert, default_output
-        from gqa_uptrain.convert.plan import after_writing, build_plan, check_calibration_memory, describe, refuse_no_op
+        from gqa_uptrain.convert.messages import after_writing, describe
+        from gqa_uptrain.convert.plan import build_plan, check_calibration_memory, refuse_no_op
 
         plan = build_plan(resolved.folder, settings, reader)
         refuse_no_op(plan)

@@ -36,7 +36,8 @@ from gqa_uptrain.convert.card import card_license, model_card
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, is_model_file, is_weight_file
 from gqa_uptrain.convert.checkpoint_writer import ShardedWriter, copy_tensor, write_tensor
 from gqa_uptrain.convert.methods import PoolContext
-from gqa_uptrain.convert.plan import ConversionPlan, Step, output_config
+from gqa_uptrain.convert.output_config import output_config
+from gqa_uptrain.convert.plan import ConversionPlan, Step
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
 from gqa_uptrain.atomic_write import flush_to_disk
 from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError, is_full_disk

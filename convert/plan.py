@@ -1,34 +1,34 @@
 """Plan a conversion before touching any data: every output tensor, where it comes from, and its shard.
 
 Planning reads only configs and checkpoint headers, so it is instant even for a 70B model; it powers
-`--dry-run`, the progress bar's total, the disk-space check and the writer's layout.
+`--dry-run`, the progress bar's total, the disk-space check and the writer's layout. It also refuses, before any
+data is read, what would fail or mislead later: weights that cannot be pooled exactly, a no-op --method random, and
+calibration that cannot fit in memory. The source's config is read by `source_config.py`, the checkpoint's names
+mapped to the model's by `checkpoint_names.py`, the written config made by `output_config.py`; what the user is told
+about a plan is `messages.py`'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import statistics
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Collection
 
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 
 from gqa_uptrain.convert.calibration.support import check_supported
+from gqa_uptrain.convert.checkpoint_names import CheckpointNames, check_complete, checkpoint_names, in_checkpoint
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, TensorInfo
 from gqa_uptrain.convert.checkpoint_writer import OutputTensor, assign_shards
 from gqa_uptrain.convert.layout import Change, KVLayout, PerHeadModules, check_written_config, find_layout
 from gqa_uptrain.convert.methods import METHODS, Method
 from gqa_uptrain.convert.options import ConvertOptions
+from gqa_uptrain.convert.output_config import config_with_groups, read_back
 from gqa_uptrain.convert.pooling import pooled_shape
+from gqa_uptrain.convert.source_config import load_config
 from gqa_uptrain.errors import CheckpointError, ConfigError, InvalidGroupsError, UnsupportedModelError
-from gqa_uptrain.kv_heads import (kv_cache_bytes_per_token, kv_heads_keys, meta_model, text_config, text_config_key,
-                                  with_kv_heads)
-from gqa_uptrain.model_folder import require_inside
-from gqa_uptrain.provenance import read_provenance
+from gqa_uptrain.kv_heads import meta_model, text_config, with_kv_heads
 from gqa_uptrain.sizes import human_size
 
 
@@ -70,52 +70,6 @@ class ConversionPlan:
         return sum(info.nbytes for info in self.reader.tensors.values())
 
 
-def load_config(folder: Path) -> tuple[dict, PretrainedConfig]:
-    """The source's config.json as written (to copy faithfully) and as transformers reads it."""
-    path = folder / "config.json"
-    if os.path.lexists(path):
-        require_inside(folder, path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; not a Hugging Face model folder") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    _check_sizes(path, raw)
-    if "quantization_config" in raw or "quantization_config" in (raw.get("text_config") or {}):
-        method = (raw.get("quantization_config") or raw["text_config"]["quantization_config"] or {})
-        method = method.get("quant_method", "unknown") if isinstance(method, dict) else "unknown"
-        raise UnsupportedModelError(f"{path}: a quantized checkpoint ({method}); its K/V weights cannot be pooled "
-                                    "exactly beside their scales: convert the unquantized model, then quantize")
-    if "auto_map" in raw:
-        raise UnsupportedModelError(f"{path}: the model needs custom code (auto_map); only architectures built "
-                                    "into transformers are supported")
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError) as e:
-        raise UnsupportedModelError(f"{path}: transformers does not know this model ({e})") from None
-    return raw, config
-
-
-# Sizes the attention layout is computed from: whole numbers above zero wherever a config names them.
-_SIZES = ("num_attention_heads", "num_key_value_heads", "hidden_size", "num_hidden_layers", "head_dim")
-
-
-def _check_sizes(path: Path, raw: dict) -> None:
-    """Refuse a config whose head counts or sizes are not positive whole numbers (`"4"`, 0, 2.5), at the edge."""
-    for where, values in (("", raw), ("text_config.", raw.get("text_config"))):
-        if not isinstance(values, dict):
-            continue
-        for key in _SIZES:
-            value = values.get(key)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CheckpointError(f"{path}: {where}{key} must be a whole number above 0, got {value!r}")
-
-
 def build_plan(folder: Path, options: ConvertOptions, reader: CheckpointReader | None = None) -> ConversionPlan:
     """Everything the conversion will do, checked against the checkpoint's headers: those of `folder`'s weight
     files, or `reader`'s when given (a Hub model's, read without downloading its weights)."""
@@ -125,11 +79,11 @@ def build_plan(folder: Path, options: ConvertOptions, reader: CheckpointReader |
         layout = find_layout(config, groups)
     except AttributeError as e:  # e.g. configs whose head counts vary per layer
         raise UnsupportedModelError(f"{folder}: cannot read the attention layout ({e})") from None
-    check_written_config(_read_back(_written_config(raw, config, groups)), with_kv_heads(config, groups),
+    check_written_config(read_back(config_with_groups(raw, config, groups)), with_kv_heads(config, groups),
                          layout.model_type)
     reader = reader or CheckpointReader(folder)
     names = checkpoint_names(meta_model(config), reader.tensors)
-    _check_complete(names)
+    check_complete(names)
     steps = _steps(reader, layout, names)
     _check_exact(reader.tensors, steps)
     fitted = METHODS[options.method].calibrates and bool(layout.changes)
@@ -139,54 +93,6 @@ def build_plan(folder: Path, options: ConvertOptions, reader: CheckpointReader |
                  for step in steps]
     return ConversionPlan(folder, raw, config, layout, options, reader, steps,
                           assign_shards([s.output for s in steps], options.max_shard_bytes), fitted)
-
-
-@dataclass(frozen=True)
-class CheckpointNames:
-    """How transformers loads a checkpoint into its model class: each parameter's stored name, and the parameters
-    it builds from several stored tensors (fused MoE experts), which are not pooled."""
-
-    model: PreTrainedModel  # on the meta device
-    stored: dict[str, str]  # parameter name -> checkpoint name
-    fused: frozenset[str]
-
-
-def checkpoint_names(model: PreTrainedModel, tensors: Collection[str]) -> CheckpointNames:
-    """Rename the checkpoint's tensors as `from_pretrained` does: with the architecture's own renaming rules (a
-    multimodal checkpoint's `language_model.model.*` is the module's `model.language_model.*`) and with or without
-    the base model's prefix (a bare base model's checkpoint)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    rules = get_model_conversion_mapping(model)
-    renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]
-    converters = [rule for rule in rules if isinstance(rule, WeightConverter)]
-    params = model.state_dict()
-    stored, fused = {}, set()
-    for name in tensors:
-        renamed, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
-        if renamed not in params and name in params:  # as transformers does: a name the rules should not touch
-            renamed, converter = rename_source_key(name, [], [], model.base_model_prefix, params)
-        if converter is not None:
-            fused.add(renamed)
-        else:
-            stored[renamed] = name
-    return CheckpointNames(model, stored, frozenset(fused))
-
-
-def _check_complete(names: CheckpointNames) -> None:
-    """Every parameter the model class has must be in the checkpoint: one left out (an index that forgot a shard)
-    would be randomly initialised when the output is loaded. Tied parameters (lm_head tied to the embeddings) are
-    one tensor, present under any of their names; buffers are not weights and are not asked for."""
-    names_of: dict[int, list[str]] = {}
-    for name, param in names.model.named_parameters(remove_duplicate=False):
-        if name not in names.fused:  # built from other stored tensors (MoE experts): not checked here
-            names_of.setdefault(id(param), []).append(name)
-    missing = [tied[0] for tied in names_of.values() if not any(name in names.stored for name in tied)]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"tensor(s) {', '.join(missing[:3])}{more} missing from the checkpoint, though the "
-                              "model has them (an index or shard left out?)")
 
 
 # Tensor names that hold a quantization's scales or packed integers beside (or instead of) the weights.
@@ -250,94 +156,21 @@ def _targets(layout: KVLayout, names: CheckpointNames) -> dict[str, _Target]:
     ratio = layout.kv_heads // layout.groups
     for change in layout.changes:
         if isinstance(change, PerHeadModules):
-            heads = [_in_checkpoint(change.pattern.format(i), names) for i in range(layout.kv_heads)]
+            heads = [in_checkpoint(change.pattern.format(i), names) for i in range(layout.kv_heads)]
             for g in range(layout.groups):
                 group = tuple(heads[g * ratio:(g + 1) * ratio])
                 targets[group[0]] = _Target(change, heads[g], group)
                 targets.update({name: _Target(change, None, ()) for name in group[1:]})
         else:
-            name = _in_checkpoint(change.name, names)
+            name = in_checkpoint(change.name, names)
             targets[name] = _Target(change, name, (name,))
     return targets
-
-
-def _in_checkpoint(module_name: str, names: CheckpointNames) -> str:
-    """The checkpoint's name for a model parameter."""
-    name = names.stored.get(module_name)
-    if name is not None:
-        return name
-    raise CheckpointError(f"tensor {module_name} is missing from the checkpoint, though the config says the "
-                          "model has it")
 
 
 def _check_shape(info: TensorInfo, change: Change) -> None:
     if info.shape != change.shape:
         raise CheckpointError(f"{info.file}: tensor {info.name} has shape {list(info.shape)}, but the config "
                               f"implies {list(change.shape)}")
-
-
-def describe(plan: ConversionPlan, context: int) -> list[str]:
-    """The --dry-run report: heads, KV-cache size, parameters and files, before -> after."""
-    layout = plan.layout
-    new_config = with_kv_heads(plan.config, layout.groups)
-    kv_before = kv_cache_bytes_per_token(plan.config)
-    kv_after = kv_cache_bytes_per_token(new_config)
-    params_before = sum(info.nbytes // info.dtype.itemsize for info in plan.reader.tensors.values())
-    params_after = sum(s.output.nbytes // s.output.dtype.itemsize for s in plan.steps)
-    changed = sum(step.change is not None or step.fitted for step in plan.steps)
-    how = plan.method.changed
-    if plan.fitted:
-        refined = plan.options.refine_steps
-        how = (f"fitted on {plan.options.calibration or 'the shipped public-domain books'} "
-               f"({plan.options.calibration_tokens:,} tokens), "
-               + (f"refined up to {refined} steps a layer" if refined else "closed form only"))
-    return [
-        f"source        {plan.folder} ({layout.model_type}, {layout.query_heads} query heads)",
-        f"KV heads      {layout.kv_heads} -> {layout.groups} (method: {plan.method.name})",
-        f"KV cache      {kv_before:,} -> {kv_after:,} bytes/token ({kv_after / kv_before:.3f}x); "
-        f"at {context:,} tokens: {human_size(kv_before * context)} -> {human_size(kv_after * context)} per sequence",
-        f"parameters    {params_before:,} -> {params_after:,} ({params_after - params_before:+,})",
-        f"weights       {human_size(plan.source_bytes)} -> {human_size(plan.output_bytes)} in {len(plan.shards)} "
-        f"safetensors file(s)",
-        f"tensors       {changed} {how}, {len(plan.steps) - changed} copied unchanged",
-        *notes(plan),
-    ]
-
-
-TENSOR_PARALLEL = (2, 4, 8)  # common tensor-parallel degrees of serving engines (vLLM, TGI, SGLang)
-
-
-def splits_over(kv_heads: int, degree: int) -> bool:
-    """Whether `kv_heads` KV heads shard over `degree` tensor-parallel ranks as serving engines do it: whole heads
-    per rank (degree divides kv_heads), or each head replicated on degree / kv_heads ranks (kv_heads divides it)."""
-    return kv_heads % degree == 0 or degree % kv_heads == 0
-
-
-def tensor_parallel_note(plan: ConversionPlan) -> str | None:
-    """One line when the new KV-head count cannot shard over a common TP degree the query heads allow, naming the
-    group counts that would (the divisors of the source's KV heads that shard over all of them)."""
-    layout = plan.layout
-    degrees = [t for t in TENSOR_PARALLEL if layout.query_heads % t == 0]
-    bad = [t for t in degrees if not splits_over(layout.groups, t)]
-    if not bad:
-        return None
-    good = [g for g in range(1, layout.kv_heads + 1)
-            if layout.kv_heads % g == 0 and all(splits_over(g, t) for t in degrees)]
-    return (f"tensor parallel: {layout.groups} KV heads do not shard over {' or '.join(map(str, bad))} GPUs; "
-            f"--groups {' or '.join(map(str, good))} would")
-
-
-def notes(plan: ConversionPlan) -> list[str]:
-    """Warnings the dry run and the run both print: a conversion that changes nothing, an unfriendly TP count."""
-    layout = plan.layout
-    lines = []
-    if layout.groups == layout.kv_heads:
-        lines.append(f"note: --groups {layout.groups} is the source's KV-head count: nothing changes, the output is "
-                     "a copy of the source")
-    tp = tensor_parallel_note(plan)
-    if tp:
-        lines.append(f"warning: {tp}")
-    return lines
 
 
 def refuse_no_op(plan: ConversionPlan) -> None:
@@ -383,55 +216,3 @@ def _available_memory() -> tuple[int, str]:
         return kib * 1024, "available memory"
     except (OSError, StopIteration, ValueError, IndexError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "free memory"
-
-
-def after_writing(plan: ConversionPlan, source: str, output: Path) -> list[str]:
-    """What the run prints after writing: the notes, how to measure the damage, and what to expect by method."""
-    layout = plan.layout
-    record = (read_provenance(output) or {}).get("conversion", {}).get("calibration")
-    lines = [*notes(plan), *(calibration_summary(record["layers"]) if record else []),
-             f"measure it: gqa-eval --base {source} --model {output} --perplexity TEXT"]
-    if layout.groups < layout.kv_heads:
-        lines.append(plan.method.expect)
-    return lines
-
-
-def calibration_summary(layers: list[dict], worst: int = 3) -> list[str]:
-    """What a calibrated conversion reports of its layers: the error it fitted, its worst layers, the refinement."""
-    errors = {i: layer["held_out_error"] for i, layer in enumerate(layers) if layer.get("held_out_error") is not None}
-    if not errors:
-        return ["calibration: too few sequences to hold any out, so no error was measured (pass more "
-                "--calibration-tokens)"]
-    ranked = sorted(errors, key=errors.get, reverse=True)[:worst]
-    lines = ["calibration: relative error of each layer's attention output on held-out calibration sequences "
-             f"(0: exact; 1: as large as the output itself): median {statistics.median(errors.values()):.3f}; "
-             "worst layers " + ", ".join(f"{i} ({errors[i]:.3f})" for i in ranked)]
-    refined = [layer["refinement"] for layer in layers if (layer.get("refinement") or {}).get("steps")]
-    if refined:
-        before = statistics.median(r["held_out_error_before"] for r in refined)
-        after = statistics.median(r["held_out_error_after"] for r in refined)
-        lines.append(f"refinement: kept in {len(refined)} of {len(layers)} layers; the layer output's held-out error "
-                     f"(median) {before:.3f} -> {after:.3f}")
-    return lines
-
-
-def output_config(plan: ConversionPlan) -> dict:
-    """The config.json the conversion writes (`build_plan` checked that it describes the converted weights)."""
-    return _written_config(plan.raw_config, plan.config, plan.layout.groups)
-
-
-def _read_back(raw: dict) -> PretrainedConfig:
-    """A config.json as transformers will read it once written (AutoConfig decodes what JSON cannot hold, Infinity)."""
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "config.json").write_text(json.dumps(raw))
-        return AutoConfig.from_pretrained(folder)
-
-
-def _written_config(raw: dict, config: PretrainedConfig, groups: int) -> dict:
-    """The source's config.json as written, with the new KV head count where the decoder's config keeps it (under
-    `text_config` for a multimodal wrapper, whose vision config keeps its own heads)."""
-    heads = dict.fromkeys(kv_heads_keys(text_config(config)), groups)
-    key = text_config_key(config)
-    if key is None:
-        return {**raw, **heads}
-    return {**raw, key: {**raw.get(key, {}), **heads}}

@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_uptrain.convert.cli import main
 from gqa_uptrain.convert.options import ConvertOptions
-from gqa_uptrain.convert.plan import build_plan, splits_over
+from gqa_uptrain.convert.messages import splits_over
+from gqa_uptrain.convert.plan import build_plan
 from gqa_uptrain.errors import InvalidGroupsError
 from tiny_models import random_model
 
