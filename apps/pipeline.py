@@ -1,12 +1,14 @@
 """One recipe, the whole pipeline: gqa-convert -> gqa-uptrain -> gqa-eval -> gqa-publish.
 
     gqa-pipeline recipes/llama-2-7b-gqa8.yaml                 # every step the recipe names
-    gqa-pipeline recipes/llama-2-7b-gqa8.yaml --dry-run       # print the commands, run nothing
+    gqa-pipeline recipes/llama-2-7b-gqa8.yaml --dry-run       # print the steps, run nothing
     gqa-pipeline RECIPE --repo-id me/model --publish-dry-run  # build the card, upload nothing
 
 The recipe's `convert`, `evaluate` and `publish` sections say what the steps do (recipes/template.yaml;
-validated in pipeline_recipe.py); training runs as scripts/launch.sh would run it: one process per local GPU
-through `accelerate launch` with the recipe's `accelerate_config`, or one plain process where there is no GPU. The recipe and everything the steps need are
+validated in pipeline_recipe.py). The conversion and the evaluation run in this process, through the tools' Python
+APIs with the recipe's typed values; training runs as scripts/launch.sh would run it: one process per local GPU
+through `accelerate launch` with the recipe's `accelerate_config`, or one plain process where there is no GPU; and
+publishing runs as gqa-publish. The recipe and everything the steps need are
 checked before the first step starts. The evaluation measures the converted model before uptraining
 (model.path, which uptraining leaves as it is) and after it, each against convert.source, in one report, and warns
 when uptraining made it worse. A step is skipped when its result exists and was made from what the recipe
@@ -29,7 +31,9 @@ from pathlib import Path
 
 from gqa_uptrain.apps.pipeline_recipe import EvaluateSpec, PipelineRecipe, load_pipeline_recipe
 from gqa_uptrain.cli import run_cli, warn
+from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.errors import ConfigError, GqaError
+from gqa_uptrain.eval import evaluate
 from gqa_uptrain.hashing import BackgroundHashes
 from gqa_uptrain.paths import check_output_folder
 from gqa_uptrain.provenance import PROVENANCE, read_provenance
@@ -42,15 +46,15 @@ PROG = "gqa-pipeline"
 @dataclass(frozen=True)
 class Step:
     name: str
-    argv: list[str]
+    shown: str  # what the step runs, as the pipeline prints it: a Python call, or a command line
+    run: Callable[[], None]
     done: bool  # its result is already there
     then: Callable[[], None] | None = None  # what the pipeline does once the step has run
 
 
 def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_id: str | None,
          publish_dry_run: bool) -> list[Step]:
-    """The commands the recipe asks for, in order; `repo_id`: where to publish (None: nowhere)."""
-    python = [sys.executable, "-m"]
+    """The steps the recipe asks for, in order; `repo_id`: where to publish (None: nowhere)."""
     model, output = Path(recipe.model.path), Path(recipe.output_dir)
     uptrained, report = output / "model", output / "eval"
     steps = []
@@ -61,33 +65,54 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
         if done:
             check_converted(recipe_path, model, c.source, c.groups, c.method)
         converting = not done
-        calibration = ["--calibration", c.calibration] if c.calibration else []
-        steps.append(Step("convert", [*python, "gqa_uptrain.convert", c.source, "--groups", str(c.groups),
-                                      "--method", c.method, *calibration, "--output", str(model)], done))
-    steps.append(Step("uptrain", uptrain_argv(recipe_path, overrides, recipe.accelerate_config),
-                      check_uptrained(recipe_path, recipe, converting)))
+        steps.append(_in_process("convert", convert_checkpoint, c.source, c.groups, model, done=done,
+                                 method=c.method, calibration=c.calibration))
+    # Training is launched, not called: `accelerate launch` starts its one process per GPU.
+    steps.append(_launched("uptrain", uptrain_argv(recipe_path, overrides, recipe.accelerate_config),
+                           check_uptrained(recipe_path, recipe, converting)))
     if recipe.evaluate:
         e = recipe.evaluate
         if not recipe.convert:
             raise ConfigError(f"{recipe_path}: `evaluate` compares with convert.source; the recipe has no `convert`")
         # The converted model as it was before uptraining (model.path, which gqa-uptrain does not change) and after,
-        # in one report: each against the base, and uptraining's own effect said by `compare_uptraining`.
-        argv = [*python, "gqa_uptrain.eval", "--base", recipe.convert.source, "--model", str(model),
-                "--model", str(uptrained), "--num-fewshot", str(e.num_fewshot), "--batch-size", str(e.batch_size),
-                "--output", str(report)]
-        argv += ["--tasks", e.tasks] if e.tasks else []
-        argv += ["--limit", f"{e.limit:g}"] if e.limit else []
-        argv += ["--perplexity", e.perplexity] if e.perplexity else []
-        argv += ["--speed"] if e.speed else []
-        # gqa-eval's cache makes a rerun cheap: each model is measured again only when its content changed
-        steps.append(Step("evaluate", argv, False, lambda: compare_uptraining(report, model, uptrained)))
+        # in one report: each against the base, and uptraining's own effect said by `compare_uptraining`. gqa-eval's
+        # cache makes a rerun cheap: each model is measured again only when its content changed.
+        steps.append(_in_process("evaluate", evaluate, recipe.convert.source, [model, uptrained], done=False,
+                                 then=lambda: compare_uptraining(report, model, uptrained), tasks=e.tasks,
+                                 num_fewshot=e.num_fewshot, batch_size=e.batch_size, limit=e.limit,
+                                 perplexity=e.perplexity, speed=e.speed, output=report))
     if repo_id:
-        argv = [*python, "gqa_uptrain.apps.publish", str(uptrained), "--repo-id", repo_id]
+        argv = [sys.executable, "-m", "gqa_uptrain.apps.publish", str(uptrained), "--repo-id", repo_id]
         argv += ["--report", str(report / "report.json")] if recipe.evaluate else []
         argv += ["--private"] if recipe.publish and recipe.publish.private else []
         argv += ["--dry-run"] if publish_dry_run else []
-        steps.append(Step("publish", argv, False))
+        steps.append(_launched("publish", argv, False))
     return steps
+
+
+def _in_process(name: str, function: Callable, *args: object, done: bool, then: Callable[[], None] | None = None,
+                **options: object) -> Step:
+    """A step that calls a tool's Python API; options left None take the tool's own defaults."""
+    options = {key: value for key, value in options.items() if value is not None}
+    shown = ", ".join([*map(_shown, args), *(f"{key}={_shown(value)}" for key, value in options.items())])
+    return Step(name, f"{function.__name__}({shown})", lambda: function(*args, **options), done, then)
+
+
+def _shown(value: object) -> str:
+    """A value as a Python literal, paths as the strings they are."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_shown, value)) + "]"
+    return repr(str(value) if isinstance(value, Path) else value)
+
+
+def _launched(name: str, argv: list[str], done: bool) -> Step:
+    """A step run as its own process; its failure ends the pipeline in one line."""
+    def launch() -> None:
+        code = subprocess.run(argv).returncode
+        if code != 0:
+            raise SystemExit(f"pipeline: step {name} failed (exit {code}); fix it and run the same command again to "
+                             "continue")
+    return Step(name, shlex.join(argv), launch, done)
 
 
 def _source_ids(source: str) -> set[str]:
@@ -304,13 +329,10 @@ def run(args: argparse.Namespace) -> None:
     steps = plan(args.recipe, args.overrides, recipe, repo_id, args.publish_dry_run)
     for i, step in enumerate(steps, 1):
         state = "done, skipped" if step.done else ("would run" if args.dry_run else "running")
-        print(f"[{i}/{len(steps)}] {step.name} ({state}): {shlex.join(step.argv)}", flush=True)
+        print(f"[{i}/{len(steps)}] {step.name} ({state}): {step.shown}", flush=True)
         if step.done or args.dry_run:
             continue
-        code = subprocess.run(step.argv).returncode
-        if code != 0:
-            raise SystemExit(f"pipeline: step {step.name} failed (exit {code}); fix it and run the same command "
-                             "again to continue")
+        step.run()
         if step.then is not None:
             step.then()
 
@@ -324,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "no publishing when neither is given)")
     p.add_argument("--publish-dry-run", action="store_true",
                    help="write the model card and list what would be uploaded, without uploading")
-    p.add_argument("--dry-run", action="store_true", help="check the recipe, print every command, run none")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe, print every step, run none")
     args = p.parse_args(argv)
     run_cli("gqa-pipeline", lambda: run(args))
 

@@ -38,7 +38,7 @@ class EvaluateSpec(Section):
     tasks: str | None = None  # lm-eval task names, or the shipped gqa_lastword,gqa_nextsentence
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
-    limit: float | None = Field(None, gt=0)
+    limit: int | float | None = Field(None, gt=0)  # documents per task; a fraction of them when it has a dot
     perplexity: UserPath | None = None  # held-out text: a file or a Hub dataset
     speed: bool = False
 

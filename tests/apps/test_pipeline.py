@@ -192,8 +192,11 @@ def test_a_home_path_in_the_recipe_is_the_home(recipe, tmp_path, tiny_llama, cap
                    "evaluate.perplexity=~/held_out.txt", "--dry-run"])
     convert, uptrain, evaluate, publish = capsys.readouterr().out.splitlines()
     home = tmp_path / "home"
-    assert f"--output {home / 'tiny-gqa2'}" in convert and f"--model {home / 'run' / 'model'}" in evaluate
-    assert f"--perplexity {home / 'held_out.txt'}" in evaluate and f"{home / 'run' / 'model'} " in publish
+    # convert and evaluate are called in process, with the recipe's typed values (printed as the calls they are)
+    assert f"convert_checkpoint({str(home / 'source')!r}, 2, {str(home / 'tiny-gqa2')!r}, method='mean')" in convert
+    models = f"[{str(home / 'tiny-gqa2')!r}, {str(home / 'run' / 'model')!r}]"
+    assert f"evaluate({str(home / 'source')!r}, {models}" in evaluate
+    assert f"perplexity={str(home / 'held_out.txt')!r}" in evaluate and f"{home / 'run' / 'model'} " in publish
     assert "~" not in convert + evaluate + publish and not (tmp_path / "~").exists()
     # gqa-uptrain gets the recipe and overrides as written, and reads them by the same schema
     assert load_pipeline_recipe("~/../recipe.yaml", ["output_dir=~/run"]).output_dir == str(home / "run")
