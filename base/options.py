@@ -2,8 +2,9 @@
 name, default and help are written once and the API and the CLI refuse the same values in the same words.
 
 A field's `description` is its flag's help (`%(default)s` in it is the field's default); a `Flag` in its annotation
-names the flag when it is not `--` + the field name with dashes, and how its text is read. Unknown fields are
-refused (a misspelt option must not do nothing), and every mistake is one ConfigError line naming the flag.
+names the flag when it is not `--` + the field name with dashes, and how its text is read; a bool is a switch that
+sets the opposite of its default. Unknown fields are refused (a misspelt option must not do nothing), and every
+mistake is one ConfigError line naming the flag.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
@@ -23,11 +24,15 @@ from gqa_uptrain.errors import ConfigError
 @dataclass(frozen=True)
 class Flag:
     """How a field appears on the command line: its flag names (one name without dashes: a positional argument,
-    shown as `metavar`), and the function that reads its text (default: pydantic reads the text itself)."""
+    shown as `metavar`), and the function that reads its text (default: pydantic reads the text itself). A list
+    given as several words after the flag has argparse's `nargs="+"`, one given by repeating the flag
+    `action="append"`."""
 
     names: tuple[str, ...] = ()
     parse: Callable[[str], Any] | None = None
     metavar: str | None = None
+    nargs: str | None = None
+    action: str | None = None
 
 
 class Options(BaseModel):
@@ -51,18 +56,18 @@ def _flag(field: FieldInfo) -> Flag:
     return next((item for item in field.metadata if isinstance(item, Flag)), Flag())
 
 
-def add_flags(parser: argparse.ArgumentParser, options: type[Options]) -> None:
-    """One argument per field of `options`: positional, required or with the field's default; a bool is a switch,
-    a Literal a choice."""
-    for name, field in options.model_fields.items():
+def add_flags(parser: argparse._ActionsContainer, options: type[Options], fields: Iterable[str] | None = None) -> None:
+    """One argument per field of `options` (or of `fields` only, e.g. one --help section's, into its argument group):
+    positional, required or with the field's default; a bool is a switch, a Literal a choice."""
+    for name in options.model_fields if fields is None else fields:
+        field = options.model_fields[name]
         flag = _flag(field)
         names = flag.names or (f"--{name.replace('_', '-')}",)
         settings: dict[str, Any] = {"help": field.description}
         if field.annotation is bool:
-            settings["action"] = "store_true"
+            settings["action"] = "store_false" if field.default is True else "store_true"
         else:
-            settings["type"] = flag.parse
-            settings["metavar"] = flag.metavar
+            settings.update(type=flag.parse, metavar=flag.metavar, nargs=flag.nargs, action=flag.action)
             if typing.get_origin(field.annotation) is typing.Literal:
                 settings["choices"] = typing.get_args(field.annotation)
         if not names[0].startswith("-"):
