@@ -52,7 +52,6 @@ def evaluate(base: str | Path, models: str | Path | Sequence[str | Path] = (), *
     from .options import EvalOptions
 
     refs = [models] if isinstance(models, (str, Path)) else list(models)
-    options.setdefault("output", Path("gqa-eval-report"))
     settings = EvalOptions(base=str(base), models=[str(ref) for ref in refs], **options)
     from .runner import run_report  # torch, transformers and lm-eval take seconds to import
 

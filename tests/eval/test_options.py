@@ -6,7 +6,7 @@ import pytest
 
 from gqa_uptrain.errors import ConfigError
 from gqa_uptrain.eval import runner
-from gqa_uptrain.eval.cli import build_parser, evaluate
+from gqa_uptrain.eval.cli import SECTIONS, build_parser, evaluate
 from gqa_uptrain.eval.options import EvalOptions
 
 VALID = {"base": "base", "models": ["gqa"], "output": Path("out"), "tasks": "gqa_lastword"}
@@ -60,3 +60,8 @@ def test_a_bad_flag_value_is_one_error_line(gqa_eval, eval_args, tiny_llama, tmp
                      "--num-fewshot", "-2")
     assert gqa_eval(args) == 2
     assert capsys.readouterr().err.strip() == "gqa-eval: error: --num-fewshot must be at least 0, got -2"
+
+
+def test_every_option_has_one_flag_in_one_help_section():
+    listed = [field for fields in SECTIONS.values() for field in fields]
+    assert sorted(listed) == sorted(EvalOptions.model_fields)
