@@ -25,23 +25,10 @@ def checkpoint_names(model: PreTrainedModel, tensors: Collection[str]) -> Checkp
     """Rename the checkpoint's tensors as `from_pretrained` does: with the architecture's own renaming rules (a
     multimodal checkpoint's `language_model.model.*` is the module's `model.language_model.*`) and with or without
     the base model's prefix (a bare base model's checkpoint)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from gqa_uptrain.convert.calibration.loading import loaded_names  # transformers' rules, kept per parameter
 
-    rules = get_model_conversion_mapping(model)
-    renamings = [rule for rule in rules if isinstance(rule, WeightRenaming)]
-    converters = [rule for rule in rules if isinstance(rule, WeightConverter)]
-    params = model.state_dict()
-    stored, fused = {}, set()
-    for name in tensors:
-        renamed, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
-        if renamed not in params and name in params:  # as transformers does: a name the rules should not touch
-            renamed, converter = rename_source_key(name, [], [], model.base_model_prefix, params)
-        if converter is not None:
-            fused.add(renamed)
-        else:
-            stored[renamed] = name
-    return CheckpointNames(model, stored, frozenset(fused))
+    loaded = loaded_names(model, tensors)
+    return CheckpointNames(model, loaded.stored, frozenset(loaded.fused))
 
 
 def check_complete(names: CheckpointNames) -> None:

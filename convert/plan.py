@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from gqa_uptrain.convert.calibration.support import check_supported
+from gqa_uptrain.convert.calibration.support import check_supported, rewritten_tensors
 from gqa_uptrain.convert.checkpoint_names import CheckpointNames, check_complete, checkpoint_names, in_checkpoint
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, TensorInfo
 from gqa_uptrain.convert.checkpoint_writer import OutputTensor, assign_shards
@@ -89,7 +89,8 @@ def build_plan(folder: Path, options: ConvertOptions, reader: CheckpointReader |
     fitted = METHODS[options.method].calibrates and bool(layout.changes)
     if fitted:
         check_supported(config, layout, reader.tensors)
-        steps = [replace(step, fitted=True) if _is_attention_projection(step.output.name) else step
+        rewritten = rewritten_tensors(config, reader.tensors)  # not a vision tower's attention
+        steps = [replace(step, fitted=True) if step.output.name in rewritten else step
                  for step in steps]
     return ConversionPlan(folder, raw, config, layout, options, reader, steps,
                           assign_shards([s.output for s in steps], options.max_shard_bytes), fitted)

@@ -36,12 +36,13 @@ from transformers import AutoTokenizer, PretrainedConfig
 
 from gqa_uptrain.convert.calibration import fit, refine
 from gqa_uptrain.convert.calibration.keys import KeyFitter, QKNorms, find_norms
-from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, checkpoint_name, decoder_layers,
-                                                    materialize, output_name, output_projection, run_layer, skeleton)
+from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, decoder_layers, materialize,
+                                                    output_name, output_projection, run_layer, skeleton)
 from gqa_uptrain.convert.calibration.rotary import RotaryLayout, rotary_layout
 from gqa_uptrain.cli import warn
 from gqa_uptrain.convert.calibration.data import Calibration, calibration_tokens
 from gqa_uptrain.convert.calibration.store import LayerStore
+from gqa_uptrain.convert.calibration.source import SourceReader, source_reader
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
 from gqa_uptrain.errors import CalibrationError, CheckpointError
 from gqa_uptrain.kv_heads import with_kv_heads
@@ -80,13 +81,15 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
     source dtypes) for the writer to stream. Layers an earlier run of the same fit finished there are not fitted
     again. Returns the fitted checkpoint's reader and the provenance record."""
     options = plan.options
+    source = source_reader(plan.config, plan.reader)  # a multimodal wrapper's language model alone
+    config = source.names.config
     tokenizer = _tokenizer(plan.folder)
-    length = min(MAX_SEQUENCE_LENGTH, getattr(plan.config, "max_position_embeddings", None) or MAX_SEQUENCE_LENGTH)
+    length = min(MAX_SEQUENCE_LENGTH, getattr(config, "max_position_embeddings", None) or MAX_SEQUENCE_LENGTH)
     data = calibration_tokens(tokenizer, options.calibration, options.calibration_tokens, length, options.seed,
-                              getattr(plan.config, "vocab_size", None))
+                              getattr(config, "vocab_size", None))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {step.output.name: step.output.dtype for step in plan.steps if step.fitted}
-    layers = plan.config.num_hidden_layers
+    layers = config.num_hidden_layers
     store = _open_store(folder, _identity(plan, data, dtypes), layers)
     with tqdm(total=layers, initial=len(store.reports), desc="calibrating layers", unit="layer",
               disable=not progress) as bar:
@@ -96,8 +99,8 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
             bar.update()
 
         try:
-            reports = calibrate(plan.config, plan.reader, plan.layout.groups, data.tokens, device,
-                                _FittedLayers(store, plan.reader, dtypes), advance, options.refine_steps)
+            reports = calibrate(config, source, plan.layout.groups, data.tokens, device,
+                                _FittedLayers(store, source, dtypes), advance, options.refine_steps)
         except (CalibrationError, CheckpointError):  # a NaN: the same inputs would stop at the same layer again
             store.remove()
             raise
@@ -153,22 +156,22 @@ class _FittedLayers:
     checkpoint's names in the output dtypes kept, and back. What was kept is what the converted model computes with
     from then on, in this run and in one that resumes it alike."""
 
-    def __init__(self, store: LayerStore, reader: CheckpointReader, dtypes: dict[str, torch.dtype]):
-        self.store, self.reader, self.dtypes = store, reader, dtypes
+    def __init__(self, store: LayerStore, source: SourceReader, dtypes: dict[str, torch.dtype]):
+        self.store, self.source, self.dtypes = store, source, dtypes
 
     @property
     def finished(self) -> list[LayerReport]:
         return [_report_from(state) for state in self.store.reports]
 
     def save(self, i: int, prefix: str, fitted: dict[str, torch.Tensor], report: LayerReport) -> None:
-        named = {checkpoint_name(f"{prefix}.{name}", self.reader): t for name, t in fitted.items()}
+        named = {self.source.stored_name(f"{prefix}.{name}"): t for name, t in fitted.items()}
         named = {name: t.to("cpu", self.dtypes[name]).contiguous() for name, t in named.items() if name in self.dtypes}
         self.store.save(i, named, asdict(report))
 
     def load(self, i: int, prefix: str, layer: nn.Module) -> dict[str, torch.Tensor]:
         """Layer i's kept tensors, by `layer`'s parameter names."""
         saved = self.store.load(i)
-        names = {name: checkpoint_name(f"{prefix}.{name}", self.reader) for name, _ in layer.named_parameters()}
+        names = {name: self.source.stored_name(f"{prefix}.{name}") for name, _ in layer.named_parameters()}
         return {name: saved[stored] for name, stored in names.items() if stored in saved}
 
 
@@ -179,7 +182,7 @@ def _report_from(state: dict) -> LayerReport:
 
 
 @torch.no_grad()
-def calibrate(config: PretrainedConfig, reader: CheckpointReader, groups: int, tokens: torch.Tensor,
+def calibrate(config: PretrainedConfig, reader: SourceReader, groups: int, tokens: torch.Tensor,
               device: torch.device, layers: _FittedLayers,
               progress: Callable[[int, LayerReport], None] = lambda i, r: None, refine_steps: int = 0
               ) -> list[LayerReport]:

@@ -11,6 +11,8 @@ after the projection. The mean subtraction does not commute with a rotation with
 scale passes; what could pass, a real scale per pair, meets per-dim weights that differ between StableLM's heads
 (w_f / w_g would have to be equal on both dims of every pair) and, in Phi, a bias that even a sign does not pass.
 Copies would still convert exactly, but distinct heads could not be merged by moving anything into the queries.
+What is around the attention does not matter: a multimodal wrapper's language model is calibrated alone, and MoE
+layers run with their experts as transformers loads them (`source.py`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ from transformers import PretrainedConfig
 from gqa_uptrain.convert.calibration.keys import norm_kind
 from gqa_uptrain.convert.calibration.layers import OUTPUT_PROJECTIONS, decoder_layers, output_name, skeleton
 from gqa_uptrain.convert.calibration.rotary import rotary_layout
-from gqa_uptrain.convert.checkpoint_reader import stored_name
+from gqa_uptrain.convert.calibration.source import SourceNames, source_names
 from gqa_uptrain.convert.layout import Change, FusedQKV, HeadsAxis, KVLayout
 from gqa_uptrain.errors import UnsupportedModelError
-from gqa_uptrain.kv_heads import text_config_key
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 _FUSED = ("qkv_proj",)  # Phi-3: rows [q | k | v] (layout.FusedQKV)
@@ -36,9 +37,13 @@ _NORMS = ("q_norm", "k_norm")
 
 def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> str | None:
     """Why `--method calibrated` cannot convert this model, or None when it can. `stored`: the checkpoint's
-    tensor names (layers are loaded one at a time by their module names)."""
-    if text_config_key(config) is not None:
-        return "a multimodal wrapper (its language model under text_config), which the calibration does not run"
+    tensor names (layers are loaded one at a time, each parameter as `source.py` reads it). A multimodal wrapper's
+    language model is calibrated alone (`wrappers.py`), so what is asked of it is asked of its text config."""
+    try:
+        names = source_names(config, stored)
+    except UnsupportedModelError as e:
+        return str(e)
+    config = names.config
     if getattr(config, "qk_layernorm", False):
         return ("its q/k LayerNorms (qk_layernorm) subtract each head's mean after the projection, which no "
                 "rotation within a rotary pair commutes with, and scale by weights of each head's own (StableLM) or "
@@ -48,20 +53,30 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     if getattr(config, "clip_qkv", None) is not None:
         return "it clips q/k/v after the projection"
     prefix, layers = decoder_layers(skeleton(config))
-    names = [f"{prefix}.0.{name}" for name, _ in layers[0].named_parameters()]
-    if not all(stored_name(name, stored) is not None for name in names):
-        return "its checkpoint stores the layers under other names than its modules (e.g. fused MoE experts)"
+    if not all(names.has(f"{prefix}.0.{name}") for name, _ in layers[0].named_parameters()):
+        return "its checkpoint stores the layers under names that transformers' loading rules do not map to its modules"
     attention = layers[0].self_attn
-    return _attention_reason(attention, config, layout) or _plan_reason(attention, f"{prefix}.0", stored)
+    return _attention_reason(attention, config, layout) or _plan_reason(attention, f"{prefix}.0", names)
 
 
-def _plan_reason(attention: nn.Module, layer: str, stored: Collection[str]) -> str | None:
+def rewritten_tensors(config: PretrainedConfig, stored: Collection[str]) -> frozenset[str]:
+    """The checkpoint tensors a calibrated conversion writes fitted: its language model's attention projections (and
+    q/k norm weights). A wrapper's vision tower has attention tensors of the same names; they are copied."""
+    from gqa_uptrain.convert.plan import _is_attention_projection  # plan.py imports this module
+
+    names = source_names(config, stored)
+    prefix, _ = decoder_layers(skeleton(names.config))
+    return frozenset(checkpoint for name, checkpoint in names.stored.items()
+                     if name.startswith(f"{prefix}.") and _is_attention_projection(checkpoint))
+
+
+def _plan_reason(attention: nn.Module, layer: str, names: SourceNames) -> str | None:
     """Why the plan would not write the fitted output projection (so the output would keep the source's beside
     fitted q/k/v, and compute something else without a word), or None."""
     from gqa_uptrain.convert.plan import _is_attention_projection  # plan.py imports this module
 
-    output = stored_name(f"{layer}.self_attn.{output_name(attention)}.weight", stored)
-    if not _is_attention_projection(output):
+    output = names.stored.get(f"{layer}.self_attn.{output_name(attention)}.weight")
+    if output is None or not _is_attention_projection(output):
         return f"its output projection {output} is not among the tensors the conversion plan rewrites"
     return None
 
