@@ -48,7 +48,8 @@ def read_finite(reader: CheckpointReader, name: str) -> torch.Tensor:
     naming the tensor."""
     tensor = reader.read(name).float()
     if not bool(torch.isfinite(tensor).all()):
-        raise CheckpointError(f"source tensor {name} holds NaN or infinite values: a calibrated "
+        stored = reader.tensors[name].name if name in reader.tensors else name  # the checkpoint's name for it
+        raise CheckpointError(f"source tensor {stored} holds NaN or infinite values: a calibrated "
                               "conversion cannot fit to it (the converted attention would be NaN)")
     return tensor
 

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration.source import source_reader
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
+from gqa_uptrain.errors import CheckpointError
 from gqa_uptrain.kv_heads import kv_heads_of
 from gqa_uptrain.provenance import read_provenance
 from tiny_models import VOCAB, logits, random_model, repeat_kv_heads
@@ -86,3 +87,13 @@ def test_the_language_model_is_read_as_transformers_loads_it(arch, tmp_path, tok
     assert all(reader.names.has(name) for name in model.state_dict())
     model.load_state_dict({name: reader.read(name) for name in model.state_dict()})
     assert close(logits(model, tokens), logits(source, tokens))
+
+
+def test_a_nan_in_a_wrapper_is_named_by_the_checkpoint(tmp_path, calibration):
+    """The calibration reads a wrapper's tensors by its language model's names; a refusal names what the user has."""
+    model = repeat_kv_heads(random_model("llava", kv_heads=2, seed=4), 4)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[5, 0] = float("nan")
+    source = save(model, tmp_path / "src")
+    with pytest.raises(CheckpointError, match=r"source tensor language_model\.model\.embed_tokens\.weight holds NaN"):
+        convert(source, 2, tmp_path / "out", calibration)
