@@ -33,6 +33,8 @@ from gqa_uptrain.errors import UnsupportedModelError
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 _FUSED = ("qkv_proj",)  # Phi-3: rows [q | k | v] (layout.FusedQKV)
 _NORMS = ("q_norm", "k_norm")
+_HYBRID = ("some of its decoder layers have no attention (short convolutions, Mamba layers), which the layer-by-layer "
+           "calibration does not run")
 
 
 def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> str | None:
@@ -52,7 +54,12 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
         return "its KV heads live outside k_proj/v_proj, a [q | k | v] qkv_proj and k_norm (per-head norm modules)"
     if getattr(config, "clip_qkv", None) is not None:
         return "it clips q/k/v after the projection"
-    prefix, layers = decoder_layers(skeleton(config))
+    try:
+        prefix, layers = decoder_layers(skeleton(config))
+    except UnsupportedModelError:  # its first layer has no attention (LFM2's short convolution)
+        return _HYBRID
+    if any(getattr(layer, "self_attn", None) is None for layer in layers):  # GraniteMoeHybrid's Mamba layers
+        return _HYBRID
     if not all(names.has(f"{prefix}.0.{name}") for name, _ in layers[0].named_parameters()):
         return "its checkpoint stores the layers under names that transformers' loading rules do not map to its modules"
     attention = layers[0].self_attn
