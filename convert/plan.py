@@ -116,10 +116,11 @@ def _check_exact(tensors: dict[str, TensorInfo], steps: list[Step]) -> None:
 
 
 def _is_attention_projection(name: str) -> bool:
-    """q/k/v/o projections (and q/k norm weights) of a decoder layer's attention: what a calibrated conversion
-    rewrites."""
-    return re.search(r"\.self_attn\.((qkv|[qkvo])_proj\.(weight|bias)|[qk]_norm\.weight)$", name) is not None and \
-        not name.endswith("o_proj.bias")
+    """q/k/v projections (weights and biases), the output projection's weight (o_proj, or Phi's dense) and q/k norm
+    weights of a decoder layer's attention: what a calibrated conversion rewrites (the output bias is added after the
+    heads are summed, so it stays)."""
+    return re.search(r"\.self_attn\.((qkv|[qkv])_proj\.(weight|bias)|(o_proj|dense)\.weight|[qk]_norm\.weight)$",
+                     name) is not None
 
 
 @dataclass(frozen=True)

@@ -301,15 +301,10 @@ def test_rotation_shares_stay_on_the_tables_device():
     assert still[0] == 1 and still[1] > 0.99 and still[2] < 0.1
 
 
-# Phi's output projection is `dense`, which convert/plan.py must mark as rewritten by the fit before Phi converts:
-# until then support.py refuses it (`_plan_reason`), and these tests say so; once plan.py does, drop the mark.
-PHI = pytest.param("phi", marks=pytest.mark.xfail(strict=True, raises=UnsupportedModelError,
-                                                   reason="convert/plan.py does not rewrite self_attn.dense yet"))
-
 # Architectures whose attention the calibrated fits model beyond plain q/k/v/o (q/k norms: keys.py; a fused qkv_proj:
 # calibrate._qkv; partial rotary (StableLM, Phi) and interleaved pairs (Helium): rotary.py): they must convert,
 # never be refused, and exactly where the heads are copies.
-BEYOND_PLAIN = ["qwen3", "gemma3_text", "olmo2", "phi3", "stablelm", "helium", PHI]
+BEYOND_PLAIN = ["qwen3", "gemma3_text", "olmo2", "phi3", "stablelm", "helium", "phi"]
 
 # The tiny table's StableLM has q/k LayerNorms, which the fits do not model (support.py): here it has none.
 WITHOUT_QK_LAYERNORM = {"stablelm": {}}
@@ -339,7 +334,7 @@ def test_same_head_count_changes_nothing_beyond_plain_attention(arch, tmp_path, 
     assert torch.equal(logits(out, tokens), logits(tmp_path / "src", tokens))
 
 
-@pytest.mark.parametrize("arch", ["stablelm", "helium", PHI])
+@pytest.mark.parametrize("arch", ["stablelm", "helium", "phi"])
 def test_disguised_copies_convert_without_loss_under_partial_and_interleaved_rotary(arch, tmp_path, tokens,
                                                                                     calibration, monkeypatch):
     """Copies whose turned pairs are complex rescalings and whose unrotated dims are invertible maps of one
@@ -416,8 +411,7 @@ def test_disguised_copies_convert_without_loss_under_qk_norms(arch, tmp_path, to
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "olmo2", "phi3", *(pytest.param(a, marks=pytest.mark.slow) for a in
-                                                                ("stablelm", "helium")),
-                                  pytest.param("phi", marks=[pytest.mark.slow, *PHI.marks])])
+                                                                ("stablelm", "helium", "phi"))])
 def test_calibrated_beats_mean_pooling_beyond_plain_attention(arch, tmp_path, shared_data):
     model, text, rows = train_briefly(arch, tmp_path, shared_data)
     mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False)
