@@ -37,7 +37,7 @@ from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, is_model_fil
 from gqa_uptrain.convert.checkpoint_writer import ShardedWriter, copy_tensor, write_tensor
 from gqa_uptrain.convert.methods import PoolContext
 from gqa_uptrain.convert.output_config import output_config
-from gqa_uptrain.convert.plan import ConversionPlan, Step
+from gqa_uptrain.convert.plan import ConversionPlan, TensorPlan
 from gqa_uptrain.convert.pooling import pool_tensor, seeded_generator
 from gqa_uptrain.atomic_write import flush_to_disk
 from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError, is_full_disk
@@ -208,7 +208,7 @@ def _write_weights(plan: ConversionPlan, folder: Path, progress: bool, fitted: C
         writer.finish()
 
 
-def _tensor_source(plan: ConversionPlan, step: Step, init_std: float, fitted: CheckpointReader | None):
+def _tensor_source(plan: ConversionPlan, step: TensorPlan, init_std: float, fitted: CheckpointReader | None):
     """How the writer gets a step's bytes: a raw copy (of the source, or of a calibrated fit), or the pooled
     tensor."""
     reader = plan.reader

@@ -33,7 +33,7 @@ from gqa_uptrain.sizes import human_size
 
 
 @dataclass(frozen=True)
-class Step:
+class TensorPlan:
     """One output tensor: copied unchanged (`change` is None), pooled from `sources`, or `fitted` on calibration
     text (the calibrated method's q/k/v/o projections)."""
 
@@ -53,7 +53,7 @@ class ConversionPlan:
     layout: KVLayout
     options: ConvertOptions
     reader: CheckpointReader
-    steps: list[Step]
+    steps: list[TensorPlan]
     shards: list[list[OutputTensor]]
     fitted: bool  # q/k/v/o projections fitted on calibration text (--method calibrated, where heads merge)
 
@@ -100,7 +100,7 @@ def build_plan(folder: Path, options: ConvertOptions, reader: CheckpointReader |
 _QUANTIZED = re.compile(r"(weight_scale(_inv)?|input_scale|qweight|qzeros|scales|absmax|quant_map)$")
 
 
-def _check_exact(tensors: dict[str, TensorInfo], steps: list[Step]) -> None:
+def _check_exact(tensors: dict[str, TensorInfo], steps: list[TensorPlan]) -> None:
     """Pool only what pooling can convert exactly: floating-point weights of 16 bits or more, no scales."""
     scaled = next((name for name in tensors if _QUANTIZED.search(name)), None)
     if scaled is not None:
@@ -132,7 +132,7 @@ class _Target:
     sources: tuple[str, ...]
 
 
-def _steps(reader: CheckpointReader, layout: KVLayout, names: CheckpointNames) -> list[Step]:
+def _steps(reader: CheckpointReader, layout: KVLayout, names: CheckpointNames) -> list[TensorPlan]:
     """Output tensors in the order the source stores them, so reads run front to back through each file."""
     targets = _targets(layout, names)
     ordered = sorted(reader.tensors.values(), key=lambda t: (str(t.file), t.offset or 0))
@@ -140,12 +140,12 @@ def _steps(reader: CheckpointReader, layout: KVLayout, names: CheckpointNames) -
     for info in ordered:
         target = targets.get(info.name)
         if target is None:
-            steps.append(Step(OutputTensor(info.name, info.dtype, info.shape), (info.name,), None))
+            steps.append(TensorPlan(OutputTensor(info.name, info.dtype, info.shape), (info.name,), None))
             continue
         _check_shape(info, target.change)
         if target.output is not None:
             shape = pooled_shape(target.change, layout.kv_heads, layout.groups)
-            steps.append(Step(OutputTensor(target.output, info.dtype, shape), target.sources, target.change))
+            steps.append(TensorPlan(OutputTensor(target.output, info.dtype, shape), target.sources, target.change))
     return steps
 
 

@@ -61,12 +61,13 @@ def _precision(recipe: Recipe) -> str:
     return "no" if choice == "fp32" else choice
 
 
-def _accelerator(recipe: Recipe, plan: TrainingBudget) -> Accelerator:
+def _accelerator(recipe: Recipe, budget: TrainingBudget) -> Accelerator:
     output = Path(recipe.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=_precision(recipe),
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=plan.grad_accum, sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=budget.grad_accum,
+                                                                sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True)
         if recipe.model.compile
@@ -165,17 +166,17 @@ def run(recipe: Recipe) -> Path:
 def _run(recipe: Recipe, state: PartialState, stack: ExitStack, space: disk.Space | None = None) -> Path:
     """Checks, setup, then the step loop: an optimizer step, then, at the step boundaries `cadence.py` names, the
     divergence check, logging, evaluation and a checkpoint; at the end, the export."""
-    models, plan, provenance, status = _check(recipe, state)
+    models, budget, provenance, status = _check(recipe, state)
     if status == "complete":
         state.print(f"{recipe.output_dir} already holds the finished run ({Path(recipe.output_dir) / 'model'}): "
                     "nothing to do")
         return Path(recipe.output_dir) / "model"
-    run = _set_up(recipe, models, plan, status, stack, space)
-    cadence = Cadence.of(recipe, plan.steps)
-    while run.step < plan.steps:
+    run = _set_up(recipe, models, budget, status, stack, space)
+    cadence = Cadence.of(recipe, budget.steps)
+    while run.step < budget.steps:
         run.train_step()
         step = run.step
-        if cadence.log(step) or cadence.evaluate(step) or cadence.save(step) or step == plan.steps:
+        if cadence.log(step) or cadence.evaluate(step) or cadence.save(step) or step == budget.steps:
             run.divergence.check(run.accelerator, run.checkpoints)  # before anything is logged, saved or exported
         if cadence.log(step):
             run.log()
@@ -185,7 +186,7 @@ def _run(recipe: Recipe, state: PartialState, stack: ExitStack, space: disk.Spac
             run.save()
     run.progress.close()
 
-    target = _export(run.accelerator, recipe, models, plan, run.model, run.history.records(), provenance)
+    target = _export(run.accelerator, recipe, models, budget, run.model, run.history.records(), provenance)
     run.accelerator.end_training()
     run.accelerator.print(f"uptrained model written to {target}")
     return target
@@ -193,14 +194,14 @@ def _run(recipe: Recipe, state: PartialState, stack: ExitStack, space: disk.Spac
 
 def _check(recipe: Recipe, state: PartialState) -> tuple[Models, TrainingBudget, Provenance, str]:
     """Everything that can be wrong, checked before any work (the plan printed on the way); returns the models, the
-    plan, the source's provenance and what output_dir holds ('fresh', 'resume' or 'complete')."""
+    training budget, the source's provenance and what output_dir holds ('fresh', 'resume' or 'complete')."""
     models = check_models(recipe)
     check_trackers(recipe.log.trackers)
     _check_world_size(state)
     provenance = source_provenance(models.folder)
     original = models.teacher_config or original_config(models.config, provenance)
-    plan = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, state.num_processes, models.config, original)
-    state.print(f"gqa-uptrain plan for {recipe.model.path} on {state.num_processes} process(es):\n{plan.describe()}")
+    budget = plan_budget(recipe.budget, recipe.batch, recipe.data.seq_len, state.num_processes, models.config, original)
+    state.print(f"gqa-uptrain plan for {recipe.model.path} on {state.num_processes} process(es):\n{budget.describe()}")
     check_attention(recipe)
     status = check_output_dir(recipe)
     if status == "complete":
@@ -208,18 +209,18 @@ def _check(recipe: Recipe, state: PartialState) -> tuple[Models, TrainingBudget,
     if status == "resume":
         check_model_unchanged(recipe, models.folder)
         check_data_unchanged(recipe)
-    return models, plan, provenance, status
+    return models, budget, provenance, status
 
 
-def _set_up(recipe: Recipe, models: Models, plan: TrainingBudget, status: str, stack: ExitStack,
+def _set_up(recipe: Recipe, models: Models, budget: TrainingBudget, status: str, stack: ExitStack,
             space: disk.Space | None) -> _Training:
     """Data, model, teacher, optimizer, schedule and loaders, prepared by accelerate; the run resumed from its latest
     checkpoint, or its curve started with a validation of the converted model (and of the teacher)."""
     set_seed(recipe.seed)
-    accelerator = _accelerator(recipe, plan)
+    accelerator = _accelerator(recipe, budget)
     with accelerator.main_process_first():
         train_rows, val_rows = data.build_datasets(
-            recipe.data, models.tokenizer, recipe.seed, train_rows=plan.steps * recipe.batch.global_batch,
+            recipe.data, models.tokenizer, recipe.seed, train_rows=budget.steps * recipe.batch.global_batch,
             val_rows=recipe.eval.batches * recipe.batch.micro_batch * accelerator.num_processes, say=accelerator.print,
             vocab_size=models.config.vocab_size,
         )
@@ -237,7 +238,7 @@ def _set_up(recipe: Recipe, models: Models, plan: TrainingBudget, status: str, s
         space.checkpoint_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + 8 * learning.trainable
     teacher = shared_teacher(accelerator, recipe, model, models) if recipe.teacher else None
     optimizer = build_optimizer(model, recipe.train)
-    scheduler = build_schedule(optimizer, recipe.train, plan.steps)
+    scheduler = build_schedule(optimizer, recipe.train, budget.steps)
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model,
         optimizer,
@@ -250,21 +251,21 @@ def _set_up(recipe: Recipe, models: Models, plan: TrainingBudget, status: str, s
         teacher = place_teacher(accelerator, recipe, models.teacher_folder)
 
     checkpoints = Path(recipe.output_dir) / "checkpoints"
-    step, tokens, position = _resume(accelerator, checkpoints, status, plan.steps, scheduler)
+    step, tokens, position = _resume(accelerator, checkpoints, status, budget.steps, scheduler)
     history = History(Path(recipe.output_dir) / "metrics.jsonl", accelerator)
     history.truncate(step if step else -1)  # a fresh start keeps no record, not even a step-0 validation
     batches = data.Batches(accelerator, train_loader, **position)
     accelerator.init_trackers(recipe.log.project, config=flat_config(recipe.model_dump(mode="json")))
     peak = peak_tflops(recipe.log.peak_tflops)
-    progress = stack.enter_context(Progress(plan.steps, step, accelerator.is_main_process, peak))
+    progress = stack.enter_context(Progress(budget.steps, step, accelerator.is_main_process, peak))
     if step == 0:  # the curve starts at the converted model, and the teacher's loss (a resumed run has them already)
         _validate(accelerator, model, val_loader, history, step, tokens, progress, None, teacher)
-    throughput = Throughput(plan.flops_per_token, peak, accelerator.num_processes)
+    throughput = Throughput(budget.flops_per_token, peak, accelerator.num_processes)
     if peak is not None:
         accelerator.print(f"MFU is against {peak.description}")
     model.train()
-    return _Training(recipe, plan, accelerator, model, teacher, optimizer, scheduler, batches, val_loader, checkpoints,
-                     space, history, progress, throughput, Gap.of(history.records()),
+    return _Training(recipe, budget, accelerator, model, teacher, optimizer, scheduler, batches, val_loader,
+                     checkpoints, space, history, progress, throughput, Gap.of(history.records()),
                      LossWindow(accelerator.device), Divergence(accelerator.device), step, tokens)
 
 
@@ -274,7 +275,7 @@ class _Training:
     `save`. `step` and `tokens` count what has been trained."""
 
     recipe: Recipe
-    plan: TrainingBudget
+    budget: TrainingBudget
     accelerator: Accelerator
     model: torch.nn.Module
     teacher: torch.nn.Module | None
@@ -299,7 +300,7 @@ class _Training:
         a scheduler step."""
         accelerator, model = self.accelerator, self.model
         clip = self.recipe.train.grad_clip or float("inf")
-        for _ in range(self.plan.grad_accum):
+        for _ in range(self.budget.grad_accum):
             input_ids = next(self.batches)["input_ids"]
             with accelerator.accumulate(model):
                 objective, lm_loss, kd_loss = _forward(model, self.teacher, input_ids, self.recipe, accelerator)
@@ -312,8 +313,8 @@ class _Training:
             self.divergence.add(objective, self.step + 1)
         self.scheduler.step()
         self.step += 1
-        self.tokens += self.plan.tokens_per_step
-        self.throughput.add(self.plan.tokens_per_step)
+        self.tokens += self.budget.tokens_per_step
+        self.throughput.add(self.budget.tokens_per_step)
         self.progress.update()
 
     def log(self) -> None:
@@ -325,8 +326,8 @@ class _Training:
             record["grad_norm"] = float(self.grad_norm)
         if kd_loss is not None:
             record["kd_loss"] = kd_loss
-        if self.plan.pretrain_tokens is not None:
-            record["fraction_of_pretraining_compute"] = self.plan.fraction_of_pretraining_compute(self.tokens)
+        if self.budget.pretrain_tokens is not None:
+            record["fraction_of_pretraining_compute"] = self.budget.fraction_of_pretraining_compute(self.tokens)
         self.history.log(record, self.step)
         self.progress.log(self.step, record)
 
@@ -380,7 +381,7 @@ def _resume(accelerator: Accelerator, checkpoints: Path, status: str, steps: int
 
 
 def _export(
-    accelerator: Accelerator, recipe: Recipe, models: Models, plan: TrainingBudget, model: torch.nn.Module,
+    accelerator: Accelerator, recipe: Recipe, models: Models, budget: TrainingBudget, model: torch.nn.Module,
     records: list[dict], provenance: Provenance,
 ) -> Path:
     """The trained model in the checkpoint's dtype with its uptraining record, and the loss curve beside it."""
@@ -388,12 +389,12 @@ def _export(
     last_val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
     uptraining = {
         "recipe": recipe.model_dump(mode="json"),
-        "steps": plan.steps,
-        "tokens": plan.tokens,
-        "flops": plan.flops,
-        "pretrain_tokens": plan.pretrain_tokens,
-        "fraction_of_pretraining_tokens": plan.fraction_of_pretraining_tokens(),
-        "fraction_of_pretraining_compute": plan.fraction_of_pretraining_compute(),
+        "steps": budget.steps,
+        "tokens": budget.tokens,
+        "flops": budget.flops,
+        "pretrain_tokens": budget.pretrain_tokens,
+        "fraction_of_pretraining_tokens": budget.fraction_of_pretraining_tokens(),
+        "fraction_of_pretraining_compute": budget.fraction_of_pretraining_compute(),
         "teacher": recipe.teacher.path if recipe.teacher else None,
         "world_size": accelerator.num_processes,
         "final_val_loss": last_val,
