@@ -78,9 +78,8 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
         # in one report: each against the base, and uptraining's own effect said by `compare_uptraining`. gqa-eval's
         # cache makes a rerun cheap: each model is measured again only when its content changed.
         steps.append(_in_process("evaluate", evaluate, recipe.convert.source, [model, uptrained], done=False,
-                                 then=lambda: compare_uptraining(report, model, uptrained), tasks=e.tasks,
-                                 num_fewshot=e.num_fewshot, batch_size=e.batch_size, limit=e.limit,
-                                 perplexity=e.perplexity, speed=e.speed, output=report))
+                                 then=lambda: compare_uptraining(report, model, uptrained), output=report,
+                                 **e.options()))
     if repo_id:
         argv = [sys.executable, "-m", "gqa_uptrain.apps.publish", str(uptrained), "--repo-id", repo_id]
         argv += ["--report", str(report / "report.json")] if recipe.evaluate else []
@@ -271,11 +270,14 @@ def _local_data(recipe: PipelineRecipe) -> list[str]:
 
 
 def _check_evaluation(spec: EvaluateSpec) -> None:
-    """The perplexity file there (a Hub dataset is gqa-eval's to fetch) and every task known, as gqa-eval's own
-    input checks say it: lm-eval's index is read (seconds), no data is."""
+    """The section's values, the perplexity file there (a Hub dataset is gqa-eval's to fetch) and every task known,
+    as gqa-eval's own checks say it: lm-eval's index is read (seconds), no data is."""
     from gqa_uptrain.eval import check_inputs
 
-    check_inputs(spec.tasks, spec.perplexity)
+    try:
+        check_inputs(**spec.options())
+    except ConfigError as error:
+        raise ConfigError(f"evaluate: {error}") from None
 
 
 def compare_uptraining(report: Path, converted: Path, uptrained: Path) -> None:

@@ -33,14 +33,19 @@ class ConvertSpec(Section):
 
 
 class EvaluateSpec(Section):
-    """The gqa-eval comparison of the uptrained model with `convert.source`."""
+    """The gqa-eval comparison of the uptrained model with `convert.source`: gqa-eval's options of the same names,
+    left out for its defaults. gqa-eval checks their values (`gqa_uptrain.eval.check_inputs`, before the first step)."""
 
     tasks: str | None = None  # lm-eval task names, or the shipped gqa_lastword,gqa_nextsentence
-    num_fewshot: int = Field(0, ge=0)
-    batch_size: int = Field(8, ge=1)
-    limit: int | float | None = Field(None, gt=0)  # documents per task; a fraction of them when it has a dot
+    num_fewshot: int | None = None
+    batch_size: int | None = None
+    limit: int | float | None = None  # documents per task; a fraction of them when it has a dot
     perplexity: UserPath | None = None  # held-out text: a file or a Hub dataset
-    speed: bool = False
+    speed: bool | None = None
+
+    def options(self) -> dict:
+        """The options given, as `gqa_uptrain.eval.evaluate` takes them."""
+        return self.model_dump(exclude_none=True)
 
 
 class PublishSpec(Section):

@@ -64,17 +64,20 @@ def evaluate(base: str | Path, models: str | Path | Sequence[str | Path] = (), *
     return report
 
 
-def check_inputs(tasks: str | None = None, perplexity: str | None = None) -> None:
-    """The input checks gqa-eval runs before any model loads, for a caller that plans an evaluation ahead of the
-    steps that make its models (gqa-pipeline): the perplexity file there (a Hub dataset is not fetched) and every task
-    known (lm-eval's index is read, in seconds; no data is). Each problem raises one ConfigError or DataError."""
+def check_inputs(**options: Any) -> None:
+    """The checks gqa-eval runs before any model loads, for a caller that plans an evaluation ahead of the steps that
+    make its models (gqa-pipeline). `options` are `evaluate`'s: each is checked as `evaluate` checks it, then the
+    perplexity file must be there (a Hub dataset is not fetched) and every task known (lm-eval's index is read, in
+    seconds; no data is). Each problem raises one ConfigError or DataError."""
     import tempfile
 
     from .local_tasks import resolve_tasks
+    from .options import EvalOptions
     from .perplexity import check_local_file
 
-    if perplexity:
-        check_local_file(perplexity)
-    if tasks:
+    settings = EvalOptions(base="(made by an earlier step)", **options)
+    if settings.perplexity:
+        check_local_file(settings.perplexity)
+    if settings.tasks:
         with tempfile.TemporaryDirectory() as staging:
-            resolve_tasks(tasks, [], Path(staging), file_hash=lambda path: "")
+            resolve_tasks(settings.tasks, [], Path(staging), file_hash=lambda path: "")

@@ -149,6 +149,8 @@ EARLY = {
                                   "{tmp}/no.txt: no such file", written),
     "an unknown task": (lambda tmp: ["evaluate.tasks=gqa_lastwrd"], "unknown task 'gqa_lastwrd' (did you mean "
                         "'gqa_lastword'?)", written),
+    "a batch size of 0": (lambda tmp: ["evaluate.batch_size=0"], "evaluate: --batch-size must be at least 1, got 0",
+                          written),
     "a malformed repo id": (lambda tmp: ["publish.repo_id=me/my model"], "publish.repo_id 'me/my model' is not a Hub "
                             "repository id (use NAME or OWNER/NAME)", written),
     "output_dir a file": (lambda tmp: ((tmp / "run").write_text("x"), [])[1], "output_dir {tmp}/run: is a file, not "
