@@ -34,11 +34,8 @@ class ConvertOptions(Options):
     output: Annotated[Path | None, Flag(("-o", "--output"), Path), BeforeValidator(expand_home)] = Field(
         None, description="output folder (default: ./<name>-gqa<G>, or ./<name>-mqa for --groups 1)")
     method: MethodName = Field(
-        "mean", description="how the KV heads of a group become one: mean (average them, the GQA paper's choice; "
-        "default), first (keep the group's first head), random (fresh projections drawn from the config's "
-        "initializer_range), calibrated (training-free: group the heads and fit each group's shared key and value to "
-        "reproduce the original attention on calibration text; rewrites q/k/v/o_proj; runs on the GPU when there is "
-        "one)")
+        "mean", description="how the KV heads of a group become one: " + ", ".join(
+            f"{m.name} ({m.explained})" for m in METHODS.values()) + " (default: %(default)s)")
     calibration: Annotated[str | None, Flag(metavar="DATA")] = Field(
         None, description="text for --method calibrated: a local .txt/.jsonl/.parquet file (optionally compressed), "
         "folder or glob, or a Hub dataset id; rows with input_ids are used as they are (default: public-domain books "

@@ -31,16 +31,19 @@ def _registry(*methods: Method) -> dict[str, Method]:
 # and the arms of scripts/reproduce_gqa.py all come from here.
 METHODS: dict[str, Method] = _registry(
     Method("mean", _pool_of("mean"), "each new key/value head is the mean of the heads in its group.",
-           "mean-pooled", _pooling_loss("mean")),
+           "mean-pooled", _pooling_loss("mean"), "average them, the GQA paper's choice"),
     Method("first", _pool_of("first"), "each new key/value head is the first head of its group.",
-           "cut to each group's first head", _pooling_loss("first")),
+           "cut to each group's first head", _pooling_loss("first"), "keep the group's first head"),
     Method("random", _pool_of("random_init"), "the key/value projections were freshly initialised.",
-           "drawn afresh", _pooling_loss("random"), seeded=True, redraws=True),
+           "drawn afresh", _pooling_loss("random"), "fresh projections drawn from the config's initializer_range",
+           seeded=True, redraws=True),
     Method("calibrated", None, "heads were grouped, and each group's shared key and value fitted, to reproduce the "
                                "original attention on calibration text (training-free; q/k/v/o projections rewritten).",
            "rewritten", "expect some loss before uptraining, most at few KV heads (a real 135M model at one KV head: "
            "WikiText-2 loss 3.05 -> 4.31, calibrated on books), and less the more the calibration text is like the "
-           "model's pretraining data (pass it with --calibration)", seeded=True),
+           "model's pretraining data (pass it with --calibration)",
+           "training-free: group the heads and fit each group's shared key and value to reproduce the original "
+           "attention on calibration text; rewrites q/k/v/o_proj; runs on the GPU when there is one", seeded=True),
 )
 
 __all__ = ["METHODS", "Method", "PoolContext", "PoolFn"]

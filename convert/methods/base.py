@@ -36,6 +36,7 @@ class Method:
     summary: str  # the model card's sentence: completes "... with the `<name>` method: "
     changed: str  # the dry run's words for the tensors it changed: "12 <changed>"
     expect: str  # what the run says to expect of the converted model, when heads merge
+    explained: str  # what --help says it does: "NAME (<explained>)"
     seeded: bool = False  # its result depends on --seed, so the provenance records the seed
     redraws: bool = False  # draws new weights rather than keep the source's: at the source's head count it would
     # silently copy the source instead, so that is refused
