@@ -411,7 +411,8 @@ def test_disguised_copies_convert_without_loss_under_qk_norms(arch, tmp_path, to
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "olmo2", "phi3", *(pytest.param(a, marks=pytest.mark.slow) for a in
-                                                                ("stablelm", "helium", "phi"))])
+                                                                ("stablelm", "helium", "phi", "gemma3_text",
+                                                                 "mixtral"))])
 def test_calibrated_beats_mean_pooling_beyond_plain_attention(arch, tmp_path, shared_data):
     model, text, rows = train_briefly(arch, tmp_path, shared_data)
     mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False)
