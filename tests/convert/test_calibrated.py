@@ -433,3 +433,37 @@ def test_the_default_text_is_shipped_books_that_no_evaluation_task_quotes(gpt2_t
     calibration = calibration_tokens(gpt2_tokenizer, None, 4096, 64, seed=0)
     assert calibration.data == DEFAULT_DATA and calibration.tokens.shape == (64, 64)
     assert gpt2_tokenizer.decode(calibration.tokens[0]) in books  # passages of the books, not other text
+
+
+def llava_loss(folder: Path, rows: torch.Tensor) -> float:
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=rows, labels=rows).loss.item()
+
+
+@pytest.mark.slow
+def test_calibrated_beats_mean_pooling_inside_a_multimodal_wrapper(trained_llama, tmp_path):
+    """The briefly trained Llama as a tiny LLaVA's language model (a random vision tower beside it): calibrated
+    converts the language model alone and closes most of mean pooling's gap on held-out text."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from tiny_models import VISION
+
+    model, text, rows = trained_llama
+    llama = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = LlavaConfig(text_config=llama.config.to_dict(), image_token_index=127, tie_word_embeddings=True,
+                         vision_config={"model_type": "clip_vision_model", **VISION})
+    llava = LlavaForConditionalGeneration(config).eval()
+    llava.model.language_model.load_state_dict(llama.model.state_dict())
+    llava.lm_head.load_state_dict(llama.lm_head.state_dict())
+    llava.save_pretrained(tmp_path / "llava")
+    source = tmp_path / "llava"
+    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False)
+    calibrated = convert(source, 2, tmp_path / "calibrated", text, tokens=4096)
+    original, pooled, fitted = (llava_loss(f, rows) for f in (source, mean, calibrated))
+    assert abs(original - held_out_loss(model, rows)) < 1e-4  # the wrapper computes what the Llama does on text
+    assert original < fitted < pooled
+    assert (pooled - fitted) > 0.5 * (pooled - original)
