@@ -34,7 +34,7 @@ class ConvertSpec(Section):
 
 class EvaluateSpec(Section):
     """The gqa-eval comparison of the uptrained model with `convert.source`: gqa-eval's options of the same names,
-    left out for its defaults. gqa-eval checks their values (`gqa_uptrain.eval.check_inputs`, before the first step)."""
+    left out for its defaults. gqa-eval checks their values (eval's door `check_inputs`, before the first step)."""
 
     tasks: str | None = None  # lm-eval task names, or the shipped gqa_lastword,gqa_nextsentence
     num_fewshot: int | None = None
@@ -44,7 +44,7 @@ class EvaluateSpec(Section):
     speed: bool | None = None
 
     def options(self) -> dict:
-        """The options given, as `gqa_uptrain.eval.evaluate` takes them."""
+        """The options given, as eval's door `evaluate` takes them."""
         return self.model_dump(exclude_none=True)
 
 
