@@ -176,3 +176,13 @@ def logits(model_or_path: PreTrainedModel | Path, tokens: torch.Tensor) -> torch
         model = load(model_or_path)
     with torch.no_grad():
         return model(tokens).logits
+
+
+def write_token_rows(path, length: int, rows: int = 16) -> None:
+    """Calibration data as token-id rows (the tiny models have no tokenizer): `rows` sequences of `length` random
+    tokens from the tiny vocabulary, the same for a given length."""
+    import json
+
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(3, VOCAB, (length,), generator=g).tolist() for _ in range(rows)]
+    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids))

@@ -16,7 +16,8 @@ from gqa_uptrain.convert.calibration.rotary import rotary_layout
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.kv_heads import kv_heads_of
 from gqa_uptrain.provenance import read_provenance
-from tiny_models import ARCHITECTURES, MULTIMODAL, QUERY_HEADS, VOCAB, logits, random_model, repeat_kv_heads
+from tiny_models import (ARCHITECTURES, MULTIMODAL, QUERY_HEADS, VOCAB, logits, random_model, repeat_kv_heads,
+                         write_token_rows)
 
 HEAD_DIM = 16
 HIDDEN = 64
@@ -26,9 +27,7 @@ HIDDEN = 64
 def calibration(tmp_path_factory) -> Path:
     """Token-id rows (the tiny models have no tokenizer): 4,096 random tokens."""
     path = tmp_path_factory.mktemp("calibration") / "ids.jsonl"
-    g = torch.Generator().manual_seed(1)
-    rows = [{"input_ids": torch.randint(3, VOCAB, (256,), generator=g).tolist()} for _ in range(16)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_token_rows(path, 256)
     return path
 
 

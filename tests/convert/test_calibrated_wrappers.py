@@ -2,7 +2,6 @@
 tower copied), and MoE layers, whose experts the checkpoint stores one by one and transformers stacks into 3-D
 parameters; hybrids refused (tiny fp32 models, CPU)."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
 from gqa_uptrain.errors import CheckpointError, UnsupportedModelError
 from gqa_uptrain.kv_heads import kv_heads_of
 from gqa_uptrain.provenance import read_provenance
-from tiny_models import HYBRID, VOCAB, logits, random_model, repeat_kv_heads
+from tiny_models import HYBRID, logits, random_model, repeat_kv_heads, write_token_rows
 
 WRAPPERS = ["gemma3", "llava", "mistral3"]
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -26,9 +25,7 @@ MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 def calibration(tmp_path_factory) -> Path:
     """Token-id rows (the tiny models have no tokenizer): 16 sequences of 64 random tokens."""
     path = tmp_path_factory.mktemp("calibration") / "ids.jsonl"
-    g = torch.Generator().manual_seed(1)
-    rows = [{"input_ids": torch.randint(3, VOCAB, (64,), generator=g).tolist()} for _ in range(16)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_token_rows(path, 64)
     return path
 
 
