@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.options import ConvertOptions
 from gqa_uptrain.options import add_flags
+
+# The calibrated method's layers allocate and free hidden-state buffers of many sizes; with expandable segments the
+# allocator grows one mapping instead of caching a block per size, so the GPU memory held stays near what is in use.
+# A user's own PYTORCH_CUDA_ALLOC_CONF wins.
+CUDA_ALLOCATOR = "expandable_segments:True"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOCATOR)  # read when CUDA is first used, not on import
     run_cli("gqa-convert", lambda: convert_checkpoint(**vars(args)))
 
 

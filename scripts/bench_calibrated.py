@@ -9,7 +9,8 @@ prints:
   seconds  total, and its parts: planning (reading headers, building the plan), tokenising the calibration
            text, fitting the layers (GPU work), writing weights (streaming the checkpoint out, fitted tensors
            in), and the rest (config, card, provenance hashes, fsync, rename);
-  GPU      torch.cuda.max_memory_allocated and max_memory_reserved over the conversion (this process only);
+  GPU      torch.cuda.max_memory_allocated and max_memory_reserved over the conversion (this process only),
+           with gqa-convert's allocator setting (PYTORCH_CUDA_ALLOC_CONF, unless already set);
   RSS      this process's peak RSS (VmHWM; the checkpoint is built in another process, so it is not counted),
            and its RSS before the conversion (Python, torch and transformers).
 The parts are timed by wrapping the converter's own functions, so the conversion runs unchanged.
@@ -24,6 +25,7 @@ import argparse
 import functools
 import json
 import multiprocessing
+import os
 import platform
 import re
 import shutil
@@ -39,6 +41,7 @@ from transformers import LlamaConfig
 import gqa_uptrain.convert as convert_api
 from gqa_uptrain.convert import converter
 from gqa_uptrain.convert.calibration import calibrate, refine
+from gqa_uptrain.convert.cli import CUDA_ALLOCATOR
 from gqa_uptrain.kv_heads import meta_model
 from gqa_uptrain.provenance import PROVENANCE
 
@@ -156,6 +159,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict:
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "gpu_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "gpu_max_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "cuda_allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "rss_before_bytes": rss_before, "rss_peak_bytes": rss_bytes("VmHWM"),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "machine": f"{platform.node()}, {platform.machine()}",
@@ -185,7 +189,8 @@ def report(r: dict) -> None:
     if r["gpu_max_allocated_bytes"] is not None:
         print(f"GPU peak: {r['gpu_max_allocated_bytes'] / gb:.2f} GB allocated, "
               f"{r['gpu_max_reserved_bytes'] / gb:.2f} GB reserved "
-              f"({r['gpu_max_allocated_bytes'] / 2**30:.2f} / {r['gpu_max_reserved_bytes'] / 2**30:.2f} GiB)")
+              f"({r['gpu_max_allocated_bytes'] / 2**30:.2f} / {r['gpu_max_reserved_bytes'] / 2**30:.2f} GiB; "
+              f"PYTORCH_CUDA_ALLOC_CONF={r.get('cuda_allocator')})")
     print(f"RSS peak: {r['rss_peak_bytes'] / gb:.2f} GB (before the conversion: {r['rss_before_bytes'] / gb:.2f} GB)")
     errors = [layer.get("held_out_error") for layer in calibration.get("layers", [])]
     if errors:
@@ -193,6 +198,7 @@ def report(r: dict) -> None:
 
 
 def main() -> None:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOCATOR)  # as gqa-convert's main does
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096, help="hidden size (default: 4096)")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (default: 32)")

@@ -295,3 +295,12 @@ def test_reader_streams_one_tensor_at_a_time(sharded):
     reader = checkpoint_reader.CheckpointReader(sharded)
     name = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(reader.read(name), AutoModelForCausalLM.from_pretrained(sharded).state_dict()[name])
+
+
+@pytest.mark.parametrize("preset", [None, "max_split_size_mb:64"])
+def test_the_cuda_allocator_setting_is_a_default_the_user_overrides(source, tmp_path, monkeypatch, preset):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", preset or "")  # restored after the test, set or not before
+    if preset is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    run(source, "--groups", "2", "--output", tmp_path / "out")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (preset or "expandable_segments:True")
