@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gqa_uptrain.kv_heads import kv_cache_bytes_per_token, with_kv_heads
-from gqa_uptrain.provenance import read_provenance
+from gqa_uptrain.provenance import Provenance
 from gqa_uptrain.sizes import human_size
 
 if TYPE_CHECKING:
@@ -79,11 +79,12 @@ def notes(plan: ConversionPlan) -> list[str]:
     return lines
 
 
-def after_writing(plan: ConversionPlan, source: str, output: Path) -> list[str]:
-    """What the run prints after writing: the notes, how to measure the damage, and what to expect by method."""
+def after_writing(plan: ConversionPlan, source: str, output: Path, record: Provenance) -> list[str]:
+    """What the run prints after writing `record` with the model: the notes, the calibration's fit, how to measure
+    the damage, and what to expect by method."""
     layout = plan.layout
-    record = (read_provenance(output) or {}).get("conversion", {}).get("calibration")
-    lines = [*notes(plan), *(calibration_summary(record["layers"]) if record else []),
+    calibration = record.get("conversion", {}).get("calibration")
+    lines = [*notes(plan), *(calibration_summary(calibration["layers"]) if calibration else []),
              f"measure it: gqa-eval --base {source} --model {output} --perplexity TEXT"]
     if layout.groups < layout.kv_heads:
         lines.append(plan.method.expect)

@@ -33,7 +33,7 @@ def calibration(tmp_path_factory) -> Path:
 
 def convert(source: Path, groups: int, out: Path, data: Path, tokens: int = 1024) -> Path:
     return convert_checkpoint(source, groups, out, method="calibrated", calibration=str(data),
-                              calibration_tokens=tokens, progress=False)
+                              calibration_tokens=tokens, progress=False).output
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -124,7 +124,7 @@ def test_rotated_and_permuted_copies_convert_without_loss(permutation, tmp_path,
     expected = logits(source, tokens)
     out = convert(source, 2, tmp_path / "out", calibration)
     assert close(logits(out, tokens), expected)
-    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False)
+    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False).output
     assert not close(logits(mean, tokens), expected)
     groups = read_provenance(out)["conversion"]["calibration"]["layers"][0]["groups"]
     pairs = [[(permutation or [0, 1, 2, 3])[h] // 2 for h in group] for group in groups]
@@ -223,7 +223,7 @@ def held_out_loss(folder: Path, rows: torch.Tensor) -> float:
 @pytest.mark.parametrize("groups", [4, 2, 1])
 def test_calibrated_beats_mean_pooling_on_a_trained_model(groups, trained_llama, tmp_path):
     model, text, rows = trained_llama
-    mean = convert_checkpoint(model, groups, tmp_path / "mean", method="mean", progress=False)
+    mean = convert_checkpoint(model, groups, tmp_path / "mean", method="mean", progress=False).output
     calibrated = convert(model, groups, tmp_path / "calibrated", text, tokens=4096)
     original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
     assert original < fitted < pooled
@@ -233,7 +233,7 @@ def test_calibrated_beats_mean_pooling_on_a_trained_model(groups, trained_llama,
 def test_refinement_lowers_each_refined_layers_held_out_error_and_the_model_loss(trained_llama, tmp_path, capsys):
     model, text, rows = trained_llama
     closed = convert_checkpoint(model, 1, tmp_path / "closed", method="calibrated", calibration=str(text),
-                                calibration_tokens=4096, refine_steps=0, progress=False)
+                                calibration_tokens=4096, refine_steps=0, progress=False).output
     refined = convert(model, 1, tmp_path / "refined", text, tokens=4096)
     layers = {name: read_provenance(f)["conversion"]["calibration"]["layers"]
               for name, f in (("closed", closed), ("refined", refined))}
@@ -344,9 +344,9 @@ def test_disguised_copies_convert_without_loss_under_partial_and_interleaved_rot
     expected = logits(small, tokens)
     assert close(logits(source, tokens), expected)  # the disguise itself keeps the function
     out = convert_checkpoint(source, 2, tmp_path / "out", method="calibrated", calibration=str(calibration),
-                             calibration_tokens=1024, refine_steps=0, progress=False)
+                             calibration_tokens=1024, refine_steps=0, progress=False).output
     assert close(logits(out, tokens), expected)
-    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False)
+    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False).output
     assert not close(logits(mean, tokens), expected)
 
 
@@ -405,7 +405,7 @@ def test_disguised_copies_convert_without_loss_under_qk_norms(arch, tmp_path, to
     expected = logits(small, tokens)
     assert close(logits(source, tokens), expected)  # the disguise itself keeps the function
     assert close(logits(convert(source, 2, tmp_path / "out", calibration), tokens), expected)
-    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False)
+    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False).output
     assert not close(logits(mean, tokens), expected)
 
 
@@ -414,7 +414,7 @@ def test_disguised_copies_convert_without_loss_under_qk_norms(arch, tmp_path, to
                                                                  "mixtral"))])
 def test_calibrated_beats_mean_pooling_beyond_plain_attention(arch, tmp_path, shared_data):
     model, text, rows = train_briefly(arch, tmp_path, shared_data)
-    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False)
+    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
     calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
     original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
     assert original < fitted < pooled
@@ -460,7 +460,7 @@ def test_calibrated_beats_mean_pooling_inside_a_multimodal_wrapper(trained_llama
     llava.lm_head.load_state_dict(llama.lm_head.state_dict())
     llava.save_pretrained(tmp_path / "llava")
     source = tmp_path / "llava"
-    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False)
+    mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False).output
     calibrated = convert(source, 2, tmp_path / "calibrated", text, tokens=4096)
     original, pooled, fitted = (llava_loss(f, rows) for f in (source, mean, calibrated))
     assert abs(original - held_out_loss(model, rows)) < 1e-4  # the wrapper computes what the Llama does on text

@@ -48,7 +48,7 @@ def fitted_layers(monkeypatch) -> list[str]:
 
 def convert(source: Path, out: Path, data: Path, seed: int = 0) -> Path:
     return convert_checkpoint(source, 1, out, method="calibrated", calibration=str(data), calibration_tokens=512,
-                              refine_steps=30, seed=seed, progress=False)
+                              refine_steps=30, seed=seed, progress=False).output
 
 
 def interrupted(source: Path, out: Path, data: Path, fitted: list[str], monkeypatch, seed: int = 0) -> None:
