@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> None:
     if not (init / "config.json").is_file():
         init_llama(tokenizer, init, hidden=128, layers=4, heads=8, kv_heads=8, max_length=SEQ_LEN)
     if not (base / "config.json").is_file():
-        train(init, out / "base", {"steps": args.pretrain_steps}, lr=3e-3, warmup=30)
-        record_pretraining(base, "gqa-demo", "Python standard-library docstrings")
+        pretrained = train(init, out / "base", {"steps": args.pretrain_steps}, lr=3e-3, warmup=30)
+        record_pretraining(pretrained, "gqa-demo", "Python standard-library docstrings")
     uptraining = {"fraction": args.uptrain_fraction, "pretrain_tokens": pretraining_tokens(base)}
 
     candidates = []
@@ -109,14 +109,14 @@ def run(args: argparse.Namespace) -> None:
         stage(f"{name}: convert (mean pooling), then uptrain for {args.uptrain_fraction:.0%} of the pretraining tokens")
         if not (out / name / "config.json").is_file():
             convert_checkpoint(base, groups, out / name)
-        candidates += [out / name, train(out / name, out / f"{name}-uptrained", uptraining, lr=1e-3, warmup=2)]
+        candidates += [out / name, train(out / name, out / f"{name}-uptrained", uptraining, lr=1e-3, warmup=2).model]
         stage(f"{name}-calibrated: convert with --method calibrated on the training docstrings, no training")
         if not (out / f"{name}-calibrated" / "config.json").is_file():
             convert_checkpoint(base, groups, out / f"{name}-calibrated", method="calibrated",
                                calibration=str(corpus / "train.jsonl"), calibration_tokens=CALIBRATION_TOKENS)
         candidates.append(out / f"{name}-calibrated")
     stage("mha-continued: the base trained on the same extra tokens, the fair baseline for the uptrained models")
-    candidates.append(train(base, out / "mha-continued", uptraining, lr=1e-3, warmup=2))
+    candidates.append(train(base, out / "mha-continued", uptraining, lr=1e-3, warmup=2).model)
 
     stage("evaluate every model against the base with gqa-eval")
     # A candidate that fails raises EvaluationError once the others are measured: one line from run_cli.

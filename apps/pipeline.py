@@ -21,7 +21,6 @@ running the same command again continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from gqa_uptrain.apps.pipeline_recipe import EvaluateSpec, PipelineRecipe, load_
 from gqa_uptrain.cli import run_cli, warn
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.errors import ConfigError, GqaError
-from gqa_uptrain.eval import evaluate
+from gqa_uptrain.eval import EvaluationResult, evaluate
 from gqa_uptrain.hashing import BackgroundHashes
 from gqa_uptrain.paths import check_output_folder
 from gqa_uptrain.provenance import PROVENANCE, read_provenance
@@ -47,9 +46,9 @@ PROG = "gqa-pipeline"
 class Step:
     name: str
     shown: str  # what the step runs, as the pipeline prints it: a Python call, or a command line
-    run: Callable[[], None]
+    run: Callable[[], object]  # returns what the tool's Python API returns (None for a launched step)
     done: bool  # its result is already there
-    then: Callable[[], None] | None = None  # what the pipeline does once the step has run
+    then: Callable[[object], None] | None = None  # what the pipeline does with `run`'s result once the step has run
 
 
 def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_id: str | None,
@@ -78,7 +77,7 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
         # in one report: each against the base, and uptraining's own effect said by `compare_uptraining`. gqa-eval's
         # cache makes a rerun cheap: each model is measured again only when its content changed.
         steps.append(_in_process("evaluate", evaluate, recipe.convert.source, [model, uptrained], done=False,
-                                 then=lambda: compare_uptraining(report, model, uptrained), output=report,
+                                 then=lambda result: compare_uptraining(result, model, uptrained), output=report,
                                  **e.options()))
     if repo_id:
         argv = [sys.executable, "-m", "gqa_uptrain.apps.publish", str(uptrained), "--repo-id", repo_id]
@@ -89,8 +88,8 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
     return steps
 
 
-def _in_process(name: str, function: Callable, *args: object, done: bool, then: Callable[[], None] | None = None,
-                **options: object) -> Step:
+def _in_process(name: str, function: Callable, *args: object, done: bool,
+                then: Callable[[object], None] | None = None, **options: object) -> Step:
     """A step that calls a tool's Python API; options left None take the tool's own defaults."""
     options = {key: value for key, value in options.items() if value is not None}
     shown = ", ".join([*map(_shown, args), *(f"{key}={_shown(value)}" for key, value in options.items())])
@@ -280,36 +279,25 @@ def _check_evaluation(spec: EvaluateSpec) -> None:
         raise ConfigError(f"evaluate: {error}") from None
 
 
-def compare_uptraining(report: Path, converted: Path, uptrained: Path) -> None:
+def compare_uptraining(report: EvaluationResult, converted: Path, uptrained: Path) -> None:
     """Say what uptraining changed, from the report that holds the converted model before and after it, and warn
     when it made the model worse: a learning rate too high, or data unlike the evaluation's, can undo what the
     conversion kept, and two rows against the base do not say so by themselves."""
     from gqa_uptrain.eval import AVERAGE, compare
 
-    try:
-        models = json.loads((report / "report.json").read_text())["candidates"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # gqa-eval said why
-    before, after = (_candidate(models, folder) for folder in (converted, uptrained))
+    before, after = (report.model(folder) for folder in (converted, uptrained))  # each with its own KV cache
     if before is None or after is None:
         return
-    rows = [r for r in compare(before, after) if r["task"] in (AVERAGE, "perplexity")]
+    rows = [r for r in compare(before.entry, after.entry) if r["task"] in (AVERAGE, "perplexity")]
     if not rows:
         return
-    print(f"{PROG}: uptraining took the converted model {before['label']} to {after['label']}: "
-          + ", ".join(_change(r) for r in rows) + f" ({report / 'report.md'})", flush=True)
+    table = report.folder / "report.md"
+    print(f"{PROG}: uptraining took the converted model {before.label} to {after.label}: "
+          + ", ".join(_change(r) for r in rows) + f" ({table})", flush=True)
     worse = [_change(r) for r in rows if _worse(r)]
     if worse:
         warn(PROG, f"uptraining made the model worse than the conversion alone ({', '.join(worse)}): try a lower "
-                   f"train.lr, or training data closer to what is evaluated; {report / 'report.md'} has every row")
-
-
-def _candidate(models: list[dict], folder: Path) -> dict | None:
-    """The report's row for the model evaluated from `folder` (its own cache, not a quantized one)."""
-    for model in models:
-        if Path(model["ref"]).resolve() == folder.resolve() and model.get("kv_cache", "none") == "none":
-            return model
-    return None
+                   f"train.lr, or training data closer to what is evaluated; {table} has every row")
 
 
 def _change(row: dict) -> str:
@@ -334,9 +322,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"[{i}/{len(steps)}] {step.name} ({state}): {step.shown}", flush=True)
         if step.done or args.dry_run:
             continue
-        step.run()
+        result = step.run()
         if step.then is not None:
-            step.then()
+            step.then(result)
 
 
 def main(argv: list[str] | None = None) -> None:

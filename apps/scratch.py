@@ -8,9 +8,12 @@ uptraining fractions refer to.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from gqa_uptrain.provenance import pretraining_record, read_provenance, write_provenance
+
+if TYPE_CHECKING:
+    from gqa_uptrain.train import UptrainingResult
 
 EOS = "<|endoftext|>"
 
@@ -50,8 +53,9 @@ def init_llama(tokenizer_folder: Path, folder: Path, *, hidden: int, layers: int
 
 def train_run(model: Path, output: Path, budget: dict, *, train_path: Path, seq_len: int, micro_batch: int,
               global_batch: int, lr: float, warmup: int, validation_path: Path | None = None,
-              teacher: Path | None = None, every: int = 100, compile: bool = False) -> Path:
-    """One run of gqa-uptrain's loop; returns the exported model folder (a finished run is not repeated).
+              teacher: Path | None = None, every: int = 100, compile: bool = False) -> UptrainingResult:
+    """One run of gqa-uptrain's loop; returns what `uptrain` does, the exported model folder as `model` (a finished
+    run is not repeated).
 
     Validation uses `validation_path`, or else the first 64 documents of the training data.
     """
@@ -72,11 +76,11 @@ def train_run(model: Path, output: Path, budget: dict, *, train_path: Path, seq_
     })
 
 
-def record_pretraining(model: Path, source_id: str, data: str) -> int:
-    """Replace the trained model's provenance by a pretraining record; returns the tokens it was trained on."""
-    run = read_provenance(model)["uptraining"]
-    write_provenance(model, pretraining_record(source_id, run["tokens"], run["steps"], data))
-    return run["tokens"]
+def record_pretraining(run: UptrainingResult, source_id: str, data: str) -> int:
+    """Replace the trained model's provenance by a pretraining record of `run`; returns the tokens it was trained
+    on."""
+    write_provenance(run.model, pretraining_record(source_id, run.tokens, run.steps, data))
+    return run.tokens
 
 
 def pretraining_tokens(model: Path) -> int:

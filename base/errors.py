@@ -2,6 +2,7 @@
 
 import errno
 import re
+from typing import Any
 
 # What a write refused for want of space answers: a full file system, or a quota.
 _FULL_DISK = {errno.ENOSPC, errno.EDQUOT}
@@ -65,7 +66,10 @@ class PublishError(GqaError):
 
 
 class EvaluationError(GqaError):
-    """A candidate model could not be evaluated; the report holds the others' results."""
+    """A model could not be evaluated. When it was a candidate, `report` is the EvaluationResult `evaluate` would
+    have returned, with the others' results; None when there is no report (the base failed: it is measured first)."""
+
+    report: Any = None
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

@@ -12,9 +12,9 @@ calibrated` (the fitted tensors are streamed like pooled ones), `checkpoint_read
 `checkpoint_writer.py` streams the output shards, `converter.py` runs the plan atomically, and `card.py` writes the
 model card from the provenance record (`gqa_uptrain.provenance`).
 
-`convert_checkpoint` is the Python API; `gqa-convert` (cli.py) only parses flags and calls it. The door is
-`__all__`: apps use nothing else (tests/test_layout.py); its names that live in modules importing torch or
-transformers are imported when first used, so that `gqa-convert --help` stays fast.
+`convert_checkpoint` is the Python API (it returns a `ConversionResult`, result.py); `gqa-convert` (cli.py) only
+parses flags and calls it. The door is `__all__`: apps use nothing else (tests/test_layout.py); its names that live
+in modules importing torch or transformers are imported when first used, so that `gqa-convert --help` stays fast.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 # The calibration defaults are importable from here too: the studies and benchmarks in scripts/ start from them.
 from gqa_uptrain.convert.options import DEFAULT_CALIBRATION_TOKENS, DEFAULT_REFINE_STEPS, ConvertOptions  # noqa: F401
+from gqa_uptrain.convert.result import ConversionResult
 from gqa_uptrain.errors import GqaError
 from gqa_uptrain.hashing import BackgroundHashes
 
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, is_model_file
     from gqa_uptrain.convert.methods import METHODS
 
-__all__ = ["convert_checkpoint", "METHODS", "model_card", "is_generated_card", "is_model_file", "stdlib_docstrings"]
+__all__ = ["convert_checkpoint", "ConversionResult", "METHODS", "model_card", "is_generated_card", "is_model_file",
+           "stdlib_docstrings"]
 # The door's names defined in other modules -> that module, imported on first use (PEP 562). stdlib_docstrings is
 # the calibration text that every Python carries, which gqa-demo also trains on.
 _ELSEWHERE = {"METHODS": "methods", "model_card": "card", "is_generated_card": "card",
@@ -49,15 +51,17 @@ def __getattr__(name: str) -> Any:
 
 
 def convert_checkpoint(source: str | Path, groups: int, output: str | Path | None = None, *, progress: bool = True,
-                       say: Callable[[str], None] | None = print, **options: Any) -> Path:
-    """Convert `source` (folder or Hub id) to `groups` KV heads; returns the output folder.
+                       say: Callable[[str], None] | None = print, **options: Any) -> ConversionResult:
+    """Convert `source` (folder or Hub id) to `groups` KV heads; returns the output folder, the KV heads before and
+    after, the method and the provenance record written (`ConversionResult`).
 
     `options` are gqa-convert's other flags as keyword arguments, named as `ConvertOptions`' fields (options.py):
     method="calibrated", calibration="books.jsonl", calibration_tokens=..., refine_steps=..., seed, revision,
     max_shard_bytes (bytes, or a size such as "500MB"), force, dry_run, context. With `dry_run` nothing is written:
-    the plan (KV-cache bytes at `context` tokens) goes to `say` and the folder it would write is returned; a Hub id
-    is planned from its config and safetensors headers, without downloading its weights. After writing, `say` gets
-    the line that says how to measure the damage. Mistakes raise `gqa_uptrain.errors` classes.
+    the plan (KV-cache bytes at `context` tokens) goes to `say`, and the result names the folder it would write and
+    holds no record (its `dry_run` is true); a Hub id is planned from its config and safetensors headers, without
+    downloading its weights. After writing, `say` gets the line that says how to measure the damage. Mistakes raise
+    `gqa_uptrain.errors` classes.
     """
     settings = ConvertOptions(source=source, groups=groups, output=output, **options)
     from gqa_uptrain.convert.hub_headers import hub_checkpoint, plans_from_hub
@@ -83,11 +87,11 @@ def convert_checkpoint(source: str | Path, groups: int, output: str | Path | Non
         say = say or (lambda line: None)
         if dry_run:
             say("\n".join([*describe(plan, settings.context), f"output        {target} (not written: --dry-run)"]))
-            return target
-        written = convert(plan, resolved, target, force=settings.force, progress=progress, hashes=hashes)
-    say("\n".join([f"gqa-convert: wrote {written} ({plan.layout.kv_heads} -> {plan.layout.groups} KV heads, "
-                   f"{plan.method.name})", *after_writing(plan, settings.source, written)]))
-    return written
+            return ConversionResult(target, plan.method.name, plan.layout.kv_heads, plan.layout.groups, None)
+        record = convert(plan, resolved, target, force=settings.force, progress=progress, hashes=hashes)
+    say("\n".join([f"gqa-convert: wrote {target} ({plan.layout.kv_heads} -> {plan.layout.groups} KV heads, "
+                   f"{plan.method.name})", *after_writing(plan, settings.source, target, record)]))
+    return ConversionResult(target, plan.method.name, plan.layout.kv_heads, plan.layout.groups, record)
 
 
 def _early_reader(folder: Path) -> CheckpointReader | None:

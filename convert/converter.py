@@ -44,8 +44,8 @@ from gqa_uptrain.errors import DiskFullError, OutputError, OutputExistsError, is
 from gqa_uptrain.hashing import BackgroundHashes
 from gqa_uptrain.locks import output_lock
 from gqa_uptrain.model_folder import model_root, readable_files
-from gqa_uptrain.provenance import (PROVENANCE, Conversion, SourceRecord, conversion_record, read_provenance,
-                                   why_not_converted_here, write_provenance)
+from gqa_uptrain.provenance import (PROVENANCE, Conversion, Provenance, SourceRecord, conversion_record,
+                                   read_provenance, why_not_converted_here, write_provenance)
 from gqa_uptrain.renames import move_into_place, rename_no_replace
 from gqa_uptrain.sizes import human_size
 from gqa_uptrain.source import Source
@@ -93,9 +93,10 @@ def default_output(name: str, groups: int) -> Path:
 
 
 def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = False,
-            progress: bool = True, hashes: BackgroundHashes | None = None) -> Path:
-    """Write the converted model to `output` and return it. `hashes`: the source's weight files being hashed
-    already (`convert_checkpoint` starts them before its imports); by default they are hashed from here on."""
+            progress: bool = True, hashes: BackgroundHashes | None = None) -> Provenance:
+    """Write the converted model to `output`; returns the provenance record written beside it (the caller's result
+    holds it, so nothing is read back). `hashes`: the source's weight files being hashed already
+    (`convert_checkpoint` starts them before its imports); by default they are hashed from here on."""
     check_output(output, source.folder, force)
     # What is copied besides the weights; a folder whose provenance record links out of it is refused here.
     others = [name for name in readable_files(source.folder, is_model_file, PROG, "copied")
@@ -110,22 +111,21 @@ def convert(plan: ConversionPlan, source: Source, output: Path, force: bool = Fa
         check_output(target, source.folder, force)  # again: another run may have written it before we locked it
         _check_space(plan, target.parent)
         try:
-            _write(plan, source, others, target, force, progress, hashes)
+            return _write(plan, source, others, target, force, progress, hashes)
         except OSError as e:
             if not is_full_disk(e):
                 raise
             raise _filled_up(plan, target.parent) from None
-    return output
 
 
 def _write(plan: ConversionPlan, source: Source, others: list[str], output: Path, force: bool,
-           progress: bool, hashes: BackgroundHashes | None) -> None:
+           progress: bool, hashes: BackgroundHashes | None) -> Provenance:
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     work.chmod(0o755)  # mkdtemp makes it private; the finished model folder should not be
     # The source files are hashed for the provenance record by other processes, beside the conversion.
     with hashes or BackgroundHashes(plan.reader.files) as hashing:
         try:
-            _write_into(work, output.name, plan, source, others, progress, hashing)
+            record = _write_into(work, output.name, plan, source, others, progress, hashing)
             check_output(output, source.folder, force)
             _move_into_place(work, output, force)
         except BaseException:
@@ -133,11 +133,13 @@ def _write(plan: ConversionPlan, source: Source, others: list[str], output: Path
             raise
     if plan.fitted:
         shutil.rmtree(store_path(output), ignore_errors=True)  # its layers are in the model now
+    return record
 
 
 def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, others: list[str], progress: bool,
-                hashing: BackgroundHashes) -> None:
-    """Every file of the converted model `title`, on disk (fsynced), in the temporary folder `work`."""
+                hashing: BackgroundHashes) -> Provenance:
+    """Every file of the converted model `title`, on disk (fsynced), in the temporary folder `work`; returns the
+    provenance record written."""
     fitted, calibration = None, None
     if plan.fitted:
         from gqa_uptrain.convert.calibration.calibrate import fit_checkpoint  # datasets, tokenizers: only for this
@@ -153,9 +155,10 @@ def _write_into(work: Path, title: str, plan: ConversionPlan, source: Source, ot
     source_record: SourceRecord = {"id": source.label, "revision": source.revision,
                                    "license": card_license(source.folder),
                                    "sha256": {file.name: digests[file] for file in plan.reader.files}}
-    write_provenance(work, conversion_record(source_record, _conversion(plan, calibration),
-                                             read_provenance(source.folder)))
+    record = conversion_record(source_record, _conversion(plan, calibration), read_provenance(source.folder))
+    write_provenance(work, record)
     model_card(work, title).save(work / "README.md")
+    return record
 
 
 def _make_parent(parent: Path) -> None:

@@ -13,9 +13,10 @@ and fused projections (`projection_fusion.py`) (FlashInfer's kernel runs over th
 floor, and profiles its kernels; `report.py` computes deltas, standard errors and tables and writes the report files;
 `plots.py` draws the report's PNGs.
 
-`evaluate` is the Python API; `gqa-eval` (cli.py) only parses flags and calls it. The door is `__all__`: apps use
-nothing else (tests/test_layout.py). Importing this package imports nothing heavy: `gqa-eval --help` stays fast, and
-the names below that live in modules which import more are imported when first used.
+`evaluate` is the Python API (it returns an `EvaluationResult`, result.py); `gqa-eval` (cli.py) only parses flags and
+calls it. The door is `__all__`: apps use nothing else (tests/test_layout.py). Importing this package imports nothing
+heavy: `gqa-eval --help` stays fast, and the names below that live in modules which import more are imported when
+first used.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .report import AVERAGE, compare, comparison_table
+    from .result import EvaluationResult, ModelResult
 
-__all__ = ["evaluate", "check_inputs", "compare", "comparison_table", "AVERAGE"]
+__all__ = ["evaluate", "EvaluationResult", "ModelResult", "check_inputs", "compare", "comparison_table", "AVERAGE"]
 # The door's names defined in other modules -> that module, imported on first use (PEP 562).
-_ELSEWHERE = {"compare": "report", "comparison_table": "report", "AVERAGE": "report"}
+_ELSEWHERE = {"EvaluationResult": "result", "ModelResult": "result", "compare": "report",
+              "comparison_table": "report", "AVERAGE": "report"}
 
 
 def __getattr__(name: str) -> Any:
@@ -39,13 +42,16 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(f"{__name__}.{_ELSEWHERE[name]}"), name)
 
 
-def evaluate(base: str | Path, models: str | Path | Sequence[str | Path] = (), **options: Any) -> dict:
-    """Evaluate `base` and each of `models` (folders or Hub ids) and return the report (what report.json holds:
-    settings, base, candidates, comparisons against the base), also written to `output` (default
-    ./gqa-eval-report). `options` are gqa-eval's flags as keyword arguments, named as `EvalOptions`' fields:
-    tasks="gqa_lastword", perplexity="held_out.txt", perplexity_max_tokens=2048, speed=True, batch_size=8,
-    device="cpu", output="reports/x", use_cache=False, ... Bad options raise ConfigError before anything loads;
-    if a candidate fails, EvaluationError is raised once the others are done (its `report` holds their results).
+def evaluate(base: str | Path, models: str | Path | Sequence[str | Path] = (), **options: Any) -> EvaluationResult:
+    """Evaluate `base` and each of `models` (folders or Hub ids) and return the report, also written to `output`
+    (default ./gqa-eval-report): an `EvaluationResult`, whose `report` is what report.json holds (settings, base,
+    candidates, comparisons against the base), with each model's figures (`base`, `candidates`, `model(ref)`), the
+    rows against the base (`deltas(label)`) and the `files` written. `options` are gqa-eval's flags as keyword
+    arguments, named as `EvalOptions`' fields: tasks="gqa_lastword", perplexity="held_out.txt",
+    perplexity_max_tokens=2048, speed=True, batch_size=8, device="cpu", output="reports/x", use_cache=False, ... Bad
+    options raise ConfigError before anything loads;
+    if a candidate fails, EvaluationError is raised once the others are done (its `report`, an EvaluationResult too,
+    holds their results).
     """
     from gqa_uptrain.errors import EvaluationError
 
@@ -55,13 +61,13 @@ def evaluate(base: str | Path, models: str | Path | Sequence[str | Path] = (), *
     settings = EvalOptions(base=str(base), models=[str(ref) for ref in refs], **options)
     from .runner import run_report  # torch, transformers and lm-eval take seconds to import
 
-    report, errors = run_report(settings)
+    result, errors = run_report(settings)
     if errors:
         error = EvaluationError(f"{len(errors)} of {len(refs)} candidates failed (the report has the others): "
                                 + "; ".join(errors))
-        error.report = report
+        error.report = result
         raise error
-    return report
+    return result
 
 
 def check_inputs(**options: Any) -> None:

@@ -31,6 +31,7 @@ from .loading import OpenedModel, adds_bos, check_same_tokenizer, load_weights, 
 from .local_tasks import TaskSelection, resolve_tasks
 from .options import EvalOptions
 from .perplexity import load_documents, perplexity, tokenize_documents
+from .result import EvaluationResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -314,20 +315,21 @@ def check_finite(record: dict, spec: OpenedModel) -> None:
                                   "broken model, or overflow in --dtype)")
 
 
-def rewrite_report(plan: EvaluationPlan, base: dict, candidates: list[dict]) -> dict:
+def rewrite_report(plan: EvaluationPlan, base: dict, candidates: list[dict]) -> EvaluationResult:
     """Rewrite the whole report from the results so far (each file replaced atomically by `report.write_report`)."""
     report = report_io.build_report(plan.settings(), base, candidates)
     cached = " (the results measured so far are cached)" if plan.cache.enabled else ""
     with full_disk_said("the report", plan.options.output, "free space there or choose another --output, then run "
                         f"the same command again{cached}"):
-        report_io.write_report(report, plan.options.output)
+        files = report_io.write_report(report, plan.options.output)
     log(f"report written to {plan.options.output}")
-    return report
+    return EvaluationResult(report, tuple(files))
 
 
-def run_report(options: EvalOptions) -> tuple[dict, list[str]]:
-    """Evaluate base and candidates and write the report; returns it (report.json's content) and the candidates'
-    errors (empty: all went well). `gqa_uptrain.eval.evaluate` turns the errors into one EvaluationError."""
+def run_report(options: EvalOptions) -> tuple[EvaluationResult, list[str]]:
+    """Evaluate base and candidates and write the report; returns it (report.json's content and the files written)
+    and the candidates' errors (empty: all went well). `gqa_uptrain.eval.evaluate` turns the errors into one
+    EvaluationError."""
     labels = unique_labels([options.base, *options.models])
     base = open_model(options.base, labels[0])
     candidates = [open_model(ref, label) for ref, label in zip(options.models, labels[1:])]
@@ -355,5 +357,5 @@ def run_report(options: EvalOptions) -> tuple[dict, list[str]]:
                 evaluate_candidate(record, model, quant, plan, errors)
                 report = rewrite_report(plan, base_record, records)
             model.release()
-    print(report_io.markdown(report, images=[]))
+    print(report_io.markdown(report.report, images=[]))
     return report, errors

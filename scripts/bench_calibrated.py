@@ -43,7 +43,6 @@ from gqa_uptrain.convert import converter
 from gqa_uptrain.convert.calibration import calibrate, refine
 from gqa_uptrain.convert.cli import CUDA_ALLOCATOR
 from gqa_uptrain.kv_heads import meta_model
-from gqa_uptrain.provenance import PROVENANCE
 
 DEFAULT_TOKENIZER = Path("/work/shared/data/tokenizers/gpt2")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -137,11 +136,11 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_before = rss_bytes("VmRSS")
     start = time.perf_counter()
-    output = convert_api.convert_checkpoint(source, args.groups, workdir / "output", method="calibrated",
-                                            calibration=args.calibration, calibration_tokens=args.tokens,
-                                            refine_steps=args.refine_steps, progress=True)
+    converted = convert_api.convert_checkpoint(source, args.groups, workdir / "output", method="calibrated",
+                                               calibration=args.calibration, calibration_tokens=args.tokens,
+                                               refine_steps=args.refine_steps, progress=True)
     total = time.perf_counter() - start
-    record = json.loads((output / PROVENANCE).read_text())
+    output = converted.output
     result = {
         "shape": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                   "kv_heads": config.num_key_value_heads, "intermediate": args.intermediate, "vocab": args.vocab,
@@ -164,7 +163,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__,
         "machine": f"{platform.node()}, {platform.machine()}",
     }
-    result["provenance"] = record["conversion"].get("calibration")
+    result["provenance"] = converted.provenance["conversion"].get("calibration")
     return result
 
 

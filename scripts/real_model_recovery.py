@@ -282,7 +282,6 @@ def measure(models: dict[str, Path], original: Path, out: Path, scale: Scale, ta
             task_models: set[str]) -> dict[str, dict]:
     """label -> {wikitext_loss, books_loss, tasks} (gqa-eval's cache makes a repeat free)."""
     from gqa_uptrain.eval import evaluate
-    from gqa_uptrain.eval import report as report_io
 
     refs = sorted({str(p) for p in models.values()} - {str(original)})
     measured: dict[str, dict] = {str(p): {} for p in models.values()}
@@ -292,18 +291,16 @@ def measure(models: dict[str, Path], original: Path, out: Path, scale: Scale, ta
         report = evaluate(original, refs, output=out / "eval" / held_out, perplexity=str(text),
                           perplexity_concat=True, perplexity_window=scale.seq_len, perplexity_stride=scale.seq_len,
                           **common)
-        for model in [report["base"], *report["candidates"]]:
-            ppl = (model.get("perplexity") or {}).get("token_perplexity")
-            measured[model["ref"]][f"{held_out}_loss"] = math.log(ppl) if ppl else None
+        for model in [report.base, *report.candidates]:
+            ppl = model.perplexity
+            measured[model.ref][f"{held_out}_loss"] = math.log(ppl) if ppl else None
     if tasks:
         names = ",".join(f"local_{t}" for t in TASKS)
         chosen = sorted({str(models[label]) for label in task_models} - {str(original)})
         report = evaluate(original, chosen, output=out / "eval" / "tasks", tasks=names, limit=scale.eval_limit,
                           include_paths=[out / "eval-tasks"], **common)
-        for model in [report["base"], *report["candidates"]]:
-            values = {task.removeprefix("local_"): entry["value"]
-                      for task, entry in report_io.headline_values(model).items()}
-            measured[model["ref"]]["tasks"] = values
+        for model in [report.base, *report.candidates]:
+            measured[model.ref]["tasks"] = {task.removeprefix("local_"): value for task, value in model.scores.items()}
     return {label: measured[str(path)] for label, path in models.items()}
 
 

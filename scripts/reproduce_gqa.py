@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +42,9 @@ from gqa_uptrain.apps.scratch import init_llama, pretraining_tokens, record_pret
 from gqa_uptrain.convert import DEFAULT_REFINE_STEPS, convert_checkpoint
 from gqa_uptrain.errors import DataError, EvaluationError
 from gqa_uptrain.plotting import pyplot
+
+if TYPE_CHECKING:
+    from gqa_uptrain.eval import EvaluationResult
 
 # The GQA paper's three arms and this project's calibrated conversion, each a gqa-convert --method
 # (gqa_uptrain.convert.methods.METHODS holds every method).
@@ -159,9 +163,9 @@ def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path, pr
             init_llama(tokenizer, init, hidden=scale.hidden, layers=scale.layers, heads=scale.heads,
                        kv_heads=arm.kv_heads, max_length=CONTEXT * scale.seq_len)
         return train(init, out / "arms" / arm.name, {"tokens": scale.pretrain_tokens}, lr=scale.pretrain_lr,
-                     warmup=100)
+                     warmup=100).model
     if arm.method == "mha":
-        return train(base, out / "arms" / arm.name, uptraining, lr=scale.uptrain_lr, warmup=10)
+        return train(base, out / "arms" / arm.name, uptraining, lr=scale.uptrain_lr, warmup=10).model
     converted = out / "arms" / f"g{arm.kv_heads}-{arm.method}-0"
     if not (converted / "config.json").is_file():
         calibration = {"calibration": str(out / "data" / "train.jsonl"), "refine_steps": scale.refine_steps,
@@ -171,7 +175,7 @@ def build_arm(arm: Arm, out: Path, scale: Scale, base: Path, tokenizer: Path, pr
     if arm.fraction == 0:
         return converted
     return train(converted, out / "arms" / arm.name, uptraining, lr=scale.uptrain_lr, warmup=10,
-                 teacher=base if arm.distill else None)
+                 teacher=base if arm.distill else None).model
 
 
 def decode_speed(out: Path, scale: Scale, shapes: dict[int, Path], device: str = "cuda") -> dict[int, list[dict]]:
@@ -200,24 +204,22 @@ def decode_speed(out: Path, scale: Scale, shapes: dict[int, Path], device: str =
     return speeds
 
 
-def results(arm_list: list[Arm], models: dict[str, Path], report: dict, speeds: dict[int, list[dict]]) -> list[dict]:
+def results(arm_list: list[Arm], models: dict[str, Path], report: EvaluationResult,
+            speeds: dict[int, list[dict]]) -> list[dict]:
     """One record per arm: its design, what gqa-eval measured, and the decode speed of its shape."""
-    from gqa_uptrain.eval import report as report_io
-
-    by_ref = {model["ref"]: model for model in [report["base"], *report["candidates"]]}
     records = []
     for arm in arm_list:
-        measured = by_ref[str(models[arm.name])]
-        perplexity = (measured.get("perplexity") or {}).get("token_perplexity")
+        measured = report.model(models[arm.name])
+        perplexity = measured.perplexity
         records.append({
             **asdict(arm),
             "decode": speeds.get(arm.kv_heads),
-            "kv_cache_bytes_per_token": measured.get("kv_cache_bytes_per_token"),
+            "kv_cache_bytes_per_token": measured.kv_cache_bytes_per_token,
             "heldout_perplexity": perplexity,
             "heldout_loss": float(torch.tensor(perplexity).log()) if perplexity else None,
-            "average_score": report_io.average_score(measured),
-            "tasks": {task: entry["value"] for task, entry in report_io.headline_values(measured).items()},
-            "error": measured.get("error"),
+            "average_score": measured.average_score,
+            "tasks": measured.scores,
+            "error": measured.error,
         })
     return records
 
@@ -315,9 +317,9 @@ def run(args: argparse.Namespace) -> None:
         if not (init / "config.json").is_file():
             init_llama(tokenizer, init, hidden=scale.hidden, layers=scale.layers, heads=scale.heads,
                        kv_heads=scale.heads, max_length=CONTEXT * scale.seq_len)
-        train_run(init, out / "base", {"tokens": scale.pretrain_tokens}, lr=scale.pretrain_lr, warmup=100,
-                  **run_settings(out, scale, long=True))
-        record_pretraining(base, "gqa-reproduction", f"Gutenberg train books ({args.scale} scale)")
+        pretrained = train_run(init, out / "base", {"tokens": scale.pretrain_tokens}, lr=scale.pretrain_lr, warmup=100,
+                               **run_settings(out, scale, long=True))
+        record_pretraining(pretrained, "gqa-reproduction", f"Gutenberg train books ({args.scale} scale)")
     arm_list = [arm for arm in arms(scale) if not args.arms or any(fnmatch(arm.name, p) for p in args.arms)]
     if not arm_list:
         raise DataError(f"--arms {' '.join(args.arms)} matches no arm (names: {', '.join(a.name for a in arms(scale))})")
@@ -331,13 +333,16 @@ def run(args: argparse.Namespace) -> None:
     from gqa_uptrain.eval import evaluate  # lm-eval is needed from here on only
 
     try:
-        evaluate(base, [models[a.name] for a in arm_list], output=out / "eval",
-                 tasks=None if args.no_tasks else "gqa_lastword,gqa_nextsentence", limit=scale.eval_limit,
-                 batch_size=32, perplexity=str(data / "heldout.txt"), perplexity_concat=True,
-                 perplexity_window=scale.seq_len, perplexity_stride=scale.seq_len // 2, cache_dir=out / "eval-cache")
+        report = evaluate(base, [models[a.name] for a in arm_list], output=out / "eval",
+                          tasks=None if args.no_tasks else "gqa_lastword,gqa_nextsentence", limit=scale.eval_limit,
+                          batch_size=32, perplexity=str(data / "heldout.txt"), perplexity_concat=True,
+                          perplexity_window=scale.seq_len, perplexity_stride=scale.seq_len // 2,
+                          cache_dir=out / "eval-cache")
     except EvaluationError as error:  # the other arms' results are in the report: tabulate them, say what failed
+        if error.report is None:  # the base failed: there is nothing to tabulate
+            raise
         print(f"reproduce_gqa.py: {error}", file=sys.stderr, flush=True)
-    report = json.loads((out / "eval" / "report.json").read_text())
+        report = error.report
     shapes = {scale.heads: base, **{a.kv_heads: models[a.name] for a in arm_list if a.fraction == 0}}
     gpu = torch.cuda.is_available() and not args.no_speed
     speeds = decode_speed(out, scale, shapes) if gpu else {}

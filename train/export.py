@@ -39,8 +39,10 @@ def export_model(
     uptraining: Uptraining,
     dtype: torch.dtype | str | None,
     use_cache: bool | None = None,
-) -> None:
-    """Write the trained model in the checkpoint's own `dtype`, tokenizer and provenance (all processes call this).
+) -> Provenance:
+    """Write the trained model in the checkpoint's own `dtype`, tokenizer and provenance (all processes call this);
+    returns the provenance record, which the main process writes (every process makes the same, but for the second
+    of `finished_at`).
 
     `use_cache` is the source config's setting, which training turned off (`loop._load_model`): the exported config
     gets it back, or users who load the model would generate without a KV cache. None leaves the config as it is.
@@ -49,6 +51,7 @@ def export_model(
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
     state_dict = {plain_name(name): t.to(dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
     temp = target.with_name(f".incomplete-{target.name}")
+    record = with_uptraining(provenance, uptraining)
     if accelerator.is_main_process:
         shutil.rmtree(temp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
@@ -56,6 +59,7 @@ def export_model(
             unwrapped.config.use_cache = use_cache
         unwrapped.save_pretrained(temp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(temp)
-        write_provenance(temp, with_uptraining(provenance, uptraining))
+        write_provenance(temp, record)
         move_into_place(temp, target, replace=True)
     accelerator.wait_for_everyone()
+    return record

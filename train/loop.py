@@ -47,6 +47,7 @@ from .preflight import (Models, check_attention, check_data_unchanged, check_mod
 from .progress import Progress
 from .recipe import Recipe
 from .recovery import Gap
+from .result import UptrainingResult, finished_run
 from .teacher import place_teacher, shared_teacher
 from .throughput import Throughput, peak_memory, peak_tflops
 from .trackers import check_trackers, flat_config
@@ -142,8 +143,9 @@ def _check_world_size(state: PartialState) -> None:
         )
 
 
-def run(recipe: Recipe) -> Path:
-    """Train as the recipe says (resuming if its output_dir holds a checkpoint); return the exported folder.
+def run(recipe: Recipe) -> UptrainingResult:
+    """Train as the recipe says (resuming if its output_dir holds a checkpoint); return the exported folder with the
+    record written there and the last training loss (`UptrainingResult`).
 
     Around the run: the process stops when its launcher is gone (launcher.py), the output folder is locked for
     this run alone (run_lock.py), a full disk anywhere ends in one line saying what to free (disk.py), and text
@@ -163,14 +165,14 @@ def run(recipe: Recipe) -> Path:
         return _run(recipe, state, stack, space)
 
 
-def _run(recipe: Recipe, state: PartialState, stack: ExitStack, space: disk.Space | None = None) -> Path:
+def _run(recipe: Recipe, state: PartialState, stack: ExitStack, space: disk.Space | None = None) -> UptrainingResult:
     """Checks, setup, then the step loop: an optimizer step, then, at the step boundaries `cadence.py` names, the
     divergence check, logging, evaluation and a checkpoint; at the end, the export."""
     models, budget, provenance, status = _check(recipe, state)
     if status == "complete":
         state.print(f"{recipe.output_dir} already holds the finished run ({Path(recipe.output_dir) / 'model'}): "
                     "nothing to do")
-        return Path(recipe.output_dir) / "model"
+        return finished_run(Path(recipe.output_dir))
     run = _set_up(recipe, models, budget, status, stack, space)
     cadence = Cadence.of(recipe, budget.steps)
     while run.step < budget.steps:
@@ -186,10 +188,10 @@ def _run(recipe: Recipe, state: PartialState, stack: ExitStack, space: disk.Spac
             run.save()
     run.progress.close()
 
-    target = _export(run.accelerator, recipe, models, budget, run.model, run.history.records(), provenance)
+    result = _export(run.accelerator, recipe, models, budget, run.model, run.history.records(), provenance)
     run.accelerator.end_training()
-    run.accelerator.print(f"uptrained model written to {target}")
-    return target
+    run.accelerator.print(f"uptrained model written to {result.model}")
+    return result
 
 
 def _check(recipe: Recipe, state: PartialState) -> tuple[Models, TrainingBudget, Provenance, str]:
@@ -383,7 +385,7 @@ def _resume(accelerator: Accelerator, checkpoints: Path, status: str, steps: int
 def _export(
     accelerator: Accelerator, recipe: Recipe, models: Models, budget: TrainingBudget, model: torch.nn.Module,
     records: list[dict], provenance: Provenance,
-) -> Path:
+) -> UptrainingResult:
     """The trained model in the checkpoint's dtype with its uptraining record, and the loss curve beside it."""
     output = Path(recipe.output_dir)
     last_val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
@@ -400,10 +402,10 @@ def _export(
         "final_val_loss": last_val,
     }
     target = output / "model"
-    export_model(
+    written = export_model(
         accelerator, model, models.tokenizer, target, provenance, uptraining,
         dtype=models.config.dtype, use_cache=getattr(models.config, "use_cache", None),
     )
     if accelerator.is_main_process:
         plot_loss_curve(records, output / "loss_curve.png")
-    return target
+    return UptrainingResult.of(target, written, records)

@@ -9,6 +9,7 @@ import yaml
 
 from gqa_uptrain.apps import pipeline
 from gqa_uptrain.apps.pipeline_recipe import load_pipeline_recipe
+from gqa_uptrain.eval import EvaluationResult
 
 pytestmark = pytest.mark.slow  # whole pipelines: convert, uptrain, evaluate
 
@@ -54,9 +55,10 @@ def test_one_recipe_runs_every_step_and_resumes(recipe, tmp_path, capfd, monkeyp
     assert "[1/4] convert (done, skipped)" in out and "[2/4] uptrain (done, skipped)" in out
 
 
-def uptraining_report(tmp_path: Path, perplexities: tuple[float, float, float], scores: tuple[float, ...]) -> Path:
+def uptraining_report(tmp_path: Path, perplexities: tuple[float, float, float],
+                      scores: tuple[float, ...]) -> EvaluationResult:
     """A gqa-eval report of the base, the converted model and the uptrained one (perplexity, and one task's acc
-    with stderr 0.01), as the evaluate step writes it."""
+    with stderr 0.01), as the evaluate step writes and returns it."""
     from gqa_uptrain.eval.report import build_report, write_report
 
     def model(ref: str, ppl: float, acc: float) -> dict:
@@ -66,8 +68,8 @@ def uptraining_report(tmp_path: Path, perplexities: tuple[float, float, float], 
 
     refs = [str(tmp_path / name) for name in ("source", "converted", "uptrained")]
     base, *candidates = (model(ref, ppl, acc) for ref, ppl, acc in zip(refs, perplexities, scores))
-    write_report(build_report({}, base, candidates), tmp_path / "eval")
-    return tmp_path / "eval"
+    report = build_report({}, base, candidates)
+    return EvaluationResult(report, tuple(write_report(report, tmp_path / "eval")))
 
 
 @pytest.mark.parametrize("perplexities, scores, said, warning", [
@@ -83,7 +85,7 @@ def test_the_report_says_what_uptraining_changed_and_warns_when_it_made_it_worse
     pipeline.compare_uptraining(report, tmp_path / "converted", tmp_path / "uptrained")
     captured = capsys.readouterr()
     assert captured.out.startswith("gqa-pipeline: uptraining took the converted model converted to uptrained: ")
-    assert said in captured.out and f"({report / 'report.md'})" in captured.out
+    assert said in captured.out and f"({tmp_path / 'eval' / 'report.md'})" in captured.out
     warnings = captured.err.splitlines()
     if warning is None:
         assert warnings == []

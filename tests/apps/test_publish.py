@@ -23,7 +23,7 @@ def converted(tmp_path) -> Path:
     source = tmp_path / "tiny"
     random_model("llama", kv_heads=4).save_pretrained(source)
     (source / "README.md").write_text("---\nlicense: llama2\n---\n")
-    return convert_checkpoint(source, 1, tmp_path / "tiny-mqa", progress=False)
+    return convert_checkpoint(source, 1, tmp_path / "tiny-mqa", progress=False).output
 
 
 @pytest.fixture

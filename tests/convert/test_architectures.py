@@ -23,7 +23,8 @@ def save(model, path: Path) -> Path:
 
 
 def convert(source: Path, groups: int, tmp_path: Path, method: str = "mean") -> Path:
-    return convert_checkpoint(source, groups, tmp_path / f"out-{method}-{groups}", method=method, progress=False)
+    out = tmp_path / f"out-{method}-{groups}"
+    return convert_checkpoint(source, groups, out, method=method, progress=False).output
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -178,5 +179,5 @@ def test_kv_heads_set_apart_from_num_key_value_heads_are_refused(per_layer, tmp_
             convert_checkpoint(source, 2, tmp_path / "out", dry_run=dry_run, progress=False)
         assert str(error.value) == message
     assert not (tmp_path / "out").exists()
-    same = convert_checkpoint(source, 4, tmp_path / "same", progress=False)  # nothing pooled: nothing to refuse
+    same = convert_checkpoint(source, 4, tmp_path / "same", progress=False).output  # nothing pooled: nothing to refuse
     assert torch.equal(logits(same, tokens), logits(source, tokens))

@@ -32,7 +32,7 @@ def calibration(tmp_path_factory) -> Path:
 def convert(source: Path, groups: int, out: Path, data: Path) -> Path:
     """The closed form alone (--refine-steps 0): it is what is exact on copies, and it is quick."""
     return convert_checkpoint(source, groups, out, method="calibrated", calibration=str(data),
-                              calibration_tokens=1024, refine_steps=0, progress=False)
+                              calibration_tokens=1024, refine_steps=0, progress=False).output
 
 
 def save(model, folder: Path) -> Path:

@@ -93,14 +93,14 @@ def test_sharded_output_has_index_and_loads(source, tmp_path, tokens):
     assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
     assert index["metadata"]["total_size"] == sum(
         os.path.getsize(out / s) - 8 - int.from_bytes((out / s).read_bytes()[:8], "little") for s in shards)
-    whole = convert_checkpoint(source, 2, tmp_path / "whole", progress=False)
+    whole = convert_checkpoint(source, 2, tmp_path / "whole", progress=False).output
     assert torch.equal(logits(out, tokens), logits(whole, tokens))
 
 
 def test_bf16_stays_bf16_and_pools_in_fp32(tmp_path):
     path = tmp_path / "bf16"
     random_model("llama", kv_heads=4).to(torch.bfloat16).save_pretrained(path)
-    out = convert_checkpoint(path, 1, tmp_path / "out", progress=False)
+    out = convert_checkpoint(path, 1, tmp_path / "out", progress=False).output
     source, converted = (AutoModelForCausalLM.from_pretrained(p, dtype="auto") for p in (path, out))
     assert converted.dtype == torch.bfloat16
     k = source.model.layers[0].self_attn.k_proj.weight
@@ -113,7 +113,7 @@ def test_pytorch_bin_source(tmp_path, tokens):
     path = tmp_path / "bin"
     model.config.save_pretrained(path)
     torch.save(model.state_dict(), path / "pytorch_model.bin")
-    out = convert_checkpoint(path, 4, tmp_path / "out", progress=False)
+    out = convert_checkpoint(path, 4, tmp_path / "out", progress=False).output
     assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
     assert torch.equal(logits(out, tokens), logits(model, tokens))
 
@@ -129,9 +129,13 @@ def test_dry_run_prints_plan_and_writes_nothing(source, tmp_path, capsys):
 
 def test_reconverting_keeps_parent_provenance(source, tmp_path):
     gqa = convert_checkpoint(source, 2, tmp_path / "gqa2", progress=False)
-    mqa = convert_checkpoint(gqa, 1, tmp_path / "mqa", method="first", progress=False)
-    record = json.loads((mqa / "gqa_provenance.json").read_text())
+    mqa = convert_checkpoint(gqa.output, 1, tmp_path / "mqa", method="first", progress=False)
+    record = json.loads((mqa.output / "gqa_provenance.json").read_text())
     assert record["conversion"]["kv_heads_before"] == 2 and record["parent"]["conversion"]["groups"] == 2
+    # the result holds what was written: the record itself, and the conversion it describes
+    assert mqa.provenance == record and record["parent"] == gqa.provenance
+    assert (mqa.output, mqa.method, mqa.kv_heads_before, mqa.kv_heads_after) == (tmp_path / "mqa", "first", 2, 1)
+    assert not mqa.dry_run and gqa.kv_heads_before == 4
 
 
 @pytest.mark.parametrize(("groups", "message"), [

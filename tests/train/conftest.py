@@ -41,7 +41,7 @@ def converted_tiny_llama(tiny_llama, tmp_path_factory) -> Path:
     teacher that shares it."""
     from gqa_uptrain.convert import convert_checkpoint
 
-    return convert_checkpoint(tiny_llama, groups=2, output=tmp_path_factory.mktemp("converted") / "gqa2")
+    return convert_checkpoint(tiny_llama, groups=2, output=tmp_path_factory.mktemp("converted") / "gqa2").output
 
 
 # What `train.trainable: attention` changes in a checkpoint: the attention projections.

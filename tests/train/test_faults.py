@@ -88,7 +88,7 @@ def test_full_disk_mid_run_is_one_line_and_a_torn_history_still_resumes(
 
     with (output / "metrics.jsonl").open("a") as file:  # what a kill -9 in the middle of a write leaves
         file.write('{"step": 15, "loss": 4.1')
-    assert run(load_recipe(TINY_RECIPE, argv[1:])) == output / "model"
+    assert run(load_recipe(TINY_RECIPE, argv[1:])).model == output / "model"
     assert capsys.readouterr().err.count("torn or unreadable line") == 1
     assert losses_by_step(output) == [5, 10, 15, 20]  # each once: the torn and the stale records were dropped
 

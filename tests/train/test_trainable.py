@@ -52,7 +52,7 @@ def test_attention_only_training_leaves_the_rest_bit_identical(tmp_path, convert
     output = tmp_path / "run"
     recipe = load_recipe(TINY_RECIPE, overrides(converted, shakespeare, output, "train.trainable=attention",
                                                 "budget.steps=6"))
-    target = run(recipe)
+    target = run(recipe).model
     learned = {name for name in load_file(converted / "model.safetensors") if name.split(".")[-2] in PROJECTIONS}
     assert changed_tensors(converted, target) == learned  # every projection moved, nothing else by a bit
 
@@ -68,7 +68,7 @@ def test_a_bf16_checkpoint_trains_attention_only_in_fp32_and_exports_its_body_bi
             (half / name).write_bytes((converted / name).read_bytes())
     recipe = load_recipe(TINY_RECIPE, overrides(half, shakespeare, tmp_path / "run", "train.trainable=attention",
                                                 "budget.steps=2"))
-    target = run(recipe)
+    target = run(recipe).model
     assert load_file(target / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
     changed = changed_tensors(half, target)
     assert changed and all(name.split(".")[-2] in PROJECTIONS for name in changed)
@@ -128,7 +128,7 @@ def test_distillation_with_a_shared_teacher_matches_a_separate_one(tmp_path, tin
         recipe = load_recipe(TINY_RECIPE, overrides(
             converted, shakespeare, output, "train.trainable=attention", f"teacher.path={tiny_llama}",
             f"teacher.placement={placement}", "budget.steps=4"))
-        runs[placement] = load_file(run(recipe) / "model.safetensors")
+        runs[placement] = load_file(run(recipe).model / "model.safetensors")
         fresh_accelerate_state()
     printed = capsys.readouterr().out
     assert printed.count("shares the student's frozen body") == 1

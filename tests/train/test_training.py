@@ -26,7 +26,8 @@ def test_tiny_model_learns_and_exports(tmp_path, tiny_llama_gqa2, shakespeare, f
     extra = ("budget.steps=24", "log.trackers=[tensorboard]")
     recipe = load_recipe(TINY_RECIPE, overrides(model, shakespeare, output, *extra))
 
-    target = run(recipe)
+    result = run(recipe)
+    target = result.model
 
     history = records(output)
     losses = [r["loss"] for r in history if "loss" in r]
@@ -49,13 +50,17 @@ def test_tiny_model_learns_and_exports(tmp_path, tiny_llama_gqa2, shakespeare, f
     assert provenance["source_model"] == "tiny-mha"  # carried forward from the converter
     assert provenance["uptraining"]["tokens"] == 24 * 4 * 32 and provenance["uptraining"]["steps"] == 24
     assert provenance["uptraining"]["final_val_loss"] == val[-1]
+    # the call returns what it wrote: the record, and the figures callers read from it and from the history
+    assert target == output / "model" and result.provenance == provenance
+    assert (result.steps, result.tokens, result.final_val_loss) == (24, 24 * 4 * 32, val[-1])
+    assert result.final_loss == losses[-1]
     assert (output / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((output / "logs").rglob("events.out.tfevents.*"))
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000020", "step-00000024"]
 
     # The same command again finds the finished run and changes nothing.
     before = (target / "model.safetensors").stat().st_mtime_ns
-    assert run(recipe) == target
+    assert run(recipe) == result  # read from the folder this time: the same as the run returned
     assert (target / "model.safetensors").stat().st_mtime_ns == before
 
 
