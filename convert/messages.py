@@ -67,12 +67,18 @@ def tensor_parallel_note(plan: ConversionPlan) -> str | None:
 
 
 def notes(plan: ConversionPlan) -> list[str]:
-    """Warnings the dry run and the run both print: a conversion that changes nothing, an unfriendly TP count."""
+    """Warnings the dry run and the run both print: a conversion that changes nothing, a calibrated method that
+    pools the keys (q/k LayerNorms), an unfriendly TP count."""
+    from gqa_uptrain.convert.calibration.support import pooled_keys_note  # torch and transformers' model classes
+
     layout = plan.layout
     lines = []
     if layout.groups == layout.kv_heads:
         lines.append(f"note: --groups {layout.groups} is the source's KV-head count: nothing changes, the output is "
                      "a copy of the source")
+    pooled = pooled_keys_note(plan.config, plan.reader.tensors) if plan.fitted else None
+    if pooled:
+        lines.append(pooled)
     tp = tensor_parallel_note(plan)
     if tp:
         lines.append(f"warning: {tp}")
@@ -105,6 +111,7 @@ def calibration_summary(layers: list[dict], worst: int = 3) -> list[str]:
     if refined:
         before = statistics.median(r["held_out_error_before"] for r in refined)
         after = statistics.median(r["held_out_error_after"] for r in refined)
-        lines.append(f"refinement: kept in {len(refined)} of {len(layers)} layers; the layer output's held-out error "
+        fitted = sum(layer.get("attention", True) for layer in layers)  # a hybrid's others are not fitted
+        lines.append(f"refinement: kept in {len(refined)} of {fitted} layers; the layer output's held-out error "
                      f"(median) {before:.3f} -> {after:.3f}")
     return lines

@@ -17,8 +17,10 @@ For each decoder layer, on calibration text (see `fit.py` for the algebra):
 6. keep the layer (`store.py`), as the output will store it, and run it as kept to get the next layer's converted
    hidden states: the next layer is fitted to what the converted model will compute, rounding to the output dtype
    included, and a run that resumes after this layer replays exactly what this one would have gone on with.
-Only q_proj, k_proj, v_proj (or a fused qkv_proj), o_proj (Phi: dense) and OLMo-2's q/k norm weights change; the
-output is still a plain checkpoint.
+A hybrid's layers without attention (short convolutions, Mamba layers) are not fitted: both hidden-state streams
+run through them unchanged, and their record says so.
+Only q_proj, k_proj, v_proj (or a fused qkv_proj), o_proj (Phi: dense, LFM2: out_proj) and OLMo-2's q/k norm weights
+change; the output is still a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
 from gqa_uptrain.convert.calibration import fit, refine
-from gqa_uptrain.convert.calibration.keys import KeyFitter, QKNorms, find_norms
-from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, decoder_layers, materialize,
-                                                    output_name, output_projection, run_layer, skeleton)
+from gqa_uptrain.convert.calibration.keys import (KeyFitter, PooledKeys, QKNorms, find_norms, norm_kind,
+                                                  pooled_key_norms)
+from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, decoder_layers, has_attention,
+                                                    materialize, output_name, output_projection, run_layer, skeleton)
 from gqa_uptrain.convert.calibration.rotary import RotaryLayout, rotary_layout
 from gqa_uptrain.cli import warn
 from gqa_uptrain.convert.calibration.data import Calibration, calibration_tokens
@@ -65,6 +68,10 @@ class LayerReport:
     error_final: float
     refit: bool
     refinement: refine.Refinement
+    attention: bool = True  # False: a hybrid's layer without attention (a short convolution, Mamba), kept as it is
+
+
+NO_ATTENTION = LayerReport([], math.nan, math.nan, False, refine.Refinement(0, math.nan, math.nan), attention=False)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class _Weights:
     k: torch.Tensor
     v: torch.Tensor
     o: torch.Tensor  # [D, H d]
-    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # stored q_norm/k_norm weights that change
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # q/k norm parameters that change, by attention name
 
 
 def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) -> tuple[CheckpointReader, dict]:
@@ -95,7 +102,8 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
               disable=not progress) as bar:
         def advance(i: int, report: LayerReport) -> None:
             refined = report.refinement.error_after if report.refinement.steps else math.nan
-            bar.set_postfix(attention_error=f"{report.error_final:.3f}", refined_layer_error=f"{refined:.3f}")
+            if report.attention:
+                bar.set_postfix(attention_error=f"{report.error_final:.3f}", refined_layer_error=f"{refined:.3f}")
             bar.update()
 
         try:
@@ -107,7 +115,7 @@ def fit_checkpoint(plan: ConversionPlan, folder: Path, progress: bool = True) ->
     record = {**data.record(options.seed), "layers": [
         {"groups": [list(g) for g in r.groups], "o_proj_refit": r.refit,
          "held_out_error": refine.recorded(r.error_final),
-         "refinement": r.refinement.record()} for r in reports]}
+         "refinement": r.refinement.record()} if r.attention else {"attention": False} for r in reports]}
     return store.reader(), record
 
 
@@ -193,7 +201,7 @@ def calibrate(config: PretrainedConfig, reader: SourceReader, groups: int, token
     still = fit.still_share(embedder.inv_freq, tokens.shape[1]) if embedder.inv_freq is not None else None
     batch = _batch_size(tokens.shape[0])
     original = torch.cat([embedder(chunk.to(device)) for chunk in tokens.split(batch)])
-    kwargs = embedder.kwargs
+    kwargs = embedder.kwargs  # per layer
     converted = original.clone()
     del embedder
     old_model, new_model = skeleton(config), skeleton(with_kv_heads(config, groups))
@@ -205,16 +213,20 @@ def calibrate(config: PretrainedConfig, reader: SourceReader, groups: int, token
         old = materialize(old_layers[i], f"{prefix}.{i}", reader, device)
         name = f"{prefix}.{i}"
         if i < len(reports):
-            _advance(old, original, kwargs, batch)
+            _advance(old, original, kwargs[i], batch)
+        elif not has_attention(old):  # nothing to fit: the same layer in both models, its (empty) record kept
+            _advance(old, original, kwargs[i], batch)
+            layers.save(i, name, {}, NO_ATTENTION)
+            reports.append(NO_ATTENTION)
         else:
-            report, new = _calibrate_layer(name, old, new_layers[i], original, converted, kwargs, batch, config,
+            report, new = _calibrate_layer(name, old, new_layers[i], original, converted, kwargs[i], batch, config,
                                            groups, still, refine_steps)
             fitted = {f"self_attn.{n}": p.detach() for n, p in new.self_attn.named_parameters()}
             _require_finite(name, "the fitted attention weights", *fitted.values())
             layers.save(i, name, fitted, report)
             reports.append(report)
         new = _with_weights(old, new_layers[i], layers.load(i, name, new_layers[i]))
-        _advance(new, converted, kwargs, batch)
+        _advance(new, converted, kwargs[i], batch)
         old_layers[i], new_layers[i] = old.to("meta"), new.to("meta")
         if i >= resumed:
             progress(i, reports[i])
@@ -258,12 +270,18 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
     head_dim = attention.head_dim
     weights = _Weights(*(fit.augment(*projections[n], with_bias) for n in _QKV),
                        output_projection(attention).weight.double())
-    norms = find_norms(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
-    rotary = rotary_layout(attention, config)
-    assert not isinstance(rotary, str), rotary  # support.py refuses the others before any work
-    keys = KeyFitter(weights.q, weights.k, sigma, rotary, mean, still, norms)
+    kind = norm_kind(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
+    if kind == "layer":  # q/k LayerNorms: nothing passes into the queries, so the keys are pooled (keys.py)
+        keys, norms = PooledKeys(weights.k, head_dim), None
+    else:
+        norms = find_norms(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
+        rotary = rotary_layout(attention, config)
+        assert not isinstance(rotary, str), rotary  # support.py refuses the others before any work
+        keys = KeyFitter(weights.q, weights.k, sigma, rotary, mean, still, norms)
     chosen, fitted, order = _fit_groups(weights, keys, sigma, groups, head_dim, config.num_attention_heads, norms)
-    if norms is None:  # a query norm would divide a temperature out of q_proj again (keys.py)
+    if kind == "layer":
+        fitted = replace(fitted, norms=pooled_key_norms(attention, groups))
+    if kind is None:  # a query norm would divide a temperature out of q_proj again (keys.py)
         tau = _temperatures(weights, fitted, order, sample, kwargs, attention, rotary, config)
         fitted = replace(fitted, q=fitted.q * tau.repeat_interleave(head_dim)[:, None])
     new = _install(old, new, fitted, with_bias)
@@ -321,13 +339,13 @@ def _with_ones(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1) if with_bias else x
 
 
-def _fit_groups(w: _Weights, keys: KeyFitter, sigma: torch.Tensor, groups: int, head_dim: int, query_heads: int,
+def _fit_groups(w: _Weights, keys: KeyFitter | PooledKeys, sigma: torch.Tensor, groups: int, head_dim: int, query_heads: int,
                 norms: QKNorms | None) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
     """Grouping, shared keys and values, the absorbed query and output weights (and q/k norm weights where a
     whole-projection norm changes) in the new head order, and which original query head each new one is."""
     kv_heads = w.k.shape[0] // head_dim
     per_family = query_heads // kv_heads
-    chosen = fit.choose_groups(keys.loss, kv_heads, groups)
+    chosen = keys.choose(kv_heads, groups)
     q_rows, q_norms, k_rows, k_norms, v_rows, o_cols, order = [], [], [], [], [], [], []
     o_heads = w.o.reshape(w.o.shape[0], query_heads, head_dim)
     for group in chosen:
@@ -346,7 +364,8 @@ def _fit_groups(w: _Weights, keys: KeyFitter, sigma: torch.Tensor, groups: int, 
                 order.append(j)
     changed = {}
     if norms is not None and norms.kind == "whole":
-        changed = {"q_norm": norms.stored(torch.cat(q_norms)), "k_norm": norms.stored(torch.cat(k_norms))}
+        changed = {"q_norm.weight": norms.stored(torch.cat(q_norms)),
+                   "k_norm.weight": norms.stored(torch.cat(k_norms))}
     fitted = _Weights(torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows), torch.cat(o_cols, 1), changed)
     return chosen, fitted, torch.tensor(order)
 
@@ -355,13 +374,14 @@ def _temperatures(old: _Weights, new: _Weights, order: torch.Tensor, sample: tor
                   attention: nn.Module, rotary: RotaryLayout, config: PretrainedConfig) -> torch.Tensor:
     """One softmax temperature per new query head, fitted to the original attention pattern."""
     x = _with_ones(sample, old.q.shape[1] > sample.shape[-1]).float()
-    cos, sin = (t[: x.shape[0]].float() if t.shape[0] > 1 else t.float() for t in kwargs["position_embeddings"])
+    table = kwargs.get("position_embeddings")  # None: no RoPE (GraniteMoeHybrid's NoPE layers)
+    turns = [t[: x.shape[0]].float() if t.shape[0] > 1 else t.float() for t in table] if table is not None else None
 
     def logits(w: _Weights, order: torch.Tensor) -> torch.Tensor:
-        q = _heads(x @ w.q.float().T, rotary.head_dim)
+        q = _heads(x @ w.q.float().T, rotary.head_dim)[:, order]
         k = _heads(x @ w.k.float().T, rotary.head_dim)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # query head j reads KV head j // (H / K)
-        scores = fit.causal_logits(*rotary.turn(q[:, order], k[:, order], cos, sin)) * attention.scaling
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)[:, order]  # query head j reads KV head j // (H / K)
+        scores = fit.causal_logits(*(rotary.turn(q, k, *turns) if turns else (q, k))) * attention.scaling
         cap = getattr(config, "attn_logit_softcapping", None)
         return torch.tanh(scores / cap) * cap if cap else scores
 
@@ -389,8 +409,8 @@ def _install(old: nn.Module, new: nn.Module, w: _Weights, with_bias: bool) -> nn
                 param.copy_(weight if kind == "weight" else bias)
             elif name == output:
                 param.copy_(w.o)
-            elif module.startswith("self_attn.") and projection in w.norms and kind == "weight":
-                param.copy_(w.norms[projection])
+            elif name.removeprefix("self_attn.") in w.norms:
+                param.copy_(w.norms[name.removeprefix("self_attn.")])
             else:
                 param.copy_(old.get_parameter(name))
     return new

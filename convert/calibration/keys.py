@@ -35,6 +35,14 @@ Where keys are copies within a group both fits are exact: the families' normalis
 matrices have rank one, and the signs/scales found are 1. Softmax temperatures cannot be absorbed into q_proj
 under a query norm (N would divide them out), so none are fitted for normed attention; the o_proj refit and the
 refinement still run.
+
+q/k LayerNorms, LN(z) = w * (z - mean(z)) / std(z) (+ b) per head (Cohere's q_norm/k_norm with a weight per head,
+StableLM's and Phi's qk_layernorm), let nothing pass: the mean subtraction does not commute with a rotation within a
+rotary pair, so no complex scale passes; a real scale per pair would have to be equal on both dims of every pair to
+commute with w (StableLM's and Cohere's weights differ per head), and a bias does not pass even a sign (Phi). So
+the keys are not fitted: `PooledKeys` shares each group's keys as `--method mean` does (consecutive heads, k_proj
+rows and the k norm's per-head weights averaged), which is exact where the heads are copies; the values, o_proj and
+the refinement are fitted as for any attention, and the plan says so in one line (support.py).
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from torch import nn
 from gqa_uptrain.convert.calibration import fit
 from gqa_uptrain.convert.calibration.rotary import RotaryLayout
 
-NormKind = Literal["per_head", "whole"]
+NormKind = Literal["per_head", "whole", "layer"]  # layer: q/k LayerNorms, keys pooled
 _PROBE = 100.0  # N(c * ones) = w / sqrt(1 + eps / c^2): w to 1e-10 for any usual eps
 
 
@@ -70,11 +78,15 @@ class QKNorms:
 def norm_kind(attention: nn.Module, query_heads: int, kv_heads: int) -> NormKind | None | str:
     """The kind of the attention's q/k norms (works on the meta device); None when it has none, a reason string
     when it has norms the fits do not model."""
+    if hasattr(attention, "q_layernorm") and hasattr(attention, "k_layernorm"):  # StableLM, Phi: qk_layernorm
+        return "layer"
     q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
     if q_norm is None and k_norm is None:
         return None
+    if q_norm is not None and k_norm is not None and _is_layer_norm(q_norm) and _is_layer_norm(k_norm):  # Cohere
+        return "layer"
     if q_norm is None or k_norm is None or not _is_rms_norm(q_norm) or not _is_rms_norm(k_norm):
-        return "its q/k norms are not a pair of RMS norms (a LayerNorm also removes the mean)"
+        return "its q/k norms are neither a pair of RMS norms nor a pair of LayerNorms"
     d = attention.head_dim
     sizes = (tuple(q_norm.weight.shape), tuple(k_norm.weight.shape))
     if sizes == ((d,), (d,)):
@@ -89,7 +101,7 @@ def find_norms(attention: nn.Module, query_heads: int, kv_heads: int) -> QKNorms
     kind = norm_kind(attention, query_heads, kv_heads)
     if kind is None:
         return None
-    assert kind in ("per_head", "whole"), kind  # support.py refuses the others before any work
+    assert kind in ("per_head", "whole"), kind  # "layer": PooledKeys; support.py refuses the rest before any work
     q_rows, k_rows = (query_heads, kv_heads) if kind == "per_head" else (1, 1)
     q_norm, k_norm = attention.q_norm, attention.k_norm
     q, k = _effective(q_norm), _effective(k_norm)
@@ -110,6 +122,19 @@ def _is_rms_norm(norm: nn.Module) -> bool:
         return bool(torch.allclose(norm(x * 2), norm(x), rtol=1e-4, atol=1e-5)
                     and torch.allclose(norm(-x), -norm(x), rtol=1e-4, atol=1e-5)
                     and norm(torch.ones_like(x)).abs().max() > 0)
+
+
+def _is_layer_norm(norm: nn.Module) -> bool:
+    """A LayerNorm over the head dim (one weight per head allowed): it removes the mean, N(x + c) = N(x)."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
+        return False
+    norm = copy.deepcopy(norm).to_empty(device="cpu")
+    with torch.no_grad():
+        for param in norm.parameters():
+            param.copy_(torch.rand(param.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
+        x = torch.randn(3, *weight.shape, generator=torch.Generator().manual_seed(0))
+        return bool(torch.allclose(norm(x + 3.0), norm(x), rtol=1e-4, atol=1e-4))
 
 
 def _effective(norm: nn.Module) -> torch.Tensor:
@@ -167,6 +192,10 @@ class KeyFitter:
         q_pass = q_heads[:, r:].reshape(k_heads.shape[0], per_family, d - r, wq.shape[-1])  # [K, H/K, d - r, D']
         self.pass_grams = torch.einsum("fjra,ab,fjsb->frs", q_pass, sigma, q_pass)
         self.key_sigma = sigma if mean is None else sigma - mean[:, None] * mean[None]
+
+    def choose(self, families: int, groups: int) -> list[tuple[int, ...]]:
+        """The grouping with the least key loss (`fit.choose_groups`)."""
+        return fit.choose_groups(self.loss, families, groups)
 
     def loss(self, group: tuple[int, ...]) -> float:
         """What the group's shared key leaves, in weighted logit energy (turned pairs plus unrotated dims)."""
@@ -243,6 +272,43 @@ class KeyFitter:
         if self.norms.kind == "per_head":
             return rows * keys.scales[i], norm
         return rows, norm * keys.scales[i].real.repeat(2)
+
+
+class PooledKeys:
+    """The keys of an attention with q/k LayerNorms, shared as `--method mean` shares them (see the module docstring):
+    consecutive families form a group, its key rows are their mean, and nothing moves into the queries."""
+
+    def __init__(self, wk: torch.Tensor, head_dim: int) -> None:
+        self.heads = wk.reshape(-1, head_dim, wk.shape[-1])
+
+    def choose(self, families: int, groups: int) -> list[tuple[int, ...]]:
+        size = families // groups
+        return [tuple(range(g * size, (g + 1) * size)) for g in range(groups)]
+
+    def fit(self, group: tuple[int, ...]) -> GroupKeys:
+        return GroupKeys(self.heads[list(group)].mean(0), None, torch.ones(len(group)))
+
+    def queries(self, keys: GroupKeys, i: int, rows: torch.Tensor, norm: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return rows, norm
+
+
+def pooled_key_norms(attention: nn.Module, groups: int) -> dict[str, torch.Tensor]:
+    """The k LayerNorm's parameters that hold one entry per KV head, averaged over consecutive groups as `PooledKeys`
+    groups the keys, by their names in the converted attention: Cohere's k_norm weight [K, d] -> [G, d], StableLM's
+    k_layernorm.norms.{i} -> norms.{g}. A norm shared by all heads (Phi's) is left as it is."""
+    pooled = {}
+    for name, param in attention.named_parameters():
+        if name.startswith("k_norm.") and param.dim() == 2:
+            pooled[name] = param.detach().reshape(groups, -1, param.shape[-1]).mean(1)
+    norms = getattr(getattr(attention, "k_layernorm", None), "norms", None)
+    if norms is not None:
+        size = len(norms) // groups
+        for g in range(groups):
+            for kind, _ in norms[0].named_parameters():
+                members = [norms[i].get_parameter(kind).detach() for i in range(g * size, (g + 1) * size)]
+                pooled[f"k_layernorm.norms.{g}.{kind}"] = torch.stack(members).mean(0)
+    return pooled
 
 
 def _positive(vector: torch.Tensor) -> torch.Tensor:

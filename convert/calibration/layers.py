@@ -30,11 +30,23 @@ def skeleton(config: PretrainedConfig, device: torch.device | str = "meta") -> n
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The qualified name and the ModuleList of the decoder layers (those with a `self_attn`)."""
+    """The qualified name and the ModuleList of the decoder layers (those with a `self_attn`; a hybrid's others have
+    none: LFM2's short convolutions, GraniteMoeHybrid's Mamba layers)."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and hasattr(module[0], "self_attn"):
+        if isinstance(module, nn.ModuleList) and any(has_attention(layer) for layer in module):
             return name, module
     raise UnsupportedModelError(f"{type(model).__name__}: no list of decoder layers with self_attn")
+
+
+def has_attention(layer: nn.Module) -> bool:
+    """Whether a decoder layer has an attention block (LFM2's conv layers have no `self_attn`, GraniteMoeHybrid's
+    Mamba layers a `self_attn` of None)."""
+    return getattr(layer, "self_attn", None) is not None
+
+
+def first_attention(layers: nn.ModuleList) -> tuple[int, nn.Module]:
+    """The first decoder layer with attention, and its index: the one whose attention stands for all of them."""
+    return next((i, layer) for i, layer in enumerate(layers) if has_attention(layer))
 
 
 def checkpoint_name(name: str, reader: CheckpointReader) -> str:
@@ -65,11 +77,19 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device
 
 @dataclass
 class Embedder:
-    """Runs the model's own forward up to the first decoder layer and returns that layer's inputs."""
+    """Runs the model's own forward up to its decoder layers and returns the first one's input, and catches each
+    layer's keyword arguments (rotary cos/sin, mask), which differ by layer kind: Gemma 3's sliding and full attention
+    layers turn by different tables, a hybrid's convolution or Mamba layers take masks of their own."""
 
     model: nn.Module
-    first_layer: nn.Module
-    kwargs: dict = field(default_factory=dict)
+    layers: nn.ModuleList  # one decoder layer of each kind, in the order the kinds first appear
+    kinds: list[str | None]  # each decoder layer's kind (`config.layer_types`; None where the config names none)
+    caught: dict[str | None, dict] = field(default_factory=dict)  # kind -> the keyword arguments its layers get
+
+    @property
+    def kwargs(self) -> list[dict]:
+        """Each decoder layer's keyword arguments, as the model's own forward passes them."""
+        return [self.caught[kind] for kind in self.kinds]
 
     @property
     def inv_freq(self) -> torch.Tensor | None:
@@ -79,51 +99,58 @@ class Embedder:
 
     @classmethod
     def build(cls, config: PretrainedConfig, reader: CheckpointReader, device: torch.device) -> "Embedder":
-        """The model cut to one decoder layer, built for real (so buffers such as rotary tables and embedding
-        scales are computed by its own code), with every weight outside the layers read from the checkpoint."""
-        model = skeleton(_one_layer(config), device)
+        """The model cut to one decoder layer of each kind, built for real (so buffers such as rotary tables and
+        embedding scales are computed by its own code), with every weight outside the layers read from the
+        checkpoint (the layers' own weights are never used: only their inputs are caught)."""
+        kinds = list(getattr(config, "layer_types", None) or [None] * config.num_hidden_layers)
+        model = skeleton(_one_layer_per_kind(config, list(dict.fromkeys(kinds))), device)
         layers_name, layers = decoder_layers(model)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 stored = checkpoint_name(name, reader)
                 if not name.startswith(layers_name + ".") and stored in reader.tensors:
                     param.copy_(read_finite(reader, stored))
-        return cls(model, layers[0])
+        return cls(model, layers, kinds)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        caught = {}
+        hidden = []
+        kinds = list(dict.fromkeys(self.kinds))
 
-        def hook(module, args, kwargs):
-            caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _Stop
+        def catch(i: int):
+            def hook(module, args, kwargs):
+                if i == 0:
+                    hidden.append(args[0] if args else kwargs["hidden_states"])
+                self.caught[kinds[i]] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if i == len(self.layers) - 1:
+                    raise _Stop
+            return hook
 
-        handle = self.first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+        handles = [layer.register_forward_pre_hook(catch(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
         try:
             self.model(input_ids=input_ids, use_cache=False)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        self.kwargs = caught["kwargs"]
-        return caught["hidden"]
+            for handle in handles:
+                handle.remove()
+        return hidden[0]
 
 
-def _one_layer(config: PretrainedConfig) -> PretrainedConfig:
+def _one_layer_per_kind(config: PretrainedConfig, kinds: list[str | None]) -> PretrainedConfig:
     values = config.to_dict()
     values.pop("model_type", None)
-    values["num_hidden_layers"] = 1
+    values["num_hidden_layers"] = len(kinds)
     if values.get("layer_types"):
-        values["layer_types"] = values["layer_types"][:1]
+        values["layer_types"] = kinds
     return type(config)(**values)
 
 
-OUTPUT_PROJECTIONS = ("o_proj", "dense")  # dense: Phi's name for it
+OUTPUT_PROJECTIONS = ("o_proj", "dense", "out_proj")  # dense: Phi's name for it, out_proj LFM2's
 
 
 def output_name(attention: nn.Module) -> str:
-    """The name of the attention's output projection (o_proj, or Phi's dense)."""
+    """The name of the attention's output projection (o_proj, Phi's dense, LFM2's out_proj)."""
     return next(name for name in OUTPUT_PROJECTIONS if isinstance(getattr(attention, name, None), nn.Linear))
 
 

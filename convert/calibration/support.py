@@ -1,18 +1,19 @@
 """Which architectures the calibrated method can convert exactly as it reasons, decided from the model class.
 
 The fits assume q/k/v projections of the attention input (biases allowed; or one fused [q | k | v] qkv_proj, as
-Phi-3 has) and an output projection (o_proj, or Phi's dense), with rotary embeddings turning the first r dims of
-each head in pairs, in halves (i, i + r/2) or interleaved (2i, 2i + 1), the other d - r dims passing unrotated
-(partial rotary: StableLM, Phi), as `rotary.py` reads them from the module's own code; and nothing between
+Phi-3 has) and an output projection (o_proj, Phi's dense, LFM2's out_proj), with rotary embeddings turning the
+first r dims of each head in pairs, in halves (i, i + r/2) or interleaved (2i, 2i + 1), the other d - r dims passing
+unrotated (partial rotary: StableLM, Phi), as `rotary.py` reads them from the module's own code; and nothing between
 projection and RoPE but, optionally, a pair of q/k RMS norms per head or over the whole projection, where RoPE
-turns every dim in halves (`keys.py`). Anything else is refused with the reason, so the user can fall back to
---method mean. Notably q/k LayerNorms (StableLM's and Phi's qk_layernorm): LN(z) = w * (z - mean(z)) / std(z) (+ b)
-after the projection. The mean subtraction does not commute with a rotation within a rotary pair, so no complex
-scale passes; what could pass, a real scale per pair, meets per-dim weights that differ between StableLM's heads
-(w_f / w_g would have to be equal on both dims of every pair) and, in Phi, a bias that even a sign does not pass.
-Copies would still convert exactly, but distinct heads could not be merged by moving anything into the queries.
-What is around the attention does not matter: a multimodal wrapper's language model is calibrated alone, and MoE
-layers run with their experts as transformers loads them (`source.py`).
+turns every dim in halves (`keys.py`). q/k LayerNorms (Cohere's, and StableLM's and Phi's qk_layernorm) let
+nothing move into the queries (keys.py derives why), so there the keys are pooled as `--method mean` pools them and
+only the values, o_proj and the refinement are fitted: exact where heads are copies, and said in one line
+(`pooled_keys_note`). Anything else is refused with the reason, so the user can fall back to --method mean.
+What is around the attention does not matter: a multimodal wrapper's language model is calibrated alone, MoE
+layers run with their experts as transformers loads them (`source.py`), and a hybrid's layers without attention
+(LFM2's short convolutions, GraniteMoeHybrid's Mamba layers, on transformers' reference code where its kernels do
+not run) are run, not fitted (`calibrate.py`). The first layer with attention stands for all of them. A wrapper whose
+text config has no causal-LM class (Qwen2-VL's qwen2_vl_text) is refused: the layer-by-layer run is built from one.
 """
 
 from __future__ import annotations
@@ -24,17 +25,16 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from gqa_uptrain.convert.calibration.keys import norm_kind
-from gqa_uptrain.convert.calibration.layers import OUTPUT_PROJECTIONS, decoder_layers, output_name, skeleton
+from gqa_uptrain.convert.calibration.layers import (OUTPUT_PROJECTIONS, decoder_layers, first_attention, output_name,
+                                                    skeleton)
 from gqa_uptrain.convert.calibration.rotary import rotary_layout
 from gqa_uptrain.convert.calibration.source import SourceNames, source_names
-from gqa_uptrain.convert.layout import Change, FusedQKV, HeadsAxis, KVLayout
+from gqa_uptrain.convert.layout import Change, FusedQKV, HeadsAxis, KVLayout, PerHeadModules
 from gqa_uptrain.errors import UnsupportedModelError
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 _FUSED = ("qkv_proj",)  # Phi-3: rows [q | k | v] (layout.FusedQKV)
-_NORMS = ("q_norm", "k_norm")
-_HYBRID = ("some of its decoder layers have no attention (short convolutions, Mamba layers), which the layer-by-layer "
-           "calibration does not run")
+_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
 
 
 def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> str | None:
@@ -46,24 +46,15 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     except UnsupportedModelError as e:
         return str(e)
     config = names.config
-    if getattr(config, "qk_layernorm", False):
-        return ("its q/k LayerNorms (qk_layernorm) subtract each head's mean after the projection, which no "
-                "rotation within a rotary pair commutes with, and scale by weights of each head's own (StableLM) or "
-                "add a bias (Phi), so a key head's per-pair scale cannot move into its queries")
     if not all(_is_modelled(c) for c in layout.changes):
-        return "its KV heads live outside k_proj/v_proj, a [q | k | v] qkv_proj and k_norm (per-head norm modules)"
+        return "its KV heads live outside k_proj/v_proj, a [q | k | v] qkv_proj and its k norm"
     if getattr(config, "clip_qkv", None) is not None:
         return "it clips q/k/v after the projection"
-    try:
-        prefix, layers = decoder_layers(skeleton(config))
-    except UnsupportedModelError:  # its first layer has no attention (LFM2's short convolution)
-        return _HYBRID
-    if any(getattr(layer, "self_attn", None) is None for layer in layers):  # GraniteMoeHybrid's Mamba layers
-        return _HYBRID
-    if not all(names.has(f"{prefix}.0.{name}") for name, _ in layers[0].named_parameters()):
+    prefix, layers = decoder_layers(skeleton(config))  # a hybrid's layers without attention are run, not fitted
+    if not all(names.has(name) for name, _ in layers.named_parameters(prefix)):
         return "its checkpoint stores the layers under names that transformers' loading rules do not map to its modules"
-    attention = layers[0].self_attn
-    return _attention_reason(attention, config, layout) or _plan_reason(attention, f"{prefix}.0", names)
+    i, layer = first_attention(layers)
+    return _attention_reason(layer.self_attn, config, layout) or _plan_reason(layer.self_attn, f"{prefix}.{i}", names)
 
 
 def rewritten_tensors(config: PretrainedConfig, stored: Collection[str]) -> frozenset[str]:
@@ -91,7 +82,7 @@ def _plan_reason(attention: nn.Module, layer: str, names: SourceNames) -> str | 
 def _attention_reason(attention: nn.Module, config: PretrainedConfig, layout: KVLayout) -> str | None:
     """Why the fits cannot model this attention module (its projections, q/k norms and rotary layout), or None."""
     kind = norm_kind(attention, layout.query_heads, layout.kv_heads)
-    if kind not in (None, "per_head", "whole"):
+    if kind not in (None, "per_head", "whole", "layer"):
         return kind
     others = ({name.split(".")[0] for name, _ in attention.named_parameters()}
               - set(_PROJECTIONS) - set(_FUSED) - set(OUTPUT_PROJECTIONS) - set(_NORMS))
@@ -102,6 +93,8 @@ def _attention_reason(attention: nn.Module, config: PretrainedConfig, layout: KV
     if not all(isinstance(getattr(attention, p, None), nn.Linear) for p in projections) or \
             not any(isinstance(getattr(attention, p, None), nn.Linear) for p in OUTPUT_PROJECTIONS):
         return "its attention has no plain q_proj/k_proj/v_proj or qkv_proj, and o_proj or dense"
+    if kind == "layer":  # pooled keys: the rotary layout is not fitted through
+        return None
     rotary = rotary_layout(attention, config)
     if isinstance(rotary, str):
         return rotary
@@ -111,10 +104,25 @@ def _attention_reason(attention: nn.Module, config: PretrainedConfig, layout: KV
 
 
 def _is_modelled(change: Change) -> bool:
-    """A KV-head tensor the fits rewrite: k/v projections, a whole-projection k_norm, a fused [q | k | v]."""
+    """A KV-head tensor the fits rewrite: k/v projections, a k norm (whole-projection, or a weight or module per
+    head), a fused [q | k | v]."""
     if isinstance(change, HeadsAxis):
         return change.name.rsplit(".", 2)[-2] in ("k_proj", "v_proj", "k_norm")
+    if isinstance(change, PerHeadModules):
+        return ".k_layernorm.norms." in change.pattern
     return isinstance(change, FusedQKV) and change.name.rsplit(".", 2)[-2] == "qkv_proj"
+
+
+def pooled_keys_note(config: PretrainedConfig, stored: Collection[str]) -> str | None:
+    """The line a calibrated plan prints where the keys fall back to mean pooling (q/k LayerNorms), or None."""
+    names = source_names(config, stored)
+    _, layers = decoder_layers(skeleton(names.config))
+    attention = first_attention(layers)[1].self_attn
+    if norm_kind(attention, names.config.num_attention_heads, names.config.num_key_value_heads) != "layer":
+        return None
+    return (f"note: --method calibrated: {names.config.model_type}'s q/k LayerNorms let no scale pass into the "
+            "queries, so each group's keys are mean-pooled (consecutive heads, exact where they are copies); the "
+            "values and o_proj are fitted and each layer refined")
 
 
 def check_supported(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> None:

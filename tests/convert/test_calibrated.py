@@ -11,13 +11,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration import fit
-from gqa_uptrain.convert.calibration.layers import decoder_layers, output_name
+from gqa_uptrain.convert.calibration.layers import Embedder, decoder_layers, layer_output, output_name, run_layer
+from gqa_uptrain.convert.calibration.source import source_reader
 from gqa_uptrain.convert.calibration.rotary import rotary_layout
+from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.kv_heads import kv_heads_of
 from gqa_uptrain.provenance import read_provenance
-from tiny_models import (ARCHITECTURES, MULTIMODAL, QUERY_HEADS, VOCAB, logits, random_model, repeat_kv_heads,
-                         write_token_rows)
+from tiny_models import (ARCHITECTURES, HYBRID, MULTIMODAL, QUERY_HEADS, VOCAB, logits, random_model,
+                         repeat_kv_heads, write_token_rows)
 
 HEAD_DIM = 16
 HIDDEN = 64
@@ -169,7 +171,7 @@ def test_output_refit_is_kept_only_when_held_out_text_improves():
     assert exact is truth
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES) + sorted(MULTIMODAL))
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES) + sorted(MULTIMODAL) + sorted(HYBRID))
 def test_every_architecture_converts_or_is_refused_in_one_line(arch, tmp_path, tokens, calibration):
     small = random_model(arch, kv_heads=2, seed=1)
     repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")
@@ -183,9 +185,11 @@ def test_every_architecture_converts_or_is_refused_in_one_line(arch, tmp_path, t
     assert kv_heads_of(AutoConfig.from_pretrained(out)) == 2  # a wrapper's under text_config
 
 
-def train_briefly(model_type: str, folder: Path, shared_data: Path) -> tuple[Path, Path, torch.Tensor]:
+def train_briefly(model_type: str, folder: Path, shared_data: Path, **config: object
+                  ) -> tuple[Path, Path, torch.Tensor]:
     """An 8-head model trained briefly on Shakespeare's characters: its heads differ, as a real model's do.
-    Returns the model folder, calibration rows (token ids from the first 80% of the text) and held-out rows."""
+    Returns the model folder, calibration rows (token ids from the first 80% of the text) and held-out rows.
+    `config`: settings beyond the tiny shape (e.g. qk_layernorm=True)."""
     data = torch.tensor(list((shared_data / "tinyshakespeare.txt").read_bytes()[:400_000])).clamp(max=127)
     rows = data[: len(data) // 64 * 64].view(-1, 64)
     train, held = rows[: int(len(rows) * 0.8)], rows[int(len(rows) * 0.8):][:64]
@@ -193,7 +197,7 @@ def train_briefly(model_type: str, folder: Path, shared_data: Path) -> tuple[Pat
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, head_dim=8,
-                                  max_position_embeddings=64, tie_word_embeddings=True)
+                                  max_position_embeddings=64, tie_word_embeddings=True, **config)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # Phi-3's defaults lie beyond 128 tokens
         if (getattr(config, key, None) or 0) >= config.vocab_size:
             setattr(config, key, None)
@@ -305,7 +309,12 @@ def test_rotation_shares_stay_on_the_tables_device():
 # never be refused, and exactly where the heads are copies.
 BEYOND_PLAIN = ["qwen3", "gemma3_text", "olmo2", "phi3", "stablelm", "helium", "phi"]
 
-# The tiny table's StableLM has q/k LayerNorms, which the fits do not model (support.py): here it has none.
+# Hybrids: their layers without attention (LFM2's short convolutions, GraniteMoeHybrid's Mamba layers, whose attention
+# has no RoPE) run unchanged in both models; the attention layers are fitted as any other's.
+HYBRIDS = sorted(HYBRID)
+
+# The tiny table's StableLM has q/k LayerNorms, under which the keys are pooled, not fitted (keys.py): here it has
+# none, so that the key fits through its partial rotary are tested.
 WITHOUT_QK_LAYERNORM = {"stablelm": {}}
 
 
@@ -317,7 +326,7 @@ def plain_model(arch: str, kv_heads: int, seed: int, monkeypatch) -> torch.nn.Mo
 
 
 @pytest.mark.parametrize("groups", [2, 1])
-@pytest.mark.parametrize("arch", BEYOND_PLAIN)
+@pytest.mark.parametrize("arch", BEYOND_PLAIN + HYBRIDS)
 def test_identical_heads_convert_without_loss_beyond_plain_attention(arch, groups, tmp_path, tokens, calibration,
                                                                      monkeypatch):
     small = plain_model(arch, groups, 1, monkeypatch)
@@ -326,11 +335,45 @@ def test_identical_heads_convert_without_loss_beyond_plain_attention(arch, group
     assert close(logits(out, tokens), logits(small, tokens))
 
 
-@pytest.mark.parametrize("arch", BEYOND_PLAIN)
+@pytest.mark.parametrize("arch", BEYOND_PLAIN + HYBRIDS)
 def test_same_head_count_changes_nothing_beyond_plain_attention(arch, tmp_path, tokens, calibration, monkeypatch):
     plain_model(arch, 4, 4, monkeypatch).save_pretrained(tmp_path / "src")
     out = convert(tmp_path / "src", 4, tmp_path / "out", calibration)
     assert torch.equal(logits(out, tokens), logits(tmp_path / "src", tokens))
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_a_hybrids_layers_without_attention_are_recorded_as_such(arch, tmp_path, calibration):
+    repeat_kv_heads(random_model(arch, kv_heads=2, seed=1), 4).save_pretrained(tmp_path / "src")
+    layers = read_provenance(convert(tmp_path / "src", 2, tmp_path / "out", calibration))["conversion"][
+        "calibration"]["layers"]
+    assert layers[0] == {"attention": False} and all(len(layer["groups"]) == 2 for layer in layers[1:])
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", *HYBRIDS])
+def test_each_layer_runs_with_the_keyword_arguments_of_its_kind(arch, tmp_path, monkeypatch):
+    """Run one at a time on what the Embedder caught, the layers compute what the model's own forward does: Gemma 3's
+    full attention layers turn by another rotary table and see another mask than its sliding ones, and a hybrid's
+    convolution or Mamba layers take arguments of their own."""
+    if arch == "gemma3_text":
+        monkeypatch.setitem(ARCHITECTURES, arch, {"sliding_window": 4,
+                                                  "layer_types": ["sliding_attention", "full_attention"]})
+    model = random_model(arch, kv_heads=2, seed=1)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, layers = decoder_layers(model)
+    outputs = []
+    handles = [layer.register_forward_hook(lambda module, args, output: outputs.append(layer_output(output)))
+               for layer in layers]
+    model(ids)
+    for handle in handles:
+        handle.remove()
+    reader = source_reader(model.config, CheckpointReader(tmp_path))
+    embedder = Embedder.build(model.config, reader, torch.device("cpu"))
+    hidden = embedder(ids)
+    for layer, kwargs, expected in zip(layers, embedder.kwargs, outputs, strict=True):
+        hidden = run_layer(layer, hidden, kwargs)
+        assert close(hidden, expected)
 
 
 @pytest.mark.parametrize("arch", ["stablelm", "helium", "phi"])
@@ -420,6 +463,19 @@ def test_calibrated_beats_mean_pooling_beyond_plain_attention(arch, tmp_path, sh
     assert original < fitted < pooled
 
 
+@pytest.mark.parametrize("arch", ["lfm2", pytest.param("granitemoehybrid", marks=pytest.mark.slow)])
+def test_calibrated_beats_mean_pooling_on_a_hybrid(arch, tmp_path, shared_data):
+    """The tiny table's hybrid cut to two layers: a short convolution or Mamba layer, then an attention layer
+    (GraniteMoeHybrid's experts and Mamba scan run transformers' reference code on the CPU: about 2 minutes)."""
+    config = {**{key: value for key, value in HYBRID[arch].items() if key != "num_hidden_layers"},
+              "layer_types": HYBRID[arch]["layer_types"][:2]}
+    model, text, rows = train_briefly(arch, tmp_path, shared_data, **config)
+    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
+    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
+    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    assert original < fitted < pooled
+
+
 def test_the_default_text_is_shipped_books_that_no_evaluation_task_quotes(gpt2_tokenizer):
     from gqa_uptrain.convert.calibration.data import DEFAULT_DATA, calibration_tokens, shipped_books
 
@@ -466,3 +522,48 @@ def test_calibrated_beats_mean_pooling_inside_a_multimodal_wrapper(trained_llama
     assert abs(original - held_out_loss(model, rows)) < 1e-4  # the wrapper computes what the Llama does on text
     assert original < fitted < pooled
     assert (pooled - fitted) > 0.5 * (pooled - original)
+
+
+# q/k LayerNorms: nothing passes into the queries, so the keys are pooled as mean pooling pools them and the values,
+# o_proj and the refinement are fitted (keys.py); the plan says so in one line.
+LAYER_NORMED = {"cohere": {"use_qk_norm": True}, "stablelm": {"qk_layernorm": True}, "phi": {"qk_layernorm": True}}
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+@pytest.mark.parametrize("arch", sorted(LAYER_NORMED))
+def test_identical_heads_convert_without_loss_under_qk_layernorms(arch, groups, tmp_path, tokens, calibration,
+                                                                  monkeypatch, capsys):
+    monkeypatch.setitem(ARCHITECTURES, arch, LAYER_NORMED[arch])
+    small = random_model(arch, kv_heads=groups, seed=1)
+    repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", groups, tmp_path / "out", calibration)
+    assert close(logits(out, tokens), logits(small, tokens))
+    notes = [line for line in capsys.readouterr().out.splitlines() if "q/k LayerNorms" in line]
+    assert notes == [f"note: --method calibrated: {arch}'s q/k LayerNorms let no scale pass into the queries, so each "
+                     "group's keys are mean-pooled (consecutive heads, exact where they are copies); the values and "
+                     "o_proj are fitted and each layer refined"]
+
+
+@pytest.mark.parametrize("arch", sorted(LAYER_NORMED))
+def test_same_head_count_changes_nothing_under_qk_layernorms(arch, tmp_path, tokens, calibration, monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, arch, LAYER_NORMED[arch])
+    random_model(arch, kv_heads=4, seed=4).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", 4, tmp_path / "out", calibration)
+    assert torch.equal(logits(out, tokens), logits(tmp_path / "src", tokens))
+
+
+def test_the_dry_run_says_the_keys_are_pooled_under_qk_layernorms(tmp_path, calibration, monkeypatch, capsys):
+    monkeypatch.setitem(ARCHITECTURES, "cohere", LAYER_NORMED["cohere"])
+    random_model("cohere", kv_heads=4, seed=4).save_pretrained(tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", 2, tmp_path / "out", method="calibrated", dry_run=True)
+    assert "cohere's q/k LayerNorms let no scale pass into the queries" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["cohere", *(pytest.param(a, marks=pytest.mark.slow) for a in ("stablelm", "phi"))])
+def test_calibrated_beats_mean_pooling_under_qk_layernorms(arch, tmp_path, shared_data):
+    model, text, rows = train_briefly(arch, tmp_path, shared_data, **LAYER_NORMED[arch])
+    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
+    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
+    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    assert original < fitted < pooled

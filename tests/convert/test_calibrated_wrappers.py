@@ -1,6 +1,6 @@
 """--method calibrated beyond plain causal LMs: a multimodal wrapper's language model, calibrated alone (its vision
 tower copied), and MoE layers, whose experts the checkpoint stores one by one and transformers stacks into 3-D
-parameters; hybrids refused (tiny fp32 models, CPU)."""
+parameters (tiny fp32 models, CPU)."""
 
 from pathlib import Path
 
@@ -12,10 +12,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration.source import source_reader
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
-from gqa_uptrain.errors import CheckpointError, UnsupportedModelError
+from gqa_uptrain.errors import CheckpointError
 from gqa_uptrain.kv_heads import kv_heads_of
 from gqa_uptrain.provenance import read_provenance
-from tiny_models import HYBRID, logits, random_model, repeat_kv_heads, write_token_rows
+from tiny_models import logits, random_model, repeat_kv_heads, write_token_rows
 
 WRAPPERS = ["gemma3", "llava", "mistral3"]
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -94,13 +94,3 @@ def test_a_nan_in_a_wrapper_is_named_by_the_checkpoint(tmp_path, calibration):
     source = save(model, tmp_path / "src")
     with pytest.raises(CheckpointError, match=r"source tensor language_model\.model\.embed_tokens\.weight holds NaN"):
         convert(source, 2, tmp_path / "out", calibration)
-
-
-@pytest.mark.parametrize("arch", sorted(HYBRID))
-def test_hybrids_are_refused_in_one_line(arch, tmp_path, calibration):
-    """Layers without attention (LFM2's convolutions, GraniteMoeHybrid's Mamba layers) are not calibrated yet:
-    refused before anything is written, as --method mean converts them."""
-    source = save(repeat_kv_heads(random_model(arch, kv_heads=2, seed=5), 4), tmp_path / "src")
-    with pytest.raises(UnsupportedModelError, match="have no attention .*; use --method mean$") as refused:
-        convert(source, 2, tmp_path / "out", calibration)
-    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration import calibrate
 from gqa_uptrain.provenance import read_provenance
+from tiny_models import HYBRID, random_model
 
 VOCAB = 96
 
@@ -51,8 +52,9 @@ def convert(source: Path, out: Path, data: Path, seed: int = 0) -> Path:
                               refine_steps=30, seed=seed, progress=False).output
 
 
-def interrupted(source: Path, out: Path, data: Path, fitted: list[str], monkeypatch, seed: int = 0) -> None:
-    """Convert, with Ctrl-C pressed as layer 2 (the third) starts."""
+def interrupted(source: Path, out: Path, data: Path, fitted: list[str], monkeypatch, seed: int = 0,
+                before: tuple[int, ...] = (0, 1)) -> None:
+    """Convert, with Ctrl-C pressed as layer 2 (the third) starts, after fitting the layers `before`."""
     real = calibrate._calibrate_layer
 
     def ctrl_c_at_layer_2(name, *args, **kwargs):
@@ -64,7 +66,7 @@ def interrupted(source: Path, out: Path, data: Path, fitted: list[str], monkeypa
         patched.setattr(calibrate, "_calibrate_layer", ctrl_c_at_layer_2)
         with pytest.raises(KeyboardInterrupt):
             convert(source, out, data, seed)
-    assert fitted == ["model.layers.0", "model.layers.1"]
+    assert fitted == [f"model.layers.{i}" for i in before]
     fitted.clear()
 
 
@@ -96,6 +98,24 @@ def test_an_interrupted_calibration_resumes_at_the_next_layer_with_the_same_resu
     assert read_provenance(resumed)["conversion"] == read_provenance(whole)["conversion"]
     assert any(layer["refinement"]["steps"] for layer in read_provenance(whole)["conversion"]["calibration"]["layers"])
     assert not store(tmp_path / "whole").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(HYBRID))
+def test_a_hybrid_resumes_past_its_layers_without_attention(arch, tmp_path, fitted_layers, monkeypatch):
+    """LFM2's first layer is a short convolution, GraniteMoeHybrid's a Mamba layer: never fitted, kept as having no
+    attention and replayed on resuming like any finished layer, to the result an uninterrupted run gives."""
+    random_model(arch, kv_heads=4, seed=0).save_pretrained(tmp_path / "src")
+    source, data = tmp_path / "src", token_rows(tmp_path / "ids.jsonl", 1)
+    interrupted(source, tmp_path / "out", data, fitted_layers, monkeypatch, before=(1,))
+    resumed = convert(source, tmp_path / "out", data)
+    assert fitted_layers == ["model.layers.2"]
+    fitted_layers.clear()
+    whole = convert(source, tmp_path / "whole", data)
+    assert fitted_layers == ["model.layers.1", "model.layers.2"]
+    assert (resumed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert read_provenance(resumed)["conversion"] == read_provenance(whole)["conversion"]
+    assert read_provenance(whole)["conversion"]["calibration"]["layers"][0] == {"attention": False}
 
 
 @pytest.mark.slow
