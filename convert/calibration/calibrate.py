@@ -339,8 +339,8 @@ def _with_ones(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1) if with_bias else x
 
 
-def _fit_groups(w: _Weights, keys: KeyFitter | PooledKeys, sigma: torch.Tensor, groups: int, head_dim: int, query_heads: int,
-                norms: QKNorms | None) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
+def _fit_groups(w: _Weights, keys: KeyFitter | PooledKeys, sigma: torch.Tensor, groups: int, head_dim: int,
+                query_heads: int, norms: QKNorms | None) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
     """Grouping, shared keys and values, the absorbed query and output weights (and q/k norm weights where a
     whole-projection norm changes) in the new head order, and which original query head each new one is."""
     kv_heads = w.k.shape[0] // head_dim

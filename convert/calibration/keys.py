@@ -78,12 +78,10 @@ class QKNorms:
 def norm_kind(attention: nn.Module, query_heads: int, kv_heads: int) -> NormKind | None | str:
     """The kind of the attention's q/k norms (works on the meta device); None when it has none, a reason string
     when it has norms the fits do not model."""
-    if hasattr(attention, "q_layernorm") and hasattr(attention, "k_layernorm"):  # StableLM, Phi: qk_layernorm
-        return "layer"
-    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    q_norm, k_norm = _qk_norms(attention)
     if q_norm is None and k_norm is None:
         return None
-    if q_norm is not None and k_norm is not None and _is_layer_norm(q_norm) and _is_layer_norm(k_norm):  # Cohere
+    if q_norm is not None and k_norm is not None and _is_layer_norm(q_norm) and _is_layer_norm(k_norm):
         return "layer"
     if q_norm is None or k_norm is None or not _is_rms_norm(q_norm) or not _is_rms_norm(k_norm):
         return "its q/k norms are neither a pair of RMS norms nor a pair of LayerNorms"
@@ -103,7 +101,7 @@ def find_norms(attention: nn.Module, query_heads: int, kv_heads: int) -> QKNorms
         return None
     assert kind in ("per_head", "whole"), kind  # "layer": PooledKeys; support.py refuses the rest before any work
     q_rows, k_rows = (query_heads, kv_heads) if kind == "per_head" else (1, 1)
-    q_norm, k_norm = attention.q_norm, attention.k_norm
+    q_norm, k_norm = _qk_norms(attention)
     q, k = _effective(q_norm), _effective(k_norm)
     offset = round(float((k - k_norm.weight.double()).mean()), 6)  # 0, or 1 for Gemma's 1 + w
     return QKNorms(kind, q.repeat(q_rows), k.repeat(k_rows), offset)
@@ -124,8 +122,20 @@ def _is_rms_norm(norm: nn.Module) -> bool:
                     and norm(torch.ones_like(x)).abs().max() > 0)
 
 
+def _qk_norms(attention: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The attention's query and key norms: q_norm/k_norm, or q_layernorm/k_layernorm (StableLM, Phi, LFM2), whatever
+    they compute (their kind is read from what they do, not from their names)."""
+    for q, k in (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm")):
+        if hasattr(attention, q) or hasattr(attention, k):
+            return getattr(attention, q, None), getattr(attention, k, None)
+    return None, None
+
+
 def _is_layer_norm(norm: nn.Module) -> bool:
-    """A LayerNorm over the head dim (one weight per head allowed): it removes the mean, N(x + c) = N(x)."""
+    """A LayerNorm over the head dim (one weight per head allowed, or one module per head as StableLM has): it
+    removes the mean, N(x + c) = N(x)."""
+    per_head = getattr(norm, "norms", None)
+    norm = per_head[0] if isinstance(per_head, nn.ModuleList) else norm
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
         return False
