@@ -37,6 +37,7 @@ import yaml
 from gqa_uptrain.cli import run_cli
 from gqa_uptrain.convert import DEFAULT_REFINE_STEPS, convert_checkpoint
 from gqa_uptrain.errors import DataError
+from gqa_uptrain.plotting import pyplot
 
 DOCSTRING_SHARE = 0.15  # of the training characters: code documentation beside the books, for breadth
 
@@ -370,11 +371,7 @@ def table(records: list[dict]) -> str:
 
 def plot(records: list[dict], path: Path) -> None:
     """Loss against uptraining tokens (log axis; budget 0 drawn at the first tick's half), one line per arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     budgets = sorted({r["tokens"] for r in records if r["tokens"]})
     zero = budgets[0] / 2 if budgets else 1.0
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
