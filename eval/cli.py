@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate(args: argparse.Namespace) -> None:
+def evaluate_flags(args: argparse.Namespace) -> None:
     """The flags, handed to the Python API (bad values fail in EvalOptions, before the slow imports)."""
     from . import evaluate as evaluate_api
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
-    run_cli("gqa-eval", lambda: evaluate(args))
+    run_cli("gqa-eval", lambda: evaluate_flags(args))
 
 
 if __name__ == "__main__":

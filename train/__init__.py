@@ -2,7 +2,7 @@
 
 Where things happen: `recipe.py` validates the YAML, `budget.py` turns the paper's budget into steps and
 FLOPs, `estimate.py` says what a run needs (memory per GPU, time, GPUs to fit) before it starts, `data.py`
-tokenises and packs, `loop.py` takes the optimizer steps (`cadence.py` says when to log, evaluate and save),
+tokenises and packs, `loop.py` takes the optimizer steps (`cadence.py` says when to log, validate and save),
 `distill.py` holds the distillation loss, `checkpoint.py` saves and resumes, `export.py` writes the final folder.
 What a run reports: `throughput.py` (tokens/s, MFU and its peak), `progress.py` (the console), `losses.py` (the loss
 window and divergence), `recovery.py` (the share of the conversion's gap won back), `history.py` (metrics.jsonl),

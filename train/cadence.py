@@ -30,7 +30,7 @@ class Cadence:
         """Whether to write a training record (loss, lr, throughput) after `step`."""
         return self._due(step, self.log_every)
 
-    def evaluate(self, step: int) -> bool:
+    def validate(self, step: int) -> bool:
         """Whether to compute the validation loss after `step`."""
         return self._due(step, self.eval_every)
 

@@ -111,7 +111,7 @@ def _forward(model, teacher, input_ids: torch.Tensor, recipe: Recipe,
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model, loader) -> float:
+def validation_loss(accelerator: Accelerator, model, loader) -> float:
     """Mean LM loss over the fixed validation batches of every process (the model's train/eval mode is kept)."""
     training = model.training
     model.eval()
@@ -125,10 +125,10 @@ def _validate(accelerator: Accelerator, model, loader, history: History, step: i
               progress: Progress, gap: Gap | None, teacher=None) -> None:
     """Log and print the validation loss (and perplexity) after `step` optimizer steps, with the share of the gap to
     the teacher's loss recovered; given the `teacher` (at step 0), its loss on the same batches is the reference."""
-    val_loss = evaluate(accelerator, model, loader)
+    val_loss = validation_loss(accelerator, model, loader)
     record = {"val_loss": val_loss, "val_ppl": float(torch.tensor(val_loss).exp()), "tokens": tokens}
     if teacher is not None:
-        record["reference_val_loss"] = evaluate(accelerator, teacher, loader)
+        record["reference_val_loss"] = validation_loss(accelerator, teacher, loader)
         gap = Gap(val_loss, record["reference_val_loss"])
     history.log(record, step)
     progress.validated(step, val_loss, gap)
@@ -178,11 +178,11 @@ def _run(recipe: Recipe, state: PartialState, stack: ExitStack, space: disk.Spac
     while run.step < budget.steps:
         run.train_step()
         step = run.step
-        if cadence.log(step) or cadence.evaluate(step) or cadence.save(step) or step == budget.steps:
+        if cadence.log(step) or cadence.validate(step) or cadence.save(step) or step == budget.steps:
             run.divergence.check(run.accelerator, run.checkpoints)  # before anything is logged, saved or exported
         if cadence.log(step):
             run.log()
-        if cadence.evaluate(step):
+        if cadence.validate(step):
             run.validate()
         if cadence.save(step):
             run.save()

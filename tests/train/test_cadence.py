@@ -7,7 +7,7 @@ def test_each_event_comes_every_n_steps_and_at_the_last_step():
     cadence = Cadence(steps=10, log_every=3, eval_every=5, save_every=20)
     steps = range(1, 11)
     assert [s for s in steps if cadence.log(s)] == [3, 6, 9, 10]
-    assert [s for s in steps if cadence.evaluate(s)] == [5, 10]
+    assert [s for s in steps if cadence.validate(s)] == [5, 10]
     assert [s for s in steps if cadence.save(s)] == [10]
 
 
