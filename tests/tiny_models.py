@@ -57,14 +57,23 @@ HYBRID: dict[str, dict] = {
 }
 
 # Multimodal wrappers whose language model sits under `text_config`: model_type -> (the decoder's model_type, the
-# vision tower's, what the wrapper needs). The vision towers have 4 attention heads of their own, which must stay.
-MULTIMODAL: dict[str, tuple[str, str, dict]] = {
-    "gemma3": ("gemma3_text", "siglip_vision_model", {"mm_tokens_per_image": 4}),
-    "mistral3": ("mistral", "pixtral", {}),
-    "llava": ("llama", "clip_vision_model", {}),
-}
+# vision tower's config, what the wrapper needs). The vision towers have 4 attention heads of their own, which must
+# stay.
 VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
           "image_size": 28, "patch_size": 14}
+MULTIMODAL: dict[str, tuple[str, dict, dict]] = {
+    "gemma3": ("gemma3_text", {"model_type": "siglip_vision_model", **VISION}, {"mm_tokens_per_image": 4}),
+    "mistral3": ("mistral", {"model_type": "pixtral", **VISION}, {}),
+    "llava": ("llama", {"model_type": "clip_vision_model", **VISION}, {}),
+    # its merger hands the language model vectors of the text's hidden size
+    "qwen2_vl": ("qwen2_vl_text", {"model_type": "qwen2_vl", "depth": 1, "embed_dim": 32, "num_heads": 4,
+                                   "mlp_ratio": 2, "hidden_size": 64}, {}),
+}
+# Decoders found only inside a wrapper: model_type -> what their tiny config needs beyond the shared shape.
+WRAPPED: dict[str, dict] = {
+    # M-RoPE: the rotary frequency pairs (head_dim / 2 of them) split between time, height and width positions
+    "qwen2_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+}
 
 QUERY_HEADS = 4
 VOCAB = 96
@@ -76,19 +85,25 @@ def tiny_config(model_type: str, kv_heads: int) -> PretrainedConfig:
     if model_type in MULTIMODAL:
         text, vision, extra = MULTIMODAL[model_type]
         return AutoConfig.for_model(model_type, text_config={"model_type": text, **_text_sizes(text, kv_heads)},
-                                    vision_config={"model_type": vision, **VISION}, **extra)
+                                    vision_config=vision, **extra)
     return AutoConfig.for_model(model_type, **_text_sizes(model_type, kv_heads))
+
+
+def own_keys(model_type: str, sizes: dict) -> dict:
+    """Shared sizes under the keys the architecture's config names them by (`OWN_KEYS`)."""
+    sizes = dict(sizes)
+    for key, own in OWN_KEYS.get(model_type, {}).items():
+        value = sizes.pop(key)
+        if own is not None:
+            sizes[own] = value
+    return sizes
 
 
 def _text_sizes(model_type: str, kv_heads: int) -> dict:
     shared = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=QUERY_HEADS, num_key_value_heads=kv_heads, head_dim=16,
                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    for key, own in OWN_KEYS.get(model_type, {}).items():
-        value = shared.pop(key)
-        if own is not None:
-            shared[own] = value
-    return {**shared, **{**ARCHITECTURES, **HYBRID}[model_type]}
+    return {**own_keys(model_type, shared), **{**ARCHITECTURES, **HYBRID, **WRAPPED}[model_type]}
 
 
 def random_model(model_type: str, kv_heads: int, seed: int = 0) -> PreTrainedModel:
@@ -111,6 +126,11 @@ def small_llama(kv_heads: int = 2, layers: int = 1, vocab: int = VOCAB, seed: in
     sizes = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                  num_attention_heads=QUERY_HEADS, num_key_value_heads=kv_heads)
     return LlamaForCausalLM(LlamaConfig(**{**sizes, **config}))
+
+
+def twelve_head_llama(layers: int = 1) -> LlamaForCausalLM:
+    """12 query heads, 6 KV heads: --groups 3 shards over neither 2 nor 4 GPUs (the tensor-parallel warning)."""
+    return small_llama(kv_heads=6, layers=layers, vocab=64, hidden_size=96, num_attention_heads=12)
 
 
 def repeat_kv_heads(small: PreTrainedModel, kv_heads: int) -> PreTrainedModel:

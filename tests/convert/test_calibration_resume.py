@@ -7,23 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration import calibrate
 from gqa_uptrain.provenance import read_provenance
-from tiny_models import HYBRID, random_model
+from tiny_models import HYBRID, random_model, small_llama
 
 VOCAB = 96
 
 
 def tiny_llama(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """A random 3-layer MHA Llama: its heads differ, so every layer is really fitted (and refined)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
+    model = small_llama(kv_heads=4, layers=3, vocab=VOCAB, seed=seed, hidden_size=64, intermediate_size=96,
+                        head_dim=16, max_position_embeddings=64, tie_word_embeddings=False)
+    model.to(dtype).save_pretrained(folder)
     return folder
 
 

@@ -16,10 +16,9 @@ import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError, NotASafetensorsRepoError
 from huggingface_hub.utils import get_session, hf_raise_for_status
 from huggingface_hub.utils._safetensors import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_uptrain.convert.cli import main
-from tiny_models import random_model
+from tiny_models import random_model, twelve_head_llama
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HUB = "gqa_uptrain.convert.hub_headers"
@@ -70,10 +69,8 @@ def dry_run(capsys, source, *argv) -> list[str]:
 
 
 def twelve_heads(path: Path) -> Path:
-    """12 query heads, 6 KV heads, in several shards: --groups 3 draws the tensor-parallel warning."""
-    config = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=12, num_key_value_heads=6)
-    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="40KB")
+    """In several shards: --groups 3 draws the tensor-parallel warning."""
+    twelve_head_llama(layers=2).save_pretrained(path, max_shard_size="40KB")
     return path
 
 

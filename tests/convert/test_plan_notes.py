@@ -4,15 +4,13 @@ measure the damage afterwards."""
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_uptrain.convert.cli import main
 from gqa_uptrain.convert.options import ConvertOptions
 from gqa_uptrain.convert.messages import splits_over
 from gqa_uptrain.convert.plan import build_plan
 from gqa_uptrain.errors import InvalidGroupsError
-from tiny_models import random_model
+from tiny_models import random_model, twelve_head_llama
 
 
 @pytest.fixture
@@ -24,12 +22,8 @@ def source(tmp_path) -> Path:
 
 @pytest.fixture
 def twelve_heads(tmp_path) -> Path:
-    """12 query heads, 6 KV heads: G=3 shards over neither 2 nor 4 GPUs."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=12, num_key_value_heads=6)
     path = tmp_path / "twelve"
-    LlamaForCausalLM(config).save_pretrained(path)
+    twelve_head_llama().save_pretrained(path)
     return path
 
 
