@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gqa_uptrain.apps.pipeline_recipe import EvaluateSpec, PipelineRecipe, load_pipeline_recipe
+from gqa_uptrain.apps.pipeline_recipe import ConvertSpec, EvaluateSpec, PipelineRecipe, load_pipeline_recipe
 from gqa_uptrain.cli import run_cli, warn
-from gqa_uptrain.convert import convert_checkpoint
+from gqa_uptrain.convert import check_options, convert_checkpoint
 from gqa_uptrain.errors import ConfigError, GqaError
 from gqa_uptrain.eval import EvaluationResult, evaluate
 from gqa_uptrain.hashing import BackgroundHashes
@@ -64,8 +64,7 @@ def plan(recipe_path: Path, overrides: list[str], recipe: PipelineRecipe, repo_i
         if done:
             check_converted(recipe_path, model, c.source, c.groups, c.method)
         converting = not done
-        steps.append(_in_process("convert", convert_checkpoint, c.source, c.groups, model, done=done,
-                                 method=c.method, calibration=c.calibration))
+        steps.append(_in_process("convert", convert_checkpoint, c.source, c.groups, model, done=done, **c.options()))
     # Training is launched, not called: `accelerate launch` starts its one process per GPU.
     steps.append(_launched("uptrain", uptrain_argv(recipe_path, overrides, recipe.accelerate_config),
                            check_uptrained(recipe_path, recipe, converting)))
@@ -209,6 +208,8 @@ def check_inputs(recipe_path: Path, recipe: PipelineRecipe, repo_id: str | None)
         _check_models(recipe)
         for data in _local_data(recipe):
             local_files(data)
+        if recipe.convert:
+            _check_conversion(recipe.convert)
         if recipe.evaluate:
             _check_evaluation(recipe.evaluate)
         if repo_id:
@@ -266,6 +267,14 @@ def _local_data(recipe: PipelineRecipe) -> list[str]:
     paths = [source.path for source in (recipe.data.train, recipe.data.validation) if source and source.path]
     calibration = recipe.convert.calibration if recipe.convert else None
     return paths + ([calibration] if calibration and looks_local(calibration) else [])
+
+
+def _check_conversion(spec: ConvertSpec) -> None:
+    """The section's values, as gqa-convert's own checks say it (no model is read)."""
+    try:
+        check_options(spec.source, spec.groups, **spec.options())
+    except ConfigError as error:
+        raise ConfigError(f"convert: {error}") from None
 
 
 def _check_evaluation(spec: EvaluateSpec) -> None:

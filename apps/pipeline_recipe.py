@@ -10,26 +10,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
-
-from gqa_uptrain.convert import METHODS
 from gqa_uptrain.train import Recipe, Section, UserPath, load
 
 
 class ConvertSpec(Section):
-    """How `model.path` is made from the original checkpoint."""
+    """How `model.path` is made from the original checkpoint: gqa-convert's options of the same names, left out for
+    its defaults (`method` too is gqa-convert's, kept to compare with a finished conversion's record). gqa-convert
+    checks their values (convert's door `check_options`, before the first step)."""
 
     source: UserPath  # the original MHA (or GQA) checkpoint: a local folder or a Hub id
-    groups: int = Field(ge=1)
+    groups: int
     method: str = "mean"  # a gqa-convert --method
     calibration: UserPath | None = None  # --calibration DATA for method calibrated (like the pretraining text)
+    calibration_tokens: int | None = None
+    refine_steps: int | None = None
+    seed: int | None = None
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, method: str) -> str:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        return method
+    def options(self) -> dict:
+        """The options given besides source and groups, as convert's door `convert_checkpoint` takes them."""
+        return self.model_dump(exclude_none=True, exclude={"source", "groups"})
 
 
 class EvaluateSpec(Section):

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, is_model_file
     from gqa_uptrain.convert.methods import METHODS
 
-__all__ = ["convert_checkpoint", "ConversionResult", "METHODS", "model_card", "is_generated_card", "is_model_file",
-           "stdlib_docstrings"]
+__all__ = ["convert_checkpoint", "check_options", "ConversionResult", "METHODS", "model_card", "is_generated_card",
+           "is_model_file", "stdlib_docstrings"]
 # The door's names defined in other modules -> that module, imported on first use (PEP 562). stdlib_docstrings is
 # the calibration text that every Python carries, which gqa-demo also trains on.
 _ELSEWHERE = {"METHODS": "methods", "model_card": "card", "is_generated_card": "card",
@@ -48,6 +48,13 @@ def __getattr__(name: str) -> Any:
     if name not in _ELSEWHERE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(import_module(f"{__name__}.{_ELSEWHERE[name]}"), name)
+
+
+def check_options(source: str | Path, groups: int, **options: Any) -> None:
+    """The checks `convert_checkpoint` runs on its options before it reads anything, for a caller that plans a
+    conversion ahead of the steps before it (gqa-pipeline). `options` are `convert_checkpoint`'s; each bad value
+    raises one ConfigError, worded as gqa-convert's flags."""
+    ConvertOptions(source=source, groups=groups, **options)
 
 
 def convert_checkpoint(source: str | Path, groups: int, output: str | Path | None = None, *, progress: bool = True,

@@ -151,6 +151,11 @@ EARLY = {
                                   "{tmp}/no.txt: no such file", written),
     "an unknown task": (lambda tmp: ["evaluate.tasks=gqa_lastwrd"], "unknown task 'gqa_lastwrd' (did you mean "
                         "'gqa_lastword'?)", written),
+    "an unknown method": (lambda tmp: ["convert.method=nonsense"], "convert: --method: Input should be 'mean', "
+                          "'first', 'random' or 'calibrated' (got 'nonsense')", written),
+    "refinement for mean pooling": (lambda tmp: ["convert.refine_steps=10"], "convert: --calibration, "
+                                    "--calibration-tokens and --refine-steps apply to --method calibrated only",
+                                    written),
     "a batch size of 0": (lambda tmp: ["evaluate.batch_size=0"], "evaluate: --batch-size must be at least 1, got 0",
                           written),
     "a malformed repo id": (lambda tmp: ["publish.repo_id=me/my model"], "publish.repo_id 'me/my model' is not a Hub "
