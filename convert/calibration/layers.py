@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader, stored_name
 from gqa_uptrain.errors import CheckpointError, UnsupportedModelError
@@ -24,9 +25,12 @@ class _Stop(Exception):
 
 
 def skeleton(config: PretrainedConfig, device: torch.device | str = "meta") -> nn.Module:
-    """The model, on the meta device by default (no memory)."""
+    """The model, on the meta device by default (no memory): the causal LM, or its base model where transformers
+    has no causal LM for the config (Qwen2-VL's text config: the wrapper's own text model), which is enough, as
+    only the decoder layers are run."""
+    auto = AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return auto.from_config(config, dtype=torch.float32)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -24,7 +24,7 @@ from gqa_uptrain.kv_heads import meta_model, text_config
 class SourceNames:
     """Each parameter of the calibrated causal LM: the checkpoint tensor it is, or how it is built from several."""
 
-    config: PretrainedConfig  # the causal LM's: a wrapper's text config
+    config: PretrainedConfig  # the language model's: a wrapper's text config
     model: PreTrainedModel  # the source's model class, on the meta device (transformers' converters may ask it)
     stored: dict[str, str]  # causal LM parameter -> checkpoint name
     fused: dict[str, tuple[str, Fused]]  # causal LM parameter -> its name in `model`, and how it is built
@@ -35,12 +35,12 @@ class SourceNames:
 
 def source_names(config: PretrainedConfig, tensors: Collection[str]) -> SourceNames:
     """How the calibration reads the checkpoint of `config` (whose tensor names are `tensors`); UnsupportedModelError
-    when its language model is not a causal LM that transformers builds from its text config."""
+    when transformers builds no model (causal LM or base model) from its text config."""
     text = text_config(config)
     try:
         language_model = skeleton(text)
-    except ValueError:  # AutoModelForCausalLM has no class for this text config (Qwen2-VL's qwen2_vl_text)
-        raise UnsupportedModelError(f"its language model ({text.model_type}) has no causal LM class in transformers "
+    except ValueError:  # transformers has no model class for this text config
+        raise UnsupportedModelError(f"its language model ({text.model_type}) has no model class in transformers "
                                     "for the calibration to run alone") from None
     model = language_model if text is config else meta_model(config)
     loaded = loaded_names(model, tensors)

@@ -13,7 +13,8 @@ What is around the attention does not matter: a multimodal wrapper's language mo
 layers run with their experts as transformers loads them (`source.py`), and a hybrid's layers without attention
 (LFM2's short convolutions, GraniteMoeHybrid's Mamba layers, on transformers' reference code where its kernels do
 not run) are run, not fitted (`calibrate.py`). The first layer with attention stands for all of them. A wrapper whose
-text config has no causal-LM class (Qwen2-VL's qwen2_vl_text) is refused: the layer-by-layer run is built from one.
+text config has no causal-LM class (Qwen2-VL's qwen2_vl_text) is run as its text model, the class the wrapper holds
+(`wrappers.py`): the fits need only the decoder layers, and on text its M-RoPE is plain RoPE.
 """
 
 from __future__ import annotations

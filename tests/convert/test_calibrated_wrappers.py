@@ -1,23 +1,25 @@
 """--method calibrated beyond plain causal LMs: a multimodal wrapper's language model, calibrated alone (its vision
-tower copied), and MoE layers, whose experts the checkpoint stores one by one and transformers stacks into 3-D
-parameters (tiny fp32 models, CPU)."""
+tower copied; Qwen2-VL's, which has no causal-LM class, as its text model), and MoE layers, whose experts the
+checkpoint stores one by one and transformers stacks into 3-D parameters (tiny fp32 models, CPU)."""
 
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
 from gqa_uptrain.convert import convert_checkpoint
+from gqa_uptrain.convert.calibration.layers import skeleton
 from gqa_uptrain.convert.calibration.source import source_reader
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
 from gqa_uptrain.errors import CheckpointError
 from gqa_uptrain.kv_heads import kv_heads_of
 from gqa_uptrain.provenance import read_provenance
-from tiny_models import logits, random_model, repeat_kv_heads, write_token_rows
+from tiny_models import load, logits, random_model, repeat_kv_heads, write_token_rows
 
-WRAPPERS = ["gemma3", "llava", "mistral3"]
+WRAPPERS = ["gemma3", "llava", "mistral3", "qwen2_vl"]
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
@@ -73,17 +75,35 @@ def test_same_head_count_changes_nothing(arch, tmp_path, tokens, calibration):
     assert torch.equal(logits(out, tokens), logits(source, tokens))
 
 
-@pytest.mark.parametrize("arch", ["llava", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "mixtral", "qwen3_moe"])
 def test_the_language_model_is_read_as_transformers_loads_it(arch, tmp_path, tokens):
-    """Every parameter of the causal LM the calibration runs, read from the checkpoint by its own name (a wrapper's
-    under `language_model`, experts stacked from the stored ones), makes a model that computes what the source does
-    on text."""
+    """Every parameter of the language model the calibration runs, read from the checkpoint by its own name (a
+    wrapper's under `language_model`, experts stacked from the stored ones), makes a model that computes what the
+    source does on text: Qwen2-VL's text model alone, on the positions its own forward makes (three equal M-RoPE
+    streams), as the wrapper does on text."""
     source = save(random_model(arch, kv_heads=2, seed=3), tmp_path / "src")
     reader = source_reader(AutoConfig.from_pretrained(source), CheckpointReader(source))
-    model = AutoModelForCausalLM.from_config(reader.names.config, dtype=torch.float32).eval()
+    model = skeleton(reader.names.config, "cpu").eval()
     assert all(reader.names.has(name) for name in model.state_dict())
     model.load_state_dict({name: reader.read(name) for name in model.state_dict()})
-    assert close(logits(model, tokens), logits(source, tokens))
+    with torch.no_grad():
+        hidden = [m.base_model(input_ids=tokens).last_hidden_state for m in (model, load(source))]
+    assert close(*hidden)
+
+
+def test_qwen2_vl_calibrates_as_the_qwen2_with_its_weights(tmp_path, calibration):
+    """On text, Qwen2-VL's three M-RoPE position streams are equal (its text model's own forward makes them), so its
+    rotary is plain RoPE: its language model is fitted bit for bit as a Qwen2 with the same weights is."""
+    wrapper = random_model("qwen2_vl", kv_heads=4, seed=5)
+    text = wrapper.config.text_config
+    rope = {k: v for k, v in text.rope_parameters.items() if k != "mrope_section"}
+    sizes = {k: v for k, v in text.to_dict().items() if k not in ("model_type", "rope_parameters")}
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(**sizes, rope_parameters=rope))
+    qwen2.model.load_state_dict(wrapper.model.language_model.state_dict())
+    fitted, expected = (load_file(convert(save(model, tmp_path / name), 2, tmp_path / f"{name}-out", calibration)
+                                  / "model.safetensors") for name, model in (("wrapper", wrapper), ("qwen2", qwen2)))
+    attention = [name for name in expected if ".self_attn." in name]  # model.layers.N...: the same names in both
+    assert attention and all(torch.equal(fitted[name], expected[name]) for name in attention)
 
 
 def test_a_nan_in_a_wrapper_is_named_by_the_checkpoint(tmp_path, calibration):
