@@ -115,14 +115,6 @@ def _check_exact(tensors: dict[str, TensorInfo], steps: list[TensorPlan]) -> Non
                                             "unquantized model, then quantize")
 
 
-def _is_attention_projection(name: str) -> bool:
-    """q/k/v projections (weights and biases), the output projection's weight (o_proj, Phi's dense or LFM2's
-    out_proj) and q/k norm weights (StableLM's per-head q/k LayerNorm modules too) of a decoder layer's attention: what
-    a calibrated conversion rewrites (the output bias is added after the heads are summed, so it stays)."""
-    return re.search(r"\.self_attn\.((qkv|[qkv])_proj\.(weight|bias)|(o_proj|dense|out_proj)\.weight"
-                     r"|[qk]_norm\.weight|[qk]_layernorm\.norms\.\d+\.(weight|bias))$", name) is not None
-
-
 @dataclass(frozen=True)
 class _Target:
     """What becomes of a checkpoint tensor that a change touches: pooled into `output`, or dropped (None)."""

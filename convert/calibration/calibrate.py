@@ -19,8 +19,8 @@ For each decoder layer, on calibration text (see `fit.py` for the algebra):
    included, and a run that resumes after this layer replays exactly what this one would have gone on with.
 A hybrid's layers without attention (short convolutions, Mamba layers) are not fitted: both hidden-state streams
 run through them unchanged, and their record says so.
-Only q_proj, k_proj, v_proj (or a fused qkv_proj), o_proj (Phi: dense, LFM2: out_proj) and OLMo-2's q/k norm weights
-change; the output is still a plain checkpoint.
+Only q_proj, k_proj, v_proj (or a fused qkv_proj, Falcon's query_key_value: `fused.py`), o_proj (Phi and Falcon:
+dense, LFM2: out_proj) and OLMo-2's q/k norm weights change; the output is still a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ from transformers import AutoTokenizer, PretrainedConfig
 from gqa_uptrain.convert.calibration import fit, refine
 from gqa_uptrain.convert.calibration.keys import (KeyFitter, PooledKeys, QKNorms, find_norms, norm_kind,
                                                   pooled_key_norms)
-from gqa_uptrain.convert.calibration.layers import (Embedder, capture_attention, decoder_layers, has_attention,
-                                                    materialize, output_name, output_projection, run_layer, skeleton)
+from gqa_uptrain.convert.calibration.fused import QKV, fuse_qkv, fused_name, split_qkv
+from gqa_uptrain.convert.calibration.layers import (Embedder, attention_name, attention_of, capture_attention,
+                                                    decoder_layers, has_attention, materialize, output_name,
+                                                    output_projection, run_layer, skeleton)
 from gqa_uptrain.convert.calibration.rotary import RotaryLayout, rotary_layout
 from gqa_uptrain.cli import warn
 from gqa_uptrain.convert.calibration.data import Calibration, calibration_tokens
@@ -221,7 +223,8 @@ def calibrate(config: PretrainedConfig, reader: SourceReader, groups: int, token
         else:
             report, new = _calibrate_layer(name, old, new_layers[i], original, converted, kwargs[i], batch, config,
                                            groups, still, refine_steps)
-            fitted = {f"self_attn.{n}": p.detach() for n, p in new.self_attn.named_parameters()}
+            where = attention_name(new)
+            fitted = {f"{where}.{n}": p.detach() for n, p in attention_of(new).named_parameters()}
             _require_finite(name, "the fitted attention weights", *fitted.values())
             layers.save(i, name, fitted, report)
             reports.append(report)
@@ -262,13 +265,13 @@ def _require_finite(layer: str, what: str, *tensors: torch.Tensor) -> None:
 def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.Tensor, converted: torch.Tensor,
                      kwargs: dict, batch: int, config: PretrainedConfig, groups: int, still: torch.Tensor | None,
                      refine_steps: int) -> tuple[LayerReport, nn.Module]:
-    attention = old.self_attn
-    projections = _qkv(attention, config.num_attention_heads)
+    attention = attention_of(old)
+    projections = split_qkv(attention, config.num_attention_heads)
     with_bias = any(bias is not None for _, bias in projections.values())
     sigma, mean, target, sample = _original_pass(old, original, kwargs, batch, with_bias)
     _require_finite(name, "the statistics of the original attention on the calibration text", sigma, mean, target)
     head_dim = attention.head_dim
-    weights = _Weights(*(fit.augment(*projections[n], with_bias) for n in _QKV),
+    weights = _Weights(*(fit.augment(*projections[n], with_bias) for n in QKV),
                        output_projection(attention).weight.double())
     kind = norm_kind(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
     if kind == "layer":  # q/k LayerNorms: nothing passes into the queries, so the keys are pooled (keys.py)
@@ -287,30 +290,10 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
     new = _install(old, new, fitted, with_bias)
     o_proj, before, after, refit = _refit_output(new, converted, target, kwargs, batch)
     with torch.no_grad():
-        output_projection(new.self_attn).weight.copy_(o_proj)
+        output_projection(attention_of(new)).weight.copy_(o_proj)
     goal = original if refine.OBJECTIVE == "layer" else target  # `original` now holds the original layer's output
     refinement = refine.refine_layer(new, converted, goal, kwargs, batch, refine_steps, HELD_OUT_SHARE)
     return LayerReport(chosen, before, after, refit, refinement), new
-
-
-_QKV = ("q_proj", "k_proj", "v_proj")
-
-
-def _qkv(attention: nn.Module, query_heads: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Weight and bias of q_proj, k_proj and v_proj, split out of a fused qkv_proj (rows [q | k | v], Phi-3's
-    layout, `layout.FusedQKV`) where the attention has one: the fits work on the three apart."""
-    fused = getattr(attention, "qkv_proj", None)
-    if fused is None:
-        return {n: (getattr(attention, n).weight, getattr(attention, n).bias) for n in _QKV}
-    sizes = _fused_sizes(fused.weight.shape[0], query_heads * attention.head_dim)
-    weights = fused.weight.split(sizes)
-    biases = fused.bias.split(sizes) if fused.bias is not None else (None,) * 3
-    return dict(zip(_QKV, zip(weights, biases)))
-
-
-def _fused_sizes(rows: int, query_rows: int) -> list[int]:
-    """Rows of q, k and v in a fused [q | k | v] projection (k and v are the same size)."""
-    return [query_rows, (rows - query_rows) // 2, (rows - query_rows) // 2]
 
 
 def _original_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int, with_bias: bool
@@ -322,13 +305,13 @@ def _original_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: 
     """
     sigma, total, outputs, count = None, None, [], 0
     for start in range(0, hidden.shape[0], batch):
-        with capture_attention(layer.self_attn) as seen:
+        with capture_attention(attention_of(layer)) as seen:
             hidden[start:start + batch] = run_layer(layer, hidden[start:start + batch], kwargs)
         x = _with_ones(seen["input"], with_bias).double().flatten(0, 1)
         sigma = x.T @ x if sigma is None else sigma + x.T @ x
         total = x.sum(0) if total is None else total + x.sum(0)
         count += x.shape[0]
-        bias = output_projection(layer.self_attn).bias
+        bias = output_projection(attention_of(layer)).bias
         outputs.append(seen["output"] - bias if bias is not None else seen["output"])  # what o_proj's weight makes
         if start == 0:
             sample = seen["input"][:TEMPERATURE_SEQUENCES]
@@ -397,20 +380,23 @@ def _install(old: nn.Module, new: nn.Module, w: _Weights, with_bias: bool) -> nn
     """The converted layer: the original's weights, with the fitted attention projections."""
     device = next(old.parameters()).device
     new.to_empty(device=device)
-    fitted = {"q_proj": w.q, "k_proj": w.k, "v_proj": w.v}
-    fitted["qkv_proj"] = torch.cat([w.q, w.k, w.v])  # Phi-3's fused layout, [q | k | v]
-    output = f"self_attn.{output_name(old.self_attn)}.weight"
+    attention, where = attention_of(old), attention_name(old)
+    fitted = dict(zip(QKV, (w.q, w.k, w.v)))
+    fused = fused_name(attention)
+    if fused is not None:
+        fitted[fused] = fuse_qkv(fused, w.q, w.k, w.v, attention.head_dim)
+    output = f"{where}.{output_name(attention)}.weight"
     with torch.no_grad():
         for name, param in new.named_parameters():
             module, _, kind = name.rpartition(".")
             projection = module.rsplit(".", 1)[-1]
-            if module.startswith("self_attn.") and projection in fitted:
+            if module.startswith(f"{where}.") and projection in fitted:
                 weight, bias = fit.split_bias(fitted[projection], with_bias)
                 param.copy_(weight if kind == "weight" else bias)
             elif name == output:
                 param.copy_(w.o)
-            elif name.removeprefix("self_attn.") in w.norms:
-                param.copy_(w.norms[name.removeprefix("self_attn.")])
+            elif name.removeprefix(f"{where}.") in w.norms:
+                param.copy_(w.norms[name.removeprefix(f"{where}.")])
             else:
                 param.copy_(old.get_parameter(name))
     return new
@@ -419,13 +405,13 @@ def _install(old: nn.Module, new: nn.Module, w: _Weights, with_bias: bool) -> nn
 def _refit_output(layer: nn.Module, converted: torch.Tensor, target: torch.Tensor, kwargs: dict, batch: int
                   ) -> tuple[torch.Tensor, float, float, bool]:
     """Ridge-refitted o_proj (or the absorbed one), and the held-out relative error before and after."""
-    prior = output_projection(layer.self_attn).weight.double()
+    prior = output_projection(attention_of(layer)).weight.double()
     size = prior.shape[1]
     stats = {part: [torch.zeros(size, size, dtype=torch.float64, device=prior.device),
                     torch.zeros(size, prior.shape[0], dtype=torch.float64, device=prior.device), 0.0]
              for part in ("fit", "held")}
     for start in range(0, converted.shape[0], batch):
-        with capture_attention(layer.self_attn, stop_at_output_projection=True) as seen:
+        with capture_attention(attention_of(layer), stop_at_output_projection=True) as seen:
             run_layer(layer, converted[start:start + batch], kwargs)
         for s in range(seen["heads"].shape[0]):
             part = "held" if (start + s) % HELD_OUT_SHARE == HELD_OUT_SHARE - 1 else "fit"

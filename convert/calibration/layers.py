@@ -34,18 +34,31 @@ def skeleton(config: PretrainedConfig, device: torch.device | str = "meta") -> n
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The qualified name and the ModuleList of the decoder layers (those with a `self_attn`; a hybrid's others have
+    """The qualified name and the ModuleList of the decoder layers (those with attention; a hybrid's others have
     none: LFM2's short convolutions, GraniteMoeHybrid's Mamba layers)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and any(has_attention(layer) for layer in module):
             return name, module
-    raise UnsupportedModelError(f"{type(model).__name__}: no list of decoder layers with self_attn")
+    raise UnsupportedModelError(f"{type(model).__name__}: no list of decoder layers with attention "
+                                f"({' or '.join(ATTENTION_NAMES)})")
+
+
+ATTENTION_NAMES = ("self_attn", "self_attention")  # self_attention: Falcon's
+
+
+def attention_name(layer: nn.Module) -> str | None:
+    """The name under which a decoder layer holds its attention block, or None where it has none (LFM2's conv
+    layers have no `self_attn`, GraniteMoeHybrid's Mamba layers a `self_attn` of None)."""
+    return next((name for name in ATTENTION_NAMES if getattr(layer, name, None) is not None), None)
+
+
+def attention_of(layer: nn.Module) -> nn.Module:
+    """A decoder layer's attention block (the layer must have one)."""
+    return getattr(layer, attention_name(layer))
 
 
 def has_attention(layer: nn.Module) -> bool:
-    """Whether a decoder layer has an attention block (LFM2's conv layers have no `self_attn`, GraniteMoeHybrid's
-    Mamba layers a `self_attn` of None)."""
-    return getattr(layer, "self_attn", None) is not None
+    return attention_name(layer) is not None
 
 
 def first_attention(layers: nn.ModuleList) -> tuple[int, nn.Module]:

@@ -23,9 +23,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from gqa_uptrain.convert.calibration.layers import OUTPUT_PROJECTIONS, _Stop, layer_output, output_projection
+from gqa_uptrain.convert.calibration.fused import FUSED_LAYOUTS, QKV
+from gqa_uptrain.convert.calibration.layers import (OUTPUT_PROJECTIONS, _Stop, attention_name, attention_of,
+                                                    layer_output, output_projection)
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", *OUTPUT_PROJECTIONS)  # qkv_proj: fused (Phi-3)
+PROJECTIONS = (*QKV, *FUSED_LAYOUTS, *OUTPUT_PROJECTIONS)
 OBJECTIVE: Literal["layer", "attention"] = "layer"
 LEARNING_RATE = 3e-4  # Adam; on the real model (layers 0-2, 100 steps) it beat 1e-4 on every layer
 CHECK_EVERY = 25
@@ -95,10 +97,10 @@ def refine_layer(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
 
 def _trainable(layer: nn.Module) -> list[nn.Parameter]:
     """The attention projections' weights and biases get gradients; everything else in the layer is frozen."""
-    trained = []
+    trained, where = [], attention_name(layer)
     for name, param in layer.named_parameters():
         parts = name.split(".")
-        chosen = parts[0] == "self_attn" and len(parts) > 1 and parts[1] in PROJECTIONS
+        chosen = parts[0] == where and len(parts) > 1 and parts[1] in PROJECTIONS
         param.requires_grad_(chosen)
         if chosen:
             trained.append(param)
@@ -109,7 +111,7 @@ def _prediction(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.T
     """The layer's output, or its attention block's output before o_proj's bias (a hook stops the layer there)."""
     if OBJECTIVE == "layer":
         return layer_output(layer(hidden, **kwargs))
-    attention = layer.self_attn
+    attention = attention_of(layer)
     seen = {}
 
     def catch(module, args, kw, output):

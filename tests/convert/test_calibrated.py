@@ -11,14 +11,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration import fit
-from gqa_uptrain.convert.calibration.layers import Embedder, decoder_layers, layer_output, output_name, run_layer
+from gqa_uptrain.convert.calibration.fused import QKV, fuse_qkv, fused_name, split_rows
+from gqa_uptrain.convert.calibration.layers import (Embedder, attention_name, attention_of, decoder_layers,
+                                                    layer_output, output_name, run_layer)
 from gqa_uptrain.convert.calibration.source import source_reader
 from gqa_uptrain.convert.calibration.rotary import rotary_layout
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
 from gqa_uptrain.errors import UnsupportedModelError
 from gqa_uptrain.kv_heads import kv_heads_of
 from gqa_uptrain.provenance import read_provenance
-from tiny_models import (ARCHITECTURES, HYBRID, MULTIMODAL, QUERY_HEADS, VOCAB, logits, random_model,
+from tiny_models import (ARCHITECTURES, HYBRID, MULTIMODAL, QUERY_HEADS, VOCAB, logits, own_keys, random_model,
                          repeat_kv_heads, write_token_rows)
 
 HEAD_DIM = 16
@@ -58,20 +60,23 @@ def disguised_copies(small, kv_heads: int, permutation: list[int] | None = None,
     Copy h of a head scales each key pair RoPE turns by a complex c (queries by 1/conj(c), so q.k is unchanged under
     RoPE), maps the dims it leaves unrotated (partial rotary) by an invertible B (queries by B^-T), and maps its
     values by an invertible A (o_proj columns by A^-1). Mean pooling cannot undo that; the calibrated fit can. Pairs
-    are taken as the model's own rotary module pairs them (`rotary.py`), biases with their rows. `permutation` also
-    reorders the heads, so the copies are no longer neighbours.
+    are taken as the model's own rotary module pairs them (`rotary.py`), biases with their rows, fused projections
+    split and fused back in their own layout (`fused.py`). `permutation` also reorders the heads, so the copies are
+    no longer neighbours.
     """
     big = repeat_kv_heads(small, kv_heads)
     assert big.config.num_attention_heads == kv_heads  # one query head per KV head
     g = torch.Generator().manual_seed(seed)
     state = big.state_dict()
     order = permutation or list(range(kv_heads))
-    attention = decoder_layers(big)[1][0].self_attn
-    rotary, output = rotary_layout(attention, big.config), output_name(attention)
+    prefix, layers = decoder_layers(big)
+    attention, where = attention_of(layers[0]), attention_name(layers[0])
+    rotary, output, fused = rotary_layout(attention, big.config), output_name(attention), fused_name(attention)
     r, passed = rotary.rotary, rotary.passed
     for layer in range(big.config.num_hidden_layers):
-        p = f"model.layers.{layer}.self_attn."
-        q, k, v = (_with_bias(state, p + n) for n in ("q_proj", "k_proj", "v_proj"))
+        p = f"{prefix}.{layer}.{where}."
+        q, k, v = (split_rows(_with_bias(state, p + fused), fused, kv_heads * HEAD_DIM, HEAD_DIM) if fused else
+                   (_with_bias(state, p + n) for n in QKV))
         q, k, o = rotary.canonical(q), rotary.canonical(k), state[p + output + ".weight"].clone()
         new = {n: torch.empty_like(t) for n, t in (("q", q), ("k", k), ("v", v), ("o", o))}
         for slot, h in enumerate(order):
@@ -86,10 +91,12 @@ def disguised_copies(small, kv_heads: int, permutation: list[int] | None = None,
             new["v"][to] = a @ v[rows]
             new["o"][:, to] = o[:, rows] @ torch.linalg.inv(a)
         new["q"], new["k"] = rotary.restore(new["q"]), rotary.restore(new["k"])
-        for n in ("q", "k", "v"):
-            state[p + f"{n}_proj.weight"] = new[n][:, :HIDDEN]
-            if p + f"{n}_proj.bias" in state:
-                state[p + f"{n}_proj.bias"] = new[n][:, HIDDEN]
+        rows = {fused: fuse_qkv(fused, new["q"], new["k"], new["v"], HEAD_DIM)} if fused else \
+            {f"{n}_proj": new[n] for n in ("q", "k", "v")}
+        for name, tensor in rows.items():
+            state[p + f"{name}.weight"] = tensor[:, :HIDDEN]
+            if p + f"{name}.bias" in state:
+                state[p + f"{name}.bias"] = tensor[:, HIDDEN]
         state[p + output + ".weight"] = new["o"]
     big.load_state_dict(state)
     return big
@@ -195,9 +202,10 @@ def train_briefly(model_type: str, folder: Path, shared_data: Path, **config: ob
     train, held = rows[: int(len(rows) * 0.8)], rows[int(len(rows) * 0.8):][:64]
     (folder / "calibration.jsonl").write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in train))
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, head_dim=8,
-                                  max_position_embeddings=64, tie_word_embeddings=True, **config)
+    sizes = own_keys(model_type, dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=8, head_dim=8,
+                                      max_position_embeddings=64, tie_word_embeddings=True))
+    config = AutoConfig.for_model(model_type, **sizes, **config)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # Phi-3's defaults lie beyond 128 tokens
         if (getattr(config, key, None) or 0) >= config.vocab_size:
             setattr(config, key, None)
@@ -304,10 +312,11 @@ def test_rotation_shares_stay_on_the_tables_device():
     assert still[0] == 1 and still[1] > 0.99 and still[2] < 0.1
 
 
-# Architectures whose attention the calibrated fits model beyond plain q/k/v/o (q/k norms: keys.py; a fused qkv_proj:
-# calibrate._qkv; partial rotary (StableLM, Phi) and interleaved pairs (Helium): rotary.py): they must convert,
-# never be refused, and exactly where the heads are copies.
-BEYOND_PLAIN = ["qwen3", "gemma3_text", "olmo2", "phi3", "stablelm", "helium", "phi"]
+# Architectures whose attention the calibrated fits model beyond plain q/k/v/o (q/k norms: keys.py; a fused qkv_proj,
+# or Falcon's query_key_value, KV head by KV head, under self_attention, beside its MLP: fused.py; partial rotary
+# (StableLM, Phi) and interleaved pairs (Helium): rotary.py): they must convert, never be refused, and exactly where
+# the heads are copies.
+BEYOND_PLAIN = ["qwen3", "gemma3_text", "olmo2", "phi3", "stablelm", "helium", "phi", "falcon"]
 
 # Hybrids: their layers without attention (LFM2's short convolutions, GraniteMoeHybrid's Mamba layers, whose attention
 # has no RoPE) run unchanged in both models; the attention layers are fitted as any other's.
@@ -376,11 +385,13 @@ def test_each_layer_runs_with_the_keyword_arguments_of_its_kind(arch, tmp_path, 
         assert close(hidden, expected)
 
 
-@pytest.mark.parametrize("arch", ["stablelm", "helium", "phi"])
+@pytest.mark.parametrize("arch", ["stablelm", "helium", "phi", "falcon"])
 def test_disguised_copies_convert_without_loss_under_partial_and_interleaved_rotary(arch, tmp_path, tokens,
                                                                                     calibration, monkeypatch):
     """Copies whose turned pairs are complex rescalings and whose unrotated dims are invertible maps of one
-    another, paired as the model's own RoPE pairs them: lossless in closed form, where mean pooling is not."""
+    another, paired as the model's own RoPE pairs them: lossless in closed form, where mean pooling is not. Falcon:
+    the copies are not neighbours, so the fit regroups the query heads, which its fused projection (one block per
+    KV head) must hold in their new order."""
     small = plain_model(arch, 2, 2, monkeypatch)
     source = tmp_path / "src"
     disguised_copies(small, 4, [0, 2, 1, 3]).save_pretrained(source)
@@ -391,6 +402,16 @@ def test_disguised_copies_convert_without_loss_under_partial_and_interleaved_rot
     assert close(logits(out, tokens), expected)
     mean = convert_checkpoint(source, 2, tmp_path / "mean", method="mean", progress=False).output
     assert not close(logits(mean, tokens), expected)
+
+
+def test_alibi_is_refused_in_one_line(tmp_path, calibration, monkeypatch):
+    """Falcon's ALiBi biases go by query head, which the fits reorder, and the key fits assume RoPE (or none)."""
+    monkeypatch.setitem(ARCHITECTURES, "falcon", {**ARCHITECTURES["falcon"], "alibi": True})
+    random_model("falcon", kv_heads=4, seed=1).save_pretrained(tmp_path / "src")
+    with pytest.raises(UnsupportedModelError, match="ALiBi") as refused:
+        convert(tmp_path / "src", 2, tmp_path / "out", calibration)
+    assert "\n" not in str(refused.value) and "--method mean" in str(refused.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_partial_rotary_inside_the_rotary_function_converts_without_loss(tmp_path, tokens, calibration, monkeypatch):
@@ -452,11 +473,16 @@ def test_disguised_copies_convert_without_loss_under_qk_norms(arch, tmp_path, to
     assert not close(logits(mean, tokens), expected)
 
 
+# What a trained architecture needs beyond its config's defaults (Falcon's defaults are Falcon-7B's old architecture,
+# which cannot hold a KV-head count: the new one is Falcon-40B's).
+TRAINED_AS = {"falcon": {"new_decoder_architecture": True}}
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "olmo2", "phi3", *(pytest.param(a, marks=pytest.mark.slow) for a in
                                                                 ("stablelm", "helium", "phi", "gemma3_text",
-                                                                 "mixtral"))])
+                                                                 "mixtral", "falcon"))])
 def test_calibrated_beats_mean_pooling_beyond_plain_attention(arch, tmp_path, shared_data):
-    model, text, rows = train_briefly(arch, tmp_path, shared_data)
+    model, text, rows = train_briefly(arch, tmp_path, shared_data, **TRAINED_AS.get(arch, {}))
     mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
     calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
     original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
