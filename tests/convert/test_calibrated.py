@@ -12,8 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from gqa_uptrain.convert import convert_checkpoint
 from gqa_uptrain.convert.calibration import fit
 from gqa_uptrain.convert.calibration.fused import QKV, fuse_qkv, fused_name, split_rows
+from gqa_uptrain.convert.calibration.keys import norm_kind
 from gqa_uptrain.convert.calibration.layers import (Embedder, attention_name, attention_of, decoder_layers,
-                                                    layer_output, output_name, run_layer)
+                                                    first_attention, layer_output, output_name, run_layer)
 from gqa_uptrain.convert.calibration.source import source_reader
 from gqa_uptrain.convert.calibration.rotary import rotary_layout
 from gqa_uptrain.convert.checkpoint_reader import CheckpointReader
@@ -576,6 +577,18 @@ def test_same_head_count_changes_nothing_under_qk_layernorms(arch, tmp_path, tok
     random_model(arch, kv_heads=4, seed=4).save_pretrained(tmp_path / "src")
     out = convert(tmp_path / "src", 4, tmp_path / "out", calibration)
     assert torch.equal(logits(out, tokens), logits(tmp_path / "src", tokens))
+
+
+@pytest.mark.parametrize(("arch", "kind"), [("cohere", "layer"), ("stablelm", "layer"), ("phi", "layer"),
+                                           ("lfm2", "per_head"), ("qwen3", "per_head"), ("olmo2", "whole")])
+def test_qk_norms_are_classed_by_what_they_compute_not_by_their_names(arch, kind, monkeypatch):
+    """LFM2's q_layernorm/k_layernorm are RMS norms (keys fitted), StableLM's and Phi's LayerNorms (keys pooled)."""
+    if arch in LAYER_NORMED:
+        monkeypatch.setitem(ARCHITECTURES, arch, LAYER_NORMED[arch])
+    model = random_model(arch, kv_heads=2)
+    _, layers = decoder_layers(model)
+    attention = attention_of(first_attention(layers)[1])
+    assert norm_kind(attention, model.config.num_attention_heads, model.config.num_key_value_heads) == kind
 
 
 def test_the_dry_run_says_the_keys_are_pooled_under_qk_layernorms(tmp_path, calibration, monkeypatch, capsys):
