@@ -68,17 +68,17 @@ def tensor_parallel_note(plan: ConversionPlan) -> str | None:
 
 def notes(plan: ConversionPlan) -> list[str]:
     """Warnings the dry run and the run both print: a conversion that changes nothing, a calibrated method that
-    pools the keys (q/k LayerNorms), an unfriendly TP count."""
-    from gqa_uptrain.convert.calibration.support import pooled_keys_note  # torch and transformers' model classes
+    pools some tensors (q/k LayerNorms, clip_qkv), an unfriendly TP count."""
+    from gqa_uptrain.convert.calibration.support import fallback_note  # torch and transformers' model classes
 
     layout = plan.layout
     lines = []
     if layout.groups == layout.kv_heads:
         lines.append(f"note: --groups {layout.groups} is the source's KV-head count: nothing changes, the output is "
                      "a copy of the source")
-    pooled = pooled_keys_note(plan.config, plan.reader.tensors) if plan.fitted else None
-    if pooled:
-        lines.append(pooled)
+    fallback = fallback_note(plan.config, plan.reader.tensors) if plan.fitted else None
+    if fallback:
+        lines.append(fallback)
     tp = tensor_parallel_note(plan)
     if tp:
         lines.append(f"warning: {tp}")

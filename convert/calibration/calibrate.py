@@ -274,17 +274,19 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
     weights = _Weights(*(fit.augment(*projections[n], with_bias) for n in QKV),
                        output_projection(attention).weight.double())
     kind = norm_kind(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
-    if kind == "layer":  # q/k LayerNorms: nothing passes into the queries, so the keys are pooled (keys.py)
+    clipped = getattr(config, "clip_qkv", None) is not None  # clip(q), clip(k), clip(v): no map passes a clip
+    if kind == "layer" or clipped:  # q/k LayerNorms or clipping: nothing passes into the queries (keys.py)
         keys, norms = PooledKeys(weights.k, head_dim), None
     else:
         norms = find_norms(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
         rotary = rotary_layout(attention, config)
         assert not isinstance(rotary, str), rotary  # support.py refuses the others before any work
         keys = KeyFitter(weights.q, weights.k, sigma, rotary, mean, still, norms)
-    chosen, fitted, order = _fit_groups(weights, keys, sigma, groups, head_dim, config.num_attention_heads, norms)
+    chosen, fitted, order = _fit_groups(weights, keys, sigma, groups, head_dim, config.num_attention_heads, norms,
+                                        pooled_values=clipped)
     if kind == "layer":
         fitted = replace(fitted, norms=pooled_key_norms(attention, groups))
-    if kind is None:  # a query norm would divide a temperature out of q_proj again (keys.py)
+    if kind is None and not clipped:  # a query norm would divide a temperature out of q_proj again (keys.py)
         tau = _temperatures(weights, fitted, order, sample, kwargs, attention, rotary, config)
         fitted = replace(fitted, q=fitted.q * tau.repeat_interleave(head_dim)[:, None])
     new = _install(old, new, fitted, with_bias)
@@ -323,9 +325,12 @@ def _with_ones(x: torch.Tensor, with_bias: bool) -> torch.Tensor:
 
 
 def _fit_groups(w: _Weights, keys: KeyFitter | PooledKeys, sigma: torch.Tensor, groups: int, head_dim: int,
-                query_heads: int, norms: QKNorms | None) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
+                query_heads: int, norms: QKNorms | None, pooled_values: bool = False
+                ) -> tuple[list[tuple[int, ...]], _Weights, torch.Tensor]:
     """Grouping, shared keys and values, the absorbed query and output weights (and q/k norm weights where a
-    whole-projection norm changes) in the new head order, and which original query head each new one is."""
+    whole-projection norm changes) in the new head order, and which original query head each new one is.
+    `pooled_values`: each group's values are its mean value rows, as --method mean makes them (clip_qkv clips the
+    values, so no map may be absorbed into o_proj)."""
     kv_heads = w.k.shape[0] // head_dim
     per_family = query_heads // kv_heads
     chosen = keys.choose(kv_heads, groups)
@@ -333,7 +338,11 @@ def _fit_groups(w: _Weights, keys: KeyFitter | PooledKeys, sigma: torch.Tensor, 
     o_heads = w.o.reshape(w.o.shape[0], query_heads, head_dim)
     for group in chosen:
         shared = keys.fit(group)
-        shared_v, maps = fit.fit_values(w.v, w.o, sigma, group, head_dim, per_family)
+        if pooled_values:
+            identity = torch.eye(head_dim, dtype=w.o.dtype, device=w.o.device)
+            shared_v, maps = fit.mean_rows(w.v, group, head_dim), identity.expand(len(group), -1, -1)
+        else:
+            shared_v, maps = fit.fit_values(w.v, w.o, sigma, group, head_dim, per_family)
         k_rows.append(shared.rows)
         k_norms.append(shared.norm)
         v_rows.append(shared_v)

@@ -240,6 +240,11 @@ def fit_values(wv: torch.Tensor, wo: torch.Tensor, sigma: torch.Tensor, group: t
     return fit_subspace(wv, grams, sigma, group, head_dim)
 
 
+def mean_rows(w: torch.Tensor, group: tuple[int, ...], head_dim: int) -> torch.Tensor:
+    """The group's heads' rows [d, D'] averaged: what --method mean shares, for where no fit passes (keys.py)."""
+    return w.reshape(-1, head_dim, w.shape[-1])[list(group)].mean(0)
+
+
 def absorb_into_output(wo_heads: torch.Tensor, q_map: torch.Tensor) -> torch.Tensor:
     """o_proj columns of one query head [D, d] reading Q_f u instead of v_f."""
     return wo_heads.double() @ q_map

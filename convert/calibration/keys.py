@@ -43,6 +43,11 @@ commute with w (StableLM's and Cohere's weights differ per head), and a bias doe
 the keys are not fitted: `PooledKeys` shares each group's keys as `--method mean` does (consecutive heads, k_proj
 rows and the k norm's per-head weights averaged), which is exact where the heads are copies; the values, o_proj and
 the refinement are fitted as for any attention, and the plan says so in one line (support.py).
+
+clip_qkv (OLMo) clips q, k and v to [-c, c] after the projection: a clip commutes with no map but the identity, so
+neither a key's scale nor a value's map may move into q_proj or o_proj, nor may a temperature. There the keys and the
+values are both pooled (`PooledKeys`, `fit.mean_rows`), exact where heads are copies; o_proj's refit and the
+refinement, which trains through the clip, are what calibration adds.
 """
 
 from __future__ import annotations
@@ -289,14 +294,14 @@ class PooledKeys:
     consecutive families form a group, its key rows are their mean, and nothing moves into the queries."""
 
     def __init__(self, wk: torch.Tensor, head_dim: int) -> None:
-        self.heads = wk.reshape(-1, head_dim, wk.shape[-1])
+        self.wk, self.head_dim = wk, head_dim
 
     def choose(self, families: int, groups: int) -> list[tuple[int, ...]]:
         size = families // groups
         return [tuple(range(g * size, (g + 1) * size)) for g in range(groups)]
 
     def fit(self, group: tuple[int, ...]) -> GroupKeys:
-        return GroupKeys(self.heads[list(group)].mean(0), None, torch.ones(len(group)))
+        return GroupKeys(fit.mean_rows(self.wk, group, self.head_dim), None, torch.ones(len(group)))
 
     def queries(self, keys: GroupKeys, i: int, rows: torch.Tensor, norm: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,8 +8,9 @@ Phi), as `rotary.py` reads them from the module's own code; and nothing between 
 a pair of q/k RMS norms per head or over the whole projection, where RoPE turns every dim in halves (`keys.py`).
 q/k LayerNorms (Cohere's, and StableLM's and Phi's qk_layernorm) let nothing move into the queries (keys.py derives
 why), so there the keys are pooled as `--method mean` pools them and only the values, o_proj and the refinement are
-fitted: exact where heads are copies, and said in one line (`pooled_keys_note`). ALiBi (a Falcon option) is
-refused: its biases go by the query head's index, which the fits reorder, and the key fits assume RoPE or no
+fitted: exact where heads are copies, and said in one line (`fallback_note`); under clip_qkv (OLMo) the values
+too are pooled, and o_proj's refit and the refinement are what calibration adds. ALiBi (a Falcon option) is refused:
+its biases go by the query head's index, which the fits reorder, and the key fits assume RoPE or no
 positional embedding (mean pooling keeps the query heads in place, so it converts ALiBi models). Anything else
 is refused with the reason, so the user can fall back to --method mean.
 What is around the attention does not matter: a multimodal wrapper's language model is calibrated alone, MoE
@@ -59,8 +60,6 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     config = names.config
     if not all(_is_modelled(c) for c in layout.changes):
         return "its KV heads live outside k_proj/v_proj, a fused qkv_proj or query_key_value and its k norm"
-    if getattr(config, "clip_qkv", None) is not None:
-        return "it clips q/k/v after the projection"
     if getattr(config, "alibi", False):
         return "it adds ALiBi position biases by query head, which the fits (RoPE or no positional embedding) reorder"
     prefix, layers = decoder_layers(skeleton(config))  # a hybrid's layers without attention are run, not fitted
@@ -122,14 +121,21 @@ def _is_modelled(change: Change) -> bool:
     return FUSED_LAYOUTS.get(change.name.rsplit(".", 2)[-2]) is type(change)
 
 
-def pooled_keys_note(config: PretrainedConfig, stored: Collection[str]) -> str | None:
-    """The line a calibrated plan prints where the keys fall back to mean pooling (q/k LayerNorms), or None."""
+def fallback_note(config: PretrainedConfig, stored: Collection[str]) -> str | None:
+    """The line a calibrated plan prints where some of the fits fall back to mean pooling, or None: the keys under
+    q/k LayerNorms, the keys and values under clip_qkv (keys.py says why nothing passes either)."""
     names = source_names(config, stored)
-    _, layers = decoder_layers(skeleton(names.config))
+    config = names.config
+    clip = getattr(config, "clip_qkv", None)
+    if clip is not None:
+        return (f"note: --method calibrated: {config.model_type} clips q/k/v to +-{clip:g} after the projection, "
+                "which no map moved into q_proj or o_proj passes, so each group's keys and values are mean-pooled "
+                "(consecutive heads, exact where they are copies); o_proj is refitted and each layer refined")
+    _, layers = decoder_layers(skeleton(config))
     attention = attention_of(first_attention(layers)[1])
-    if norm_kind(attention, names.config.num_attention_heads, names.config.num_key_value_heads) != "layer":
+    if norm_kind(attention, config.num_attention_heads, config.num_key_value_heads) != "layer":
         return None
-    return (f"note: --method calibrated: {names.config.model_type}'s q/k LayerNorms let no scale pass into the "
+    return (f"note: --method calibrated: {config.model_type}'s q/k LayerNorms let no scale pass into the "
             "queries, so each group's keys are mean-pooled (consecutive heads, exact where they are copies); the "
             "values and o_proj are fitted and each layer refined")
 

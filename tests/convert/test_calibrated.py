@@ -606,3 +606,32 @@ def test_calibrated_beats_mean_pooling_under_qk_layernorms(arch, tmp_path, share
     calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
     original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
     assert original < fitted < pooled
+
+
+# clip_qkv (OLMo): no map passes a clip, so keys and values are pooled; o_proj's refit and the refinement remain.
+CLIPPED = {"clip_qkv": 0.05}  # small enough that the tiny random model's q/k/v are clipped
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+def test_identical_heads_convert_without_loss_under_clip_qkv(groups, tmp_path, tokens, calibration, monkeypatch,
+                                                            capsys):
+    monkeypatch.setitem(ARCHITECTURES, "olmo", CLIPPED)
+    small = random_model("olmo", kv_heads=groups, seed=1)
+    small.config.clip_qkv = None
+    unclipped = logits(small, tokens)
+    small.config.clip_qkv = CLIPPED["clip_qkv"]
+    assert not close(logits(small, tokens), unclipped)  # the clip is at work
+    repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", groups, tmp_path / "out", calibration)
+    assert close(logits(out, tokens), logits(small, tokens))
+    assert ("note: --method calibrated: olmo clips q/k/v to +-0.05 after the projection, which no map moved into "
+            "q_proj or o_proj passes, so each group's keys and values are mean-pooled") in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_calibrated_beats_mean_pooling_under_clip_qkv(tmp_path, shared_data):
+    model, text, rows = train_briefly("olmo", tmp_path, shared_data, clip_qkv=1.0)
+    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
+    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
+    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    assert original < fitted < pooled
