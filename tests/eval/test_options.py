@@ -6,7 +6,7 @@ import pytest
 
 from gqa_uptrain.errors import ConfigError
 from gqa_uptrain.eval import runner
-from gqa_uptrain.eval.cli import SECTIONS, build_parser, evaluate
+from gqa_uptrain.eval.cli import SECTIONS, build_parser, evaluate_flags
 from gqa_uptrain.eval.options import EvalOptions
 
 VALID = {"base": "base", "models": ["gqa"], "output": Path("out"), "tasks": "gqa_lastword"}
@@ -47,11 +47,11 @@ def test_the_cli_builds_the_same_options_and_adds_no_check_of_its_own(monkeypatc
     monkeypatch.setattr(runner, "run_report", lambda options: (given.append(options), ({}, []))[1])
     args = build_parser().parse_args(["--base", "base", "--model", "gqa", "--output", "out", "--tasks", "gqa_lastword",
                                       "--device", "cpu"])
-    evaluate(args)  # the flags through the Python API, as gqa-eval runs them
+    evaluate_flags(args)  # the flags through the Python API, as gqa-eval runs them
     assert given == [EvalOptions(**VALID, device="cpu")]
     args = build_parser().parse_args(["--base", "base", "--output", "out", "--speed", "--speed-batch-sizes", "0"])
     with pytest.raises(ConfigError, match="--speed-batch-sizes must be at least 1, got 0"):
-        evaluate(args)
+        evaluate_flags(args)
     assert len(given) == 1
 
 
