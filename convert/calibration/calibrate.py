@@ -275,7 +275,8 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
                        output_projection(attention).weight.double())
     kind = norm_kind(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
     clipped = getattr(config, "clip_qkv", None) is not None  # clip(q), clip(k), clip(v): no map passes a clip
-    if kind == "layer" or clipped:  # q/k LayerNorms or clipping: nothing passes into the queries (keys.py)
+    pooled = kind == "layer" or clipped or getattr(config, "alibi", False)  # nothing passes into the queries (keys.py)
+    if pooled:
         keys, norms = PooledKeys(weights.k, head_dim), None
     else:
         norms = find_norms(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
@@ -286,7 +287,7 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
                                         pooled_values=clipped)
     if kind == "layer":
         fitted = replace(fitted, norms=pooled_key_norms(attention, groups))
-    if kind is None and not clipped:  # a query norm would divide a temperature out of q_proj again (keys.py)
+    if kind is None and not pooled:  # a query norm would divide a temperature out of q_proj again (keys.py)
         tau = _temperatures(weights, fitted, order, sample, kwargs, attention, rotary, config)
         fitted = replace(fitted, q=fitted.q * tau.repeat_interleave(head_dim)[:, None])
     new = _install(old, new, fitted, with_bias)

@@ -48,6 +48,10 @@ clip_qkv (OLMo) clips q, k and v to [-c, c] after the projection: a clip commute
 neither a key's scale nor a value's map may move into q_proj or o_proj, nor may a temperature. There the keys and the
 values are both pooled (`PooledKeys`, `fit.mean_rows`), exact where heads are copies; o_proj's refit and the
 refinement, which trains through the clip, are what calibration adds.
+
+ALiBi (a Falcon option) adds a bias to each query head's logits by that head's index and the distance: a regrouping
+would give a head another's slope, and the key fits assume RoPE's turns (or none), not a bias. There the keys are
+pooled in consecutive groups (query heads in place), and the values, o_proj and the refinement are fitted.
 """
 
 from __future__ import annotations

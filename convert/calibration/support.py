@@ -9,10 +9,10 @@ a pair of q/k RMS norms per head or over the whole projection, where RoPE turns 
 q/k LayerNorms (Cohere's, and StableLM's and Phi's qk_layernorm) let nothing move into the queries (keys.py derives
 why), so there the keys are pooled as `--method mean` pools them and only the values, o_proj and the refinement are
 fitted: exact where heads are copies, and said in one line (`fallback_note`); under clip_qkv (OLMo) the values
-too are pooled, and o_proj's refit and the refinement are what calibration adds. ALiBi (a Falcon option) is refused:
-its biases go by the query head's index, which the fits reorder, and the key fits assume RoPE or no
-positional embedding (mean pooling keeps the query heads in place, so it converts ALiBi models). Anything else
-is refused with the reason, so the user can fall back to --method mean.
+too are pooled, and o_proj's refit and the refinement are what calibration adds. Under ALiBi (a Falcon option) the
+keys are pooled too: its biases go by the query head's index, so the query heads must keep their order, and the key
+fits assume RoPE or no positional embedding. Anything else is refused with the reason, so the user can fall back to
+--method mean.
 What is around the attention does not matter: a multimodal wrapper's language model is calibrated alone, MoE
 layers run with their experts as transformers loads them (`source.py`), and a hybrid's layers without attention
 (LFM2's short convolutions, GraniteMoeHybrid's Mamba layers, on transformers' reference code where its kernels do
@@ -60,8 +60,6 @@ def unsupported_reason(config: PretrainedConfig, layout: KVLayout, stored: Colle
     config = names.config
     if not all(_is_modelled(c) for c in layout.changes):
         return "its KV heads live outside k_proj/v_proj, a fused qkv_proj or query_key_value and its k norm"
-    if getattr(config, "alibi", False):
-        return "it adds ALiBi position biases by query head, which the fits (RoPE or no positional embedding) reorder"
     prefix, layers = decoder_layers(skeleton(config))  # a hybrid's layers without attention are run, not fitted
     if not all(names.has(name) for name, _ in layers.named_parameters(prefix)):
         return "its checkpoint stores the layers under names that transformers' loading rules do not map to its modules"
@@ -123,9 +121,13 @@ def _is_modelled(change: Change) -> bool:
 
 def fallback_note(config: PretrainedConfig, stored: Collection[str]) -> str | None:
     """The line a calibrated plan prints where some of the fits fall back to mean pooling, or None: the keys under
-    q/k LayerNorms, the keys and values under clip_qkv (keys.py says why nothing passes either)."""
+    ALiBi or q/k LayerNorms, the keys and values under clip_qkv (keys.py says why nothing passes)."""
     names = source_names(config, stored)
     config = names.config
+    if getattr(config, "alibi", False):
+        return (f"note: --method calibrated: {config.model_type} adds ALiBi biases by query head, so the query heads "
+                "keep their order and each group's keys are mean-pooled (consecutive heads, exact where they are "
+                "copies); the values and o_proj are fitted and each layer refined")
     clip = getattr(config, "clip_qkv", None)
     if clip is not None:
         return (f"note: --method calibrated: {config.model_type} clips q/k/v to +-{clip:g} after the projection, "

@@ -405,14 +405,25 @@ def test_disguised_copies_convert_without_loss_under_partial_and_interleaved_rot
     assert not close(logits(mean, tokens), expected)
 
 
-def test_alibi_is_refused_in_one_line(tmp_path, calibration, monkeypatch):
-    """Falcon's ALiBi biases go by query head, which the fits reorder, and the key fits assume RoPE (or none)."""
+@pytest.mark.parametrize("groups", [2, 1])
+def test_identical_heads_convert_without_loss_under_alibi(groups, tmp_path, tokens, calibration, monkeypatch, capsys):
+    """Falcon's ALiBi biases go by query head, so the query heads keep their order and the keys are pooled."""
     monkeypatch.setitem(ARCHITECTURES, "falcon", {**ARCHITECTURES["falcon"], "alibi": True})
-    random_model("falcon", kv_heads=4, seed=1).save_pretrained(tmp_path / "src")
-    with pytest.raises(UnsupportedModelError, match="ALiBi") as refused:
-        convert(tmp_path / "src", 2, tmp_path / "out", calibration)
-    assert "\n" not in str(refused.value) and "--method mean" in str(refused.value)
-    assert not (tmp_path / "out").exists()
+    small = random_model("falcon", kv_heads=groups, seed=1)
+    repeat_kv_heads(small, 4).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", groups, tmp_path / "out", calibration)
+    assert close(logits(out, tokens), logits(small, tokens))
+    assert ("note: --method calibrated: falcon adds ALiBi biases by query head, so the query heads keep their order "
+            "and each group's keys are mean-pooled") in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_calibrated_beats_mean_pooling_under_alibi(tmp_path, shared_data):
+    model, text, rows = train_briefly("falcon", tmp_path, shared_data, new_decoder_architecture=True, alibi=True)
+    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
+    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
+    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    assert original < fitted < pooled
 
 
 def test_partial_rotary_inside_the_rotary_function_converts_without_loss(tmp_path, tokens, calibration, monkeypatch):
