@@ -492,7 +492,7 @@ TRAINED_AS = {"falcon": {"new_decoder_architecture": True}}
 
 @pytest.mark.parametrize("arch", ["qwen3", "olmo2", "phi3", *(pytest.param(a, marks=pytest.mark.slow) for a in
                                                                 ("stablelm", "helium", "phi", "gemma3_text",
-                                                                 "mixtral", "falcon"))])
+                                                                 "mixtral", "falcon", "qwen2"))])
 def test_calibrated_beats_mean_pooling_beyond_plain_attention(arch, tmp_path, shared_data):
     model, text, rows = train_briefly(arch, tmp_path, shared_data, **TRAINED_AS.get(arch, {}))
     mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
