@@ -222,6 +222,16 @@ def train_briefly(model_type: str, folder: Path, shared_data: Path, **config: ob
     return folder / "model", folder / "calibration.jsonl", held
 
 
+def losses_at_two_kv_heads(model_type: str, folder: Path, shared_data: Path, **config: object
+                           ) -> tuple[float, float, float]:
+    """Held-out loss of a briefly trained 8-head model (`train_briefly`), of its mean-pooled conversion to 2 KV heads
+    and of its calibrated one (4,096 calibration tokens)."""
+    model, text, rows = train_briefly(model_type, folder, shared_data, **config)
+    mean = convert_checkpoint(model, 2, folder / "mean", method="mean", progress=False).output
+    calibrated = convert(model, 2, folder / "calibrated", text, tokens=4096)
+    return tuple(held_out_loss(f, rows) for f in (model, mean, calibrated))
+
+
 @pytest.fixture(scope="module")
 def trained_llama(tmp_path_factory, shared_data) -> tuple[Path, Path, torch.Tensor]:
     return train_briefly("llama", tmp_path_factory.mktemp("trained"), shared_data)
@@ -419,10 +429,8 @@ def test_identical_heads_convert_without_loss_under_alibi(groups, tmp_path, toke
 
 @pytest.mark.slow
 def test_calibrated_beats_mean_pooling_under_alibi(tmp_path, shared_data):
-    model, text, rows = train_briefly("falcon", tmp_path, shared_data, new_decoder_architecture=True, alibi=True)
-    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
-    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
-    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    original, pooled, fitted = losses_at_two_kv_heads("falcon", tmp_path, shared_data, new_decoder_architecture=True,
+                                                      alibi=True)
     assert original < fitted < pooled
 
 
@@ -494,10 +502,7 @@ TRAINED_AS = {"falcon": {"new_decoder_architecture": True}}
                                                                 ("stablelm", "helium", "phi", "gemma3_text",
                                                                  "mixtral", "falcon", "qwen2"))])
 def test_calibrated_beats_mean_pooling_beyond_plain_attention(arch, tmp_path, shared_data):
-    model, text, rows = train_briefly(arch, tmp_path, shared_data, **TRAINED_AS.get(arch, {}))
-    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
-    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
-    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    original, pooled, fitted = losses_at_two_kv_heads(arch, tmp_path, shared_data, **TRAINED_AS.get(arch, {}))
     assert original < fitted < pooled
 
 
@@ -507,10 +512,7 @@ def test_calibrated_beats_mean_pooling_on_a_hybrid(arch, tmp_path, shared_data):
     (GraniteMoeHybrid's experts and Mamba scan run transformers' reference code on the CPU: about 2 minutes)."""
     config = {**{key: value for key, value in HYBRID[arch].items() if key != "num_hidden_layers"},
               "layer_types": HYBRID[arch]["layer_types"][:2]}
-    model, text, rows = train_briefly(arch, tmp_path, shared_data, **config)
-    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
-    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
-    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    original, pooled, fitted = losses_at_two_kv_heads(arch, tmp_path, shared_data, **config)
     assert original < fitted < pooled
 
 
@@ -612,10 +614,7 @@ def test_the_dry_run_says_the_keys_are_pooled_under_qk_layernorms(tmp_path, cali
 
 @pytest.mark.parametrize("arch", ["cohere", *(pytest.param(a, marks=pytest.mark.slow) for a in ("stablelm", "phi"))])
 def test_calibrated_beats_mean_pooling_under_qk_layernorms(arch, tmp_path, shared_data):
-    model, text, rows = train_briefly(arch, tmp_path, shared_data, **LAYER_NORMED[arch])
-    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
-    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
-    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    original, pooled, fitted = losses_at_two_kv_heads(arch, tmp_path, shared_data, **LAYER_NORMED[arch])
     assert original < fitted < pooled
 
 
@@ -641,8 +640,5 @@ def test_identical_heads_convert_without_loss_under_clip_qkv(groups, tmp_path, t
 
 @pytest.mark.slow
 def test_calibrated_beats_mean_pooling_under_clip_qkv(tmp_path, shared_data):
-    model, text, rows = train_briefly("olmo", tmp_path, shared_data, clip_qkv=1.0)
-    mean = convert_checkpoint(model, 2, tmp_path / "mean", method="mean", progress=False).output
-    calibrated = convert(model, 2, tmp_path / "calibrated", text, tokens=4096)
-    original, pooled, fitted = (held_out_loss(f, rows) for f in (model, mean, calibrated))
+    original, pooled, fitted = losses_at_two_kv_heads("olmo", tmp_path, shared_data, clip_qkv=1.0)
     assert original < fitted < pooled
