@@ -112,7 +112,7 @@ def choose_groups(loss: Callable[[tuple[int, ...]], float], families: int, group
     """
     size = families // groups
     if groups == 1 or size == 1:
-        return [tuple(range(g * size, (g + 1) * size)) for g in range(groups)]
+        return consecutive_groups(families, groups)
     seen: dict[tuple[int, ...], float] = {}
 
     def cached(group: tuple[int, ...]) -> float:
@@ -125,6 +125,12 @@ def choose_groups(loss: Callable[[tuple[int, ...]], float], families: int, group
         best = min(_partitions(tuple(range(families)), size), key=lambda p: sum(cached(g) for g in p))
         return sorted(best)
     return _greedy_groups(cached, families, size)
+
+
+def consecutive_groups(families: int, groups: int) -> list[tuple[int, ...]]:
+    """Families in order, `families // groups` to a group: the grouping --method mean uses."""
+    size = families // groups
+    return [tuple(range(g * size, (g + 1) * size)) for g in range(groups)]
 
 
 def _partition_count(n: int, size: int) -> int:

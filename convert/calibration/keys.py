@@ -65,6 +65,7 @@ from torch import nn
 
 from gqa_uptrain.convert.calibration import fit
 from gqa_uptrain.convert.calibration.rotary import RotaryLayout
+from gqa_uptrain.convert.methods.base import grouped
 
 NormKind = Literal["per_head", "whole", "layer"]  # layer: q/k LayerNorms, keys pooled
 _PROBE = 100.0  # N(c * ones) = w / sqrt(1 + eps / c^2): w to 1e-10 for any usual eps
@@ -294,15 +295,14 @@ class KeyFitter:
 
 
 class PooledKeys:
-    """The keys of an attention with q/k LayerNorms, shared as `--method mean` shares them (see the module docstring):
-    consecutive families form a group, its key rows are their mean, and nothing moves into the queries."""
+    """The keys where nothing may move into the queries (q/k LayerNorms, clip_qkv, ALiBi: the module docstring),
+    shared as `--method mean` shares them: consecutive families form a group, its key rows are their mean."""
 
     def __init__(self, wk: torch.Tensor, head_dim: int) -> None:
         self.wk, self.head_dim = wk, head_dim
 
     def choose(self, families: int, groups: int) -> list[tuple[int, ...]]:
-        size = families // groups
-        return [tuple(range(g * size, (g + 1) * size)) for g in range(groups)]
+        return fit.consecutive_groups(families, groups)
 
     def fit(self, group: tuple[int, ...]) -> GroupKeys:
         return GroupKeys(fit.mean_rows(self.wk, group, self.head_dim), None, torch.ones(len(group)))
@@ -316,17 +316,13 @@ def pooled_key_norms(attention: nn.Module, groups: int) -> dict[str, torch.Tenso
     """The k LayerNorm's parameters that hold one entry per KV head, averaged over consecutive groups as `PooledKeys`
     groups the keys, by their names in the converted attention: Cohere's k_norm weight [K, d] -> [G, d], StableLM's
     k_layernorm.norms.{i} -> norms.{g}. A norm shared by all heads (Phi's) is left as it is."""
-    pooled = {}
-    for name, param in attention.named_parameters():
-        if name.startswith("k_norm.") and param.dim() == 2:
-            pooled[name] = param.detach().reshape(groups, -1, param.shape[-1]).mean(1)
+    pooled = {name: grouped(param.detach(), groups).mean(1) for name, param in attention.named_parameters()
+              if name.startswith("k_norm.") and param.dim() == 2}
     norms = getattr(getattr(attention, "k_layernorm", None), "norms", None)
     if norms is not None:
-        size = len(norms) // groups
-        for g in range(groups):
-            for kind, _ in norms[0].named_parameters():
-                members = [norms[i].get_parameter(kind).detach() for i in range(g * size, (g + 1) * size)]
-                pooled[f"k_layernorm.norms.{g}.{kind}"] = torch.stack(members).mean(0)
+        for kind, _ in norms[0].named_parameters():
+            heads = torch.stack([norm.get_parameter(kind).detach() for norm in norms])
+            pooled |= {f"k_layernorm.norms.{g}.{kind}": mean for g, mean in enumerate(grouped(heads, groups).mean(1))}
     return pooled
 
 
