@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
 from gqa_uptrain.convert.calibration import fit, refine
-from gqa_uptrain.convert.calibration.keys import (KeyFitter, PooledKeys, QKNorms, find_norms, norm_kind,
+from gqa_uptrain.convert.calibration.keys import (KeyFitter, PooledKeys, QKNorms, fallback, find_norms,
                                                   pooled_key_norms)
 from gqa_uptrain.convert.calibration.fused import QKV, fuse_qkv, fused_name, split_qkv
 from gqa_uptrain.convert.calibration.layers import (Embedder, attention_name, attention_of, capture_attention,
@@ -273,9 +273,7 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
     head_dim = attention.head_dim
     weights = _Weights(*(fit.augment(*projections[n], with_bias) for n in QKV),
                        output_projection(attention).weight.double())
-    kind = norm_kind(attention, config.num_attention_heads, weights.k.shape[0] // head_dim)
-    clipped = getattr(config, "clip_qkv", None) is not None  # clip(q), clip(k), clip(v): no map passes a clip
-    pooled = kind == "layer" or clipped or getattr(config, "alibi", False)  # nothing passes into the queries (keys.py)
+    pooled = fallback(config, attention)  # nothing may move into the queries (keys.py): mean-pooled keys
     if pooled:
         keys, norms = PooledKeys(weights.k, head_dim), None
     else:
@@ -284,10 +282,10 @@ def _calibrate_layer(name: str, old: nn.Module, new: nn.Module, original: torch.
         assert not isinstance(rotary, str), rotary  # support.py refuses the others before any work
         keys = KeyFitter(weights.q, weights.k, sigma, rotary, mean, still, norms)
     chosen, fitted, order = _fit_groups(weights, keys, sigma, groups, head_dim, config.num_attention_heads, norms,
-                                        pooled_values=clipped)
-    if kind == "layer":
+                                        pooled_values=bool(pooled and pooled.values))
+    if pooled:
         fitted = replace(fitted, norms=pooled_key_norms(attention, groups))
-    if kind is None and not pooled:  # a query norm would divide a temperature out of q_proj again (keys.py)
+    elif norms is None:  # a query norm would divide a temperature out of q_proj again (keys.py)
         tau = _temperatures(weights, fitted, order, sample, kwargs, attention, rotary, config)
         fitted = replace(fitted, q=fitted.q * tau.repeat_interleave(head_dim)[:, None])
     new = _install(old, new, fitted, with_bias)

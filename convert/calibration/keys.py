@@ -62,6 +62,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from gqa_uptrain.convert.calibration import fit
 from gqa_uptrain.convert.calibration.rotary import RotaryLayout
@@ -292,6 +293,37 @@ class KeyFitter:
         if self.norms.kind == "per_head":
             return rows * keys.scales[i], norm
         return rows, norm * keys.scales[i].real.repeat(2)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Where some fits fall back to mean pooling: why (completing "<model type>... each group's keys ..."), and whether
+    the values are pooled too."""
+
+    why: str
+    values: bool
+
+    def note(self, model_type: str) -> str:
+        """The one line the plan prints (support.py)."""
+        pooled = ("keys and values are mean-pooled (consecutive heads, exact where they are copies); o_proj is "
+                  "refitted and each layer refined" if self.values else
+                  "keys are mean-pooled (consecutive heads, exact where they are copies); the values and o_proj are "
+                  "fitted and each layer refined")
+        return f"note: --method calibrated: {model_type}{self.why} each group's {pooled}"
+
+
+def fallback(config: PretrainedConfig, attention: nn.Module) -> Fallback | None:
+    """What stops the key (and value) fits of this attention, as the module docstring derives, or None: clip_qkv
+    (keys and values pooled), ALiBi or q/k LayerNorms (keys pooled)."""
+    clip = getattr(config, "clip_qkv", None)
+    if clip is not None:
+        return Fallback(f" clips q/k/v to +-{clip:g} after the projection, which no map moved into q_proj or o_proj "
+                        "passes, so", values=True)
+    if getattr(config, "alibi", False):
+        return Fallback(" adds ALiBi biases by query head, so the query heads keep their order and", values=False)
+    if norm_kind(attention, config.num_attention_heads, config.num_key_value_heads) == "layer":
+        return Fallback("'s q/k LayerNorms let no scale pass into the queries, so", values=False)
+    return None
 
 
 class PooledKeys:

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from gqa_uptrain.convert.calibration.fused import FUSED_LAYOUTS, QKV, fused_name
-from gqa_uptrain.convert.calibration.keys import norm_kind
+from gqa_uptrain.convert.calibration.keys import fallback, norm_kind
 from gqa_uptrain.convert.calibration.layers import (ATTENTION_NAMES, OUTPUT_PROJECTIONS, attention_name, attention_of,
                                                     decoder_layers, first_attention, output_name, skeleton)
 from gqa_uptrain.convert.calibration.rotary import rotary_layout
@@ -120,26 +120,11 @@ def _is_modelled(change: Change) -> bool:
 
 
 def fallback_note(config: PretrainedConfig, stored: Collection[str]) -> str | None:
-    """The line a calibrated plan prints where some of the fits fall back to mean pooling, or None: the keys under
-    ALiBi or q/k LayerNorms, the keys and values under clip_qkv (keys.py says why nothing passes)."""
-    names = source_names(config, stored)
-    config = names.config
-    if getattr(config, "alibi", False):
-        return (f"note: --method calibrated: {config.model_type} adds ALiBi biases by query head, so the query heads "
-                "keep their order and each group's keys are mean-pooled (consecutive heads, exact where they are "
-                "copies); the values and o_proj are fitted and each layer refined")
-    clip = getattr(config, "clip_qkv", None)
-    if clip is not None:
-        return (f"note: --method calibrated: {config.model_type} clips q/k/v to +-{clip:g} after the projection, "
-                "which no map moved into q_proj or o_proj passes, so each group's keys and values are mean-pooled "
-                "(consecutive heads, exact where they are copies); o_proj is refitted and each layer refined")
+    """The line a calibrated plan prints where some of the fits fall back to mean pooling (`keys.fallback`), or None."""
+    config = source_names(config, stored).config
     _, layers = decoder_layers(skeleton(config))
-    attention = attention_of(first_attention(layers)[1])
-    if norm_kind(attention, config.num_attention_heads, config.num_key_value_heads) != "layer":
-        return None
-    return (f"note: --method calibrated: {config.model_type}'s q/k LayerNorms let no scale pass into the "
-            "queries, so each group's keys are mean-pooled (consecutive heads, exact where they are copies); the "
-            "values and o_proj are fitted and each layer refined")
+    pooled = fallback(config, attention_of(first_attention(layers)[1]))
+    return pooled.note(config.model_type) if pooled else None
 
 
 def check_supported(config: PretrainedConfig, layout: KVLayout, stored: Collection[str]) -> None:
